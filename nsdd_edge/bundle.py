@@ -1,0 +1,213 @@
+"""Model bundles: everything the edge runtime needs to turn a raw frame into a reconstruction.
+
+A bundle is a directory::
+
+    bundle.json     schema below
+    psf.npy         the normalised PSF, float32 (C, H, W)
+    *.onnx, *.plan  optional models (a bundle without models reconstructs with the numpy Wiener filter)
+
+``bundle.json``::
+
+    {"format": "nsdd-edge-bundle", "version": 1, "name": str,
+     "geometry": LenslessGeometry.to_dict(), "lam": float, "channels": int,
+     "psf": {"file": "psf.npy", "sha256": array_hash(psf)},
+     "preprocess": PreprocessConfig fields,
+     "models": {"onnx_fp32"|"onnx_fp16"|"onnx_int8"|"engine": {"file", "sha256", ...extra}},
+     "provenance": {...}}
+
+Loading checks the format, the PSF hash, every model file's SHA-256 and the geometry, and raises
+:class:`BundleError` naming the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nsdd_edge.optics import LenslessGeometry, OpticsError, array_hash, check_psf, read_array
+
+BUNDLE_FORMAT = "nsdd-edge-bundle"
+BUNDLE_VERSION = 1
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, corrupted or does not match what it is used with."""
+
+
+@dataclass
+class PreprocessConfig:
+    """Raw frame → measurement ``y``; the same settings prepare training data and live frames.
+
+    Order: black level → Bayer (``demosaic``: ``bin2x2`` or ``bilinear``) → background frame
+    subtraction → box downsample → crop ``[top, left, height, width]`` → flip → channel order →
+    normalisation (``max``: divide by the frame's max; ``fixed``: divide by ``scale``; ``none``).
+    """
+
+    black_level: float = 0.0
+    white_level: float | None = None
+    bayer_pattern: str | None = None  # "RGGB", "BGGR", "GRBG", "GBRG" or None for demosaiced input
+    demosaic: str = "bin2x2"
+    background_file: str | None = None  # relative to the bundle directory
+    downsample: int = 1
+    crop: list[int] | None = None
+    flip_vertical: bool = False
+    flip_horizontal: bool = False
+    channel_order: str = "RGB"
+    grayscale: bool = False
+    normalization: str = "max"
+    scale: float = 1.0
+
+    @staticmethod
+    def from_dict(d: dict | None) -> "PreprocessConfig":
+        d = dict(d or {})
+        known = set(PreprocessConfig.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise BundleError(f"preprocess: unknown settings {sorted(unknown)}")
+        return PreprocessConfig(**d)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Bundle:
+    """A loaded, verified bundle (see the module docstring)."""
+
+    root: Path
+    name: str
+    geometry: LenslessGeometry
+    lam: float
+    channels: int
+    psf: np.ndarray
+    preprocess: PreprocessConfig
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def psf_sha256(self) -> str:
+        return array_hash(self.psf)
+
+    def model_path(self, kind: str) -> Path | None:
+        """Path of model ``kind`` (``onnx_fp32``, ``onnx_fp16``, ``onnx_int8``, ``engine``) or None."""
+        m = self.models.get(kind)
+        return self.root / m["file"] if m else None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, *self.geometry.sensor_shape)
+
+    def check_compatible(self, *, sensor_shape: tuple[int, int] | None = None,
+                         psf_sha256: str | None = None) -> None:
+        """Refuse use with a different sensor size or PSF."""
+        if sensor_shape is not None and tuple(sensor_shape) != self.geometry.sensor_shape:
+            raise BundleError(f"{self.root}: bundle expects measurements of {self.geometry.sensor_shape}, "
+                              f"got {tuple(sensor_shape)}")
+        if psf_sha256 is not None and psf_sha256 != self.psf_sha256:
+            raise BundleError(f"{self.root}: bundle was made for PSF {self.psf_sha256[:12]}…, "
+                              f"not {psf_sha256[:12]}…")
+
+
+def load_bundle(root: str | os.PathLike, *, verify_files: bool = True) -> Bundle:
+    """Load and verify a bundle directory; raises :class:`BundleError` with the reason."""
+    root = Path(root)
+    meta_path = root / "bundle.json"
+    if not root.is_dir():
+        raise BundleError(f"{root}: bundle directory does not exist")
+    if not meta_path.exists():
+        raise BundleError(f"{root}: not a bundle (no bundle.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{meta_path}: corrupted ({exc})") from exc
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{meta_path}: format is {meta.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    if int(meta.get("version", -1)) > BUNDLE_VERSION:
+        raise BundleError(f"{meta_path}: bundle version {meta.get('version')} is newer than this runtime "
+                          f"understands ({BUNDLE_VERSION})")
+    for key in ("geometry", "lam", "channels", "psf"):
+        if key not in meta:
+            raise BundleError(f"{meta_path}: missing {key!r}")
+    try:
+        geometry = LenslessGeometry.from_dict(meta["geometry"])
+        psf = check_psf(read_array(root / meta["psf"]["file"]), f"{root}/{meta['psf']['file']}")
+    except OpticsError as exc:
+        raise BundleError(f"{root}: {exc}") from exc
+    if array_hash(psf) != meta["psf"].get("sha256"):
+        raise BundleError(f"{root}: PSF hash mismatch: psf.npy is not the PSF this bundle was built for")
+    channels = int(meta["channels"])
+    if psf.shape[0] not in (1, channels):
+        raise BundleError(f"{root}: PSF has {psf.shape[0]} channels, bundle says {channels}")
+    models = dict(meta.get("models", {}))
+    if verify_files:
+        for kind, m in models.items():
+            path = root / m["file"]
+            if not path.exists():
+                raise BundleError(f"{root}: model {kind!r} file {m['file']} is missing")
+            if m.get("sha256") and file_sha256(path) != m["sha256"]:
+                raise BundleError(f"{root}: model {kind!r} file {m['file']} is corrupted (SHA-256 mismatch)")
+    return Bundle(root=root, name=meta.get("name", root.name), geometry=geometry, lam=float(meta["lam"]),
+                  channels=channels, psf=psf, preprocess=PreprocessConfig.from_dict(meta.get("preprocess")),
+                  models=models, provenance=dict(meta.get("provenance", {})))
+
+
+def write_bundle(out: str | os.PathLike, *, psf: np.ndarray, geometry: LenslessGeometry, lam: float,
+                 channels: int, preprocess: PreprocessConfig | None = None,
+                 models: dict[str, str | os.PathLike | dict] | None = None, name: str | None = None,
+                 provenance: dict | None = None, extra_files: dict[str, str | os.PathLike] | None = None) -> Bundle:
+    """Write a bundle atomically (build in a temporary sibling directory, then rename).
+
+    ``models`` maps a kind to a source file path, or to a dict ``{"path": ..., **extra}`` whose extra
+    keys (precision, TensorRT version, …) are recorded. ``extra_files`` (e.g. a background frame) are
+    copied under their given names.
+    """
+    out = Path(out)
+    check_psf(psf, "bundle PSF")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        np.save(tmp / "psf.npy", np.ascontiguousarray(psf, dtype=np.float32))
+        recorded: dict[str, dict] = {}
+        for kind, src in (models or {}).items():
+            info = dict(src) if isinstance(src, dict) else {"path": src}
+            path = Path(info.pop("path"))
+            shutil.copy2(path, tmp / path.name)
+            sidecar = path.with_name(path.name + ".data")  # ONNX external data, if any
+            if sidecar.exists():
+                shutil.copy2(sidecar, tmp / sidecar.name)
+            recorded[kind] = {"file": path.name, "sha256": file_sha256(tmp / path.name), **info}
+        for rel, src in (extra_files or {}).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, tmp / rel)
+        meta = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "name": name or out.name,
+                "geometry": geometry.to_dict(), "lam": float(lam), "channels": int(channels),
+                "psf": {"file": "psf.npy", "sha256": array_hash(psf)},
+                "preprocess": asdict(preprocess or PreprocessConfig()), "models": recorded,
+                "provenance": provenance or {}}
+        (tmp / "bundle.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_bundle(out)

@@ -1,0 +1,1 @@
+"""Subcommands of ``nsdd-edge`` (one module each)."""

@@ -1,0 +1,24 @@
+"""``nsdd-train``: the workstation pipeline (simulate → solve → prior → teacher → distill → evaluate)."""
+
+from __future__ import annotations
+
+import sys
+
+from nsdd_edge.cli_common import run_dispatcher
+
+COMMANDS = {
+    "simulate": "train.simulate",
+    "solve": "train.solve",
+    "evaluate": "train.evaluate",
+    "prior": "train.prior.train_prior",
+    "teacher": "train.teacher",
+    "distill": "train.distill",
+}
+
+
+def main(argv=None) -> int:
+    return run_dispatcher("nsdd-train", __doc__, COMMANDS, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Lensless datasets on disk (written by ``nsdd-train simulate`` or prepared from real captures).
+
+Layout of a dataset directory::
+
+    dataset.json          metadata (see below)
+    psf.npy               the normalised PSF used, float32 (C, H, W)
+    measurements/ID.npy   y, float32 (C, *sensor_shape)
+    ground_truth/ID.npy   x, float32 (C, *scene_shape) in [0, 1]   (optional: real data has none)
+
+``dataset.json`` keys: ``psf`` {file, sha256, source}, ``forward`` (the geometry that produced y,
+:meth:`LenslessGeometry.to_dict`), ``recon`` {model, lam, scene_shape?, conv_shape?} (the operator the
+reconstruction methods use), ``noise_std``, ``seed``, ``channels``, ``splits`` {name: [ids]}, ``skipped``.
+Reconstruction directories hold ``ID.npy`` (float32 ``(C, H, W)``) and ``ID.png`` with the same ids.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+
+from nsdd_edge.optics import LenslessGeometry, OpticsError, array_hash, read_array
+from train.physics import LenslessOperator
+
+
+class DatasetError(ValueError):
+    """A dataset directory that is missing files or inconsistent; the message names the path."""
+
+
+class LenslessDataset:
+    """Read-only view of a dataset directory (see the module docstring)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        meta_path = self.root / "dataset.json"
+        if not meta_path.exists():
+            raise DatasetError(f"{self.root}: not a dataset (no dataset.json)")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{meta_path}: invalid JSON ({exc})") from exc
+        psf_file = self.root / self.meta.get("psf", {}).get("file", "psf.npy")
+        try:
+            self.psf = read_array(psf_file)
+        except OpticsError as exc:
+            raise DatasetError(str(exc)) from exc
+        want = self.meta.get("psf", {}).get("sha256")
+        if want and array_hash(self.psf) != want:
+            raise DatasetError(f"{psf_file}: PSF hash does not match dataset.json (file changed?)")
+
+    # ---- ids and arrays ----------------------------------------------------------------------
+    @property
+    def splits(self) -> dict[str, list[str]]:
+        return self.meta.get("splits", {})
+
+    def ids(self, split: str | None = None) -> list[str]:
+        """Sample ids of a split (``None`` or ``"all"``: every measurement on disk, sorted)."""
+        if split in (None, "all"):
+            return sorted(p.stem for p in (self.root / "measurements").glob("*.npy"))
+        if split not in self.splits:
+            raise DatasetError(f"{self.root}: no split {split!r} (have {sorted(self.splits)})")
+        return list(self.splits[split])
+
+    def measurement(self, sample_id: str) -> np.ndarray:
+        return read_array(self.root / "measurements" / f"{sample_id}.npy")
+
+    def has_ground_truth(self, sample_id: str) -> bool:
+        return (self.root / "ground_truth" / f"{sample_id}.npy").exists()
+
+    def ground_truth(self, sample_id: str) -> np.ndarray:
+        return read_array(self.root / "ground_truth" / f"{sample_id}.npy")
+
+    def measurements(self, ids: Sequence[str]) -> torch.Tensor:
+        """Stack measurements of ``ids`` into an ``(N, C, H, W)`` float32 tensor."""
+        return torch.from_numpy(np.stack([self.measurement(i) for i in ids]))
+
+    def batches(self, ids: Sequence[str], batch_size: int) -> Iterable[tuple[list[str], torch.Tensor]]:
+        for k in range(0, len(ids), batch_size):
+            chunk = list(ids[k : k + batch_size])
+            yield chunk, self.measurements(chunk)
+
+    # ---- operators ---------------------------------------------------------------------------
+    @property
+    def forward_geometry(self) -> LenslessGeometry:
+        return LenslessGeometry.from_dict(self.meta["forward"])
+
+    def physics(self, model: str | None = None, lam: float | None = None,
+                dtype: torch.dtype = torch.float32) -> LenslessOperator:
+        """The reconstruction operator (``recon`` settings of dataset.json unless overridden)."""
+        recon = dict(self.meta.get("recon", {}))
+        fwd = self.meta["forward"]
+        model = model or recon.get("model", fwd["model"])
+        lam = float(lam if lam is not None else recon.get("lam", 1e-6))
+        sensor = fwd["sensor_shape"]
+        if model == "circular":
+            op = LenslessOperator(self.psf, sensor, "circular", lam=lam, noise_std=self.meta.get("noise_std", 0.0))
+        else:
+            op = LenslessOperator(self.psf, sensor, "crop", lam=lam,
+                                  scene_shape=recon.get("scene_shape", fwd["scene_shape"]),
+                                  conv_shape=recon.get("conv_shape", fwd["conv_shape"]),
+                                  noise_std=self.meta.get("noise_std", 0.0))
+        return op.to(dtype) if dtype != torch.float32 else op
+
+    def forward_physics(self) -> LenslessOperator:
+        """The operator that produced the measurements (for simulation and physical consistency)."""
+        g = self.forward_geometry
+        return LenslessOperator(self.psf, g.sensor_shape, g.model, lam=float(self.meta.get("recon", {}).get(
+            "lam", 1e-6)), scene_shape=g.scene_shape, conv_shape=g.conv_shape, noise_std=self.meta.get("noise_std", 0.0))
+
+
+def read_recon_dir(root: str | Path, ids: Sequence[str]) -> torch.Tensor:
+    """Load reconstructions ``ID.npy`` of ``ids`` from a directory into ``(N, C, H, W)``."""
+    root = Path(root)
+    missing = [i for i in ids if not (root / f"{i}.npy").exists()]
+    if missing:
+        raise DatasetError(f"{root}: no reconstruction for {len(missing)} ids (first: {missing[:3]})")
+    return torch.from_numpy(np.stack([read_array(root / f"{i}.npy") for i in ids]))

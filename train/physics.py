@@ -1,0 +1,209 @@
+"""Lensless forward models in torch (batched, differentiable, float32/float64).
+
+A :class:`LenslessOperator` is the ``physics`` object every solver takes (deepinv style):
+``A``, ``A_adjoint``, ``A_dagger`` (Wiener/Tikhonov), ``null_project`` (``I − A†A``), ``prox_l2`` and
+``measure`` (``A x + n``). Spectra come from :mod:`nsdd_edge.optics`, the single source of truth.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nsdd_edge.optics import LenslessGeometry, Model, WienerSpectra, array_hash
+
+
+def _center_offsets(small: Sequence[int], big: Sequence[int]) -> tuple[int, int]:
+    return (int(big[0]) - int(small[0])) // 2, (int(big[1]) - int(small[1])) // 2
+
+
+def center_pad(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Zero-pad the last two axes centrally (same offsets as :func:`nsdd_edge.optics.center_pad`)."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(shape):
+        return x
+    r, c = _center_offsets((h, w), shape)
+    return F.pad(x, (c, int(shape[1]) - w - c, r, int(shape[0]) - h - r))
+
+
+def center_crop(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Centre crop of the last two axes (adjoint of :func:`center_pad`)."""
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(shape):
+        return x
+    r, c = _center_offsets(shape, (h, w))
+    return x[..., r : r + int(shape[0]), c : c + int(shape[1])]
+
+
+class LenslessOperator(torch.nn.Module):
+    """``y = A x + n`` for a lensless camera.
+
+    ``circular``: ``A x = F⁻¹[H · F(x)]`` on the sensor grid; ``A† = F⁻¹[conj(H)/(|H|²+λ)]`` is exact up
+    to λ and ``I − A†A`` is the multiplier ``λ/(|H|²+λ)``.
+    ``crop``: ``A x = C F⁻¹[H · F(P x)]`` (zero-pad ``P`` to the convolution grid, centre crop ``C`` to
+    the sensor); ``Aᵀ y = Pᵀ F⁻¹[conj(H) · F(Cᵀ y)]``; ``A†`` is the Wiener filter on the convolution
+    grid applied to ``Cᵀ y`` (an approximation: ``A†A`` is then not a projector).
+
+    The PSF is ``(C, H, W)`` with ``C`` = 1 (shared by all channels) or the image's channels.
+    """
+
+    def __init__(self, psf: np.ndarray | torch.Tensor, sensor_shape: Sequence[int] | None = None,
+                 model: Model = "circular", lam: float = 1e-6, scene_shape: Sequence[int] | None = None,
+                 conv_shape: Sequence[int] | None = None, noise_std: float = 0.0):
+        super().__init__()
+        psf_np = psf.detach().cpu().numpy() if isinstance(psf, torch.Tensor) else np.asarray(psf)
+        if psf_np.ndim == 2:
+            psf_np = psf_np[None]
+        sensor = tuple(sensor_shape) if sensor_shape is not None else psf_np.shape[-2:]
+        self.geometry = LenslessGeometry.make(model, sensor, psf_np.shape[-2:], scene_shape, conv_shape)
+        self.spectra = WienerSpectra.from_psf(psf_np, self.geometry.conv_shape, lam)
+        self.lam = float(lam)
+        self.noise_std = float(noise_std)
+        self.psf_hash = array_hash(psf_np)
+        self.channels = psf_np.shape[0]
+        for name in ("H", "G", "R"):
+            self.register_buffer(f"_{name}", torch.from_numpy(np.ascontiguousarray(self.spectra.half(name))),
+                                 persistent=False)
+        self.register_buffer("_S", torch.from_numpy(np.ascontiguousarray(
+            np.abs(self.spectra.half("H")))), persistent=False)
+
+    # ---- geometry -------------------------------------------------------------------------
+    @property
+    def model(self) -> Model:
+        return self.geometry.model
+
+    @property
+    def sensor_shape(self) -> tuple[int, int]:
+        return self.geometry.sensor_shape
+
+    @property
+    def scene_shape(self) -> tuple[int, int]:
+        return self.geometry.scene_shape
+
+    @property
+    def conv_shape(self) -> tuple[int, int]:
+        return self.geometry.conv_shape
+
+    def _spec(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A stored spectrum on ``like``'s device, complex64/128 (H, G) or real (R, S) to match its dtype."""
+        s = getattr(self, f"_{name}")
+        if s.is_complex():
+            return s.to(device=like.device, dtype=torch.complex128 if like.dtype == torch.float64
+                        else torch.complex64)
+        return s.to(device=like.device, dtype=like.dtype)
+
+    def _filter(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``F⁻¹[M · F(x)]`` on the convolution grid for a spectrum ``M`` in {H, conj H, G, R}."""
+        conj = name == "Hc"
+        m = self._spec("H" if conj else name, x)
+        if conj:
+            m = m.conj()
+        X = torch.fft.rfft2(x, dim=(-2, -1))
+        return torch.fft.irfft2(X * m, s=self.conv_shape, dim=(-2, -1))
+
+    def _check(self, t: torch.Tensor, shape: tuple[int, int], what: str) -> None:
+        if tuple(t.shape[-2:]) != shape:
+            raise ValueError(f"{what} has spatial size {tuple(t.shape[-2:])}, expected {shape} "
+                             f"({self.model} model)")
+
+    # ---- operators ------------------------------------------------------------------------
+    def A(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward model ``y = C F⁻¹[H · F(P x)]`` (``C``, ``P`` identities for ``circular``)."""
+        self._check(x, self.scene_shape, "scene x")
+        y = self._filter(center_pad(x, self.conv_shape), "H")
+        return center_crop(y, self.sensor_shape)
+
+    def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:
+        """``Aᵀ y = Pᵀ F⁻¹[conj(H) · F(Cᵀ y)]``."""
+        self._check(y, self.sensor_shape, "measurement y")
+        x = self._filter(center_pad(y, self.conv_shape), "Hc")
+        return center_crop(x, self.scene_shape)
+
+    def A_dagger(self, y: torch.Tensor) -> torch.Tensor:
+        """Wiener/Tikhonov pseudo-inverse ``A†y = Pᵀ F⁻¹[conj(H) F(Cᵀ y) / (|H|² + λ)]``."""
+        self._check(y, self.sensor_shape, "measurement y")
+        x = self._filter(center_pad(y, self.conv_shape), "G")
+        return center_crop(x, self.scene_shape)
+
+    def range_project(self, x: torch.Tensor) -> torch.Tensor:
+        """``A†A x`` (for ``circular`` the multiplier ``R = |H|²/(|H|²+λ)``)."""
+        if self.model == "circular":
+            self._check(x, self.scene_shape, "scene x")
+            X = torch.fft.rfft2(x, dim=(-2, -1))
+            return torch.fft.irfft2(X * self._spec("R", x), s=self.conv_shape,
+                                    dim=(-2, -1))
+        return self.A_dagger(self.A(x))
+
+    def null_project(self, x: torch.Tensor) -> torch.Tensor:
+        """Null-space projector ``(I − A†A) x``."""
+        return x - self.range_project(x)
+
+    def range_null_combine(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``A†y + (I − A†A) x``: keeps ``x``'s null-space content and takes the range from ``y``."""
+        return self.A_dagger(y) + self.null_project(x)
+
+    def singular_values(self, like: torch.Tensor | None = None) -> torch.Tensor:
+        """``|H(f)|`` on the rfft half grid, shape ``(C_psf, Hc, Wc//2+1)``."""
+        return self._S if like is None else self._spec("S", like)
+
+    def prox_l2(self, z: torch.Tensor, y: torch.Tensor, rho: float | torch.Tensor,
+                cg_iters: int = 20) -> torch.Tensor:
+        """``argmin_x ‖A x − y‖² + ρ ‖x − z‖²``.
+
+        ``circular``: closed form ``F⁻¹[(conj(H) Y + ρ Z) / (|H|² + ρ)]``; ``crop``: conjugate gradient on
+        ``(AᵀA + ρ I) x = Aᵀ y + ρ z`` started at ``z``.
+        """
+        if self.model == "circular":
+            H = self._spec("H", z)
+            Y = torch.fft.rfft2(y, dim=(-2, -1))
+            Z = torch.fft.rfft2(z, dim=(-2, -1))
+            X = (H.conj() * Y + rho * Z) / (H.abs() ** 2 + rho)
+            return torch.fft.irfft2(X, s=self.conv_shape, dim=(-2, -1))
+        b = self.A_adjoint(y) + rho * z
+        x = z.clone()
+
+        def normal(v: torch.Tensor) -> torch.Tensor:
+            return self.A_adjoint(self.A(v)) + rho * v
+
+        r = b - normal(x)
+        p = r.clone()
+        rs = (r * r).sum(dim=(-3, -2, -1), keepdim=True)
+        for _ in range(cg_iters):
+            Ap = normal(p)
+            alpha = rs / (p * Ap).sum(dim=(-3, -2, -1), keepdim=True).clamp_min(1e-30)
+            x = x + alpha * p
+            r = r - alpha * Ap
+            rs_new = (r * r).sum(dim=(-3, -2, -1), keepdim=True)
+            p = r + (rs_new / rs.clamp_min(1e-30)) * p
+            rs = rs_new
+        return x
+
+    def measure(self, x: torch.Tensor, noise_std: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """``y = A x + n``, ``n ~ N(0, σ²)`` with ``σ`` = ``noise_std`` (default: the operator's)."""
+        y = self.A(x)
+        sigma = self.noise_std if noise_std is None else float(noise_std)
+        if sigma > 0:
+            noise = torch.randn(y.shape, generator=generator, dtype=y.dtype, device="cpu").to(y.device)
+            y = y + sigma * noise
+        return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # physics(x) as in deepinv
+        return self.measure(x)
+
+    def consistency(self, x_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Relative measurement residual ``‖A x̂ − y‖ / ‖y‖`` per sample."""
+        r = (self.A(x_hat) - y).flatten(1).norm(dim=1)
+        return r / y.flatten(1).norm(dim=1).clamp_min(1e-12)
+
+    def projector_defect(self, shape: Sequence[int] | None = None, trials: int = 4, seed: int = 0) -> float:
+        """How far ``A†A`` is from a projector: ``max ‖(A†A)² x − A†A x‖ / ‖A†A x‖`` over random ``x``."""
+        g = torch.Generator().manual_seed(seed)
+        c = self.channels
+        x = torch.rand((trials, c) + tuple(shape or self.scene_shape), generator=g, dtype=torch.float64)
+        p1 = self.range_project(x)
+        p2 = self.range_project(p1)
+        return float(((p2 - p1).flatten(1).norm(dim=1) / p1.flatten(1).norm(dim=1)).max())

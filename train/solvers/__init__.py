@@ -1,0 +1,6 @@
+"""Reconstruction methods behind one interface, ``solver(y, physics)``; see :mod:`train.solvers.base`."""
+
+from train.solvers.base import SOLVERS, Solver, make_solver, register
+from train.solvers import wiener  # noqa: F401  (registers "wiener")
+
+__all__ = ["SOLVERS", "Solver", "make_solver", "register"]
