@@ -1,0 +1,44 @@
+"""Shared test fixtures: seeded, few threads, paths to ../shared (read-only data beside the checkout)."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("NSDD_SHARED", ROOT.parent / "shared"))
+
+try:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("NSDD_TEST_THREADS", "2")))
+except ImportError:  # the device-runtime tests run without torch
+    torch = None
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    if torch is not None:
+        torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    """The ../shared directory (real PSFs, the DiffuserCam capture, faces, LPIPS weights)."""
+    if not SHARED.is_dir():
+        pytest.skip(f"../shared not found at {SHARED}")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def radial_psf(shared) -> np.ndarray:
+    from nsdd_edge.optics import load_psf
+
+    return load_psf(shared / "data/psf/radial_6per_256.npy")
