@@ -2,5 +2,6 @@
 
 from train.solvers.base import SOLVERS, Solver, make_solver, register
 from train.solvers import wiener  # noqa: F401  (registers "wiener")
+from train.solvers import admm  # noqa: F401  (registers "admm")
 
 __all__ = ["SOLVERS", "Solver", "make_solver", "register"]
