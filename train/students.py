@@ -1,0 +1,457 @@
+"""NSDD students: one network pass from a lensless measurement to an image.
+
+A student takes ``(y, A†y)`` stacked on channels (``2C`` inputs) and a network ``g`` maps them to ``C``
+channels. Two objectives:
+
+- ``nullspace`` (NSDD): ``x̂ = A†y + (I − A†A) g(y, A†y)``. The range part comes from the measurement
+  alone, so on the circular model ``‖A x̂ − y‖`` equals the Wiener residual whatever ``g`` does.
+- ``full`` (ablation): ``x̂ = g(y, A†y)``.
+
+``A†`` and ``I − A†A`` are :meth:`train.physics.LenslessOperator.A_dagger` and ``null_project``.
+
+Grids: ``A†y`` lives on the scene grid. For the circular model ``y`` has the same size; for the crop
+model ``y`` (sensor grid) is centre zero-padded and/or centre-cropped per axis to the scene grid
+(:func:`fit_to_grid`, the same offsets as :func:`nsdd_edge.optics.fit_to`) before stacking.
+
+Networks:
+
+- ``edge``: :class:`EdgeUNet`, a compact encoder-decoder with skips built only from Conv2d, nearest
+  Resize, Concat, Add and an activation (ReLU/LeakyReLU/SiLU) — it exports cleanly to ONNX/TensorRT.
+  Input sides must be divisible by ``2**depth``.
+- ``paper``: :class:`PaperNet`, as in the NSDD paper: a small UNet ``g_φ`` maps the ``2C`` inputs to
+  ``C`` channels, the pretrained diffusion UNet ``g_θ`` (fine-tuned) is evaluated at a fixed timestep
+  ``t*`` on ``x_t = 2 g_φ − 1`` and its ε prediction is turned into the clean estimate
+  ``x0 = (x_t − √(1−ᾱ_t*) ε) / √ᾱ_t*``; ``g = (x0 + 1) / 2`` (back to [0, 1]).
+
+A trained student is a directory (diffusers-like ``save_pretrained`` layout): ``config.json`` +
+``model.safetensors``; :func:`load_student` returns a :class:`StudentSolver` (registered as
+``"student"``) that refuses a physics with another PSF or geometry than the one it was trained for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from train.physics import LenslessOperator, center_crop, center_pad
+from train.solvers.base import Solver, register
+
+Objective = Literal["nullspace", "full"]
+OBJECTIVES = ("nullspace", "full")
+KINDS = ("edge", "paper")
+STUDENT_FORMAT = "nsdd-student"
+STUDENT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class StudentError(ValueError):
+    """A student directory or configuration that is missing, corrupted or does not fit the physics."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------
+
+
+def fit_to_grid(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Centre-crop or zero-pad each of the last two axes independently to ``shape``."""
+    h, w = x.shape[-2:]
+    th, tw = int(shape[0]), int(shape[1])
+    if th < h or tw < w:
+        x = center_crop(x, (min(th, h), min(tw, w)))
+    if th > x.shape[-2] or tw > x.shape[-1]:
+        x = center_pad(x, (th, tw))
+    return x
+
+
+def student_inputs(y: torch.Tensor, physics: LenslessOperator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(concat(fit(y), A†y), A†y)``: the ``(N, 2C, *scene_shape)`` network input and ``A†y``."""
+    if y.ndim != 4:
+        raise ValueError(f"measurement y must be a batch (N, C, H, W), got shape {tuple(y.shape)}")
+    x_dagger = physics.A_dagger(y)
+    return torch.cat([fit_to_grid(y, physics.scene_shape), x_dagger], dim=1), x_dagger
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+
+ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=False), "leaky_relu": lambda: nn.LeakyReLU(0.1),
+               "silu": lambda: nn.SiLU()}
+
+
+def _act(name: str) -> nn.Module:
+    if name not in ACTIVATIONS:
+        raise StudentError(f"unknown activation {name!r}; use {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]()
+
+
+class _ConvBlock(nn.Sequential):
+    """``n`` × (3×3 conv → activation); the first conv may have stride 2 (downsampling)."""
+
+    def __init__(self, c_in: int, c_out: int, n: int, activation: str, stride: int = 1):
+        layers: list[nn.Module] = []
+        for k in range(n):
+            layers += [nn.Conv2d(c_in if k == 0 else c_out, c_out, 3, stride=stride if k == 0 else 1, padding=1),
+                       _act(activation)]
+        super().__init__(*layers)
+
+
+class EdgeUNet(nn.Module):
+    """Compact UNet ``(N, C_in, H, W) → (N, C_out, H, W)`` for TensorRT.
+
+    Level ``k`` (``0 … depth``) has ``min(width·2^k, max_width)`` channels; the encoder downsamples with
+    stride-2 3×3 convolutions, the decoder upsamples ×2 (nearest Resize), concatenates the skip and
+    applies ``blocks`` 3×3 convolutions; a 1×1 convolution gives the output. With ``skip_input`` the
+    last ``C_out`` input channels (``A†y``) are added to the output: ``g = A†y + head(…)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, width: int = 32, depth: int = 4,
+                 max_width: int = 192, blocks: int = 2, activation: str = "silu", skip_input: bool = False):
+        super().__init__()
+        if depth < 0 or width < 1 or blocks < 1:
+            raise StudentError(f"EdgeUNet: need depth >= 0, width >= 1, blocks >= 1 (got {depth}, {width}, {blocks})")
+        if skip_input and in_channels < out_channels:
+            raise StudentError("EdgeUNet: skip_input needs in_channels >= out_channels")
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.depth, self.skip_input = int(depth), bool(skip_input)
+        widths = [min(width * 2 ** k, max_width) for k in range(depth + 1)]
+        self.stem = _ConvBlock(in_channels, widths[0], blocks, activation)
+        self.down = nn.ModuleList(_ConvBlock(widths[k], widths[k + 1], blocks, activation, stride=2)
+                                  for k in range(depth))
+        self.up = nn.ModuleList(_ConvBlock(widths[k + 1] + widths[k], widths[k], blocks, activation)
+                                for k in reversed(range(depth)))
+        self.head = nn.Conv2d(widths[0], out_channels, 1)
+
+    @property
+    def multiple(self) -> int:
+        """Input sides must be multiples of ``2**depth``."""
+        return 2 ** self.depth
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise StudentError(f"EdgeUNet expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        if h % self.multiple or w % self.multiple:
+            raise StudentError(f"EdgeUNet of depth {self.depth}: input size {h}x{w} is not divisible by "
+                               f"2^{self.depth} = {self.multiple}; use a scene size that is, or a smaller depth")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        skips = [self.stem(x)]
+        for block in self.down:
+            skips.append(block(skips[-1]))
+        h = skips.pop()
+        for block in self.up:
+            h = F.interpolate(h, scale_factor=2.0, mode="nearest")
+            h = block(torch.cat([h, skips.pop()], dim=1))
+        out = self.head(h)
+        if self.skip_input:
+            out = out + x[:, self.in_channels - self.out_channels:]
+        return out
+
+
+class PaperNet(nn.Module):
+    """NSDD paper student network: ``g = (x0(g_θ, t*) + 1) / 2`` with ``x_t = 2 g_φ(y, A†y) − 1``.
+
+    ``x0 = (x_t − √(1−ᾱ_t*) ε_θ(x_t, t*)) / √ᾱ_t*``; ``g_φ`` is a small :class:`EdgeUNet` and ``g_θ`` the
+    diffusion network (``net(x, t) -> ε`` or an object with ``.sample``), both trained.
+    """
+
+    def __init__(self, adapter: EdgeUNet, prior_net: nn.Module, t_fixed: int, alpha_bar: float):
+        super().__init__()
+        if not 0.0 < alpha_bar <= 1.0:
+            raise StudentError(f"PaperNet: ᾱ at t*={t_fixed} must be in (0, 1], got {alpha_bar}")
+        self.adapter = adapter
+        self.prior_net = prior_net
+        self.t_fixed = int(t_fixed)
+        self.alpha_bar = float(alpha_bar)
+
+    @property
+    def multiple(self) -> int:
+        return self.adapter.multiple
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_t = 2.0 * self.adapter(x) - 1.0
+        t = torch.full((x.shape[0],), self.t_fixed, dtype=torch.long, device=x.device)
+        out = self.prior_net(x_t, t)
+        eps = out.sample if hasattr(out, "sample") else out
+        x0 = (x_t - math.sqrt(1.0 - self.alpha_bar) * eps) / math.sqrt(self.alpha_bar)
+        return 0.5 * (x0 + 1.0)
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# The student: network + objective + physics
+# ----------------------------------------------------------------------------------------------
+
+
+class Student(nn.Module):
+    """``x̂ = A†y + (I − A†A) g(y, A†y)`` (``nullspace``) or ``x̂ = g(y, A†y)`` (``full``).
+
+    ``g`` may run under autocast (bf16 on a GPU); the physics (FFTs) always runs in float32.
+    """
+
+    def __init__(self, net: nn.Module, objective: Objective = "nullspace"):
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise StudentError(f"unknown objective {objective!r}; use {' or '.join(OBJECTIVES)}")
+        self.net = net
+        self.objective = objective
+
+    def forward(self, y: torch.Tensor, physics: LenslessOperator, return_parts: bool = False):
+        inputs, x_dagger = student_inputs(y, physics)
+        g = self.net(inputs).float()
+        with torch.autocast(device_type=y.device.type, enabled=False):
+            x_hat = x_dagger + physics.null_project(g) if self.objective == "nullspace" else g
+        return (x_hat, x_dagger) if return_parts else x_hat
+
+
+def default_architecture(kind: str, objective: Objective) -> dict:
+    """Default architecture settings (edge: ≈2–4 M parameters at 3 channels)."""
+    if kind == "edge":
+        return {"width": 32, "depth": 4, "max_width": 192, "blocks": 2, "activation": "silu",
+                "skip_input": objective == "full"}
+    if kind == "paper":
+        return {"width": 16, "depth": 2, "max_width": 64, "blocks": 2, "activation": "silu", "t_fixed": 50}
+    raise StudentError(f"unknown student kind {kind!r}; use {' or '.join(KINDS)}")
+
+
+def _edge_kwargs(arch: dict) -> dict:
+    keys = ("width", "depth", "max_width", "blocks", "activation", "skip_input")
+    return {k: arch[k] for k in keys if k in arch}
+
+
+def build_edge_net(channels: int, arch: dict) -> EdgeUNet:
+    return EdgeUNet(2 * channels, channels, **_edge_kwargs(arch))
+
+
+def _prior_alpha_bar(prior: Any, t_fixed: int) -> float:
+    ac = getattr(prior, "alphas_cumprod", None)
+    if ac is None:
+        raise StudentError("the diffusion prior has no alphas_cumprod schedule")
+    if not 0 <= t_fixed < len(ac):
+        raise StudentError(f"t_fixed={t_fixed} outside the prior's schedule [0, {len(ac) - 1}]")
+    return float(ac[t_fixed])
+
+
+def build_paper_net(channels: int, arch: dict, prior: Any) -> PaperNet:
+    """Paper student network around ``prior.net`` (a :class:`~train.prior.base.DiffusionPrior`)."""
+    prior_channels = getattr(prior, "channels", channels)
+    if prior_channels != channels:
+        raise StudentError(f"the diffusion prior works on {prior_channels} channels, the data has {channels}")
+    adapter = EdgeUNet(2 * channels, channels, **{**_edge_kwargs(arch), "skip_input": True})
+    t_fixed = int(arch.get("t_fixed", 50))
+    return PaperNet(adapter, prior.net, t_fixed, _prior_alpha_bar(prior, t_fixed))
+
+
+def load_prior_dir(prior_dir: str | os.PathLike) -> Any:
+    """The diffusion prior of a directory through :func:`train.prior.io.load_prior` (imported lazily)."""
+    try:
+        from train.prior.io import load_prior
+    except ImportError as exc:
+        raise StudentError(f"the paper student needs train.prior.io.load_prior, which is unavailable: {exc}") from exc
+    return load_prior(prior_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration, saving and loading
+# ----------------------------------------------------------------------------------------------
+
+
+def physics_record(physics: LenslessOperator) -> dict:
+    """What a student records about the operator it was trained for."""
+    return {"psf_sha256": physics.psf_hash, "geometry": physics.geometry.to_dict(), "lam": physics.lam}
+
+
+def make_config(kind: str, objective: Objective, channels: int, physics: LenslessOperator,
+                architecture: dict | None = None, **extra: Any) -> dict:
+    """A student ``config.json`` (kind, architecture, objective, channels, sizes, PSF hash, geometry, λ)."""
+    arch = {**default_architecture(kind, objective), **(architecture or {})}
+    cfg = {"format": STUDENT_FORMAT, "version": STUDENT_VERSION, "kind": kind, "objective": objective,
+           "architecture": arch, "channels": int(channels), "in_channels": 2 * int(channels),
+           "scene_shape": list(physics.scene_shape), "sensor_shape": list(physics.sensor_shape),
+           **physics_record(physics), "step": 0}
+    cfg.update(extra)
+    return cfg
+
+
+def build_student(config: dict, prior: Any | None = None) -> Student:
+    """A freshly initialised :class:`Student` from a config (``prior`` for the ``paper`` kind)."""
+    kind, ch = config.get("kind"), int(config["channels"])
+    arch = config.get("architecture", {})
+    if kind == "edge":
+        net: nn.Module = build_edge_net(ch, arch)
+    elif kind == "paper":
+        if prior is None:
+            prior_dir = config.get("prior", {}).get("dir")
+            if not prior_dir:
+                raise StudentError("a paper student needs a diffusion prior (pass prior= or set config['prior']['dir'])")
+            prior = load_prior_dir(prior_dir)
+        net = build_paper_net(ch, arch, prior)
+    else:
+        raise StudentError(f"unknown student kind {kind!r}; use {' or '.join(KINDS)}")
+    multiple = net.multiple
+    h, w = config["scene_shape"]
+    if h % multiple or w % multiple:
+        raise StudentError(f"scene size {h}x{w} is not divisible by 2^depth = {multiple} "
+                           f"(depth {arch.get('depth')}); lower the depth or change the scene size")
+    return Student(net, config.get("objective", "nullspace"))
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_student(directory: str | os.PathLike, net: nn.Module, config: dict, *, fp16: bool = False) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (the ``g`` network's weights; fp16 to ship)."""
+    from safetensors.torch import save
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", torch.float16 if fp16 and v.is_floating_point() else v.dtype).contiguous()
+             for k, v in net.state_dict().items()}
+    cfg = {**config, "weights": {"file": WEIGHTS_NAME, "dtype": "float16" if fp16 else "float32",
+                                 "parameters": count_parameters(net)}}
+    _atomic_write_bytes(out / WEIGHTS_NAME, save(state, metadata={"format": STUDENT_FORMAT}))
+    _atomic_write_bytes(out / CONFIG_NAME, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
+    return out
+
+
+def read_student_config(directory: str | os.PathLike) -> dict:
+    d = Path(directory)
+    path = d / CONFIG_NAME
+    if not d.is_dir():
+        raise StudentError(f"{d}: no such student directory")
+    if not path.exists():
+        raise StudentError(f"{d}: not a student directory (no {CONFIG_NAME})")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise StudentError(f"{path}: invalid JSON ({exc})") from exc
+    if cfg.get("format") != STUDENT_FORMAT:
+        raise StudentError(f"{path}: format is {cfg.get('format')!r}, expected {STUDENT_FORMAT!r}")
+    for key in ("kind", "objective", "channels", "scene_shape", "psf_sha256", "geometry", "lam"):
+        if key not in cfg:
+            raise StudentError(f"{path}: missing key {key!r}")
+    return cfg
+
+
+def load_student(directory: str | os.PathLike, *, device: str | torch.device = "cpu", prior: Any | None = None,
+                 clip: bool = False) -> "StudentSolver":
+    """Load a student directory as a :class:`StudentSolver` (``.net`` is ``g``, float32, eval mode).
+
+    ``prior``: for a ``paper`` student, a prior object whose ``.net`` has the architecture to fill (default:
+    ``load_prior(config['prior']['dir'])``).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    cfg = read_student_config(d)
+    student = build_student(cfg, prior=prior)
+    wpath = d / cfg.get("weights", {}).get("file", WEIGHTS_NAME)
+    if not wpath.exists():
+        raise StudentError(f"{d}: weights file {wpath.name} is missing")
+    try:
+        state = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise StudentError(f"{wpath}: unreadable safetensors ({exc})") from exc
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        student.net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise StudentError(f"{wpath}: weights do not match the architecture in {CONFIG_NAME} ({exc})") from exc
+    student.net.eval()
+    return StudentSolver(student=student, config=cfg, device=str(device), clip=clip, path=str(d))
+
+
+@register("student")
+class StudentSolver(Solver):
+    """A distilled student as a solver: ``x̂ = student(y, physics)`` in one network pass (NFE 1).
+
+    Build with :func:`load_student` or ``make_solver("student", path=DIR)``.
+    """
+
+    nfe = 1
+
+    def __init__(self, path: str | None = None, *, student: Student | None = None, config: dict | None = None,
+                 device: str = "cpu", clip: bool = False, batch_size: int = 8, prior: Any | None = None):
+        if student is None:
+            if path is None:
+                raise StudentError("student solver: give path=DIR (a directory written by nsdd-train distill)")
+            loaded = load_student(path, device=device, prior=prior, clip=clip)
+            student, config = loaded._student, loaded.config
+        self.path = path
+        self.device = device
+        self.clip = clip
+        self.batch_size = int(batch_size)
+        self._student = student.to(device).eval()
+        self.config = dict(config or {})
+        self.objective = self._student.objective
+        self.kind = self.config.get("kind")
+
+    @property
+    def net(self) -> nn.Module:
+        """The network ``g``: ``(N, 2C, H, W) → (N, C, H, W)``."""
+        return self._student.net
+
+    @property
+    def student(self) -> Student:
+        return self._student
+
+    def check_physics(self, physics: LenslessOperator) -> None:
+        """Refuse an operator with another PSF or geometry than the student was trained for."""
+        where = f"student {self.path}" if self.path else "student"
+        want_hash = self.config.get("psf_sha256")
+        if want_hash and physics.psf_hash != want_hash:
+            raise StudentError(f"{where} was trained for PSF sha256 {want_hash[:12]}…, the operator's PSF is "
+                               f"{physics.psf_hash[:12]}…: retrain (nsdd-train distill) for this PSF")
+        want_geo = self.config.get("geometry")
+        if want_geo and physics.geometry.to_dict() != want_geo:
+            raise StudentError(f"{where} was trained for geometry {want_geo}, the operator has "
+                               f"{physics.geometry.to_dict()}")
+        lam = self.config.get("lam")
+        if lam is not None and not math.isclose(float(lam), physics.lam, rel_tol=1e-6):
+            warnings.warn(f"{where} was trained with λ = {lam}, the operator uses λ = {physics.lam}: A†y differs "
+                          "from the training inputs", stacklevel=3)
+        ch = self.config.get("channels")
+        if ch is not None and physics.channels not in (1, ch):
+            raise StudentError(f"{where} works on {ch} channels, the PSF has {physics.channels}")
+
+    @torch.no_grad()
+    def __call__(self, y: torch.Tensor, physics: LenslessOperator) -> torch.Tensor:
+        self.check_physics(physics)
+        ch = self.config.get("channels")
+        if ch is not None and y.shape[1] != ch:
+            raise StudentError(f"student expects {ch}-channel measurements, got shape {tuple(y.shape)}")
+        dev = torch.device(self.device)
+        phys = physics.to(dev)
+        outs = []
+        for k in range(0, y.shape[0], self.batch_size):
+            x = self._student(y[k : k + self.batch_size].to(dev, torch.float32), phys)
+            outs.append(x.clamp(0, 1) if self.clip else x)
+        return torch.cat(outs).to(y.device)
