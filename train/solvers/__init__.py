@@ -3,5 +3,6 @@
 from train.solvers.base import SOLVERS, Solver, make_solver, register
 from train.solvers import wiener  # noqa: F401  (registers "wiener")
 from train.solvers import admm  # noqa: F401  (registers "admm")
+from train import students  # noqa: F401  (registers "student")
 
 __all__ = ["SOLVERS", "Solver", "make_solver", "register"]
