@@ -1,0 +1,289 @@
+"""Reconstruction engines: TensorRT plan, ONNX Runtime, numpy Wiener — one interface.
+
+``engine.infer(y)`` takes measurements ``(N, C, H, W)`` float32 (already preprocessed, sensor size) and
+returns reconstructions ``(N, C', H', W')`` float32. ``select_engine(bundle, prefer)`` picks
+TensorRT plan > ONNX Runtime > numpy Wiener from the bundle's models and what is installed, and says why.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nsdd_edge.bundle import Bundle, BundleError
+from nsdd_edge.optics import WienerFilter
+from nsdd_edge.trt_runner import TrtUnavailable, available_cuda_bindings, module_available
+
+ENGINE_NAMES = ("trt", "onnx", "wiener")
+ONNX_MODEL_ORDER = ("onnx_fp32", "onnx_fp16", "onnx_int8")
+
+
+class EngineError(RuntimeError):
+    """An engine cannot be built or run here; the message says which engine and why."""
+
+
+class Engine:
+    """Common interface. Subclasses set ``name`` and implement :meth:`infer`."""
+
+    name = "engine"
+
+    def infer(self, y: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.name
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @staticmethod
+    def _check_input(y: np.ndarray, expected: tuple[int, int, int] | None, who: str) -> np.ndarray:
+        if y.ndim != 4:
+            raise EngineError(f"{who}: expected a batch (N, C, H, W), got shape {y.shape}")
+        if expected is not None and tuple(y.shape[1:]) != tuple(expected):
+            raise EngineError(f"{who}: expected measurements of shape (N, {', '.join(map(str, expected))}), "
+                              f"got {y.shape}")
+        return np.ascontiguousarray(y, dtype=np.float32)
+
+
+class NumpyWienerEngine(Engine):
+    """``x = A†y = F⁻¹[conj(H) Y / (|H|² + λ)]`` with :class:`nsdd_edge.optics.WienerFilter` (no model)."""
+
+    name = "wiener"
+
+    def __init__(self, bundle: Bundle):
+        self.bundle = bundle
+        self.filter = WienerFilter(bundle.psf, bundle.geometry, bundle.lam)
+        self.input_shape = bundle.input_shape
+
+    def infer(self, y: np.ndarray) -> np.ndarray:
+        y = self._check_input(y, self.input_shape, "wiener engine")
+        return self.filter(y)
+
+    def describe(self) -> str:
+        g = self.bundle.geometry
+        return f"numpy Wiener A† ({g.model}, sensor {g.sensor_shape}, λ={self.bundle.lam:g})"
+
+
+class OnnxRuntimeEngine(Engine):
+    """ONNX Runtime session; ``device='cpu'`` or ``'cuda'`` (IO binding keeps the output on the GPU
+    until copied back once). ``threads`` sets intra-op threads (0 = ONNX Runtime's default)."""
+
+    name = "onnx"
+
+    def __init__(self, model_path: str | os.PathLike, *, device: str = "cpu", threads: int = 0,
+                 input_shape: tuple[int, int, int] | None = None):
+        ok, why = module_available("onnxruntime")
+        if not ok:
+            raise EngineError(f"ONNX Runtime engine: {why}; pip install onnxruntime (or onnxruntime-gpu)")
+        import onnxruntime as ort
+
+        self.ort = ort
+        self.model_path = Path(model_path)
+        if not self.model_path.is_file():
+            raise EngineError(f"{self.model_path}: ONNX model file does not exist")
+        if device not in ("cpu", "cuda"):
+            raise EngineError(f"ONNX Runtime engine: device must be 'cpu' or 'cuda', got {device!r}")
+        available = ort.get_available_providers()
+        if device == "cuda" and "CUDAExecutionProvider" not in available:
+            raise EngineError(f"ONNX Runtime {ort.__version__} has no CUDAExecutionProvider here "
+                              f"(available: {available}); install onnxruntime-gpu or use device='cpu'")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers)
+        except Exception as exc:
+            raise EngineError(f"{self.model_path}: ONNX Runtime cannot load the model "
+                              f"({type(exc).__name__}: {exc})") from exc
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise EngineError(f"{self.model_path}: expected one input (the measurement y), got "
+                              f"{[i.name for i in inputs]}")
+        self.input_name = inputs[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        model_shape = inputs[0].shape
+        if input_shape is not None and len(model_shape) == 4:
+            for got, want in zip(model_shape[1:], input_shape):
+                if isinstance(got, int) and got != want:
+                    raise EngineError(f"{self.model_path}: model input {self.input_name} has shape {model_shape}, "
+                                      f"the bundle's measurements are (N, {', '.join(map(str, input_shape))})")
+        self.input_shape = input_shape
+        self.device = device
+        self.threads = threads
+        self._binding = self.session.io_binding() if device == "cuda" else None
+
+    def infer(self, y: np.ndarray) -> np.ndarray:
+        y = self._check_input(y, self.input_shape, f"onnx engine {self.model_path.name}")
+        if self._binding is None:
+            return np.asarray(self.session.run([self.output_name], {self.input_name: y})[0], dtype=np.float32)
+        b = self._binding
+        b.bind_cpu_input(self.input_name, y)
+        b.bind_output(self.output_name, "cuda")
+        self.session.run_with_iobinding(b)
+        return np.asarray(b.copy_outputs_to_cpu()[0], dtype=np.float32)
+
+    def describe(self) -> str:
+        return (f"ONNX Runtime {self.ort.__version__} {self.device.upper()} {self.model_path.name}"
+                + (f", {self.threads} threads" if self.threads else ""))
+
+    def close(self) -> None:
+        self._binding = None
+        self.session = None
+
+
+class TensorRTEngine(Engine):
+    """A serialized TensorRT plan through :class:`nsdd_edge.trt_runner.TrtRunner`."""
+
+    name = "trt"
+
+    def __init__(self, plan_path: str | os.PathLike, *, input_shape: tuple[int, int, int] | None = None, **options):
+        from nsdd_edge.trt_runner import TrtRunner
+
+        try:
+            self.runner = TrtRunner(plan_path, **options)
+        except TrtUnavailable as exc:
+            raise EngineError(str(exc)) from exc
+        self.input_shape = input_shape
+
+    def infer(self, y: np.ndarray) -> np.ndarray:
+        return self.runner.infer(self._check_input(y, self.input_shape, "TensorRT engine"))
+
+    def describe(self) -> str:
+        return self.runner.describe()
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Availability and selection
+# ------------------------------------------------------------------------------------------------
+
+
+def runtime_availability() -> dict[str, tuple[bool, str]]:
+    """What is installed: ``{"trt": (ok, why), "onnx": (ok, why), "onnx-cuda": ..., "wiener": ...}``."""
+    out: dict[str, tuple[bool, str]] = {}
+    trt_ok, trt_why = module_available("tensorrt")
+    if trt_ok:
+        bindings = available_cuda_bindings()
+        usable = [k for k, v in bindings.items() if v[0]]
+        out["trt"] = (True, f"TensorRT {trt_why} with {usable[0]}") if usable else (
+            False, f"TensorRT {trt_why} present but no CUDA binding: " + "; ".join(v[1] for v in bindings.values()))
+    else:
+        out["trt"] = (False, trt_why)
+    ort_ok, ort_why = module_available("onnxruntime")
+    if ort_ok:
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+        out["onnx"] = (True, f"onnxruntime {ort_why} ({', '.join(providers)})")
+        out["onnx-cuda"] = (("CUDAExecutionProvider" in providers),
+                            "CUDAExecutionProvider available" if "CUDAExecutionProvider" in providers
+                            else "no CUDAExecutionProvider (CPU-only onnxruntime)")
+    else:
+        out["onnx"] = (False, ort_why)
+        out["onnx-cuda"] = (False, ort_why)
+    out["wiener"] = (True, f"numpy {np.__version__} (always available)")
+    return out
+
+
+@dataclass
+class EngineChoice:
+    """The decision of :func:`plan_engine`: which engine, which model file, and why."""
+
+    kind: str  # trt | onnx | wiener
+    model: str | None  # bundle model kind (engine, onnx_fp32, ...) or None for Wiener
+    reason: str
+    skipped: list[str] = field(default_factory=list)
+
+
+def plan_engine(models: dict, prefer: str | None, available: dict[str, tuple[bool, str]]) -> EngineChoice:
+    """Decide the engine from the bundle's ``models`` and ``available`` runtimes (pure; no imports).
+
+    ``prefer`` in (None, "auto", "trt", "onnx", "wiener"). Auto: TensorRT plan > ONNX > Wiener; an explicit
+    choice that cannot run raises :class:`EngineError` naming what is missing.
+    """
+    prefer = None if prefer in (None, "auto") else prefer
+    if prefer is not None and prefer not in ENGINE_NAMES:
+        raise EngineError(f"--engine {prefer!r}: unknown engine; use auto, trt, onnx or wiener")
+    skipped: list[str] = []
+
+    def try_trt() -> EngineChoice | None:
+        if "engine" not in models:
+            skipped.append("trt: the bundle has no TensorRT plan (models.engine)")
+        elif not available["trt"][0]:
+            skipped.append(f"trt: {available['trt'][1]}")
+        else:
+            return EngineChoice("trt", "engine", f"bundle has a TensorRT plan and {available['trt'][1]}", skipped)
+        return None
+
+    def try_onnx() -> EngineChoice | None:
+        kinds = [k for k in ONNX_MODEL_ORDER if k in models]
+        if not kinds:
+            skipped.append("onnx: the bundle has no ONNX model (onnx_fp32/onnx_fp16/onnx_int8)")
+        elif not available["onnx"][0]:
+            skipped.append(f"onnx: {available['onnx'][1]}")
+        else:
+            return EngineChoice("onnx", kinds[0], f"bundle has {kinds[0]} and {available['onnx'][1]}", skipped)
+        return None
+
+    if prefer == "trt":
+        c = try_trt()
+    elif prefer == "onnx":
+        c = try_onnx()
+    elif prefer == "wiener":
+        return EngineChoice("wiener", None, "requested with --engine wiener", skipped)
+    else:
+        c = try_trt() or try_onnx()
+        if c is None:
+            return EngineChoice("wiener", None, "fallback to the numpy Wiener filter A†y (" + "; ".join(skipped) + ")",
+                                skipped)
+    if c is None:
+        raise EngineError(f"--engine {prefer}: cannot use it: {'; '.join(skipped)}")
+    c.reason = ("requested; " if prefer else "") + c.reason
+    return c
+
+
+def build_engine(bundle: Bundle, choice: EngineChoice, *, device: str = "cpu", threads: int = 0) -> Engine:
+    """Instantiate the chosen engine for ``bundle``."""
+    if choice.kind == "wiener":
+        return NumpyWienerEngine(bundle)
+    path = bundle.model_path(choice.model or "")
+    if path is None:
+        raise BundleError(f"{bundle.root}: no model {choice.model!r}")
+    if choice.kind == "onnx":
+        return OnnxRuntimeEngine(path, device=device, threads=threads, input_shape=bundle.input_shape)
+    return TensorRTEngine(path, input_shape=bundle.input_shape)
+
+
+def select_engine(bundle: Bundle, prefer: str | None = None, *, device: str = "cpu", threads: int = 0,
+                  available: dict[str, tuple[bool, str]] | None = None) -> tuple[Engine, EngineChoice]:
+    """Pick and build an engine for ``bundle`` (TensorRT > ONNX Runtime > Wiener unless ``prefer``).
+
+    In auto mode an engine that fails to build falls back to the next one, and the failure is added to
+    the reason. Returns ``(engine, choice)``; ``choice.reason`` says why.
+    """
+    available = dict(available or runtime_availability())
+    if device == "cuda" and not available.get("onnx-cuda", (False, ""))[0]:
+        raise EngineError(f"--device cuda: {available.get('onnx-cuda', (False, 'onnxruntime missing'))[1]}")
+    while True:
+        choice = plan_engine(bundle.models, prefer, available)
+        try:
+            return build_engine(bundle, choice, device=device, threads=threads), choice
+        except EngineError as exc:
+            if prefer not in (None, "auto") or choice.kind == "wiener":
+                raise
+            available[choice.kind] = (False, f"failed to start ({exc})")

@@ -1,0 +1,354 @@
+"""Previews: the side-by-side frame (measurement | reconstruction + live figures), an OpenCV window and an
+MJPEG-over-HTTP server.
+
+HTTP routes: ``/`` (a small page), ``/stream.mjpg`` (``multipart/x-mixed-replace`` JPEG stream),
+``/frame.jpg`` (latest frame), ``/stats.json`` (telemetry). Bound to 127.0.0.1 by default; on any
+non-loopback address a token is required (``?token=…``, ``X-NSDD-Token: …`` or ``Authorization: Bearer …``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+BOUNDARY = "nsddframe"
+
+
+class PreviewError(RuntimeError):
+    """A preview cannot start (no display, bad URL, port in use); the message says what to do."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Composition
+# ------------------------------------------------------------------------------------------------
+
+
+def to_display(img: np.ndarray, *, autoscale: bool) -> np.ndarray:
+    """(C, H, W) float → (H, W, 3) uint8 BGR. ``autoscale`` divides by the frame's max (for measurements),
+    otherwise values are clipped to [0, 1] (reconstructions)."""
+    a = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    if a.ndim == 2:
+        a = a[None]
+    if autoscale:
+        m = float(a.max())
+        a = a / m if m > 0 else a
+    a = np.clip(a, 0.0, 1.0)
+    u8 = np.rint(a * 255.0).astype(np.uint8)
+    if u8.shape[0] == 1:
+        u8 = np.repeat(u8, 3, axis=0)
+    return np.ascontiguousarray(np.moveaxis(u8[:3][::-1], 0, -1))  # RGB -> BGR
+
+
+def compose(measurement: np.ndarray, reconstruction: np.ndarray | None, lines: list[str] = (),
+            *, height: int = 256) -> np.ndarray:
+    """Side-by-side BGR uint8 image: measurement | reconstruction (each ``height`` pixels tall, nearest
+    scaling), with a text bar of ``lines`` underneath."""
+    import cv2
+
+    panels = [to_display(measurement, autoscale=True)]
+    panels.append(to_display(reconstruction, autoscale=False) if reconstruction is not None
+                  else np.zeros_like(panels[0]))
+    scaled = []
+    for p in panels:
+        h, w = p.shape[:2]
+        new_w = max(1, int(round(w * height / h)))
+        interp = cv2.INTER_NEAREST if height >= h else cv2.INTER_AREA
+        scaled.append(cv2.resize(p, (new_w, height), interpolation=interp))
+    gap = np.full((height, 4, 3), 40, np.uint8)
+    top = np.concatenate([scaled[0], gap, scaled[1]], axis=1)
+    labels = ("measurement y", "reconstruction")
+    x0 = 0
+    for lab, s in zip(labels, scaled):
+        cv2.putText(top, lab, (x0 + 6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(top, lab, (x0 + 6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+        x0 += s.shape[1] + gap.shape[1]
+    bar = np.full((18 * max(1, len(lines)) + 8, top.shape[1], 3), 24, np.uint8)
+    for i, text in enumerate(lines):
+        cv2.putText(bar, text, (6, 18 + 18 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (220, 255, 220), 1, cv2.LINE_AA)
+    return np.concatenate([top, bar], axis=0)
+
+
+def encode_jpeg(bgr: np.ndarray, quality: int = 85) -> bytes:
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise PreviewError("OpenCV could not encode a JPEG")
+    return buf.tobytes()
+
+
+class Preview:
+    """Output interface: ``show(bgr)`` (must not block for long), ``close()``."""
+
+    def show(self, bgr: np.ndarray) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return type(self).__name__
+
+    def close(self) -> None:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------
+# OpenCV window
+# ------------------------------------------------------------------------------------------------
+
+
+def display_available(env: dict | None = None, platform: str = sys.platform) -> tuple[bool, str]:
+    """Whether a window can open: on Linux a ``DISPLAY`` or ``WAYLAND_DISPLAY`` must be set."""
+    env = os.environ if env is None else env
+    if platform.startswith("linux") and not (env.get("DISPLAY") or env.get("WAYLAND_DISPLAY")):
+        return False, "no display (DISPLAY and WAYLAND_DISPLAY are not set)"
+    return True, "display available"
+
+
+class WindowPreview(Preview):
+    """An OpenCV HighGUI window; closing it (or pressing q / Esc) asks the loop to stop via ``on_quit``."""
+
+    def __init__(self, title: str = "nsdd-edge", on_quit: Callable[[], None] | None = None):
+        ok, why = display_available()
+        if not ok:
+            raise PreviewError(f"--preview window: {why}; use --preview http://127.0.0.1:8080 or --preview none")
+        import cv2
+
+        self.cv2, self.title, self.on_quit = cv2, title, on_quit
+        try:
+            cv2.namedWindow(title, cv2.WINDOW_AUTOSIZE)
+        except cv2.error as exc:
+            raise PreviewError(f"--preview window: this OpenCV build has no GUI support ({exc.msg.strip()}); "
+                               "install opencv-python (not -headless) or use --preview http://127.0.0.1:8080") from exc
+
+    def show(self, bgr: np.ndarray) -> None:
+        self.cv2.imshow(self.title, bgr)
+        key = self.cv2.waitKey(1) & 0xFF
+        if key in (ord("q"), 27) and self.on_quit:
+            self.on_quit()
+
+    def describe(self) -> str:
+        return f"OpenCV window {self.title!r}"
+
+    def close(self) -> None:
+        try:
+            self.cv2.destroyWindow(self.title)
+        except Exception:
+            pass
+
+
+# ------------------------------------------------------------------------------------------------
+# MJPEG over HTTP
+# ------------------------------------------------------------------------------------------------
+
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>nsdd-edge live</title>
+<style>body{{background:#111;color:#ddd;font:14px sans-serif;margin:16px}}
+img{{display:block;max-width:100%;image-rendering:pixelated;border:1px solid #333}}
+#stats{{font-family:monospace;white-space:pre;margin-top:8px}}</style></head>
+<body><h3>nsdd-edge &mdash; measurement | reconstruction</h3>
+<img id="live" src="/stream.mjpg{query}" alt="live preview">
+<div id="stats">waiting for figures&hellip;</div>
+<script>
+async function poll() {{
+  try {{
+    const r = await fetch("/stats.json{query}");
+    const s = await r.json();
+    const st = Object.entries(s.stages || {{}}).filter(([k, v]) => v.mean_ms !== null)
+      .map(([k, v]) => k + " " + v.mean_ms.toFixed(1) + " ms").join("  ");
+    document.getElementById("stats").textContent =
+      (s.recent_fps || s.fps).toFixed(1) + " fps | in " + s.frames_in + " out " + s.frames_out +
+      " dropped " + s.dropped + " rejected " + s.rejected + "\\n" + st;
+  }} catch (e) {{}}
+  setTimeout(poll, 1000);
+}}
+poll();
+</script></body></html>
+"""
+
+
+def parse_http_url(url: str) -> tuple[str, int]:
+    """``http://HOST:PORT`` → ``(host, port)`` (port 0 = any free port)."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise PreviewError(f"--preview {url!r}: expected http://HOST:PORT, e.g. http://127.0.0.1:8080")
+    try:
+        port = parts.port if parts.port is not None else 8080
+    except ValueError as exc:
+        raise PreviewError(f"--preview {url!r}: bad port ({exc})") from None
+    return parts.hostname, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class HttpPreview(Preview):
+    """Serve the latest frame as MJPEG and the telemetry as JSON; see the module docstring.
+
+    ``stats`` is called for ``/stats.json``. ``token``: required on non-loopback hosts (generated and
+    printed if not given); optional on loopback (if given, enforced there too).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8080, *, token: str | None = None,
+                 stats: Callable[[], dict] | None = None, quality: int = 85, log=print):
+        if not is_loopback(host) and not token:
+            token = secrets.token_urlsafe(16)
+            self.token_generated = True
+        else:
+            self.token_generated = False
+        self.token = token
+        self.stats = stats or (dict)
+        self.quality = quality
+        self._cond = threading.Condition()
+        self._jpeg: bytes | None = None
+        self._seq = 0
+        self._closed = False
+        handler = self._make_handler()
+        try:
+            self.server = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            raise PreviewError(f"--preview http://{host}:{port}: cannot listen ({exc.strerror or exc})") from exc
+        self.server.daemon_threads = True
+        self.host, self.port = host, self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="nsdd-http-preview", daemon=True)
+        self._thread.start()
+        if self.token_generated:
+            log(f"HTTP preview on {host} (not loopback): access token generated: {self.url}")
+
+    @property
+    def url(self) -> str:
+        shown = self.host if self.host not in ("0.0.0.0", "::") else socket.gethostname()
+        return f"http://{shown}:{self.port}/" + (f"?token={self.token}" if self.token else "")
+
+    def describe(self) -> str:
+        return f"MJPEG over HTTP at {self.url}"
+
+    def show(self, bgr: np.ndarray) -> None:
+        data = encode_jpeg(bgr, self.quality)
+        with self._cond:
+            self._jpeg = data
+            self._seq += 1
+            self._cond.notify_all()
+
+    def wait_frame(self, after: int, timeout: float) -> tuple[int, bytes | None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._seq > after or self._closed, timeout=timeout)
+            return self._seq, self._jpeg
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join(timeout=5)
+
+    def _authorized(self, path: str, headers) -> bool:
+        if not self.token:
+            return True
+        query = parse_qs(urlsplit(path).query)
+        offered = (query.get("token", [None])[0] or headers.get("X-NSDD-Token")
+                   or (headers.get("Authorization") or "").removeprefix("Bearer ").strip() or "")
+        return hmac.compare_digest(offered.encode(), self.token.encode())
+
+    def _make_handler(self):
+        preview = self
+
+        class Handler(BaseHTTPRequestHandler):
+            server_version = "nsdd-edge"
+            protocol_version = "HTTP/1.0"
+
+            def log_message(self, fmt, *args):  # keep the console for the live figures
+                pass
+
+            def _send(self, code: int, ctype: str, body: bytes) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                route = urlsplit(self.path).path
+                if not preview._authorized(self.path, self.headers):
+                    self._send(403, "text/plain; charset=utf-8",
+                               b"403: this preview needs its access token (?token=... or X-NSDD-Token header)\n")
+                    return
+                query = f"?token={preview.token}" if preview.token else ""
+                if route in ("/", "/index.html"):
+                    self._send(200, "text/html; charset=utf-8", PAGE.format(query=query).encode())
+                elif route == "/stats.json":
+                    self._send(200, "application/json", json.dumps(preview.stats()).encode())
+                elif route == "/frame.jpg":
+                    _, jpeg = preview.wait_frame(0, timeout=5.0)
+                    if jpeg is None:
+                        self._send(503, "text/plain; charset=utf-8", b"no frame yet\n")
+                    else:
+                        self._send(200, "image/jpeg", jpeg)
+                elif route == "/stream.mjpg":
+                    self._stream()
+                else:
+                    self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+            def _stream(self):
+                self.send_response(200)
+                self.send_header("Content-Type", f"multipart/x-mixed-replace; boundary={BOUNDARY}")
+                self.send_header("Cache-Control", "no-store")
+                self.end_headers()
+                seq = 0
+                try:
+                    while not preview._closed:
+                        new_seq, jpeg = preview.wait_frame(seq, timeout=1.0)
+                        if jpeg is None or new_seq == seq:
+                            continue
+                        seq = new_seq
+                        self.wfile.write(f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n"
+                                         f"Content-Length: {len(jpeg)}\r\n\r\n".encode() + jpeg + b"\r\n")
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+                    return
+
+        return Handler
+
+
+def open_preview(spec: str | None, *, token: str | None = None, stats: Callable[[], dict] | None = None,
+                 on_quit: Callable[[], None] | None = None, log=print) -> Preview | None:
+    """``none``/None → no preview; ``window`` → :class:`WindowPreview`; ``http://HOST:PORT`` → :class:`HttpPreview`."""
+    if spec in (None, "", "none"):
+        return None
+    if spec == "window":
+        return WindowPreview(on_quit=on_quit)
+    if spec.startswith("http://"):
+        host, port = parse_http_url(spec)
+        return HttpPreview(host, port, token=token, stats=stats, log=log)
+    raise PreviewError(f"--preview {spec!r}: use window, http://HOST:PORT or none")
+
+
+def wait_port(host: str, port: int, timeout: float = 5.0) -> bool:
+    """True once ``host:port`` accepts connections (for tests and scripts)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False

@@ -1,0 +1,173 @@
+"""Live telemetry of the reconstruction loop: per-stage milliseconds, frame counters, FPS.
+
+Stages: ``capture`` (waiting for and reading a frame), ``preprocess`` (raw → y), ``infer`` (y → x̂),
+``output`` (preview, snapshot, hand-off to the recorder) and ``record`` (writing files, recorder thread).
+Each stage keeps a rolling window of the last ``window`` samples for mean / median / p95 and running
+totals. Thread-safe: the capture thread, the reconstruction thread and the recorder thread all report here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+STAGES = ("capture", "preprocess", "infer", "output", "record")
+COUNTERS = ("frames_in", "frames_out", "dropped", "rejected", "recorded", "source_faults", "reopens",
+            "backpressure_waits")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``.
+
+    A reader sees either the old file or the whole new one, never a half-written file. On any error the
+    temporary file is removed and the error re-raised (the old file, if any, is untouched).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+class StageStats:
+    """Rolling window of one stage's durations (milliseconds)."""
+
+    def __init__(self, window: int):
+        self.samples: deque[float] = deque(maxlen=window)
+        self.count = 0
+        self.total_ms = 0.0
+
+    def add(self, ms: float) -> None:
+        self.samples.append(ms)
+        self.count += 1
+        self.total_ms += ms
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {"count": self.count, "mean_ms": None, "median_ms": None, "p95_ms": None}
+        a = np.fromiter(self.samples, dtype=np.float64)
+        return {"count": self.count, "mean_ms": round(float(a.mean()), 3),
+                "median_ms": round(float(np.median(a)), 3), "p95_ms": round(float(np.percentile(a, 95)), 3)}
+
+
+class Telemetry:
+    """Counters and stage timings of one run; ``snapshot()`` gives a JSON-ready dict."""
+
+    def __init__(self, window: int = 500, clock=time.perf_counter):
+        self._lock = threading.Lock()
+        self._clock = clock
+        self.started = clock()
+        self.started_wall = time.time()
+        self.stages = {name: StageStats(window) for name in STAGES}
+        self.counters = {name: 0 for name in COUNTERS}
+        self._out_times: deque[float] = deque(maxlen=60)
+        self.blocked_ms = 0.0
+        self.events: deque[dict] = deque(maxlen=50)
+        self.info: dict = {}
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def add_time(self, stage: str, ms: float) -> None:
+        with self._lock:
+            self.stages[stage].add(ms)
+
+    @contextmanager
+    def time(self, stage: str) -> Iterator[None]:
+        t0 = self._clock()
+        try:
+            yield
+        finally:
+            self.add_time(stage, (self._clock() - t0) * 1e3)
+
+    def count(self, counter: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[counter] += n
+            if counter == "frames_out":
+                self._out_times.append(self._clock())
+
+    def add_blocked(self, ms: float) -> None:
+        with self._lock:
+            self.counters["backpressure_waits"] += 1
+            self.blocked_ms += ms
+
+    def event(self, kind: str, message: str) -> None:
+        """Remember a notable event (fault, reopen, warning) with its time."""
+        with self._lock:
+            self.events.append({"t": round(time.time(), 3), "kind": kind, "message": message})
+
+    # -- reading -----------------------------------------------------------------------------------
+    def elapsed(self) -> float:
+        return self._clock() - self.started
+
+    def fps(self) -> float:
+        """Frames out per second over the whole run."""
+        with self._lock:
+            n = self.counters["frames_out"]
+        t = self.elapsed()
+        return n / t if t > 0 else 0.0
+
+    def recent_fps(self) -> float:
+        """Frames out per second over the last (up to) 60 frames."""
+        with self._lock:
+            times = list(self._out_times)
+        if len(times) < 2 or times[-1] <= times[0]:
+            return 0.0
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    def snapshot(self) -> dict:
+        elapsed = self.elapsed()
+        with self._lock:
+            stages = {name: s.summary() for name, s in self.stages.items()}
+            counters = dict(self.counters)
+            events = list(self.events)
+            blocked = self.blocked_ms
+        return {"elapsed_s": round(elapsed, 3), "started": self.started_wall,
+                "fps": round(counters["frames_out"] / elapsed, 3) if elapsed > 0 else 0.0,
+                "recent_fps": round(self.recent_fps(), 3), **counters,
+                "backpressure_blocked_ms": round(blocked, 3), "stages": stages, "events": events,
+                "info": dict(self.info)}
+
+    def line(self) -> str:
+        """One console line: FPS, counters and mean ms per stage."""
+        s = self.snapshot()
+        parts = [f"{s['recent_fps'] or s['fps']:6.1f} fps", f"in {s['frames_in']}", f"out {s['frames_out']}",
+                 f"drop {s['dropped']}", f"rej {s['rejected']}"]
+        if s["recorded"] or self.info.get("recording"):
+            parts.append(f"rec {s['recorded']}")
+        if s["source_faults"]:
+            parts.append(f"faults {s['source_faults']}")
+        ms = " ".join(f"{k} {v['mean_ms']:.1f}" for k, v in s["stages"].items() if v["mean_ms"] is not None)
+        return " | ".join(parts) + (f" | ms: {ms}" if ms else "")
+
+    def overlay_lines(self) -> list[str]:
+        """Short lines for a preview overlay."""
+        s = self.snapshot()
+        ms = "  ".join(f"{k[:4]} {v['mean_ms']:.1f}" for k, v in s["stages"].items()
+                       if v["mean_ms"] is not None and k != "record")
+        return [f"{s['recent_fps'] or s['fps']:.1f} fps  in {s['frames_in']} out {s['frames_out']} "
+                f"drop {s['dropped']} rej {s['rejected']}", f"ms: {ms}"]
+
+    def write_json(self, path: str | os.PathLike) -> None:
+        """Write :meth:`snapshot` as JSON, atomically."""
+        atomic_write_bytes(path, (json.dumps(self.snapshot(), indent=2) + "\n").encode())
