@@ -1,0 +1,261 @@
+"""``nsdd-train simulate``: a lensless dataset from a folder of images and a PSF (the NSDD authors' recipe).
+
+Each scene is centre-cropped to a square, resized to ``--size`` (``cv2.INTER_AREA``) and scaled to [0, 1];
+the measurement is the crop model of :class:`train.physics.LenslessOperator` — the scene zero-padded
+to a convolution grid of 2× the sensor, convolved by FFT with the unit-sum PSF, centre-cropped to the
+sensor (= the PSF's size unless ``--sensor``) — plus Gaussian noise::
+
+    y = clip(C F⁻¹[H · F(P x)] + n, 0, 1),   n ~ N(0, σ²), σ = --noise-std (on the [0, 1] scale)
+
+The clip to [0, 1] is what the paper's simulation does (a sensor saturates and has no negative counts);
+it biases the noise slightly at dark pixels. The noise of image number ``i`` (its index in the sorted file
+list) is drawn from ``torch.Generator().manual_seed(seed + i)``, so the output is byte-identical for the
+same arguments, and resuming an interrupted run (same ``--out``) gives the same files as an uninterrupted one.
+Reconstruction operators read the ``recon`` settings of dataset.json: ``{model: circular, lam}`` at sensor
+size by default, as the NSDD authors do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nsdd_edge.optics import (
+    IMAGE_SUFFIXES,
+    LenslessGeometry,
+    OpticsError,
+    array_hash,
+    load_psf,
+    read_image01,
+)
+from train.physics import LenslessOperator, center_pad
+
+HELP = "simulate a lensless dataset (y = crop(PSF * pad(x)) + noise) from a folder of images"
+
+FORMAT = "nsdd-lensless-dataset"
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as cv2.COLOR_RGB2GRAY
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--images", required=True, type=Path, help="folder of scene images (png/jpg/tif/bmp)")
+    p.add_argument("--psf", required=True, type=Path, help="PSF file (.npy/.npz/.png/.tif), normalised to sum 1")
+    p.add_argument("--out", required=True, type=Path, help="output dataset directory")
+    p.add_argument("--size", type=int, default=128, help="scene size (square) in pixels")
+    p.add_argument("--sensor", type=int, nargs="+", default=None, metavar="N",
+                   help="sensor size H [W] (default: the PSF's size after --psf-downsample)")
+    p.add_argument("--psf-downsample", type=int, default=1, help="box-downsample the PSF by this factor")
+    p.add_argument("--noise-std", type=float, default=0.005, help="Gaussian noise std on the [0, 1] scale")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (image i uses seed + i) and split seed")
+    p.add_argument("--model", choices=("crop", "circular"), default="crop",
+                   help="forward model that makes y (crop: the paper's; circular: scene padded to the sensor)")
+    p.add_argument("--recon-model", choices=("circular", "crop"), default="circular",
+                   help="operator the reconstruction methods use (recon.model in dataset.json)")
+    p.add_argument("--lam", type=float, default=1e-6, help="Wiener λ of the reconstruction operator")
+    p.add_argument("--grayscale", action="store_true", help="one-channel scenes (BT.601 luma) and PSF")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N image files (sorted)")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--test-fraction", type=float, default=0.1, help="fraction of samples in the test split")
+    split.add_argument("--n-test", type=int, default=None, help="number of samples in the test split")
+    p.add_argument("--batch-size", type=int, default=32, help="images convolved per batch")
+    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already in --out")
+
+
+# ----------------------------------------------------------------------------------------------
+# Scenes
+# ----------------------------------------------------------------------------------------------
+
+
+def list_images(folder: Path, limit: int | None = None) -> list[Path]:
+    """Image files of ``folder`` (non-recursive) in sorted order, at most ``limit``."""
+    if not folder.is_dir():
+        raise OpticsError(f"--images {folder}: not a directory")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise OpticsError(f"--images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return files[:limit] if limit is not None else files
+
+
+def prepare_scene(path: Path, size: int, channels: int) -> np.ndarray:
+    """Read → centre-crop to a square → resize to ``size`` (INTER_AREA) → ``channels`` → float32 [0, 1]."""
+    img = read_image01(path)  # (C, H, W) in [0, 1]
+    h, w = img.shape[-2:]
+    s = min(h, w)
+    r, c = (h - s) // 2, (w - s) // 2
+    hwc = np.ascontiguousarray(np.moveaxis(img[:, r : r + s, c : c + s], 0, -1))
+    resized = cv2.resize(hwc, (size, size), interpolation=cv2.INTER_AREA)
+    if resized.ndim == 2:
+        resized = resized[..., None]
+    x = np.moveaxis(resized, -1, 0)
+    if channels == 1 and x.shape[0] == 3:
+        x = np.tensordot(LUMA, x, axes=(0, 0))[None]
+    elif channels == 3 and x.shape[0] == 1:
+        x = np.repeat(x, 3, axis=0)
+    return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
+def split_ids(ids: list[str], seed: int, test_fraction: float, n_test: int | None) -> dict[str, list[str]]:
+    """Deterministic train/test split: a seeded permutation, the first ``n_test`` go to ``test``."""
+    if n_test is None:
+        if not 0.0 <= test_fraction < 1.0:
+            raise ValueError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+        n_test = round(test_fraction * len(ids))
+        if test_fraction > 0 and len(ids) > 1:
+            n_test = max(n_test, 1)
+    if not 0 <= n_test <= len(ids):
+        raise ValueError(f"--n-test {n_test} is not between 0 and the {len(ids)} samples")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    test = set(order[:n_test].tolist())
+    return {"train": [i for k, i in enumerate(ids) if k not in test],
+            "test": [i for k, i in enumerate(ids) if k in test]}
+
+
+def _save_npy_atomic(path: Path, a: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, a)
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+
+
+def simulate(args: argparse.Namespace) -> dict:
+    """Write the dataset described by ``args`` (see the module docstring); returns dataset.json's content."""
+    if args.size < 2:
+        raise ValueError(f"--size must be ≥ 2, got {args.size}")
+    if args.noise_std < 0:
+        raise ValueError(f"--noise-std must be ≥ 0, got {args.noise_std}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    psf = load_psf(args.psf, downsample=args.psf_downsample, grayscale=args.grayscale)
+    channels = 1 if args.grayscale else 3
+    if args.sensor is None:
+        sensor = tuple(psf.shape[-2:])
+    elif len(args.sensor) in (1, 2):
+        sensor = (args.sensor[0], args.sensor[-1])
+    else:
+        raise ValueError(f"--sensor takes H or H W, got {args.sensor}")
+    size = (args.size, args.size)
+    try:
+        if args.model == "crop":
+            geometry = LenslessGeometry.make("crop", sensor, psf.shape[-2:], scene_shape=size,
+                                             conv_shape=(2 * sensor[0], 2 * sensor[1]))
+        else:
+            if size[0] > sensor[0] or size[1] > sensor[1]:
+                raise OpticsError(f"--size {args.size} is larger than the sensor {sensor} (circular model)")
+            geometry = LenslessGeometry.make("circular", sensor, psf.shape[-2:])
+        recon = {"model": args.recon_model, "lam": float(args.lam)}
+        if args.recon_model == "crop":
+            # DiffuserCam convention: scene = conv = 2× sensor
+            recon.update(scene_shape=[2 * sensor[0], 2 * sensor[1]], conv_shape=[2 * sensor[0], 2 * sensor[1]])
+            LenslessOperator(psf, sensor, "crop", lam=args.lam, scene_shape=recon["scene_shape"],
+                             conv_shape=recon["conv_shape"])
+        else:
+            LenslessOperator(psf, sensor, "circular", lam=args.lam)  # validates PSF vs sensor and λ
+    except OpticsError as exc:
+        raise OpticsError(f"--psf {args.psf} / --sensor: {exc}") from None
+    forward = LenslessOperator(psf, sensor, geometry.model, lam=args.lam, scene_shape=geometry.scene_shape,
+                               conv_shape=geometry.conv_shape, noise_std=args.noise_std)
+
+    files = list_images(args.images, args.limit)
+    ids = [f"{k:06d}" for k in range(len(files))]
+    out: Path = args.out
+    settings = {"psf_sha256": array_hash(psf), "forward": geometry.to_dict(), "recon": recon,
+                "noise_std": float(args.noise_std), "seed": int(args.seed), "channels": channels,
+                "scene_size": int(args.size), "images": str(args.images.resolve()), "n_files": len(files)}
+    meta_path = out / "dataset.json"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old.get("settings") != settings and not args.overwrite:
+            raise OpticsError(f"--out {out}: holds a different dataset (dataset.json settings differ); "
+                              "use another --out or --overwrite")
+    (out / "measurements").mkdir(parents=True, exist_ok=True)
+    (out / "ground_truth").mkdir(parents=True, exist_ok=True)
+    np.save(out / "psf.npy", psf)
+    meta = {
+        "format": FORMAT, "version": 1, "complete": False, "settings": settings,
+        "psf": {"file": "psf.npy", "sha256": array_hash(psf), "source": str(args.psf),
+                "downsample": int(args.psf_downsample), "shape": list(psf.shape)},
+        "forward": geometry.to_dict(), "recon": recon, "noise_std": float(args.noise_std),
+        "noise": "gaussian on [0, 1], then clip to [0, 1]", "clip": [0.0, 1.0], "seed": int(args.seed),
+        "channels": channels, "scene_size": int(args.size), "ground_truth_shape": [channels, *size],
+        "sources": {}, "splits": {}, "skipped": [],
+    }
+    _write_json_atomic(meta_path, meta)  # marks the directory as this (incomplete) dataset: resumable
+
+    done, skipped, sources = [], [], {}
+    pending: list[tuple[int, str, np.ndarray]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        # circular model: the scene is zero-padded centrally to the sensor grid (no-op for crop)
+        x = center_pad(torch.from_numpy(np.stack([p[2] for p in pending])), geometry.scene_shape)
+        with torch.no_grad():
+            clean = forward.A(x)
+        for (index, sid, scene), y_clean in zip(pending, clean):
+            g = torch.Generator().manual_seed(int(args.seed) + index)
+            noise = torch.randn(y_clean.shape, generator=g, dtype=y_clean.dtype)
+            y = (y_clean + float(args.noise_std) * noise).clamp(0.0, 1.0)
+            _save_npy_atomic(out / "ground_truth" / f"{sid}.npy", scene)
+            _save_npy_atomic(out / "measurements" / f"{sid}.npy", y.numpy().astype(np.float32))
+            done.append(sid)
+        pending.clear()
+
+    for index, (sid, path) in enumerate(tqdm(list(zip(ids, files)), desc="simulate", unit="img",
+                                             file=sys.stderr)):
+        if (out / "measurements" / f"{sid}.npy").exists() and (out / "ground_truth" / f"{sid}.npy").exists():
+            sources[sid] = path.name
+            done.append(sid)  # already written by an interrupted run with the same settings
+            continue
+        try:
+            scene = prepare_scene(path, args.size, channels)
+        except (OpticsError, cv2.error) as exc:
+            skipped.append({"file": str(path), "reason": str(exc)})
+            tqdm.write(f"skipped (unreadable): {exc}", file=sys.stderr)
+            continue
+        sources[sid] = path.name
+        pending.append((index, sid, scene))
+        if len(pending) >= args.batch_size:
+            flush()
+    flush()
+    done = sorted(done)
+    if not done:
+        raise OpticsError(f"--images {args.images}: none of the {len(files)} files could be read")
+    meta.update(complete=True, sources=dict(sorted(sources.items())), skipped=skipped,
+                splits=split_ids(done, args.seed, args.test_fraction, args.n_test), count=len(done))
+    _write_json_atomic(meta_path, meta)
+    return meta
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        meta = simulate(args)
+    except (OpticsError, ValueError) as exc:
+        print(f"nsdd-train simulate: error: {exc}", file=sys.stderr)
+        return 2
+    g = meta["forward"]
+    print(f"wrote {meta['count']} samples to {args.out} (train {len(meta['splits']['train'])}, "
+          f"test {len(meta['splits']['test'])}); forward {g['model']}: scene {g['scene_shape']}, "
+          f"sensor {g['sensor_shape']}, conv {g['conv_shape']}; recon {meta['recon']}")
+    if meta["skipped"]:
+        print(f"skipped {len(meta['skipped'])} unreadable files:")
+        for s in meta["skipped"]:
+            print(f"  {s['reason']}")
+    return 0
