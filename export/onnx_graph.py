@@ -1,0 +1,295 @@
+"""Export the reconstruction graph (student + FFT pseudo-inverse, or Wiener only) to one ONNX file.
+
+Nodes are named ``physics/…`` (DFT, spectra, projections) or ``student/…`` (the network ``g``) so that
+precision tools can treat the two parts differently. Metadata (``metadata_props``): PSF hash, λ,
+geometry, channels, objective, DFT form, precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from export.graph import DFT_FORMS, ExportError, GraphSpec, ReconstructionGraph
+from nsdd_edge.optics import OpticsError, array_hash, load_psf
+
+HELP = "export student + FFT pseudo-inverse (or Wiener only) as one ONNX graph"
+
+INPUT_NAME = "y"
+OUTPUT_NAME = "x_hat"
+TWO_GB = 2 * 1024**3
+
+
+# ----------------------------------------------------------------------------------------------
+# Students
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudentInfo:
+    """What the export needs from a trained student (read from ``train.students.load_student``)."""
+
+    net: Any
+    objective: str
+    psf_sha256: str | None
+    sensor_shape: tuple[int, int] | None
+    lam: float | None
+    channels: int | None
+    config: dict = field(default_factory=dict)
+
+
+def _config_dict(config: Any) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return dict(config)
+    if hasattr(config, "to_dict"):
+        return dict(config.to_dict())
+    if hasattr(config, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(config)
+    return dict(vars(config))
+
+
+def _first(d: dict, *keys: str) -> Any:
+    for k in keys:
+        if k in d and d[k] is not None:
+            return d[k]
+    return None
+
+
+def student_info(student: Any, source: str = "student") -> StudentInfo:
+    """Extract objective, PSF hash, sensor shape, λ and channels from a loaded student."""
+    cfg = _config_dict(getattr(student, "config", None))
+    psf = cfg.get("psf") if isinstance(cfg.get("psf"), dict) else {}
+    geometry = _first(cfg, "geometry", "recon_geometry")
+    sensor = None
+    if isinstance(geometry, dict):
+        sensor = _first(geometry, "sensor_shape", "scene_shape")
+    sensor = sensor or _first(cfg, "sensor_shape", "size", "image_size")
+    if isinstance(sensor, int):
+        sensor = (sensor, sensor)
+    objective = getattr(student, "objective", None) or cfg.get("objective")
+    if objective not in ("nullspace", "full"):
+        raise ExportError(f"{source}: objective {objective!r} is not 'nullspace' or 'full'")
+    lam = _first(cfg, "lam", "lambda")
+    channels = _first(cfg, "channels", "out_channels")
+    return StudentInfo(net=student.net, objective=objective,
+                       psf_sha256=_first(cfg, "psf_sha256", "psf_hash") or _first(psf, "sha256"),
+                       sensor_shape=tuple(int(v) for v in sensor) if sensor is not None else None,
+                       lam=float(lam) if lam is not None else None,
+                       channels=int(channels) if channels is not None else None, config=cfg)
+
+
+def load_student_info(directory: str | Path) -> StudentInfo:
+    """``train.students.load_student(directory)`` (lazy import) → :class:`StudentInfo`."""
+    try:
+        from train.students import load_student
+    except ImportError as exc:
+        raise ExportError(f"--student needs train.students.load_student, which cannot be imported: {exc}") from exc
+    return student_info(load_student(directory), str(directory))
+
+
+def check_student_matches(info: StudentInfo, psf_sha256: str, sensor_shape: tuple[int, int],
+                          lam: float, source: str) -> None:
+    """Refuse a student trained for another PSF, sensor size or λ."""
+    if info.psf_sha256 is not None and info.psf_sha256 != psf_sha256:
+        raise ExportError(f"{source}: student was trained for PSF {info.psf_sha256[:12]}…, but the PSF given "
+                          f"has hash {psf_sha256[:12]}… (wrong --psf, or different loading options)")
+    if info.sensor_shape is not None and tuple(info.sensor_shape) != tuple(sensor_shape):
+        raise ExportError(f"{source}: student was trained at size {tuple(info.sensor_shape)}, not "
+                          f"{tuple(sensor_shape)} (--size)")
+    if info.lam is not None and not np.isclose(info.lam, lam, rtol=1e-6, atol=0.0):
+        raise ExportError(f"{source}: student was trained with Wiener λ = {info.lam:g}, not {lam:g} (--lam)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------
+
+
+def _scope_prefix(node: Any) -> str:
+    import ast
+
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")  # e.g. "['', 'net', 'net.0', 'conv2d']"
+    try:
+        parts = ast.literal_eval(scopes) if scopes else []
+    except (ValueError, SyntaxError):
+        parts = []
+    if len(parts) > 1 and str(parts[1]) == "net":
+        return "student/"
+    return "physics/"
+
+
+def export_graph(graph: ReconstructionGraph, out: str | Path, *, batch: int | None = 1, opset: int = 17,
+                 extra_metadata: dict[str, str] | None = None) -> Path:
+    """Export ``graph`` to ``out`` (one file unless > 2 GB); ``batch=None`` makes the batch axis dynamic."""
+    import onnx
+    import torch
+
+    if opset < 17:
+        raise ExportError(f"--opset {opset}: the graph needs opset ≥ 17 (DFT, LayerNormalization)")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    graph = graph.eval()
+    h, w = graph.spec.geometry.sensor_shape
+    example = torch.zeros((batch or 2, graph.spec.channels, h, w), dtype=torch.float32)
+    dynamic = {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=4096)}} if batch is None else None
+    import contextlib
+    import io
+    import warnings
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(graph, (example,), None, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                    opset_version=max(opset, 18), dynamo=True, dynamic_shapes=dynamic,
+                                    external_data=False)
+    # name scopes survive only without the exporter's own version conversion: name first, convert after
+    for node in program.model.graph:
+        node.name = _scope_prefix(node) + (node.name or node.op_type)
+    model = program.model_proto
+    if opset < 18:
+        model = onnx.version_converter.convert_version(model, opset)
+    props = {**graph.spec.metadata(), "nsdd.precision": "fp32", "nsdd.input": INPUT_NAME,
+             "nsdd.output": OUTPUT_NAME, **(extra_metadata or {})}
+    onnx.helper.set_model_props(model, props)
+    model.producer_name = "nsdd-export"
+    save_model(model, out)
+    return out
+
+
+def save_model(model: Any, out: str | Path) -> Path:
+    """Save with weights inside the file; an ``.onnx.data`` sidecar only above the 2 GB protobuf limit."""
+    import onnx
+
+    out = Path(out)
+    large = model.ByteSize() > TWO_GB - (1 << 20)
+    sidecar = out.with_name(out.name + ".data")
+    if sidecar.exists():
+        sidecar.unlink()
+    onnx.save_model(model, str(out), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=sidecar.name)
+    return out
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """``metadata_props`` of an ONNX file (weights are not loaded)."""
+    import onnx
+
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"{path}: no such ONNX file")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise ExportError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def read_spec(path: str | Path) -> GraphSpec:
+    try:
+        return GraphSpec.from_metadata(read_metadata(path))
+    except ExportError as exc:
+        raise ExportError(f"{path}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def add_psf_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--psf", required=required, help="PSF file (.npy/.npz/.png/.tif), loaded with nsdd_edge.optics.load_psf")
+    p.add_argument("--psf-downsample", type=int, default=1, help="box-downsample the PSF by this factor first")
+    p.add_argument("--psf-background", choices=("none", "corner"), default="none",
+                   help="subtract the DiffuserCam corner background from the PSF")
+    p.add_argument("--psf-normalization", choices=("sum", "l2", "max", "none"), default="sum")
+
+
+def psf_from_args(args: argparse.Namespace) -> np.ndarray:
+    return load_psf(args.psf, downsample=args.psf_downsample, background=args.psf_background,
+                    normalization=args.psf_normalization)
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--student", metavar="DIR", help="trained student directory (train.students.load_student)")
+    src.add_argument("--wiener-only", action="store_true", help="export A†y alone (no student)")
+    add_psf_arguments(p)
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="sensor size of y (default: the student's; required with --wiener-only)")
+    p.add_argument("--lam", type=float, default=None, help="Wiener λ (default: the student's, else 1e-6)")
+    p.add_argument("--channels", type=int, default=None, help="image channels C (default: the student's, else 3)")
+    p.add_argument("--dft", choices=DFT_FORMS, default="matmul",
+                   help="matmul: DFT as cos/sin matrix products (TensorRT 10.x); onnx: ONNX DFT operator")
+    p.add_argument("--batch", default="1", help="static batch size N, or 'dynamic'")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--out", required=True, help="output .onnx file")
+
+
+def parse_batch(text: str) -> int | None:
+    if str(text).lower() == "dynamic":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise ExportError(f"--batch {text!r}: expected a positive integer or 'dynamic'") from None
+    if n < 1:
+        raise ExportError(f"--batch {n}: must be ≥ 1")
+    return n
+
+
+def build_from_args(args: argparse.Namespace) -> tuple[ReconstructionGraph, dict[str, str]]:
+    psf = psf_from_args(args)
+    psf_hash = array_hash(psf)
+    extra: dict[str, str] = {"nsdd.psf_source": str(Path(args.psf).resolve())}
+    if args.wiener_only:
+        if args.size is None:
+            raise ExportError("--wiener-only needs --size H W")
+        size = (int(args.size[0]), int(args.size[1]))
+        lam = float(args.lam) if args.lam is not None else 1e-6
+        channels = int(args.channels or 3)
+        return ReconstructionGraph(psf, size, lam, net=None, objective="wiener", dft=args.dft,
+                                   channels=channels), extra
+    info = load_student_info(args.student)
+    size = tuple(args.size) if args.size is not None else info.sensor_shape
+    if size is None:
+        raise ExportError(f"{args.student}: the student config gives no sensor size; pass --size H W")
+    lam = float(args.lam) if args.lam is not None else (info.lam if info.lam is not None else 1e-6)
+    check_student_matches(info, psf_hash, size, lam, str(args.student))
+    channels = int(args.channels or info.channels or 3)
+    if info.channels is not None and args.channels is not None and info.channels != args.channels:
+        raise ExportError(f"{args.student}: student has {info.channels} channels, not {args.channels} (--channels)")
+    extra["nsdd.student"] = str(Path(args.student).resolve())
+    extra["nsdd.student_config"] = json.dumps(info.config, default=str)
+    net = info.net.float().eval()
+    return ReconstructionGraph(psf, size, lam, net=net, objective=info.objective,  # type: ignore[arg-type]
+                               dft=args.dft, channels=channels), extra
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        batch = parse_batch(args.batch)
+        graph, extra = build_from_args(args)
+        out = export_graph(graph, args.out, batch=batch, opset=args.opset, extra_metadata=extra)
+    except (ExportError, OpticsError) as exc:
+        print(f"nsdd-export onnx: {exc}", file=sys.stderr)
+        return 2
+    s = graph.spec
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): objective={s.objective} dft={s.dft} "
+          f"size={s.geometry.sensor_shape} C={s.channels} λ={s.lam:g} batch={'dynamic' if batch is None else batch} "
+          f"psf={s.psf_sha256[:12]}")
+    return 0
+
+
+def main_argv(argv: Sequence[str]) -> int:  # convenience for tests
+    p = argparse.ArgumentParser()
+    configure_parser(p)
+    return main(p.parse_args(argv))
