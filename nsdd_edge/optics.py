@@ -53,6 +53,15 @@ def _imread_any(path: Path) -> np.ndarray:
     return np.ascontiguousarray(img)
 
 
+def read_image_native(path: str | os.PathLike) -> np.ndarray:
+    """Decode an image file keeping its native dtype and layout: ``(H, W)`` or ``(H, W, 3)`` RGB
+    (16-bit PNG/TIFF stay uint16). Camera sources and recorders use this for raw frames."""
+    p = Path(path)
+    if not p.is_file():
+        raise OpticsError(f"{p}: no such file")
+    return _imread_any(p)
+
+
 def _hwc_or_chw_to_chw(a: np.ndarray, name: str) -> np.ndarray:
     if a.ndim == 2:
         return a[None]
