@@ -1,0 +1,199 @@
+"""``nsdd-train evaluate``: tiny datasets written in the test, recon dirs and methods run in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from nsdd_edge.optics import array_hash
+from train import metrics as M
+from train.cli import main as train_cli
+from train.evaluate import PeakMemory, parse_settings
+from train.physics import LenslessOperator
+from train.solvers import SOLVERS
+
+
+def make_dataset(root: Path, *, n: int = 4, channels: int = 3, scene: int = 32, sensor: int = 32,
+                 model: str = "circular", lam: float = 1e-6, seed: int = 0) -> Path:
+    """A dataset directory in the layout of :mod:`train.data`, noiseless, scenes in [0, 0.9]."""
+    rng = np.random.default_rng(seed)
+    psf = rng.random((1, 9, 9)).astype(np.float32) ** 4
+    psf /= psf.sum()
+    conv = sensor if model == "circular" else 2 * sensor
+    fwd = LenslessOperator(psf, (sensor, sensor), model, lam=lam, scene_shape=None if model == "circular" else
+                           (scene, scene), conv_shape=None if model == "circular" else (conv, conv)).double()
+    (root / "measurements").mkdir(parents=True)
+    (root / "ground_truth").mkdir()
+    np.save(root / "psf.npy", psf)
+    ids = [f"s{k:03d}" for k in range(n)]
+    yy, xx = np.mgrid[0:scene, 0:scene] / scene
+    for k, i in enumerate(ids):
+        # smooth blobs + texture so the methods differ
+        x = np.stack([0.45 + 0.35 * np.sin(2 * np.pi * (c + 1 + k) * xx) * np.cos(2 * np.pi * (k + 1) * yy)
+                      for c in range(channels)]) + 0.1 * rng.random((channels, scene, scene))
+        x = np.clip(x, 0, 0.9).astype(np.float32)
+        y = fwd.A(torch.from_numpy(x[None]).double())[0].float().numpy()
+        np.save(root / "ground_truth" / f"{i}.npy", x)
+        np.save(root / "measurements" / f"{i}.npy", y)
+    meta = {
+        "psf": {"file": "psf.npy", "sha256": array_hash(psf), "source": "test"},
+        "forward": fwd.geometry.to_dict(),
+        "recon": {"model": "circular", "lam": lam},
+        "noise_std": 0.0, "seed": seed, "channels": channels,
+        "splits": {"train": ids[:1], "test": ids[1:]}, "skipped": [],
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture(scope="module")
+def lpips_weights(shared) -> str:
+    return str(shared / "weights/lpips/lpips_alex_full_v0.1.pth")
+
+
+@pytest.fixture(scope="module")
+def circular_data(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "circ")
+
+
+def test_methods_wiener_admm_report(circular_data, lpips_weights, tmp_path):
+    methods = "wiener,admm" if "admm" in SOLVERS else "wiener"
+    out, report = tmp_path / "eval", tmp_path / "docs" / "results.md"
+    rc = train_cli(["evaluate", "--data", str(circular_data), "--methods", methods, "--set", "admm.iters=5"
+                    if "admm" in SOLVERS else "wiener.clip=false", "--out", str(out), "--report", str(report),
+                    "--lpips-weights", lpips_weights, "--device", "cpu"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == methods.split(",")
+    for name, m in metrics.items():
+        for key in ("psnr", "ssim", "lpips", "consistency", "n", "seconds_per_image", "peak_mem_mb", "machine"):
+            assert key in m, (name, key)
+        assert m["n"] == 3
+        assert m["seconds_per_image"] > 0 and m["peak_mem_mb"] is not None and m["peak_mem_mb"] >= 0
+        assert -1 <= m["ssim"] <= 1 and m["lpips"] >= 0 and np.isfinite(m["psnr"])
+        assert m["machine"]["torch"] == torch.__version__ and m["machine"]["cores"] >= 1
+    w = metrics["wiener"]
+    # noiseless circular data and λ = 1e-6: the Wiener residual is ~0, and the scene is recovered well
+    assert w["consistency"] < 1e-3
+    assert w["psnr"] > 30 and w["ssim"] > 0.9 and w["lpips"] < 0.1
+
+    # the per-image numbers are the metrics of the saved reconstructions, recomputed here
+    from train.data import LenslessDataset
+
+    ds = LenslessDataset(circular_data)
+    ids = ds.ids("test")
+    x = torch.from_numpy(np.stack([np.load(out / "recon" / "wiener" / f"{i}.npy") for i in ids]))
+    gt = torch.from_numpy(np.stack([ds.ground_truth(i) for i in ids]))
+    per = json.loads((out / "per_image.json").read_text())["wiener"]
+    assert per["ids"] == ids
+    np.testing.assert_allclose(per["psnr"], M.psnr(x.clamp(0, 1), gt).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(per["consistency"], ds.physics().consistency(x, ds.measurements(ids)).numpy(),
+                               rtol=1e-4, atol=1e-9)
+    assert w["psnr"] == pytest.approx(float(np.mean(per["psnr"])))
+    assert len(per["seconds"]) == 3 and w["seconds_per_image"] == pytest.approx(float(np.median(per["seconds"])))
+
+    for png in ("grid.png", "lpips_vs_time.png"):
+        img = cv2.imread(str(out / png))
+        assert img is not None and img.shape[0] > 100 and img.shape[1] > 100, png
+    grid = cv2.imread(str(out / "grid.png"))
+    assert grid.shape[1] > grid.shape[0]  # 3 rows, 2 + methods columns: wider than tall
+    assert cv2.imread(str(out / "recon" / "wiener" / f"{ids[0]}.png")).shape[:2] == (32, 32)
+    table = (out / "metrics.md").read_text()
+    assert "| wiener |" in table and "LPIPS" in table
+
+    text = report.read_text()
+    assert "| wiener |" in text and "nsdd-train evaluate --data" in text and "--set" in text
+    assert "## Machine" in text and torch.__version__ in text
+    for fig in ("results_grid.png", "results_lpips_vs_time.png"):
+        assert (report.parent / fig).exists() and f"]({fig})" in text
+
+
+def test_recon_dirs_centre_crop_and_names(tmp_path, lpips_weights):
+    """Crop-model data (scene 32 inside a 48 sensor): reconstructions are centre-cropped to 32 for scoring."""
+    data = make_dataset(tmp_path / "crop", n=3, scene=32, sensor=48, model="crop")
+    from train.data import LenslessDataset
+
+    ds = LenslessDataset(data)
+    ids = ds.ids("test")
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    for i in ids:
+        gt = ds.ground_truth(i)
+        x = np.full((3, 48, 48), 5.0, np.float32)  # garbage outside the scene: must be cropped away
+        x[:, 8:40, 8:40] = gt + 0.01  # MSE 1e-4 → PSNR 40 dB exactly
+        np.save(good / f"{i}.npy", x)
+        np.save(bad / f"{i}.npy", np.full((3, 48, 48), 0.5, np.float32))
+    out = tmp_path / "eval"
+    rc = train_cli(["evaluate", "--data", str(data), "--recon", f"{good},{bad}", "--names", "close,flat",
+                    "--out", str(out), "--lpips-weights", lpips_weights, "--grid-samples", "2"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["close", "flat"]
+    c, f = metrics["close"], metrics["flat"]
+    assert c["psnr"] == pytest.approx(40.0, abs=1e-3)
+    assert c["ssim"] > 0.99 and c["lpips"] < 0.05
+    assert f["psnr"] < 20 and f["ssim"] < c["ssim"] and f["lpips"] > c["lpips"]
+    assert c["seconds_per_image"] is None and c["n"] == 2
+    # consistency on the full 48×48 reconstruction with the dataset's (circular, sensor-size) operator
+    y = ds.measurements(ids)
+    x = torch.from_numpy(np.stack([np.load(good / f"{i}.npy") for i in ids]))
+    assert c["consistency"] == pytest.approx(float(ds.physics().consistency(x, y).mean()), rel=1e-5)
+    assert (out / "grid.png").exists() and not (out / "lpips_vs_time.png").exists()
+
+
+def test_errors_are_clear(circular_data, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert train_cli(["evaluate", "--data", str(circular_data), "--out", out]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+    assert train_cli(["evaluate", "--data", str(circular_data), "--recon", str(tmp_path / "nope"), "--out", out]) == 2
+    assert "nope: not a directory" in capsys.readouterr().err
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    np.save(partial / "s001.npy", np.zeros((3, 32, 32), np.float32))
+    assert train_cli(["evaluate", "--data", str(circular_data), "--recon", str(partial), "--out", out,
+                      "--no-lpips"]) == 2
+    assert "no reconstruction for 2 ids" in capsys.readouterr().err
+    assert train_cli(["evaluate", "--data", str(circular_data), "--methods", "ddnm", "--out", out]) == 2
+    assert "--prior" in capsys.readouterr().err
+    assert train_cli(["evaluate", "--data", str(circular_data), "--methods", "nosuch", "--out", out,
+                      "--no-lpips"]) == 2
+    assert "unknown method 'nosuch'" in capsys.readouterr().err
+    assert train_cli(["evaluate", "--data", str(circular_data), "--methods", "wiener", "--set", "wiener.bogus=1",
+                      "--out", out, "--no-lpips"]) == 2
+    assert "wiener" in capsys.readouterr().err
+    assert train_cli(["evaluate", "--data", str(circular_data), "--methods", "wiener", "--names", "a,b",
+                      "--out", out]) == 2
+    assert "--names has 2 names for 1 sources" in capsys.readouterr().err
+    assert train_cli(["evaluate", "--data", str(circular_data), "--methods", "wiener", "--split", "val",
+                      "--out", out, "--no-lpips"]) == 2
+    assert "no split 'val'" in capsys.readouterr().err
+    assert train_cli(["evaluate", "--data", str(circular_data), "--methods", "wiener", "--out", out,
+                      "--lpips-weights", str(tmp_path / "missing.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.pth" in err and "--no-lpips" in err
+
+
+def test_no_lpips_limit_and_split_all(circular_data, tmp_path):
+    out = tmp_path / "o"
+    rc = train_cli(["evaluate", "--data", str(circular_data), "--methods", "wiener", "--split", "all",
+                    "--limit", "2", "--no-lpips", "--no-save-recon", "--out", str(out)])
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())["wiener"]
+    assert m["n"] == 2 and m["lpips"] is None and m["psnr"] > 30
+    assert not (out / "recon").exists()
+
+
+def test_parse_settings_and_peak_memory():
+    assert parse_settings(["admm.iters=50", "ddnm.eta=0.85", "dps.name=abc", "wiener.clip=true"]) == {
+        "admm": {"iters": 50}, "ddnm": {"eta": 0.85}, "dps": {"name": "abc"}, "wiener": {"clip": True}}
+    with PeakMemory("cpu") as mem:
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        block[::512] = 2.0
+    del block
+    assert mem.peak is not None and mem.peak >= 48 * 2**20

@@ -1,0 +1,619 @@
+"""``nsdd-train evaluate``: score reconstruction methods on a dataset split and write a report.
+
+Sources of reconstructions:
+
+- ``--recon DIR[,DIR…]``: directories of ``ID.npy`` written by ``nsdd-train solve``;
+- ``--methods wiener,admm,dps,diffpir,ddnm,student:DIR``: run here, one image at a time, timed (median
+  seconds per image after one warm-up call) and with their peak memory measured (CPU: peak RSS increase
+  during the call, sampled by a thread; GPU: ``torch.cuda.max_memory_allocated``).
+
+Scores per method (means over the images, per-image values in ``per_image.json``):
+PSNR / SSIM / LPIPS on the reconstruction clipped to [0, 1] and centre-cropped to the ground truth's size
+(the scene sits in the centre of the sensor-size reconstruction); consistency ``‖A x̂ − y‖ / ‖y‖`` of the
+full reconstruction with the dataset's reconstruction operator (:meth:`LenslessDataset.physics`).
+
+Outputs in ``--out``: ``metrics.json`` (``{method: {"psnr", "ssim", "lpips", "consistency", "n", …}}``),
+``metrics.md``, ``per_image.json``, ``grid.png``, ``lpips_vs_time.png`` (when methods were timed) and
+``recon/METHOD/ID.npy|png`` for the methods run here; ``--report FILE.md`` adds a self-contained report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
+
+import numpy as np
+import torch
+
+from nsdd_edge.optics import OpticsError
+from train import metrics as M
+from train.data import DatasetError, LenslessDataset, read_recon_dir
+from train.physics import LenslessOperator, center_crop
+
+HELP = "score reconstructions (PSNR, SSIM, LPIPS, consistency, time, memory) and write tables, figures, a report"
+
+DIFFUSION_METHODS = ("ddnm", "dps", "diffpir")
+
+
+class EvaluationError(ValueError):
+    """Bad evaluation arguments or inputs; the message names the argument or path and the problem."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset directory (dataset.json, measurements/, ground_truth/)")
+    p.add_argument("--recon", default="", help="reconstruction directories (ID.npy), comma-separated")
+    p.add_argument("--methods", default="",
+                   help="methods to run here, comma-separated: wiener, admm, ddnm, dps, diffpir, student:DIR")
+    p.add_argument("--prior", default=None, help="diffusion prior directory for ddnm/dps/diffpir (and paper students)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a method setting, e.g. admm.iters=50 (repeatable; values parsed as JSON when possible)")
+    p.add_argument("--names", default="", help="display names, comma-separated: the --recon dirs, then the --methods")
+    p.add_argument("--split", default="test", help="dataset split ('all': every measurement)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N ids of the split")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--report", default=None, help="also write a self-contained markdown report to FILE.md")
+    p.add_argument("--lpips-weights", default=None,
+                   help="LPIPS-Alex v0.1 state dict (default: $NSDD_LPIPS_WEIGHTS, else the usual download)")
+    p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (no weights needed)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
+    p.add_argument("--grid-samples", type=int, default=4, help="rows of the qualitative grid")
+    p.add_argument("--no-save-recon", action="store_true", help="do not write the reconstructions of --methods")
+    p.add_argument("--seed", type=int, default=0, help="torch seed before each image (stochastic methods)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config = EvaluationConfig.from_args(args)
+        result = run_evaluation(config)
+    except (EvaluationError, DatasetError, OpticsError) as exc:
+        print(f"nsdd-train evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print(result["table"], end="")
+    print(f"wrote {config.out / 'metrics.json'}" + (f" and {config.report}" if config.report else ""))
+    return 0
+
+
+def _split_list(text: str) -> list[str]:
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
+
+
+def parse_value(text: str):
+    """``--set`` values: JSON (``50``, ``1e-3``, ``true``, ``[1, 2]``, ``"s"``), else the raw string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        low = text.strip().lower()
+        if low in ("true", "false"):
+            return low == "true"
+        return text
+
+
+def parse_settings(items: Sequence[str]) -> dict[str, dict]:
+    """``["admm.iters=50", "ddnm.eta=0.85"]`` → ``{"admm": {"iters": 50}, "ddnm": {"eta": 0.85}}``."""
+    out: dict[str, dict] = {}
+    for item in items:
+        m = re.fullmatch(r"\s*([^.=\s]+)\.([^=\s]+)\s*=(.*)", item)
+        if not m:
+            raise EvaluationError(f"--set {item!r}: expected METHOD.KEY=VALUE, e.g. admm.iters=50")
+        out.setdefault(m.group(1), {})[m.group(2)] = parse_value(m.group(3).strip())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """One column of the comparison: a reconstruction directory or a method run here."""
+
+    name: str
+    kind: str  # "recon" or "method"
+    spec: str  # directory, or method name (student: its directory in ``path``)
+    path: Path | None = None
+    settings: dict = field(default_factory=dict)
+
+
+@dataclass
+class EvaluationConfig:
+    data: Path
+    out: Path
+    sources: list[Source]
+    split: str = "test"
+    limit: int | None = None
+    prior: Path | None = None
+    report: Path | None = None
+    lpips_weights: str | None = None
+    use_lpips: bool = True
+    device: str = "cpu"
+    grid_samples: int = 4
+    save_recon: bool = True
+    seed: int = 0
+    command: str = ""
+
+    @staticmethod
+    def from_args(args: argparse.Namespace) -> EvaluationConfig:
+        recon_dirs = _split_list(args.recon)
+        methods = _split_list(args.methods)
+        if not recon_dirs and not methods:
+            raise EvaluationError("nothing to evaluate: give --recon DIR[,DIR…] and/or --methods NAME[,NAME…]")
+        settings = parse_settings(args.settings)
+        sources: list[Source] = []
+        for d in recon_dirs:
+            p = Path(d)
+            if not p.is_dir():
+                raise EvaluationError(f"--recon {d}: not a directory")
+            sources.append(Source(p.resolve().name, "recon", d, path=p))
+        for m in methods:
+            if m.startswith("student:"):
+                p = Path(m.split(":", 1)[1])
+                if not p.is_dir():
+                    raise EvaluationError(f"--methods {m}: student directory {p} does not exist")
+                sources.append(Source("student", "method", "student", path=p, settings=dict(settings.get("student", {}))))
+            else:
+                sources.append(Source(m, "method", m, settings=dict(settings.get(m, {}))))
+        unknown = set(settings) - {s.spec for s in sources if s.kind == "method"}
+        if unknown:
+            raise EvaluationError(f"--set for {sorted(unknown)}, which are not among --methods {methods}")
+        names = _split_list(args.names)
+        if names:
+            if len(names) != len(sources):
+                raise EvaluationError(f"--names has {len(names)} names for {len(sources)} sources "
+                                      f"({len(recon_dirs)} --recon dirs, then {len(methods)} --methods)")
+            for s, n in zip(sources, names):
+                s.name = n
+        else:
+            _dedupe_names(sources)
+        if len({s.name for s in sources}) != len(sources):
+            raise EvaluationError(f"--names: names must be unique, got {[s.name for s in sources]}")
+        needs_prior = [s.spec for s in sources if s.spec in DIFFUSION_METHODS]
+        if needs_prior and not args.prior:
+            raise EvaluationError(f"--methods {','.join(needs_prior)} need a diffusion prior: give --prior DIR")
+        if args.limit is not None and args.limit < 1:
+            raise EvaluationError(f"--limit must be ≥ 1, got {args.limit}")
+        if args.grid_samples < 0:
+            raise EvaluationError(f"--grid-samples must be ≥ 0, got {args.grid_samples}")
+        return EvaluationConfig(
+            data=Path(args.data), out=Path(args.out), sources=sources, split=args.split, limit=args.limit,
+            prior=Path(args.prior) if args.prior else None, report=Path(args.report) if args.report else None,
+            lpips_weights=args.lpips_weights, use_lpips=not args.no_lpips, device=resolve_device(args.device),
+            grid_samples=args.grid_samples, save_recon=not args.no_save_recon, seed=args.seed,
+            command=command_line(args))
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The ``nsdd-train evaluate …`` command equivalent to ``args`` (recorded in the report)."""
+    parts = ["nsdd-train", "evaluate", "--data", str(args.data), "--out", str(args.out)]
+    for flag, value in (("--recon", args.recon), ("--methods", args.methods), ("--prior", args.prior),
+                        ("--names", args.names), ("--split", args.split), ("--limit", args.limit),
+                        ("--report", args.report), ("--lpips-weights", args.lpips_weights),
+                        ("--device", args.device), ("--grid-samples", args.grid_samples), ("--seed", args.seed)):
+        if value not in (None, ""):
+            parts += [flag, str(value)]
+    for item in args.settings:
+        parts += ["--set", item]
+    parts += [flag for flag, on in (("--no-lpips", args.no_lpips), ("--no-save-recon", args.no_save_recon)) if on]
+    return shlex.join(parts)
+
+
+def _dedupe_names(sources: list[Source]) -> None:
+    """Make default names unique: ``student`` twice → ``student:DIRNAME``; recon dirs by parent/name."""
+    for s in sources:
+        if sum(t.name == s.name for t in sources) > 1:
+            if s.kind == "method" and s.path is not None:
+                s.name = f"{s.spec}:{s.path.resolve().name}"
+            elif s.kind == "recon" and s.path is not None:
+                s.name = f"{s.path.resolve().parent.name}/{s.path.resolve().name}"
+    seen: dict[str, int] = {}
+    for s in sources:
+        if s.name in seen:
+            seen[s.name] += 1
+            s.name = f"{s.name}#{seen[s.name]}"
+        else:
+            seen[s.name] = 1
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvaluationError(f"--device {device}: CUDA is not available (torch {torch.__version__})")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise EvaluationError(f"--device {device}: use cpu, cuda, cuda:N or auto")
+    return device
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine, timing and memory
+# ----------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str = "cpu") -> dict:
+    """CPU model, cores, torch version/threads, GPU (if any), Python, platform and the device used."""
+    info = {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "device": device, "gpu": None}
+    if torch.cuda.is_available():
+        idx = torch.device(device).index or 0 if device.startswith("cuda") else 0
+        props = torch.cuda.get_device_properties(idx)
+        info["gpu"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _rss_bytes() -> int | None:
+    """Resident set size of this process from ``/proc/self/statm`` (``None`` where unavailable)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory increase during a ``with`` block, in bytes (``.peak``).
+
+    CPU: a thread samples the RSS every ``interval`` s (and at entry/exit); peak − RSS at entry.
+    CUDA: ``torch.cuda.max_memory_allocated − memory_allocated`` at entry (peak stats reset at entry).
+    """
+
+    def __init__(self, device: str = "cpu", interval: float = 0.002):
+        self.device = device
+        self.interval = interval
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._max = 0
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            r = _rss_bytes()
+            if r is not None and r > self._max:
+                self._max = r
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Self:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = _rss_bytes()
+        self._max = self._base or 0
+        if self._base is not None:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+            self.peak = max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+            return
+        if self._base is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        end = _rss_bytes() or 0
+        self.peak = max(0, max(self._max, end) - self._base)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building and running methods
+# ----------------------------------------------------------------------------------------------
+
+
+def build_method(source: Source, prior_dir: Path | None, device: str) -> Callable:
+    """A solver ``(y, physics) → x̂`` for a ``--methods`` entry (registry, student or diffusion prior)."""
+    from train.solvers import SOLVERS, make_solver
+
+    settings = dict(source.settings)
+    if source.spec == "student":
+        try:
+            from train.students import load_student
+        except ImportError as exc:
+            raise EvaluationError(f"--methods student:{source.path}: train.students is unavailable ({exc})") from exc
+        if prior_dir is not None and "prior" not in settings:
+            settings["prior"] = _load_prior(prior_dir, device)
+        try:
+            return load_student(source.path, device=device, **settings)
+        except TypeError as exc:
+            raise EvaluationError(f"--set student.*: {exc}") from exc
+    if source.spec in DIFFUSION_METHODS:
+        settings["prior"] = _load_prior(prior_dir, device)
+    if source.spec not in SOLVERS:
+        raise EvaluationError(f"--methods: unknown method {source.spec!r}; available: "
+                              f"{', '.join(sorted(SOLVERS))}, student:DIR")
+    try:
+        solver = make_solver(source.spec, **settings)
+    except TypeError as exc:
+        raise EvaluationError(f"--set {source.spec}.*: {exc}") from exc
+    if isinstance(solver, torch.nn.Module):
+        solver = solver.to(device).eval()
+    return solver
+
+
+_PRIORS: dict[tuple[str, str], object] = {}
+
+
+def _load_prior(prior_dir: Path | None, device: str):
+    if prior_dir is None:
+        raise EvaluationError("diffusion methods need --prior DIR")
+    key = (str(prior_dir), device)
+    if key not in _PRIORS:
+        try:
+            from train.prior.io import load_prior
+        except ImportError as exc:
+            raise EvaluationError(f"--prior {prior_dir}: train.prior.io.load_prior is unavailable ({exc})") from exc
+        prior = load_prior(prior_dir)
+        if isinstance(prior, torch.nn.Module):
+            prior = prior.to(device).eval()
+        _PRIORS[key] = prior
+    return _PRIORS[key]
+
+
+@dataclass
+class MethodRun:
+    recon: torch.Tensor  # (N, C, H, W) float32 on the CPU
+    seconds: list[float]
+    peak_bytes: int | None
+    settings: dict
+    nfe: int | None
+
+
+def run_method(solver: Callable, ds: LenslessDataset, ids: Sequence[str], physics: LenslessOperator,
+               device: str, seed: int = 0, name: str = "method") -> MethodRun:
+    """Run ``solver`` one image at a time: one untimed warm-up call, then per-image time and peak memory."""
+    from tqdm import tqdm
+
+    y0 = ds.measurements(ids[:1]).to(device)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        solver(y0, physics)
+    _sync(device)
+    outs, seconds, peaks = [], [], []
+    for k, sample_id in enumerate(tqdm(ids, desc=name, unit="img", leave=False)):
+        y = ds.measurements([sample_id]).to(device)
+        torch.manual_seed(seed + k)
+        with PeakMemory(device) as mem:
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                x = solver(y, physics)
+            _sync(device)
+            seconds.append(time.perf_counter() - t0)
+        if mem.peak is not None:
+            peaks.append(mem.peak)
+        if not torch.is_tensor(x) or x.ndim != 4 or x.shape[0] != 1:
+            raise EvaluationError(f"method {name}: expected a (1, C, H, W) tensor for {sample_id}, "
+                                  f"got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+        outs.append(x.detach().float().cpu())
+    settings = solver.settings() if hasattr(solver, "settings") else {}
+    nfe = getattr(solver, "nfe", None)
+    return MethodRun(torch.cat(outs), seconds, max(peaks) if peaks else None, settings,
+                     int(nfe) if isinstance(nfe, (int, float)) else None)
+
+
+def save_recon_dir(root: Path, ids: Sequence[str], x: torch.Tensor, meta: dict) -> Path:
+    """Write ``ID.npy`` (float32 CHW), ``ID.png`` (8-bit view, clipped to [0, 1]) and ``recon.json``."""
+    import cv2
+
+    root.mkdir(parents=True, exist_ok=True)
+    for sample_id, img in zip(ids, x.numpy().astype(np.float32)):
+        np.save(root / f"{sample_id}.npy", img)
+        view = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
+        view = view[0] if view.shape[0] == 1 else np.moveaxis(view, 0, -1)[..., ::-1]
+        cv2.imwrite(str(root / f"{sample_id}.png"), view)
+    _write_json(root / "recon.json", {**meta, "ids": list(ids)})
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------
+
+
+def score(x_full: torch.Tensor, ids: Sequence[str], ds: LenslessDataset, physics: LenslessOperator,
+          use_lpips: bool, lpips_weights: str | None, device: str, name: str) -> dict[str, list]:
+    """Per-image PSNR, SSIM, LPIPS (on the clipped centre crop) and consistency (on the full x̂)."""
+    if tuple(x_full.shape[-2:]) != physics.scene_shape:
+        raise EvaluationError(f"{name}: reconstructions are {tuple(x_full.shape[-2:])}, the dataset's "
+                              f"reconstruction operator works on {physics.scene_shape} ({physics.model} model)")
+    y = ds.measurements(ids)
+    if x_full.shape[1] != y.shape[1]:
+        raise EvaluationError(f"{name}: reconstructions have {x_full.shape[1]} channels, measurements {y.shape[1]}")
+    cons = M.consistency(x_full.to(device), y.to(device), physics).cpu()
+    out: dict[str, list] = {"consistency": [float(v) for v in cons]}
+    if not all(ds.has_ground_truth(i) for i in ids):
+        missing = [i for i in ids if not ds.has_ground_truth(i)]
+        if len(missing) < len(ids):
+            raise EvaluationError(f"{ds.root}: ground truth missing for {len(missing)} of {len(ids)} ids "
+                                  f"(first: {missing[:3]}); image metrics need all of them")
+        return out  # real captures: consistency only
+    gt = torch.from_numpy(np.stack([ds.ground_truth(i) for i in ids]))
+    gh, gw = gt.shape[-2:]
+    if x_full.shape[-2] < gh or x_full.shape[-1] < gw:
+        raise EvaluationError(f"{name}: reconstructions {tuple(x_full.shape[-2:])} are smaller than the ground "
+                              f"truth {(gh, gw)}")
+    x = center_crop(x_full, (gh, gw)).clamp(0, 1)
+    out["psnr"] = [float(v) for v in M.psnr(x, gt)]
+    out["ssim"] = [float(v) for v in M.ssim(x, gt)]
+    if use_lpips:
+        out["lpips"] = [float(v) for v in M.lpips(x.to(device), gt.to(device), lpips_weights)]
+    return out
+
+
+def _mean(values: Sequence[float] | None) -> float | None:
+    if not values:
+        return None
+    return float(np.mean(values))
+
+
+def _write_json(path: Path, obj) -> None:
+    """Atomic JSON write (temporary file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, allow_nan=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _recon_dir_timing(path: Path) -> dict:
+    """``seconds_per_image`` / ``peak_mem_mb`` / settings recorded by ``nsdd-train solve`` in recon.json."""
+    meta_path = path / "recon.json"
+    if not meta_path.exists():
+        return {}
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EvaluationError(f"{meta_path}: invalid JSON ({exc})") from exc
+    return {k: meta[k] for k in ("seconds_per_image", "peak_mem_mb", "method", "settings") if k in meta}
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def run_evaluation(cfg: EvaluationConfig) -> dict:
+    """Evaluate every source, write metrics.json / metrics.md / per_image.json / figures (and the report)."""
+    from train.report import metrics_table, save_grid, save_lpips_vs_time, write_report
+
+    ds = LenslessDataset(cfg.data)
+    ids = ds.ids(cfg.split)
+    if cfg.limit is not None:
+        ids = ids[: cfg.limit]
+    if not ids:
+        raise EvaluationError(f"{cfg.data}: split {cfg.split!r} is empty")
+    if cfg.use_lpips:  # fail before any long run when the weights are missing
+        from train.lpips import LPIPSWeightsError, get_lpips
+
+        try:
+            get_lpips(cfg.lpips_weights, cfg.device)
+        except LPIPSWeightsError as exc:
+            raise EvaluationError(f"{exc} (or pass --no-lpips)") from exc
+    physics = ds.physics().to(cfg.device)
+    machine = machine_info(cfg.device)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+
+    metrics: dict[str, dict] = {}
+    per_image: dict[str, dict] = {}
+    recons: dict[str, torch.Tensor] = {}
+    for src in cfg.sources:
+        entry: dict = {"source": src.kind, "split": cfg.split, "dataset": str(cfg.data)}
+        if src.kind == "recon":
+            x = read_recon_dir(src.path, ids)
+            entry["path"] = str(src.path)
+            entry.update(_recon_dir_timing(src.path))
+        else:
+            solver = build_method(src, cfg.prior, cfg.device)
+            run = run_method(solver, ds, ids, physics, cfg.device, cfg.seed, src.name)
+            x = run.recon
+            entry.update({
+                "method": src.spec, "settings": _jsonable(run.settings),
+                "seconds_per_image": float(statistics.median(run.seconds)),
+                "seconds_per_image_mean": float(np.mean(run.seconds)),
+                "peak_mem_mb": run.peak_bytes / 2**20 if run.peak_bytes is not None else None,
+                "peak_mem_kind": "cuda max_memory_allocated" if cfg.device.startswith("cuda") else "RSS increase",
+                "nfe": run.nfe,
+            })
+            if src.path is not None:
+                entry["path"] = str(src.path)
+            if cfg.save_recon:
+                rdir = save_recon_dir(cfg.out / "recon" / _safe(src.name), ids, x, {
+                    "method": src.spec, "settings": entry["settings"], "dataset": str(cfg.data),
+                    "split": cfg.split, "seconds_per_image": entry["seconds_per_image"],
+                    "peak_mem_mb": entry["peak_mem_mb"], "machine": machine})
+                entry["recon_dir"] = str(rdir)
+        scores = score(x, ids, ds, physics, cfg.use_lpips, cfg.lpips_weights, cfg.device, src.name)
+        for key in ("psnr", "ssim", "lpips", "consistency"):
+            entry[key] = _mean(scores.get(key))
+            if scores.get(key):
+                entry[f"{key}_std"] = float(np.std(scores[key]))
+        entry["n"] = len(ids)
+        entry["machine"] = machine
+        if src.kind == "method":
+            scores["seconds"] = run.seconds
+        metrics[src.name] = _order(entry)
+        per_image[src.name] = {"ids": list(ids), **scores}
+        recons[src.name] = x
+        print(f"{src.name}: " + ", ".join(f"{k} {entry[k]:.4g}" for k in ("psnr", "ssim", "lpips", "consistency",
+                                                                          "seconds_per_image")
+                                           if entry.get(k) is not None), file=sys.stderr)
+
+    _write_json(cfg.out / "metrics.json", metrics)
+    _write_json(cfg.out / "per_image.json", per_image)
+    table = metrics_table(metrics)
+    (cfg.out / "metrics.md").write_text(f"# Metrics ({cfg.data}, split {cfg.split}, n = {len(ids)})\n\n" + table)
+
+    figures: dict[str, Path | None] = {"qualitative comparison": None, "LPIPS vs. time": None}
+    rows = ids[: cfg.grid_samples]
+    if rows:
+        gh_gw = ds.ground_truth(rows[0]).shape[-2:] if ds.has_ground_truth(rows[0]) else None
+        shown = {name: [center_crop(x[k], gh_gw).numpy() if gh_gw is not None else x[k].numpy()
+                        for k in range(len(rows))] for name, x in recons.items()}
+        gts = [ds.ground_truth(i) if ds.has_ground_truth(i) else None for i in rows]
+        figures["qualitative comparison"] = save_grid(cfg.out / "grid.png", rows,
+                                                      [ds.measurement(i) for i in rows], shown, gts)
+    figures["LPIPS vs. time"] = save_lpips_vs_time(cfg.out / "lpips_vs_time.png", metrics)
+    if cfg.report is not None:
+        notes = []
+        if not cfg.use_lpips:
+            notes.append("LPIPS skipped (--no-lpips).")
+        write_report(cfg.report, metrics, machine, cfg.command, figures, str(cfg.data), cfg.split, len(ids), notes)
+    return {"metrics": metrics, "table": table, "figures": figures, "ids": ids}
+
+
+_ORDER = ("psnr", "ssim", "lpips", "consistency", "n", "seconds_per_image", "peak_mem_mb")
+
+
+def _order(entry: dict) -> dict:
+    return {**{k: entry.get(k) for k in _ORDER}, **{k: v for k, v in entry.items() if k not in _ORDER}}
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", name).strip("_") or "method"
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
