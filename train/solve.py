@@ -1,0 +1,245 @@
+"""``nsdd-train solve``: reconstruct a dataset split or a real capture with any registered method.
+
+Two inputs, one output format (``ID.npy`` float32 ``(C, H, W)``, ``ID.png`` 8-bit view, ``recon.json``):
+
+- ``--data DIR [--split test] [--limit N]``: a dataset of :mod:`train.data`; the operator is the dataset's
+  ``recon`` setting (``--model``/``--lam`` override it).
+- ``--capture FILE --psf FILE``: a real raw capture. PSF and capture go through the same preprocessing,
+  :func:`nsdd_edge.optics.load_psf` (dark frame or DiffuserCam corner background → box downsample →
+  normalise: the PSF to unit sum, the capture to unit max). Default model ``crop`` with
+  scene = conv = 2× sensor (DiffuserCam) and λ = 1e-4 (the prototype value).
+
+Each image's measurement consistency ``‖A x̂ − y‖ / ‖y‖`` is printed and stored in recon.json. Outputs
+already in ``--out`` from the same method and settings are kept (an interrupted run resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nsdd_edge.optics import OpticsError, array_hash, load_psf
+from train.data import DatasetError, LenslessDataset
+from train.physics import LenslessOperator
+from train.solvers import SOLVERS, make_solver
+
+HELP = "reconstruct a dataset split or a real capture with a registered method (wiener, admm, ddnm, ...)"
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", required=True, help=f"registered method (now: {', '.join(sorted(SOLVERS))}, ...)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="method setting (repeatable), e.g. --set iters=200 --set tau=1e-4")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", type=Path, help="dataset directory (nsdd-train simulate)")
+    src.add_argument("--capture", type=Path, help="raw capture file (.npy/.npz/.png/.tif)")
+    p.add_argument("--split", default="test", help="dataset split ('all' for every sample)")
+    p.add_argument("--limit", type=int, default=None, help="reconstruct only the first N samples")
+    p.add_argument("--psf", type=Path, help="PSF file for --capture")
+    p.add_argument("--dark", type=Path, default=None, help="dark frame subtracted from PSF and capture")
+    p.add_argument("--background", choices=("corner", "none"), default=None,
+                   help="background subtraction without a dark frame (default: corner for --capture)")
+    p.add_argument("--downsample", type=int, default=4, help="box-downsample factor of PSF and capture")
+    p.add_argument("--model", choices=("crop", "circular"), default=None,
+                   help="operator model (default: the dataset's recon model; crop for --capture)")
+    p.add_argument("--lam", type=float, default=None, help="Wiener λ (default: dataset's; 1e-4 for --capture)")
+    p.add_argument("--prior", type=Path, default=None, help="diffusion prior directory (passed as prior=)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per solver call")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
+
+
+def parse_settings(items: list[str]) -> dict:
+    """``["iters=200", "tau=1e-4", "clip=true", "mode=fast"]`` → ``{iters: 200, tau: 1e-4, clip: True, ...}``."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        low = raw.strip().lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        elif low in ("none", "null"):
+            out[key] = None
+        else:
+            try:
+                out[key] = json.loads(raw)
+            except json.JSONDecodeError:
+                out[key] = raw
+    return out
+
+
+def build_solver(method: str, settings: dict, prior_dir: Path | None):
+    """``make_solver(method, **settings, prior=load_prior(prior_dir))`` with clear errors."""
+    kwargs = dict(settings)
+    if prior_dir is not None:
+        from train.prior.io import load_prior  # lazy: diffusion priors are optional for classical methods
+
+        kwargs["prior"] = load_prior(prior_dir)
+    try:
+        return make_solver(method, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"--method {method}: bad settings {sorted(kwargs)} ({exc})") from None
+
+
+def to_png8(x: np.ndarray, *, normalize_max: bool = False) -> np.ndarray:
+    """8-bit HWC (RGB order) view of a ``(C, H, W)`` image: clipped to [0, 1] (after ``x / max x``)."""
+    x = np.asarray(x, dtype=np.float32)
+    if normalize_max:
+        m = float(x.max())
+        x = x / m if m > 0 else x
+    x = np.clip(np.nan_to_num(x, nan=0.0), 0.0, 1.0)
+    img = np.round(np.moveaxis(x, 0, -1) * 255.0).astype(np.uint8)
+    return img[..., 0] if img.shape[-1] == 1 else img
+
+
+def write_png(path: Path, img8: np.ndarray) -> None:
+    bgr = img8 if img8.ndim == 2 else np.ascontiguousarray(img8[..., ::-1])
+    ok, buf = cv2.imencode(".png", bgr)
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buf.tobytes())
+    os.replace(tmp, path)
+
+
+def _save_npy(path: Path, a: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(a, dtype=np.float32))
+    os.replace(tmp, path)
+
+
+def load_capture(args: argparse.Namespace) -> tuple[str, torch.Tensor, LenslessOperator, dict]:
+    """Preprocess ``--capture`` and ``--psf`` identically (one code path) and build the operator."""
+    if args.psf is None:
+        raise OpticsError("--capture needs --psf FILE")
+    background = args.background or ("none" if args.dark is not None else "corner")
+    common = {"dark": args.dark, "background": background, "downsample": args.downsample}
+    psf = load_psf(args.psf, normalization="sum", **common)
+    y = load_psf(args.capture, normalization="max", **common)
+    if psf.shape[-2:] != y.shape[-2:]:
+        raise OpticsError(f"--capture {args.capture}: size {y.shape[-2:]} differs from --psf {args.psf} "
+                          f"{psf.shape[-2:]} (after downsample ×{args.downsample}); they must come from the same sensor")
+    if psf.shape[0] == 3 and y.shape[0] == 1:
+        raise OpticsError(f"--capture {args.capture}: grayscale capture but an RGB PSF {args.psf}")
+    model = args.model or "crop"
+    lam = 1e-4 if args.lam is None else args.lam
+    sensor = y.shape[-2:]
+    if model == "crop":
+        op = LenslessOperator(psf, sensor, "crop", lam=lam)  # scene = conv = 2× sensor (DiffuserCam)
+    else:
+        op = LenslessOperator(psf, sensor, "circular", lam=lam)
+    info = {"capture": str(args.capture), "psf": str(args.psf), "psf_sha256": array_hash(psf),
+            "dark": str(args.dark) if args.dark else None, "background": background,
+            "downsample": args.downsample, "normalization": {"psf": "sum", "capture": "max"}}
+    return args.capture.stem, torch.from_numpy(y)[None], op, info
+
+
+def solve(args: argparse.Namespace) -> dict:
+    settings = parse_settings(args.settings)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    solver = build_solver(args.method, settings, args.prior)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / "recon.json"
+    record = {"method": args.method, "settings": {**solver.settings(), **{k: v for k, v in settings.items()
+                                                                         if isinstance(v, (int, float, str, bool))}},
+              "prior": str(args.prior) if args.prior else None, "images": {}}
+
+    if args.capture is not None:
+        sid, y_all, physics, source = load_capture(args)
+        ids = [sid]
+        measurements = {sid: y_all}
+        real = True
+    else:
+        if args.psf is not None or args.dark is not None:
+            raise ValueError("--psf/--dark belong to --capture; a dataset has its own PSF")
+        ds = LenslessDataset(args.data)
+        physics = ds.physics(model=args.model, lam=args.lam)
+        ids = ds.ids(args.split)
+        if args.limit is not None:
+            ids = ids[: args.limit]
+        if not ids:
+            raise DatasetError(f"--data {args.data}: split {args.split!r} is empty")
+        measurements = None
+        source = {"data": str(args.data), "split": args.split, "psf_sha256": ds.meta.get("psf", {}).get("sha256")}
+        real = False
+    g = physics.geometry
+    record.update(source=source, physics={**g.to_dict(), "lam": physics.lam})
+    record = json.loads(json.dumps(record, default=str))  # JSON-normalised, comparable with a stored one
+
+    if record_path.exists() and not args.overwrite:
+        try:
+            old = json.loads(record_path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        same = all(old.get(k) == record[k] for k in ("method", "settings", "prior", "source", "physics"))
+        if same:
+            record["images"] = {i: v for i, v in old.get("images", {}).items() if (out / f"{i}.npy").exists()}
+        elif old:
+            raise ValueError(f"--out {out}: holds reconstructions with other method/settings/data "
+                             "(recon.json differs); use another --out or --overwrite")
+    todo = [i for i in ids if i not in record["images"]]
+    if len(todo) < len(ids):
+        print(f"resuming: {len(ids) - len(todo)} of {len(ids)} already in {out}")
+
+    def batches():
+        for k in range(0, len(todo), args.batch_size):
+            chunk = todo[k : k + args.batch_size]
+            if measurements is not None:
+                yield chunk, torch.cat([measurements[i] for i in chunk])
+            else:
+                yield chunk, ds.measurements(chunk)
+
+    bar = tqdm(batches(), total=-(-len(todo) // args.batch_size), desc=args.method, unit="batch",
+               file=sys.stderr, disable=len(todo) <= args.batch_size)
+    for chunk, y in bar:
+        t0 = time.perf_counter()
+        x_hat = solver(y, physics)
+        seconds = time.perf_counter() - t0
+        x_hat = x_hat.detach()
+        with torch.no_grad():
+            cons = physics.consistency(x_hat.to(y.dtype), y).tolist()
+        for i, x, c in zip(chunk, x_hat.float().numpy(), cons):
+            _save_npy(out / f"{i}.npy", x)
+            write_png(out / f"{i}.png", to_png8(x, normalize_max=real))
+            record["images"][i] = {"consistency": float(c), "seconds": seconds / len(chunk),
+                                   "nfe": int(getattr(solver, "nfe", 0))}
+        bar.set_postfix(consistency=f"{float(np.mean(cons)):.4f}")
+        tmp = record_path.with_name("recon.json.tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        os.replace(tmp, record_path)
+    record["images"] = {i: record["images"][i] for i in ids}
+    cons = [v["consistency"] for v in record["images"].values()]
+    record["summary"] = {"n": len(cons), "mean_consistency": float(np.mean(cons)),
+                         "mean_seconds": float(np.mean([v["seconds"] for v in record["images"].values()]))}
+    tmp = record_path.with_name("recon.json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, record_path)
+    return record
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        record = solve(args)
+    except (OpticsError, DatasetError, ValueError) as exc:
+        print(f"nsdd-train solve: error: {exc}", file=sys.stderr)
+        return 2
+    for i, v in record["images"].items():
+        print(f"{i}\tconsistency ‖Ax̂−y‖/‖y‖ = {v['consistency']:.5f}\t{v['seconds']:.3f} s")
+    s = record["summary"]
+    print(f"{args.method}: {s['n']} images → {args.out}; mean consistency {s['mean_consistency']:.5f}, "
+          f"{s['mean_seconds']:.3f} s/image")
+    return 0
