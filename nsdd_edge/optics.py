@@ -87,6 +87,8 @@ def read_array(path: str | os.PathLike, *, key: str | None = None) -> np.ndarray
         raise OpticsError(f"{p}: no such file")
     if p.is_dir():
         raise OpticsError(f"{p}: is a directory, expected a file")
+    if p.stat().st_size == 0:
+        raise OpticsError(f"{p}: file is empty")
     suffix = p.suffix.lower()
     try:
         if suffix == ".npy":
@@ -145,6 +147,9 @@ def check_finite(a: np.ndarray, name: str) -> None:
 
 def corner_background(img: np.ndarray, rows: slice = slice(5, 15), cols: slice = slice(5, 15)) -> np.ndarray:
     """Per-channel background level, DiffuserCam convention: ``mean(img[:, 5:15, 5:15])``."""
+    if img.shape[-2] < (rows.stop or 0) or img.shape[-1] < (cols.stop or 0):
+        raise OpticsError(f"image of shape {img.shape} is too small for the corner background patch "
+                          f"[{rows.start}:{rows.stop}, {cols.start}:{cols.stop}]")
     return img[..., rows, cols].mean(axis=(-2, -1), keepdims=True).astype(np.float32)
 
 
@@ -169,6 +174,7 @@ def box_downsample(img: np.ndarray, factor: int) -> np.ndarray:
         return img
     if factor < 1 or int(factor) != factor:
         raise OpticsError(f"downsample factor must be a positive integer, got {factor}")
+    factor = int(factor)
     h, w = img.shape[-2] // factor, img.shape[-1] // factor
     if h == 0 or w == 0:
         raise OpticsError(f"downsample x{factor} of an image of shape {img.shape} leaves nothing")
