@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import socket
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -779,11 +780,514 @@ class FileSource(FrameSource):
 
 
 # ----------------------------------------------------------------------------------------------
+# Raw Bayer helpers (V4L2 / picamera2 buffers)
+# ----------------------------------------------------------------------------------------------
+
+# V4L2 fourcc → (Bayer pattern or None for mono, bits, packing: "u16" | "mipi10" | "mipi12")
+V4L2_RAW_FORMATS: dict[str, tuple[str | None, int, str]] = {
+    **{f"{c}10": (p, 10, "u16") for c, p in (("RG", "RGGB"), ("BA", "GRBG"), ("GB", "GBRG"), ("BG", "BGGR"))},
+    **{f"{c}12": (p, 12, "u16") for c, p in (("RG", "RGGB"), ("BA", "GRBG"), ("GB", "GBRG"), ("BG", "BGGR"))},
+    "RG16": ("RGGB", 16, "u16"), "GR16": ("GRBG", 16, "u16"), "GB16": ("GBRG", 16, "u16"), "BYR2": ("BGGR", 16, "u16"),
+    **{f"p{c}AA": (p, 10, "mipi10") for c, p in (("R", "RGGB"), ("g", "GRBG"), ("G", "GBRG"), ("B", "BGGR"))},
+    **{f"p{c}CC": (p, 12, "mipi12") for c, p in (("R", "RGGB"), ("g", "GRBG"), ("G", "GBRG"), ("B", "BGGR"))},
+    "Y10 ": (None, 10, "u16"), "Y12 ": (None, 12, "u16"), "Y16 ": (None, 16, "u16"),
+}
+
+
+def unpack_raw(buffer: np.ndarray | bytes, width: int, height: int, packing: str,
+               bytes_per_line: int | None = None) -> np.ndarray:
+    """Raw sensor buffer → uint16 ``(height, width)`` counts.
+
+    ``u16``: little-endian 16-bit containers (V4L2 RG10/RG12, picamera2 unpacked ``SBGGR12``);
+    ``mipi10``: 4 pixels in 5 bytes (4 high bytes, then the 2-bit remainders);
+    ``mipi12``: 2 pixels in 3 bytes (2 high bytes, then the two 4-bit remainders). Rows may be padded
+    (``bytes_per_line``, default: the buffer size / height)."""
+    raw = np.frombuffer(buffer, dtype=np.uint8) if isinstance(buffer, (bytes, bytearray, memoryview)) \
+        else np.ascontiguousarray(buffer).reshape(-1).view(np.uint8)
+    row_bytes = {"u16": 2 * width, "mipi10": (width * 5 + 3) // 4, "mipi12": (width * 3 + 1) // 2}.get(packing)
+    if row_bytes is None:
+        raise ValueError(f"unknown raw packing {packing!r}; use u16, mipi10 or mipi12")
+    stride = bytes_per_line or (raw.size // height if height and raw.size % height == 0 else 0)
+    if stride < row_bytes or raw.size < stride * height:
+        raise SourceError(f"raw buffer of {raw.size} bytes is too small for {width}x{height} {packing} "
+                          f"(needs {row_bytes} bytes per row)")
+    rows = raw[: stride * height].reshape(height, stride)[:, :row_bytes]
+    if packing == "u16":
+        return np.ascontiguousarray(rows).view("<u2").astype(np.uint16, copy=False)
+    if packing == "mipi10":
+        groups = rows[:, : (width // 4) * 5].reshape(height, -1, 5).astype(np.uint16)
+        out = np.empty((height, groups.shape[1], 4), np.uint16)
+        for k in range(4):
+            out[..., k] = (groups[..., k] << 2) | ((groups[..., 4] >> (2 * k)) & 0x3)
+        return out.reshape(height, -1)[:, :width]
+    groups = rows[:, : (width // 2) * 3].reshape(height, -1, 3).astype(np.uint16)
+    out = np.empty((height, groups.shape[1], 2), np.uint16)
+    out[..., 0] = (groups[..., 0] << 4) | (groups[..., 2] & 0xF)
+    out[..., 1] = (groups[..., 1] << 4) | (groups[..., 2] >> 4)
+    return out.reshape(height, -1)[:, :width]
+
+
+def parse_libcamera_raw_format(fmt: str) -> tuple[str | None, int, bool]:
+    """``'SBGGR12'`` → ``('BGGR', 12, False)``; ``'SRGGB10_CSI2P'`` → ``('RGGB', 10, True)`` (packed);
+    ``'R12'`` (mono) → ``(None, 12, False)``."""
+    m = re.fullmatch(r"S?(RGGB|BGGR|GRBG|GBRG)(\d+)(_CSI2P)?", fmt) or re.fullmatch(r"()R(\d+)(_CSI2P)?", fmt)
+    if not m:
+        raise SourceError(f"picamera2: raw format {fmt!r} is not an uncompressed Bayer/mono format "
+                          "(request an unpacked format such as SBGGR12; Pi 5 compressed PISP formats are lossy)")
+    return (m.group(1) or None), int(m.group(2)), bool(m.group(3))
+
+
+def _gstreamer_available() -> bool:
+    import cv2
+
+    for line in cv2.getBuildInformation().splitlines():
+        if line.strip().startswith("GStreamer:"):
+            return "YES" in line.split(":", 1)[1]
+    return False
+
+
+def _v4l2_available() -> bool:
+    import cv2
+
+    for line in cv2.getBuildInformation().splitlines():
+        if "v4l" in line.lower() and ":" in line:
+            return "YES" in line.split(":", 1)[1]
+    return False
+
+
+# ----------------------------------------------------------------------------------------------
+# picamera2:// — Raspberry Pi cameras through libcamera
+# ----------------------------------------------------------------------------------------------
+
+
+class PiCamera2Source(FrameSource):
+    """``picamera2://[N]``: raw Bayer frames from a Raspberry Pi camera (HQ camera: 2028×1520 12-bit).
+
+    The unpacked raw format of the chosen sensor mode is requested and viewed as uint16; the Bayer order
+    comes from ``camera_configuration()['raw']['format']`` (the HQ camera reports SBGGR12 because it is
+    mounted upside down). Exposure, analogue gain and colour gains are locked (``exposure_us=``,
+    ``gain=``, ``colour_gains=R,B``); ``fps=`` fixes the frame duration; ``size=WxH``, ``bits=``.
+    """
+
+    scheme = "picamera2"
+
+    def __init__(self, uri: str, parsed: ParsedUri, options: _Options):
+        super().__init__(uri)
+        o = options
+        num = (parsed.netloc or parsed.path.strip("/") or "0")
+        if not num.isdigit():
+            raise ValueError(f"camera source {uri!r}: picamera2://N takes a camera number, got {num!r}")
+        self.camera_num = int(num)
+        self.size = o.size("size", (2028, 1520))
+        self.bits = o.int("bits", 12, minimum=8)
+        self.exposure_us = o.int("exposure_us", 10000, minimum=1)
+        self.gain = o.float("gain", 1.0, minimum=1.0)
+        cg = o.str("colour_gains", "1.0,1.0") or "1.0,1.0"
+        try:
+            r, b = (float(v) for v in cg.split(","))
+        except ValueError:
+            raise ValueError(f"camera source {uri!r}: colour_gains={cg!r} must be R,B such as 1.8,1.5") from None
+        self.colour_gains = (r, b)
+        self.fps = o.float("fps", 40.0, positive=True)
+        self.frame_rate = self.fps
+        self.buffer_count = o.int("buffers", 4, minimum=2)
+        options.finish()
+        self.is_live = True
+        self._cam: Any = None
+        self._index = 0
+        self._pattern: str | None = None
+        self._raw_bits = self.bits
+        self._raw_size = self.size
+
+    def _open(self) -> None:
+        try:
+            from picamera2 import Picamera2  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise SourceError(f"{self.uri}: the picamera2 library is not installed ({exc}); on Raspberry Pi OS "
+                              "run 'sudo apt install python3-picamera2' and use a venv with "
+                              "--system-site-packages (deploy/pi/setup.sh)") from None
+        try:
+            cam = Picamera2(camera_num=self.camera_num)
+        except Exception as exc:  # noqa: BLE001 - libcamera raises many types for a missing camera
+            raise SourceError(f"{self.uri}: cannot open Raspberry Pi camera {self.camera_num} "
+                              f"({type(exc).__name__}: {exc})") from None
+        try:
+            modes = [m for m in cam.sensor_modes if tuple(m["size"]) == self.size and m["bit_depth"] == self.bits]
+            if not modes:
+                have = ", ".join(f"{m['size'][0]}x{m['size'][1]}@{m['bit_depth']}bit" for m in cam.sensor_modes)
+                raise SourceError(f"{self.uri}: the sensor has no {self.size[0]}x{self.size[1]} {self.bits}-bit "
+                                  f"mode (it has {have})")
+            mode = modes[0]
+            frame_us = int(round(1e6 / self.fps))
+            config = cam.create_video_configuration(
+                raw={"format": mode["unpacked"], "size": mode["size"]},
+                sensor={"output_size": mode["size"], "bit_depth": mode["bit_depth"]},
+                buffer_count=self.buffer_count,
+                controls={"AeEnable": False, "AwbEnable": False, "ExposureTime": self.exposure_us,
+                          "AnalogueGain": self.gain, "ColourGains": self.colour_gains,
+                          "FrameDurationLimits": (frame_us, frame_us)})
+            cam.configure(config)
+            raw_cfg = cam.camera_configuration()["raw"]
+            self._pattern, self._raw_bits, packed = parse_libcamera_raw_format(str(raw_cfg["format"]))
+            if packed:
+                raise SourceError(f"{self.uri}: libcamera gave the packed format {raw_cfg['format']}; "
+                                  "an unpacked one is needed")
+            self._raw_size = tuple(raw_cfg["size"])
+            cam.start()
+        except BaseException:
+            cam.close()
+            raise
+        self._cam = cam
+        self._index = 0
+
+    def _read(self, timeout: float | None) -> Frame:
+        cam = self._cam
+        try:
+            job = cam.capture_request(wait=False)
+            request = cam.wait(job, timeout=timeout)
+        except TimeoutError:
+            raise SourceStalled(f"{self.uri}: no frame within {timeout} s") from None
+        except Exception as exc:  # noqa: BLE001
+            raise SourceError(f"{self.uri}: capture failed ({type(exc).__name__}: {exc})") from None
+        try:
+            buf = request.make_array("raw")
+            md = request.get_metadata()
+        finally:
+            request.release()
+        w, h = self._raw_size
+        data = unpack_raw(buf, w, h, "u16", bytes_per_line=buf.shape[1] if buf.ndim == 2 else None)
+        black16 = md.get("SensorBlackLevels", [4096])  # libcamera reports them on a 16-bit scale
+        black = float(np.mean(black16)) / 2 ** (16 - self._raw_bits)
+        meta = {"source": "picamera2", "bayer_pattern": self._pattern, "bit_depth": self._raw_bits,
+                "black_level": black, "white_level": float(2 ** self._raw_bits - 1),
+                "exposure_us": md.get("ExposureTime"), "analogue_gain": md.get("AnalogueGain"),
+                "gain": 1.0, "colour_gains": md.get("ColourGains"), "sensor_timestamp_ns": md.get("SensorTimestamp"),
+                "sensor_temperature": md.get("SensorTemperature")}
+        index = self._index
+        self._index += 1
+        return Frame(data=data, index=index, timestamp=time.monotonic(), meta=meta)
+
+    def _close(self) -> None:
+        if self._cam is not None:
+            try:
+                self._cam.stop()
+            finally:
+                self._cam.close()
+                self._cam = None
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update({"kind": "Raspberry Pi camera (libcamera raw)", "camera": self.camera_num,
+                  "size": list(self._raw_size), "bit_depth": self._raw_bits, "bayer_pattern": self._pattern,
+                  "exposure_us": self.exposure_us, "gain": self.gain, "colour_gains": list(self.colour_gains)})
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# csi://N (Jetson, GStreamer nvarguscamerasrc) and v4l2:///dev/videoN
+# ----------------------------------------------------------------------------------------------
+
+
+class _CaptureSource(FrameSource):
+    """Shared ``cv2.VideoCapture`` reading with a watchdog for ``timeout``."""
+
+    _cap: Any = None
+
+    def _grab(self, timeout: float | None) -> np.ndarray:
+        # cv2.VideoCapture.read blocks; run it in a helper thread so a dead camera becomes SourceStalled.
+        import threading
+
+        result: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                result["ok"], result["img"] = self._cap.read()
+            except Exception as exc:  # noqa: BLE001
+                result["error"] = exc
+
+        if timeout is None:
+            work()
+        else:
+            t = threading.Thread(target=work, daemon=True)
+            t.start()
+            t.join(timeout)
+            if t.is_alive():
+                raise SourceStalled(f"{self.uri}: no frame within {timeout} s")
+        if "error" in result:
+            raise SourceError(f"{self.uri}: capture failed ({result['error']})")
+        if not result.get("ok") or result.get("img") is None:
+            raise SourceError(f"{self.uri}: the camera returned no frame (unplugged or busy?)")
+        return result["img"]
+
+    def _close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+class CsiSource(_CaptureSource):
+    """``csi://N``: a Jetson CSI camera through GStreamer ``nvarguscamerasrc sensor-id=N`` (ISP-processed
+    RGB, uint8). Options ``size=WxH`` (1920x1080), ``fps=`` (30), ``flip=`` (nvvidconv flip-method 0–7)."""
+
+    scheme = "csi"
+
+    def __init__(self, uri: str, parsed: ParsedUri, options: _Options):
+        super().__init__(uri)
+        o = options
+        num = parsed.netloc or parsed.path.strip("/")
+        if not num.isdigit():
+            raise ValueError(f"camera source {uri!r}: csi://N takes a sensor id such as csi://0")
+        self.sensor_id = int(num)
+        self.size = o.size("size", (1920, 1080))
+        self.fps = o.float("fps", 30.0, positive=True)
+        self.flip = o.int("flip", 0, minimum=0)
+        options.finish()
+        self.frame_rate = self.fps
+        self.is_live = True
+        self._index = 0
+
+    def pipeline(self) -> str:
+        w, h = self.size
+        return (f"nvarguscamerasrc sensor-id={self.sensor_id} ! video/x-raw(memory:NVMM),width={w},height={h},"
+                f"format=NV12,framerate={int(round(self.fps))}/1 ! nvvidconv flip-method={self.flip} ! "
+                "video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! appsink drop=true max-buffers=1")
+
+    def _open(self) -> None:
+        import cv2
+
+        if not _gstreamer_available():
+            raise SourceError(f"{self.uri}: this OpenCV build has no GStreamer support "
+                              "(cv2.getBuildInformation() says GStreamer: NO); on Jetson use the system OpenCV "
+                              "from JetPack (python3-opencv) in a venv with --system-site-packages")
+        cap = cv2.VideoCapture(self.pipeline(), cv2.CAP_GSTREAMER)
+        if not cap.isOpened():
+            raise SourceError(f"{self.uri}: GStreamer could not open CSI camera {self.sensor_id} "
+                              f"(pipeline: {self.pipeline()}); check the cable and 'nvargus-daemon'")
+        self._cap = cap
+        self._index = 0
+
+    def _read(self, timeout: float | None) -> Frame:
+        img = self._grab(timeout)
+        index = self._index
+        self._index += 1
+        return Frame(data=np.ascontiguousarray(img[:, :, ::-1]), index=index, timestamp=time.monotonic(),
+                     meta={"source": "csi", "sensor_id": self.sensor_id, "bit_depth": 8, "black_level": 0.0,
+                           "white_level": 255.0, "bayer_pattern": None})
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update({"kind": "Jetson CSI camera (GStreamer)", "pipeline": self.pipeline()})
+        return d
+
+
+class V4l2Source(_CaptureSource):
+    """``v4l2:///dev/videoN``: a V4L2 camera. With ``pixelformat=`` a raw Bayer fourcc (``RG10``, ``BG12``,
+    ``pRAA``, ...) the driver's buffer is read unconverted (CAP_PROP_CONVERT_RGB off) and unpacked to
+    uint16 counts; otherwise frames are RGB uint8. Options ``size=WxH``, ``fps=``, ``black_level=``."""
+
+    scheme = "v4l2"
+
+    def __init__(self, uri: str, parsed: ParsedUri, options: _Options):
+        super().__init__(uri)
+        o = options
+        self.device = parsed.path or ("/dev/" + parsed.netloc if parsed.netloc else "")
+        if not re.fullmatch(r"/dev/\S+", self.device):
+            raise ValueError(f"camera source {uri!r}: v4l2 needs a device path such as v4l2:///dev/video0")
+        self.pixelformat = o.str("pixelformat")
+        if self.pixelformat is not None:
+            self.pixelformat = self.pixelformat.ljust(4)
+            if self.pixelformat not in V4L2_RAW_FORMATS:
+                raise ValueError(f"camera source {uri!r}: pixelformat={self.pixelformat.strip()!r} is not a raw "
+                                 f"format this source unpacks ({', '.join(k.strip() for k in V4L2_RAW_FORMATS)})")
+        self.size = o.size("size")
+        self.fps = o.float("fps", None, positive=True)
+        self.black_level = o.float("black_level", None, minimum=0.0)
+        options.finish()
+        self.frame_rate = self.fps
+        self.is_live = True
+        self._index = 0
+
+    def _open(self) -> None:
+        import cv2
+
+        if not Path(self.device).exists():
+            raise SourceError(f"{self.uri}: no such device {self.device} (is the camera connected? 'v4l2-ctl "
+                              "--list-devices' lists them)")
+        cap = cv2.VideoCapture(self.device, cv2.CAP_V4L2)
+        if not cap.isOpened():
+            raise SourceError(f"{self.uri}: OpenCV could not open {self.device} with V4L2 (busy, or no permission: "
+                              "add the user to the 'video' group)")
+        if self.size:
+            cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.size[0])
+            cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.size[1])
+        if self.fps:
+            cap.set(cv2.CAP_PROP_FPS, self.fps)
+        if self.pixelformat:
+            cap.set(cv2.CAP_PROP_FOURCC, cv2.VideoWriter_fourcc(*self.pixelformat))
+            cap.set(cv2.CAP_PROP_CONVERT_RGB, 0)
+        self._cap = cap
+        self._width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
+        self._height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        self._index = 0
+
+    def _read(self, timeout: float | None) -> Frame:
+        img = self._grab(timeout)
+        meta: dict[str, Any] = {"source": "v4l2", "device": self.device}
+        if self.pixelformat:
+            pattern, bits, packing = V4L2_RAW_FORMATS[self.pixelformat]
+            data = unpack_raw(img, self._width, self._height, packing)
+            meta.update({"bayer_pattern": pattern, "bit_depth": bits, "white_level": float(2 ** bits - 1),
+                         "pixelformat": self.pixelformat.strip()})
+        else:
+            data = np.ascontiguousarray(img[:, :, ::-1]) if img.ndim == 3 else img
+            meta.update({"bayer_pattern": None, "bit_depth": 8, "white_level": 255.0})
+        if self.black_level is not None:
+            meta["black_level"] = self.black_level
+        index = self._index
+        self._index += 1
+        return Frame(data=data, index=index, timestamp=time.monotonic(), meta=meta)
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update({"kind": "V4L2 camera", "device": self.device, "pixelformat": self.pixelformat})
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# tcp://host:port — frames served by `nsdd-edge serve-camera`
+# ----------------------------------------------------------------------------------------------
+
+TOKEN_ENV = "NSDD_CAMERA_TOKEN"
+
+
+class TcpSource(FrameSource):
+    """``tcp://host:port``: raw frames from a capture host running ``nsdd-edge serve-camera`` (protocol in
+    :mod:`nsdd_edge.framing`). Options ``token=`` (default: ``$NSDD_CAMERA_TOKEN``), ``connect_timeout=``
+    (5 s), ``reconnect=1`` (after a lost connection, reconnect once per read)."""
+
+    scheme = "tcp"
+
+    def __init__(self, uri: str, parsed: ParsedUri, options: _Options):
+        super().__init__(uri)
+        o = options
+        try:
+            host, port = parsed.netloc.rsplit(":", 1)
+            self.host, self.port = host.strip("[]"), int(port)
+        except ValueError:
+            raise ValueError(f"camera source {uri!r}: tcp:// needs host:port, e.g. tcp://raspberrypi.local:5000") \
+                from None
+        if not self.host or not 0 < self.port < 65536 or parsed.path.strip("/"):
+            raise ValueError(f"camera source {uri!r}: tcp:// needs host:port with a port in 1–65535 and no path")
+        self.token = o.str("token") or os.environ.get(TOKEN_ENV, "")
+        self.connect_timeout = o.float("connect_timeout", 5.0, positive=True)
+        self.reconnect = o.bool("reconnect", True)
+        options.finish()
+        self.is_live = True
+        self._sock: socket.socket | None = None
+        self.remote: dict[str, Any] = {}
+
+    def _connect(self) -> None:
+        from nsdd_edge import framing
+
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+        except OSError as exc:
+            raise SourceError(f"{self.uri}: cannot connect to the capture host {self.host}:{self.port} ({exc}); "
+                              "is 'nsdd-edge serve-camera' running there?") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            framing.send_message(sock, {"type": "hello", "version": framing.VERSION, "token": self.token})
+            header, _ = framing.recv_message(sock)
+        except (OSError, framing.FramingError) as exc:
+            sock.close()
+            raise SourceError(f"{self.uri}: handshake with the capture host failed ({exc})") from None
+        if header["type"] != "welcome":
+            sock.close()
+            raise SourceError(f"{self.uri}: capture host refused the connection: {header.get('message', header)}")
+        self.remote = dict(header.get("source") or {})
+        fr = self.remote.get("frame_rate")
+        self.frame_rate = float(fr) if fr else None
+        self._sock = sock
+
+    def _open(self) -> None:
+        self._connect()
+
+    def _request(self, timeout: float | None) -> tuple[dict[str, Any], bytearray]:
+        from nsdd_edge import framing
+
+        sock = self._sock
+        assert sock is not None
+        sock.settimeout(None if timeout is None else timeout + 2.0)  # the host answers 'stalled' itself
+        framing.send_message(sock, {"type": "read", "timeout": timeout})
+        return framing.recv_message(sock)
+
+    def _read(self, timeout: float | None) -> Frame:
+        from nsdd_edge import framing
+
+        try:
+            if self._sock is None:
+                self._connect()
+            header, payload = self._request(timeout)
+        except socket.timeout:
+            self._drop()
+            raise SourceStalled(f"{self.uri}: the capture host sent nothing within {timeout} s") from None
+        except (OSError, framing.FramingError) as exc:
+            self._drop()
+            if not self.reconnect:
+                raise SourceError(f"{self.uri}: connection lost ({exc})") from None
+            try:
+                self._connect()
+                header, payload = self._request(timeout)
+            except (OSError, framing.FramingError) as exc2:
+                self._drop()
+                raise SourceError(f"{self.uri}: connection lost and reconnecting failed ({exc2})") from None
+        kind = header["type"]
+        if kind == "frame":
+            try:
+                data, index, stamp, meta = framing.decode_frame(header, payload)
+            except framing.FramingError as exc:
+                self._drop()
+                raise SourceError(f"{self.uri}: bad frame from the capture host ({exc})") from None
+            meta = {**meta, "remote_timestamp": stamp}
+            return Frame(data=data, index=index, timestamp=time.monotonic(), meta=meta)
+        message = f"{self.uri}: {header.get('message', kind)}"
+        if kind == "stalled":
+            raise SourceStalled(message)
+        if kind == "end":
+            raise EndOfStream(message)
+        raise SourceError(message)
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+    def _close(self) -> None:
+        from nsdd_edge import framing
+
+        if self._sock is not None:
+            try:
+                self._sock.settimeout(1.0)
+                framing.send_message(self._sock, {"type": "bye"})
+            except OSError:
+                pass
+        self._drop()
+
+    def describe(self) -> dict[str, Any]:
+        d = super().describe()
+        d.update({"kind": "network capture host", "host": self.host, "port": self.port, "remote": self.remote})
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------
 
 SourceFactory = Callable[[str, ParsedUri, _Options], FrameSource]
-SOURCE_TYPES: dict[str, SourceFactory] = {"sim": SimCamera, "file": FileSource}
+SOURCE_TYPES: dict[str, SourceFactory] = {"sim": SimCamera, "file": FileSource, "picamera2": PiCamera2Source,
+                                           "csi": CsiSource, "v4l2": V4l2Source, "tcp": TcpSource}
 
 
 def open_source(uri: str, **options: Any) -> FrameSource:
@@ -807,7 +1311,20 @@ def available_sources() -> dict[str, tuple[bool, str]]:
 _AVAILABILITY: dict[str, Callable[[], tuple[bool, str]]] = {
     "sim": lambda: (True, "simulated lensless camera (numpy)"),
     "file": lambda: (True, "OpenCV video, image directories, .npy stacks"),
+    "picamera2": lambda: ((True, "picamera2 installed") if _module_available("picamera2")
+                          else (False, "picamera2 not installed (Raspberry Pi: apt install python3-picamera2)")),
+    "csi": lambda: ((True, "OpenCV has GStreamer (needs nvarguscamerasrc, JetPack)") if _gstreamer_available()
+                    else (False, "this OpenCV build has no GStreamer support")),
+    "v4l2": lambda: _v4l2_status(),
+    "tcp": lambda: (True, "client of 'nsdd-edge serve-camera'"),
 }
+
+
+def _v4l2_status() -> tuple[bool, str]:
+    if not _v4l2_available():
+        return False, "this OpenCV build has no V4L2 backend"
+    devices = sorted(str(p) for p in Path("/dev").glob("video*"))
+    return (True, f"devices: {', '.join(devices)}") if devices else (False, "no /dev/video* devices")
 
 
 def _module_available(name: str) -> bool:
