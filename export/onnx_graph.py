@@ -42,6 +42,7 @@ class StudentInfo:
     lam: float | None
     channels: int | None
     config: dict = field(default_factory=dict)
+    model: str | None = None  # forward model of the training geometry (circular / crop)
 
 
 def _config_dict(config: Any) -> dict:
@@ -71,8 +72,10 @@ def student_info(student: Any, source: str = "student") -> StudentInfo:
     psf = cfg.get("psf") if isinstance(cfg.get("psf"), dict) else {}
     geometry = _first(cfg, "geometry", "recon_geometry")
     sensor = None
+    model = None
     if isinstance(geometry, dict):
         sensor = _first(geometry, "sensor_shape", "scene_shape")
+        model = geometry.get("model")
     sensor = sensor or _first(cfg, "sensor_shape", "size", "image_size")
     if isinstance(sensor, int):
         sensor = (sensor, sensor)
@@ -85,7 +88,7 @@ def student_info(student: Any, source: str = "student") -> StudentInfo:
                        psf_sha256=_first(cfg, "psf_sha256", "psf_hash") or _first(psf, "sha256"),
                        sensor_shape=tuple(int(v) for v in sensor) if sensor is not None else None,
                        lam=float(lam) if lam is not None else None,
-                       channels=int(channels) if channels is not None else None, config=cfg)
+                       channels=int(channels) if channels is not None else None, config=cfg, model=model)
 
 
 def load_student_info(directory: str | Path) -> StudentInfo:
@@ -99,7 +102,10 @@ def load_student_info(directory: str | Path) -> StudentInfo:
 
 def check_student_matches(info: StudentInfo, psf_sha256: str, sensor_shape: tuple[int, int],
                           lam: float, source: str) -> None:
-    """Refuse a student trained for another PSF, sensor size or λ."""
+    """Refuse a student trained for another PSF, sensor size, λ or a non-circular reconstruction model."""
+    if info.model not in (None, "circular"):
+        raise ExportError(f"{source}: student was trained with the {info.model!r} reconstruction model; the exported "
+                          "graph is the circular model at sensor size (retrain with recon model 'circular')")
     if info.psf_sha256 is not None and info.psf_sha256 != psf_sha256:
         raise ExportError(f"{source}: student was trained for PSF {info.psf_sha256[:12]}…, but the PSF given "
                           f"has hash {psf_sha256[:12]}… (wrong --psf, or different loading options)")
