@@ -197,3 +197,65 @@ def test_parse_settings_and_peak_memory():
         block[::512] = 2.0
     del block
     assert mem.peak is not None and mem.peak >= 48 * 2**20
+
+
+def test_resume_and_changed_settings(circular_data, tmp_path):
+    out = tmp_path / "o"
+    base = ["evaluate", "--data", str(circular_data), "--methods", "wiener", "--no-lpips", "--out", str(out)]
+    assert train_cli(base) == 0
+    first = json.loads((out / "metrics.json").read_text())["wiener"]
+    record = json.loads((out / "recon" / "wiener" / "recon.json").read_text())
+    assert sorted(record["images"]) == ["s001", "s002", "s003"] and first["resumed_images"] == 0
+    assert train_cli(base) == 0  # nothing recomputed: the stored images, times and memory are reused
+    second = json.loads((out / "metrics.json").read_text())["wiener"]
+    assert second["resumed_images"] == 3
+    for key in ("psnr", "ssim", "consistency", "seconds_per_image", "peak_mem_mb"):
+        assert second[key] == pytest.approx(first[key]), key
+    # other settings in the same output directory: refused, unless --overwrite
+    assert train_cli(base + ["--set", "wiener.clip=true"]) == 2
+    assert train_cli(base + ["--set", "wiener.clip=true", "--overwrite"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["wiener"]["resumed_images"] == 0
+
+
+def test_recon_dir_from_solve_has_timing(circular_data, tmp_path):
+    pytest.importorskip("train.solve")
+    rdir = tmp_path / "wiener_solve"
+    assert train_cli(["solve", "--data", str(circular_data), "--method", "wiener", "--out", str(rdir)]) == 0
+    out = tmp_path / "o"
+    assert train_cli(["evaluate", "--data", str(circular_data), "--recon", str(rdir), "--no-lpips",
+                      "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())["wiener_solve"]
+    assert m["method"] == "wiener" and m["seconds_per_image"] > 0 and "nsdd-train solve" in m["seconds_source"]
+    assert m["consistency"] < 1e-3 and m["psnr"] > 30
+
+
+def test_student_and_ddnm_methods(circular_data, tmp_path, lpips_weights):
+    """An untrained tiny edge student and DDNM with a tiny random prior run through the same evaluation."""
+    students = pytest.importorskip("train.students")
+    prior_io = pytest.importorskip("train.prior.io")
+    from train.data import LenslessDataset
+    from train.prior.unet import UNet
+    from train.solvers import SOLVERS as registry
+
+    if "ddnm" not in registry:
+        pytest.skip("ddnm is not registered")
+    ds = LenslessDataset(circular_data)
+    physics = ds.physics()
+    cfg = students.make_config("edge", "nullspace", 3, physics, {"width": 4, "depth": 2, "max_width": 8, "blocks": 1})
+    student = students.build_student(cfg)
+    sdir = students.save_student(tmp_path / "student", student.net, cfg)
+    net = UNet(image_size=32, base_channels=8, channel_mults=[1, 2], num_res_blocks=1, attention_resolutions=[],
+               mid_attention=False, num_heads=1, dropout=0.0)
+    pdir = prior_io.save_prior(net, tmp_path / "prior")
+    out = tmp_path / "o"
+    rc = train_cli(["evaluate", "--data", str(circular_data), "--methods", f"wiener,student:{sdir},ddnm",
+                    "--prior", str(pdir), "--set", "ddnm.steps=3", "--limit", "2", "--out", str(out),
+                    "--lpips-weights", lpips_weights])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["wiener", "student", "ddnm"]
+    assert metrics["student"]["nfe"] == 1 and metrics["ddnm"]["settings"]["steps"] == 3
+    # the NSDD student keeps the Wiener range part: x̂ = A†y + (I − A†A) g, so A x̂ ≈ A A†y
+    assert metrics["student"]["consistency"] == pytest.approx(metrics["wiener"]["consistency"], abs=1e-4)
+    for m in metrics.values():
+        assert m["n"] == 2 and m["seconds_per_image"] > 0 and m["lpips"] is not None

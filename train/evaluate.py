@@ -75,7 +75,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-lpips", action="store_true", help="skip LPIPS (no weights needed)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--grid-samples", type=int, default=4, help="rows of the qualitative grid")
-    p.add_argument("--no-save-recon", action="store_true", help="do not write the reconstructions of --methods")
+    p.add_argument("--no-save-recon", action="store_true",
+                   help="do not write the reconstructions of --methods (and do not resume)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute --methods even where OUT/recon/METHOD holds an earlier run")
     p.add_argument("--seed", type=int, default=0, help="torch seed before each image (stochastic methods)")
 
 
@@ -148,6 +151,7 @@ class EvaluationConfig:
     grid_samples: int = 4
     save_recon: bool = True
     seed: int = 0
+    overwrite: bool = False
     command: str = ""
 
     @staticmethod
@@ -197,6 +201,7 @@ class EvaluationConfig:
             prior=Path(args.prior) if args.prior else None, report=Path(args.report) if args.report else None,
             lpips_weights=args.lpips_weights, use_lpips=not args.no_lpips, device=resolve_device(args.device),
             grid_samples=args.grid_samples, save_recon=not args.no_save_recon, seed=args.seed,
+            overwrite=args.overwrite,
             command=command_line(args))
 
 
@@ -211,7 +216,8 @@ def command_line(args: argparse.Namespace) -> str:
             parts += [flag, str(value)]
     for item in args.settings:
         parts += ["--set", item]
-    parts += [flag for flag, on in (("--no-lpips", args.no_lpips), ("--no-save-recon", args.no_save_recon)) if on]
+    parts += [flag for flag, on in (("--no-lpips", args.no_lpips), ("--no-save-recon", args.no_save_recon),
+                                              ("--overwrite", args.overwrite)) if on]
     return shlex.join(parts)
 
 
@@ -388,57 +394,92 @@ def _load_prior(prior_dir: Path | None, device: str):
 @dataclass
 class MethodRun:
     recon: torch.Tensor  # (N, C, H, W) float32 on the CPU
-    seconds: list[float]
+    seconds: list[float]  # per image, in ``ids`` order
     peak_bytes: int | None
     settings: dict
     nfe: int | None
+    resumed: int = 0  # images taken from an earlier run's recon directory
+
+
+RECON_RECORD = "recon.json"
+
+
+def _save_image(root: Path, sample_id: str, x: np.ndarray) -> None:
+    """``ID.npy`` (float32 CHW, atomic) and ``ID.png`` (8-bit view, :func:`train.solve.to_png8`)."""
+    from train.solve import to_png8, write_png
+
+    tmp = root / f".{sample_id}.npy.tmp"
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(x, dtype=np.float32))
+    os.replace(tmp, root / f"{sample_id}.npy")
+    write_png(root / f"{sample_id}.png", to_png8(x))
+
+
+def _resume_state(root: Path | None, key: dict, ids: Sequence[str]) -> dict[str, dict]:
+    """Images of an earlier run with the same ``key`` (method, settings, data, device, seed) in ``root``."""
+    if root is None or not (root / RECON_RECORD).exists():
+        return {}
+    try:
+        old = json.loads((root / RECON_RECORD).read_text())
+    except json.JSONDecodeError:
+        return {}
+    if old.get("key") != key:
+        raise EvaluationError(f"{root}: holds reconstructions of another run (method, settings, data, device or "
+                              f"seed differ in {RECON_RECORD}); use another --out or --overwrite")
+    done = old.get("images", {})
+    return {i: done[i] for i in ids if i in done and (root / f"{i}.npy").exists()}
 
 
 def run_method(solver: Callable, ds: LenslessDataset, ids: Sequence[str], physics: LenslessOperator,
-               device: str, seed: int = 0, name: str = "method") -> MethodRun:
-    """Run ``solver`` one image at a time: one untimed warm-up call, then per-image time and peak memory."""
+               device: str, seed: int = 0, name: str = "method", save_dir: Path | None = None,
+               key: dict | None = None, record_extra: dict | None = None) -> MethodRun:
+    """Run ``solver`` one image at a time: one untimed warm-up call, then per-image time and peak memory.
+
+    With ``save_dir`` every image is written as soon as it is done (``ID.npy``, ``ID.png`` and its time and
+    memory in ``recon.json``); a rerun with the same ``key`` resumes, reusing the stored images and numbers.
+    """
     from tqdm import tqdm
 
-    y0 = ds.measurements(ids[:1]).to(device)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        solver(y0, physics)
-    _sync(device)
-    outs, seconds, peaks = [], [], []
-    for k, sample_id in enumerate(tqdm(ids, desc=name, unit="img", leave=False)):
+    key = _jsonable(key or {})
+    done = _resume_state(save_dir, key, ids)
+    record = {"key": key, **(record_extra or {}), "images": dict(done)}
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in ids if i not in done]
+    if todo:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            solver(ds.measurements(todo[:1]).to(device), physics)
+        _sync(device)
+    results: dict[str, torch.Tensor] = {}
+    for sample_id in tqdm(todo, desc=name, unit="img", leave=False, file=sys.stderr):
         y = ds.measurements([sample_id]).to(device)
-        torch.manual_seed(seed + k)
+        torch.manual_seed(seed + ids.index(sample_id))
         with PeakMemory(device) as mem:
             _sync(device)
             t0 = time.perf_counter()
             with torch.no_grad():
                 x = solver(y, physics)
             _sync(device)
-            seconds.append(time.perf_counter() - t0)
-        if mem.peak is not None:
-            peaks.append(mem.peak)
+            seconds = time.perf_counter() - t0
         if not torch.is_tensor(x) or x.ndim != 4 or x.shape[0] != 1:
             raise EvaluationError(f"method {name}: expected a (1, C, H, W) tensor for {sample_id}, "
                                   f"got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
-        outs.append(x.detach().float().cpu())
+        results[sample_id] = x.detach().float().cpu()
+        record["images"][sample_id] = {"seconds": seconds,
+                                       "peak_mem_mb": mem.peak / 2**20 if mem.peak is not None else None}
+        if save_dir is not None:
+            _save_image(save_dir, sample_id, results[sample_id][0].numpy())
+            _write_json(save_dir / RECON_RECORD, record)
+    for sample_id in done:
+        results[sample_id] = torch.from_numpy(np.load(save_dir / f"{sample_id}.npy"))[None]
     settings = solver.settings() if hasattr(solver, "settings") else {}
     nfe = getattr(solver, "nfe", None)
-    return MethodRun(torch.cat(outs), seconds, max(peaks) if peaks else None, settings,
-                     int(nfe) if isinstance(nfe, (int, float)) else None)
-
-
-def save_recon_dir(root: Path, ids: Sequence[str], x: torch.Tensor, meta: dict) -> Path:
-    """Write ``ID.npy`` (float32 CHW), ``ID.png`` (8-bit view, clipped to [0, 1]) and ``recon.json``."""
-    import cv2
-
-    root.mkdir(parents=True, exist_ok=True)
-    for sample_id, img in zip(ids, x.numpy().astype(np.float32)):
-        np.save(root / f"{sample_id}.npy", img)
-        view = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
-        view = view[0] if view.shape[0] == 1 else np.moveaxis(view, 0, -1)[..., ::-1]
-        cv2.imwrite(str(root / f"{sample_id}.png"), view)
-    _write_json(root / "recon.json", {**meta, "ids": list(ids)})
-    return root
+    seconds_all = [float(record["images"][i]["seconds"]) for i in ids]
+    peaks = [record["images"][i]["peak_mem_mb"] for i in ids if record["images"][i].get("peak_mem_mb") is not None]
+    return MethodRun(torch.cat([results[i] for i in ids]), seconds_all,
+                     int(max(peaks) * 2**20) if peaks else None, settings,
+                     int(nfe) if isinstance(nfe, (int, float)) else None, resumed=len(done))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,16 +533,28 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def _recon_dir_timing(path: Path) -> dict:
-    """``seconds_per_image`` / ``peak_mem_mb`` / settings recorded by ``nsdd-train solve`` in recon.json."""
-    meta_path = path / "recon.json"
+def _recon_dir_timing(path: Path, ids: Sequence[str]) -> dict:
+    """Method, settings and time per image recorded by ``nsdd-train solve`` in ``recon.json`` (if any).
+
+    ``solve`` stores ``images[ID].seconds`` (batch time / batch size, no warm-up): their median over ``ids``.
+    """
+    meta_path = path / RECON_RECORD
     if not meta_path.exists():
         return {}
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as exc:
         raise EvaluationError(f"{meta_path}: invalid JSON ({exc})") from exc
-    return {k: meta[k] for k in ("seconds_per_image", "peak_mem_mb", "method", "settings") if k in meta}
+    out = {k: meta[k] for k in ("method", "settings") if k in meta}
+    images = meta.get("images", {})
+    secs = [images[i]["seconds"] for i in ids if isinstance(images.get(i), dict) and "seconds" in images[i]]
+    if len(secs) == len(ids):
+        out["seconds_per_image"] = float(statistics.median(secs))
+        out["seconds_source"] = f"{meta_path} (nsdd-train solve)"
+    peaks = [images[i].get("peak_mem_mb") for i in ids if isinstance(images.get(i), dict)]
+    if peaks and all(v is not None for v in peaks) and len(peaks) == len(ids):
+        out["peak_mem_mb"] = float(max(peaks))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,10 +591,20 @@ def run_evaluation(cfg: EvaluationConfig) -> dict:
         if src.kind == "recon":
             x = read_recon_dir(src.path, ids)
             entry["path"] = str(src.path)
-            entry.update(_recon_dir_timing(src.path))
+            entry.update(_recon_dir_timing(src.path, ids))
         else:
             solver = build_method(src, cfg.prior, cfg.device)
-            run = run_method(solver, ds, ids, physics, cfg.device, cfg.seed, src.name)
+            save_dir = cfg.out / "recon" / _safe(src.name) if cfg.save_recon else None
+            key = {"method": src.spec, "path": str(src.path) if src.path else None, "settings": src.settings,
+                   "prior": str(cfg.prior) if cfg.prior and (src.spec in DIFFUSION_METHODS or src.spec == "student")
+                   else None, "dataset": str(cfg.data.resolve()), "device": cfg.device, "seed": cfg.seed,
+                   "physics": {**physics.geometry.to_dict(), "lam": physics.lam, "psf_sha256": physics.psf_hash}}
+            if save_dir is not None and cfg.overwrite and (save_dir / RECON_RECORD).exists():
+                (save_dir / RECON_RECORD).unlink()
+            run = run_method(solver, ds, ids, physics, cfg.device, cfg.seed, src.name, save_dir, key,
+                             {"method": src.spec, "settings": _jsonable(solver.settings() if hasattr(
+                                 solver, "settings") else {}), "dataset": str(cfg.data), "split": cfg.split,
+                              "machine": machine})
             x = run.recon
             entry.update({
                 "method": src.spec, "settings": _jsonable(run.settings),
@@ -553,12 +616,9 @@ def run_evaluation(cfg: EvaluationConfig) -> dict:
             })
             if src.path is not None:
                 entry["path"] = str(src.path)
-            if cfg.save_recon:
-                rdir = save_recon_dir(cfg.out / "recon" / _safe(src.name), ids, x, {
-                    "method": src.spec, "settings": entry["settings"], "dataset": str(cfg.data),
-                    "split": cfg.split, "seconds_per_image": entry["seconds_per_image"],
-                    "peak_mem_mb": entry["peak_mem_mb"], "machine": machine})
-                entry["recon_dir"] = str(rdir)
+            if save_dir is not None:
+                entry["recon_dir"] = str(save_dir)
+                entry["resumed_images"] = run.resumed
         scores = score(x, ids, ds, physics, cfg.use_lpips, cfg.lpips_weights, cfg.device, src.name)
         for key in ("psnr", "ssim", "lpips", "consistency"):
             entry[key] = _mean(scores.get(key))
