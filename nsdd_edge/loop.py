@@ -1,0 +1,385 @@
+"""The real-time loop: capture thread → bounded queue → reconstruction (preprocess + infer) → outputs.
+
+Live mode (no recorder): the capture thread keeps only the newest frame (a one-slot queue); a frame
+that is replaced before the reconstruction thread takes it is counted as ``dropped``. The preview stays
+live whatever the reconstruction speed.
+
+Lossless mode (recording, or ``lossless=True``): every captured frame goes through a bounded queue to the
+reconstruction and on through a bounded queue to the recorder thread; when the disk is slow the queues
+fill and the capture thread *blocks* (back-pressure; counted and warned about), nothing is dropped.
+
+Faults: a source that raises, stalls (:class:`~nsdd_edge.sources.SourceStalled`) or disconnects is closed
+and reopened with exponential back-off while the loop keeps running; :class:`~nsdd_edge.sources.EndOfStream`
+ends the run. Frames the preprocessor rejects (NaN, wrong size, …) are counted as ``rejected`` (and still
+recorded raw when recording). :meth:`ReconstructionLoop.request_stop` (SIGINT/SIGTERM) stops capture,
+drains what was captured, flushes the recorder and closes everything.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nsdd_edge.bundle import BundleError
+from nsdd_edge.engines import Engine
+from nsdd_edge.preprocess import FrameRejected
+from nsdd_edge.preview import Preview, compose
+from nsdd_edge.recorder import Recorder, RecorderError
+from nsdd_edge.sources import EndOfStream, SourceError, SourceStalled
+from nsdd_edge.telemetry import Telemetry, atomic_write_bytes
+
+_END = object()
+
+
+class LoopError(RuntimeError):
+    """The loop cannot go on (source gone for good, bundle does not fit the source)."""
+
+
+@dataclass
+class LoopConfig:
+    """Settings of :class:`ReconstructionLoop`.
+
+    ``max_frames``: stop after this many frames (live: reconstructed + rejected; lossless: captured).
+    ``max_reopen_attempts``: give up on a source after this many failed reopens in a row (None: never).
+    """
+
+    max_frames: int | None = None
+    lossless: bool = False
+    queue_size: int = 4
+    record_queue_size: int = 8
+    read_timeout: float = 2.0
+    backoff_initial: float = 0.1
+    backoff_max: float = 5.0
+    max_reopen_attempts: int | None = None
+    console_interval: float = 1.0
+    stats_path: Path | None = None
+    stats_interval: float = 2.0
+    snapshot_path: Path | None = None
+    backpressure_warn_ms: float = 100.0
+    expected_input_shape: tuple[int, int, int] | None = None
+
+
+class LatestSlot:
+    """A one-item mailbox: ``put`` replaces the waiting item (returns True if one was replaced)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._item: Any = None
+        self._has = False
+
+    def put(self, item) -> bool:
+        with self._cond:
+            replaced = self._has
+            self._item, self._has = item, True
+            self._cond.notify()
+            return replaced
+
+    def get(self, timeout: float):
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._has, timeout=timeout):
+                raise queue.Empty
+            item, self._item, self._has = self._item, None, False
+            return item
+
+    def empty(self) -> bool:
+        with self._cond:
+            return not self._has
+
+
+class ReconstructionLoop:
+    """Run ``source`` → ``preprocess`` → ``engine`` → preview / recorder; see the module docstring.
+
+    ``preprocess(raw) -> y (C, H, W) float32`` raises ``FrameRejected`` for bad frames. ``frame_meta`` is
+    added to every recorded frame's metadata (bundle hash, engine, …).
+    """
+
+    def __init__(self, source, preprocess: Callable[[np.ndarray], np.ndarray], engine: Engine, *,
+                 config: LoopConfig | None = None, preview: Preview | None = None,
+                 recorder: Recorder | None = None, telemetry: Telemetry | None = None,
+                 frame_meta: dict | None = None, log: Callable[[str], None] | None = None):
+        self.source, self.preprocess, self.engine = source, preprocess, engine
+        self.config = config or LoopConfig()
+        self.preview, self.recorder = preview, recorder
+        self.telemetry = telemetry or Telemetry()
+        self.frame_meta = dict(frame_meta or {})
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.lossless = self.config.lossless or recorder is not None
+        self._stop = threading.Event()
+        self._capture_done = threading.Event()
+        self._frames: queue.Queue | LatestSlot = (queue.Queue(maxsize=self.config.queue_size) if self.lossless
+                                                 else LatestSlot())
+        self._record_q: queue.Queue = queue.Queue(maxsize=self.config.record_queue_size)
+        self._fatal: BaseException | None = None
+        self._captured = 0
+        self._processed = 0
+        self._checked_shape = False
+        self._last_warn = 0.0
+        self.last_pair: tuple[np.ndarray, np.ndarray] | None = None
+        self.last_preview: np.ndarray | None = None
+        self.end_reason = "running"
+        self.recording_stopped: str | None = None
+        self.telemetry.info.update({"recording": recorder is not None, "lossless": self.lossless,
+                                    "engine": engine.describe()})
+
+    # -- control -----------------------------------------------------------------------------------
+    def request_stop(self, reason: str = "stop requested") -> None:
+        if not self._stop.is_set():
+            self.end_reason = reason
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    def _warn(self, message: str, kind: str = "warning", every: float = 5.0) -> None:
+        self.telemetry.event(kind, message)
+        now = time.monotonic()
+        if now - self._last_warn >= every:
+            self._last_warn = now
+            self.log(f"nsdd-edge: {message}")
+
+    # -- capture thread ----------------------------------------------------------------------------
+    def _reopen(self) -> bool:
+        """Close and reopen the source with exponential back-off; False if stopping or given up."""
+        cfg, tel = self.config, self.telemetry
+        try:
+            self.source.close()
+        except Exception as exc:  # noqa: BLE001 - a broken source may fail to close; reopening is what matters
+            tel.event("source", f"close after fault failed: {exc}")
+        delay, attempts = cfg.backoff_initial, 0
+        while not self._stop.is_set():
+            self._sleep(delay)
+            if self._stop.is_set():
+                return False
+            try:
+                self.source.open()
+            except Exception as exc:  # noqa: BLE001 - any failure to open is retried with back-off
+                attempts += 1
+                tel.count("source_faults")
+                self._warn(f"reopening {self._source_name()} failed (attempt {attempts}: {exc}); "
+                           f"retrying in {min(delay * 2, cfg.backoff_max):.1f} s", "source")
+                if cfg.max_reopen_attempts is not None and attempts >= cfg.max_reopen_attempts:
+                    self._fatal = LoopError(f"{self._source_name()}: gave up after {attempts} failed reopen "
+                                            f"attempts (last error: {exc})")
+                    return False
+                delay = min(delay * 2, cfg.backoff_max)
+                continue
+            tel.count("reopens")
+            self._warn(f"{self._source_name()} reopened after a fault", "source", every=0.0)
+            return True
+        return False
+
+    def _source_name(self) -> str:
+        uri = getattr(self.source, "uri", None)
+        if uri:
+            return str(uri)
+        try:
+            return str(self.source.describe())
+        except Exception:  # noqa: BLE001
+            return type(self.source).__name__
+
+    def _capture_main(self) -> None:
+        cfg, tel = self.config, self.telemetry
+        try:
+            while not self._stop.is_set():
+                if self.lossless and cfg.max_frames is not None and self._captured >= cfg.max_frames:
+                    break
+                t0 = time.perf_counter()
+                try:
+                    frame = self.source.read(cfg.read_timeout)
+                except EndOfStream:
+                    self.end_reason = "end of stream"
+                    break
+                except (SourceStalled, SourceError, OSError, RuntimeError) as exc:
+                    tel.count("source_faults")
+                    kind = "stalled" if isinstance(exc, SourceStalled) else "failed"
+                    self._warn(f"{self._source_name()} {kind} ({exc}); reopening", "source", every=0.0)
+                    if not self._reopen():
+                        break
+                    continue
+                tel.add_time("capture", (time.perf_counter() - t0) * 1e3)
+                tel.count("frames_in")
+                self._captured += 1
+                item = (frame, time.time())
+                if isinstance(self._frames, LatestSlot):
+                    if self._frames.put(item):
+                        tel.count("dropped")
+                else:
+                    self._put_blocking(self._frames, item, "reconstruction")
+        except BaseException as exc:  # noqa: BLE001 - reported by run()
+            self._fatal = exc
+        finally:
+            self._capture_done.set()
+
+    def _put_blocking(self, q: queue.Queue, item, what: str) -> None:
+        """Blocking put that measures back-pressure and warns when the consumer cannot keep up."""
+        try:
+            q.put_nowait(item)
+            return
+        except queue.Full:
+            pass
+        t0 = time.perf_counter()
+        while True:
+            try:
+                q.put(item, timeout=0.5)
+                break
+            except queue.Full:
+                if self._fatal is not None or (what == "recorder" and not self._recorder_alive()):
+                    return
+        ms = (time.perf_counter() - t0) * 1e3
+        self.telemetry.add_blocked(ms)
+        if ms >= self.config.backpressure_warn_ms:
+            self._warn(f"back-pressure: the {what} cannot keep up, capture waited {ms:.0f} ms "
+                       "(no frame dropped; a live camera may skip frames meanwhile)", "backpressure")
+
+    # -- recorder thread ---------------------------------------------------------------------------
+    def _recorder_alive(self) -> bool:
+        return self.recorder is not None and self.recorder.active
+
+    def _record_main(self) -> None:
+        tel = self.telemetry
+        while True:
+            item = self._record_q.get()
+            if item is _END:
+                return
+            if not self._recorder_alive():
+                continue
+            index, raw, x, meta = item
+            t0 = time.perf_counter()
+            try:
+                self.recorder.record(index, raw, x, meta)
+            except RecorderError as exc:
+                self.recording_stopped = str(exc)
+                tel.event("recorder", str(exc))
+                self.log(f"nsdd-edge: RECORDING STOPPED: {exc}")
+                continue
+            tel.add_time("record", (time.perf_counter() - t0) * 1e3)
+            tel.count("recorded")
+
+    def _to_recorder(self, frame, t_capture: float, x: np.ndarray | None, extra: dict) -> None:
+        if not self._recorder_alive():
+            return
+        index = int(getattr(frame, "index", self._captured))
+        meta = {**self.frame_meta, "source_timestamp": getattr(frame, "timestamp", None),
+                "captured_at": t_capture, "source_meta": dict(getattr(frame, "meta", None) or {}), **extra}
+        self._put_blocking(self._record_q, (index, np.asarray(frame.data), x, meta), "recorder")
+
+    # -- reconstruction (caller's thread) ----------------------------------------------------------
+    def _process(self, item) -> None:
+        frame, t_capture = item
+        tel, cfg = self.telemetry, self.config
+        t0 = time.perf_counter()
+        try:
+            y = np.asarray(self.preprocess(frame.data), dtype=np.float32)
+            if not np.all(np.isfinite(y)):
+                raise FrameRejected(f"frame {getattr(frame, 'index', '?')}: measurement has NaN/Inf values")
+            expected = cfg.expected_input_shape
+            if expected is not None and tuple(y.shape) != tuple(expected):
+                if not self._checked_shape:
+                    raise LoopError(str(BundleError(
+                        f"the bundle expects measurements of shape {tuple(expected)} but "
+                        f"{self._source_name()} gives {tuple(y.shape)} after preprocessing: use a bundle "
+                        "made for this camera/size (or adjust the bundle's preprocess crop/downsample)")))
+                raise FrameRejected(f"frame {getattr(frame, 'index', '?')}: shape {y.shape} != {expected}")
+            self._checked_shape = True
+        except FrameRejected as exc:
+            tel.add_time("preprocess", (time.perf_counter() - t0) * 1e3)
+            tel.count("rejected")
+            self._warn(f"rejected {exc}", "rejected", every=2.0)
+            self._to_recorder(frame, t_capture, None, {"rejected": str(exc)})
+            self._processed += 1
+            return
+        tel.add_time("preprocess", (time.perf_counter() - t0) * 1e3)
+        with tel.time("infer"):
+            x = self.engine.infer(y[None])[0]
+        tel.count("frames_out")
+        self._processed += 1
+        with tel.time("output"):
+            self.last_pair = (y, x)
+            if self.preview is not None:
+                self.last_preview = compose(y, x, tel.overlay_lines())
+                self.preview.show(self.last_preview)
+            self._to_recorder(frame, t_capture, x, {})
+
+    def run(self) -> dict:
+        """Run until ``max_frames``, end of stream, :meth:`request_stop` or a fatal error; returns the
+        final telemetry snapshot. The source must not be open yet (it is opened here, errors raised)."""
+        cfg, tel = self.config, self.telemetry
+        self.source.open()
+        capture = threading.Thread(target=self._capture_main, name="nsdd-capture", daemon=True)
+        recorder = (threading.Thread(target=self._record_main, name="nsdd-recorder", daemon=True)
+                    if self.recorder is not None else None)
+        if recorder:
+            recorder.start()
+        capture.start()
+        last_console = last_stats = time.monotonic()
+        try:
+            while True:
+                try:
+                    item = self._frames.get(timeout=0.05)
+                except queue.Empty:
+                    if self._capture_done.is_set() and self._frames.empty():
+                        break
+                    if self._stop.is_set() and not self.lossless:
+                        break
+                else:
+                    if self._stop.is_set() and not self.lossless:
+                        break  # live mode: a frame taken after stop is not worth processing
+                    self._process(item)
+                    if not self.lossless and cfg.max_frames is not None and self._processed >= cfg.max_frames:
+                        self.request_stop(f"{cfg.max_frames} frames")
+                now = time.monotonic()
+                if cfg.console_interval and now - last_console >= cfg.console_interval:
+                    last_console = now
+                    self.log(tel.line())
+                if cfg.stats_path and now - last_stats >= cfg.stats_interval:
+                    last_stats = now
+                    tel.write_json(cfg.stats_path)
+        except BaseException as exc:
+            self._fatal = self._fatal or exc
+        finally:
+            self._stop.set()
+            capture.join(timeout=max(5.0, cfg.read_timeout + 1.0))
+            if recorder:
+                self._record_q.put(_END)
+                recorder.join()
+            if self.end_reason == "running":
+                self.end_reason = f"{cfg.max_frames} frames" if cfg.max_frames else "finished"
+            try:
+                self.source.close()
+            except Exception as exc:  # noqa: BLE001
+                tel.event("source", f"close failed: {exc}")
+            if capture.is_alive():
+                tel.event("source", "capture thread did not stop within the timeout (source read blocked)")
+            self.finish()
+        if self._fatal is not None:
+            raise self._fatal
+        return tel.snapshot()
+
+    def finish(self) -> None:
+        """Final outputs: stats JSON, snapshot PNG (last side-by-side frame)."""
+        cfg, tel = self.config, self.telemetry
+        tel.info["end_reason"] = self.end_reason
+        if self.recorder is not None:
+            tel.info["recorded_to"] = str(self.recorder.root)
+            tel.info["recording_stopped"] = self.recording_stopped
+        if cfg.snapshot_path and self.last_pair is not None:
+            import cv2
+
+            img = compose(*self.last_pair, tel.overlay_lines())
+            ok, buf = cv2.imencode(".png", img)
+            if ok:
+                atomic_write_bytes(cfg.snapshot_path, buf.tobytes())
+        if cfg.stats_path:
+            tel.write_json(cfg.stats_path)
