@@ -86,3 +86,35 @@ def test_small_and_bad_inputs(model):
         model(torch.rand(1, 2, 64, 64), torch.rand(1, 2, 64, 64))
     g = torch.rand(2, 1, 40, 40, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(model(g, g.flip(-1)), model(g.expand(-1, 3, -1, -1), g.flip(-1).expand(-1, 3, -1, -1)))
+
+
+def test_download_path_maps_torchvision_alexnet_and_package_heads(lpips_dir, monkeypatch, tmp_path):
+    """Without a weights file: torchvision-layout AlexNet (from torch.hub) + the lpips package's heads.
+
+    No network here: torch.hub is replaced by a function returning the backbone in torchvision's key layout
+    (``features.N.*``) and a fake ``lpips`` package directory holds ``weights/v0.1/alex.pth``.
+    """
+    import train.lpips as mod
+
+    full = torch.load(lpips_dir / "lpips_alex_full_v0.1.pth", weights_only=True)
+    alex = {k.replace(f"net.slice{s}.", "features."): v for k, v in full.items() if k.startswith("net.")
+            for s in range(1, 6) if k.startswith(f"net.slice{s}.")}
+    alex["classifier.1.weight"] = torch.zeros(2, 2)  # torchvision's file also holds the classifier
+    heads_dir = tmp_path / "site" / "lpips" / "weights" / "v0.1"
+    heads_dir.mkdir(parents=True)
+    (tmp_path / "site" / "lpips" / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    torch.save({k: v for k, v in full.items() if k.startswith("lin")}, heads_dir / "alex.pth")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    urls = []
+
+    def fake_hub(url, map_location=None, progress=True):
+        urls.append(url)
+        return alex
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fake_hub)
+    state, source = resolve_weights(None)
+    assert urls == [mod.ALEXNET_URL] and "lpips package" in source
+    assert set(state) == set(LPIPS_KEYS)
+    for k in LPIPS_KEYS:
+        assert torch.equal(state[k], full[k]), k
