@@ -1,0 +1,266 @@
+"""Saving and loading diffusion priors as diffusers-style directories.
+
+Our format (written by :func:`save_prior` and by ``nsdd-train prior``)::
+
+    config.json             {"_class_name": "NSDDUNet", "architecture": {UNetConfig}, "image_size", "channels", ...}
+    model.safetensors       the (EMA) weights; float16 allowed on disk, loaded as float32 (or ``dtype``)
+    scheduler_config.json   {"num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"}
+
+:func:`load_prior` also reads diffusers ``UNet2DModel`` directories (``config.json`` with ``_class_name:
+"UNet2DModel"``, ``diffusion_pytorch_model.safetensors`` or ``.bin``, the scheduler config in
+``scheduler/scheduler_config.json`` or beside the model) when diffusers is installed, e.g. a local copy
+of google/ddpm-ema-celebahq-256 (the root of the repository or its ``unet/`` folder).
+OpenAI guided-diffusion / ADM ``.pt`` checkpoints are not supported (they need the ADM architecture).
+The noise schedule always comes from the prior's own scheduler config, never from a default.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from train.prior.base import DiffusionPrior, linear_alphas_cumprod
+from train.prior.unet import CLASS_NAME, UNet, UNetConfig
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+SCHEDULER_NAME = "scheduler_config.json"
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+FORMAT_VERSION = 1
+
+
+class PriorError(ValueError):
+    """A path that is not a usable diffusion prior; the message names the path and what is wrong."""
+
+
+def default_schedule(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> dict:
+    """The DDPM linear-β ε-prediction scheduler config."""
+    return {"num_train_timesteps": int(num_train_timesteps), "beta_start": float(beta_start),
+            "beta_end": float(beta_end), "beta_schedule": "linear", "prediction_type": "epsilon"}
+
+
+def alphas_cumprod_from_schedule(schedule: dict, source: str | Path = "scheduler config") -> torch.Tensor:
+    """``ᾱ_t`` (float64) for a diffusers-style scheduler config.
+
+    ``linear``: β linear in [β_start, β_end]; ``scaled_linear``: √β linear; ``squaredcos_cap_v2``:
+    ``ᾱ(s) = cos²((s + 0.008)/1.008 · π/2)``, ``β_t = min(1 − ᾱ((t+1)/T)/ᾱ(t/T), 0.999)``.
+    Only ``prediction_type: "epsilon"`` is accepted.
+    """
+    prediction = schedule.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise PriorError(f"{source}: prediction_type {prediction!r} is not supported (only 'epsilon')")
+    if schedule.get("trained_betas") is not None:
+        betas = torch.tensor(schedule["trained_betas"], dtype=torch.float64)
+        return torch.cumprod(1.0 - betas, dim=0)
+    try:
+        steps = int(schedule.get("num_train_timesteps", 1000))
+        beta_start = float(schedule.get("beta_start", 1e-4))
+        beta_end = float(schedule.get("beta_end", 0.02))
+    except (TypeError, ValueError) as exc:
+        raise PriorError(f"{source}: invalid schedule numbers ({exc})") from exc
+    kind = schedule.get("beta_schedule", "linear")
+    if kind == "linear":
+        return linear_alphas_cumprod(steps, beta_start, beta_end)
+    if kind == "scaled_linear":
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, steps, dtype=torch.float64) ** 2
+        return torch.cumprod(1.0 - betas, dim=0)
+    if kind == "squaredcos_cap_v2":
+        def abar(s: float) -> float:
+            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = torch.tensor([min(1 - abar((i + 1) / steps) / abar(i / steps), 0.999) for i in range(steps)],
+                             dtype=torch.float64)
+        return torch.cumprod(1.0 - betas, dim=0)
+    raise PriorError(f"{source}: beta_schedule {kind!r} is not supported "
+                     "(linear, scaled_linear, squaredcos_cap_v2)")
+
+
+# ---- atomic file writes ---------------------------------------------------------------------------
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+# ---- save ---------------------------------------------------------------------------------------------
+def save_prior(prior_or_net: DiffusionPrior | UNet, path: str | Path, config: dict | None = None,
+               schedule: dict | None = None, *, dtype: torch.dtype = torch.float32,
+               extra: dict | None = None) -> Path:
+    """Write a prior directory (see the module docstring); each file is replaced atomically.
+
+    ``config``: the UNet architecture (default: the network's own ``config``); ``schedule``: the scheduler
+    config (default: the prior's ``config["scheduler"]`` or the DDPM linear schedule); ``dtype``: on-disk
+    weight dtype (float32 or float16); ``extra``: JSON-able notes stored under ``"training"`` in config.json.
+    """
+    from safetensors.torch import save as save_bytes
+
+    net = prior_or_net.net if isinstance(prior_or_net, DiffusionPrior) else prior_or_net
+    if not isinstance(net, UNet):
+        raise TypeError(f"save_prior writes {CLASS_NAME} networks; got {type(net).__name__} "
+                        "(save diffusers models with their own save_pretrained)")
+    architecture = UNetConfig.from_dict(dict(config if config is not None else net.config)).to_dict()
+    if architecture != net.config:
+        raise ValueError("save_prior: config does not describe this network "
+                         f"(given {architecture}, network has {net.config})")
+    if schedule is None:
+        schedule = (prior_or_net.config.get("scheduler") if isinstance(prior_or_net, DiffusionPrior) else None)
+        schedule = schedule or default_schedule()
+    schedule = {**default_schedule(), **schedule}
+    alphas_cumprod_from_schedule(schedule)  # validate before writing anything
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"save_prior: unsupported weight dtype {dtype}")
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in net.state_dict().items()}
+    atomic_write_bytes(path / WEIGHTS_NAME, save_bytes(state, metadata={"format": "pt"}))
+    atomic_write_json(path / SCHEDULER_NAME, schedule)
+    atomic_write_json(path / CONFIG_NAME, {
+        "_class_name": CLASS_NAME,
+        "_format_version": FORMAT_VERSION,
+        "architecture": architecture,
+        "image_size": architecture["image_size"],
+        "channels": architecture["out_channels"],
+        "weights_dtype": str(dtype).replace("torch.", ""),
+        "training": dict(extra or {}),
+    })
+    return path
+
+
+# ---- load ---------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise PriorError(f"{path}: invalid JSON ({exc})") from exc
+    except OSError as exc:
+        raise PriorError(f"{path}: cannot read ({exc})") from exc
+    if not isinstance(data, dict):
+        raise PriorError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_prior(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> DiffusionPrior:
+    """Load a prior directory (ours or a diffusers ``UNet2DModel``) as an eval-mode :class:`DiffusionPrior`."""
+    path = Path(path)
+    if not path.exists():
+        raise PriorError(f"{path}: no such prior directory")
+    if path.is_file():
+        hint = (" (an OpenAI guided-diffusion/ADM checkpoint? those are not supported: convert it to a "
+                "diffusers UNet2DModel directory)" if path.suffix in (".pt", ".pth", ".ckpt") else "")
+        raise PriorError(f"{path}: a prior is a directory with {CONFIG_NAME}, not a file{hint}")
+    config_path = path / CONFIG_NAME
+    if not config_path.exists():
+        if (path / "unet" / CONFIG_NAME).exists():
+            return load_prior(path / "unet", device=device, dtype=dtype)
+        found = sorted(p.name for p in path.iterdir())[:10]
+        raise PriorError(f"{path}: not a diffusion prior (no {CONFIG_NAME}; found {found or 'nothing'})")
+    config = _read_json(config_path)
+    class_name = config.get("_class_name")
+    if class_name == CLASS_NAME:
+        prior = _load_nsdd(path, config)
+    elif class_name == "UNet2DModel":
+        prior = _load_diffusers(path, config)
+    else:
+        raise PriorError(f"{config_path}: _class_name {class_name!r} is not a supported prior "
+                         f"({CLASS_NAME!r} or diffusers 'UNet2DModel')")
+    prior.net.to(device=device, dtype=dtype)
+    return prior.to(device=device).eval()  # ᾱ stays float64
+
+
+def _load_nsdd(path: Path, config: dict) -> DiffusionPrior:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if "architecture" not in config:
+        raise PriorError(f"{path / CONFIG_NAME}: missing 'architecture'")
+    try:
+        net = UNet(UNetConfig.from_dict(config["architecture"]))
+    except (TypeError, ValueError) as exc:
+        raise PriorError(f"{path / CONFIG_NAME}: {exc}") from exc
+    weights = path / WEIGHTS_NAME
+    if not weights.exists():
+        raise PriorError(f"{path}: missing {WEIGHTS_NAME} (the network weights)")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise PriorError(f"{weights}: unreadable safetensors file ({exc})") from exc
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise PriorError(f"{weights}: weights do not match config.json's architecture "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]})")
+    net.load_state_dict({k: v.float() for k, v in state.items()})
+    schedule_path = path / SCHEDULER_NAME
+    if not schedule_path.exists():
+        raise PriorError(f"{path}: missing {SCHEDULER_NAME} (the noise schedule)")
+    schedule = _read_json(schedule_path)
+    alphas_cumprod = alphas_cumprod_from_schedule(schedule, schedule_path)
+    arch = net.cfg
+    return DiffusionPrior(net, alphas_cumprod, image_size=arch.image_size, channels=arch.out_channels,
+                          config={**config, "scheduler": schedule, "path": str(path)})
+
+
+class EpsilonOnly(torch.nn.Module):
+    """Keep the first ``channels`` output channels (ε) of a network that also predicts a variance."""
+
+    def __init__(self, net: torch.nn.Module, channels: int):
+        super().__init__()
+        self.net = net
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self.net(x, t)
+        out = out.sample if hasattr(out, "sample") else out
+        return out[:, : self.channels]
+
+
+def _load_diffusers(path: Path, config: dict) -> DiffusionPrior:
+    try:
+        from diffusers import UNet2DModel
+    except ImportError as exc:
+        raise PriorError(f"{path}: a diffusers UNet2DModel directory needs the 'diffusers' package "
+                         f"(pip install diffusers; {exc})") from exc
+    if not any((path / name).exists() for name in DIFFUSERS_WEIGHTS):
+        raise PriorError(f"{path}: missing {DIFFUSERS_WEIGHTS[0]} or {DIFFUSERS_WEIGHTS[1]}")
+    candidates = [path / "scheduler" / SCHEDULER_NAME, path / SCHEDULER_NAME,
+                  path.parent / "scheduler" / SCHEDULER_NAME]
+    schedule_path = next((p for p in candidates if p.exists()), None)
+    if schedule_path is None:
+        raise PriorError(f"{path}: no scheduler config (looked for "
+                         f"{', '.join(str(p) for p in candidates)}); the noise schedule must come with the model")
+    schedule = _read_json(schedule_path)
+    alphas_cumprod = alphas_cumprod_from_schedule(schedule, schedule_path)
+    try:
+        unet = UNet2DModel.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise PriorError(f"{path}: diffusers could not load the UNet2DModel ({exc})") from exc
+    in_ch, out_ch = int(unet.config.in_channels), int(unet.config.out_channels)
+    net = EpsilonOnly(unet, in_ch) if out_ch != in_ch else unet
+    size = unet.config.sample_size
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    return DiffusionPrior(net, alphas_cumprod, image_size=size, channels=in_ch,
+                          config={**dict(unet.config), "_class_name": "UNet2DModel", "scheduler": schedule,
+                                  "path": str(path)})

@@ -1,0 +1,506 @@
+"""``nsdd-train prior``: train a pixel-space diffusion prior (ε-prediction UNet) on the user's images.
+
+Data: every image under ``--images`` (recursively; PNG/JPEG/TIFF/BMP/NPY), or a dataset directory's
+``ground_truth/``. Each image is centre-cropped to a square, resized to ``--size`` and, with
+``--pad-to N``, placed in the centre of an N×N zero frame (the sensor-size domain our reconstructions
+live in). Scenes map to [−1, 1] (``x' = 2x − 1``). Unreadable images are skipped and listed.
+
+Objective (DDPM, ε-prediction): ``L = ‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖²``, ``t ~ U{0..T−1}``,
+random horizontal flips; AdamW with linear warm-up; gradient clipping; EMA weights
+``θ̄ ← d θ̄ + (1 − d) θ`` with ``d = min(ema, (1 + step)/(10 + step))``; bf16 autocast on a GPU.
+
+Output ``--out`` (loads with :func:`train.prior.io.load_prior` once the first checkpoint is written)::
+
+    config.json, model.safetensors, scheduler_config.json   the EMA prior
+    checkpoint.pt         model, EMA, optimizer, step, RNG states, data position (atomic)
+    samples/step_NNNNNNN.png   DDIM samples of the EMA prior at each checkpoint (fixed seed)
+    train_log.jsonl       loss / learning rate every --log-every steps
+    skipped_images.json   images that could not be read, with the reason
+
+A restart with the same ``--out`` resumes from ``checkpoint.pt`` (kill it at any moment: at most the steps
+since the last checkpoint are redone, and the result equals an uninterrupted run with the same seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nsdd_edge.optics import IMAGE_SUFFIXES, OpticsError, center_pad, read_image01
+from train.prior.base import DiffusionPrior
+from train.prior.io import (
+    PriorError,
+    alphas_cumprod_from_schedule,
+    atomic_write_bytes,
+    atomic_write_json,
+    default_schedule,
+    save_prior,
+)
+from train.prior.sampling import ddim_sample, image_grid, save_png
+from train.prior.unet import UNet, UNetConfig
+
+HELP = "train a diffusion prior (ε-prediction UNet) on a folder of images"
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = "nsdd-prior-checkpoint/1"
+READABLE_SUFFIXES = tuple(IMAGE_SUFFIXES) + (".npy",)
+
+# Settings that define a run: fixed by the checkpoint on resume (a different explicit value is an error).
+STRUCTURAL_DEFAULTS = {
+    "size": 64, "pad_to": None, "channels": 3, "seed": 0, "batch": 16,
+    "base_channels": 64, "channel_mults": [1, 2, 2, 2], "num_res_blocks": 2, "attention_resolutions": None,
+    "num_heads": 4, "dropout": 0.1, "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+}
+# Optimisation settings: taken from the checkpoint on resume unless given again (then the new value is used).
+TUNABLE_DEFAULTS = {"lr": 2e-4, "weight_decay": 0.0, "ema": 0.999, "warmup": 200, "grad_clip": 1.0}
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS  # run-defining settings: absent unless given, so a resume keeps the checkpoint's
+    d = {**STRUCTURAL_DEFAULTS, **TUNABLE_DEFAULTS}
+    g = p.add_argument_group("data")
+    g.add_argument("--images", required=True, type=Path,
+                   help="folder of training images (searched recursively) or a dataset directory (uses ground_truth/)")
+    g.add_argument("--out", required=True, type=Path, help="output prior directory (also holds the checkpoint)")
+    g.add_argument("--size", type=int, default=S, help=f"scene size in pixels (default: {d['size']})")
+    g.add_argument("--pad-to", type=int, default=S,
+                   help="centre each --size scene in an N×N zero frame (sensor-size domain) (default: no padding)")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=S, help="1 = grayscale, 3 = RGB (default: 3)")
+    g = p.add_argument_group("network (UNet)")
+    g.add_argument("--base-channels", type=int, default=S, help=f"(default: {d['base_channels']})")
+    g.add_argument("--channel-mults", type=_int_list, default=S, help="comma-separated (default: 1,2,2,2)")
+    g.add_argument("--num-res-blocks", type=int, default=S, help=f"(default: {d['num_res_blocks']})")
+    g.add_argument("--attention-resolutions", type=_int_list, default=S,
+                   help="feature-map sizes (px) with self-attention, comma-separated, '' for none "
+                        "(default: 16, or the coarsest level when 16 is not one)")
+    g.add_argument("--num-heads", type=int, default=S, help=f"(default: {d['num_heads']})")
+    g.add_argument("--dropout", type=float, default=S, help=f"(default: {d['dropout']})")
+    g = p.add_argument_group("diffusion schedule (linear β)")
+    g.add_argument("--num-train-timesteps", type=int, default=S, help="(default: 1000)")
+    g.add_argument("--beta-start", type=float, default=S, help="(default: 1e-4)")
+    g.add_argument("--beta-end", type=float, default=S, help="(default: 0.02)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=100_000, help="total training steps")
+    g.add_argument("--batch", type=int, default=S, help=f"batch size (default: {d['batch']})")
+    g.add_argument("--lr", type=float, default=S, help=f"AdamW learning rate (default: {d['lr']})")
+    g.add_argument("--weight-decay", type=float, default=S, help="AdamW weight decay (default: 0)")
+    g.add_argument("--warmup", type=int, default=S, help=f"linear learning-rate warm-up steps (default: {d['warmup']})")
+    g.add_argument("--grad-clip", type=float, default=S, help="max gradient norm, 0 = off (default: 1.0)")
+    g.add_argument("--ema", type=float, default=S, help=f"EMA decay (default: {d['ema']})")
+    g.add_argument("--seed", type=int, default=S, help="seed for initialisation, data order and noise (default: 0)")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast on a GPU, fp32 on the CPU")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--checkpoint-every", type=int, default=1000, help="write checkpoint + prior + samples every N steps")
+    g.add_argument("--log-every", type=int, default=50, help="append the mean loss to train_log.jsonl every N steps")
+    g.add_argument("--sample-count", type=int, default=16, help="images in each sample grid (0 = no grids)")
+    g.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the sample grids")
+    g.add_argument("--sample-seed", type=int, default=0, help="seed of the sample grids (fixed across checkpoints)")
+    g.add_argument("--save-dtype", choices=("float32", "float16"), default="float32",
+                   help="dtype of model.safetensors on disk (always loaded as float32)")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="resume from OUT/checkpoint.pt (default: resume when it exists; --no-resume refuses to "
+                        "overwrite an existing checkpoint unless --overwrite)")
+    g.add_argument("--overwrite", action="store_true", help="with --no-resume: start over, replacing the checkpoint")
+    g.add_argument("--max-steps-this-run", type=int, default=None,
+                   help="stop (with a checkpoint) after this many steps in this invocation; run again to continue")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+
+# ---- data -----------------------------------------------------------------------------------------------
+def find_image_files(root: Path) -> tuple[Path, list[Path]]:
+    """The image folder to use (``root`` or its ``ground_truth/``) and its image files, sorted."""
+    root = Path(root)
+    if not root.exists():
+        raise PriorError(f"--images {root}: no such directory")
+    if not root.is_dir():
+        raise PriorError(f"--images {root}: not a directory")
+    if (root / "dataset.json").exists() or (root / "ground_truth").is_dir():
+        if not (root / "ground_truth").is_dir():
+            raise PriorError(f"--images {root}: a dataset directory without ground_truth/ (real captures "
+                             "have no scenes to train a prior on)")
+        root = root / "ground_truth"
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in READABLE_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise PriorError(f"--images {root}: no image files ({', '.join(READABLE_SUFFIXES)}) found")
+    return root, files
+
+
+def prepare_image(img: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """``(C, H, W)`` in [0, 1] → centre square crop → ``(channels, size, size)`` float32 (INTER_AREA when shrinking)."""
+    import cv2
+
+    c, h, w = img.shape
+    side = min(h, w)
+    r, q = (h - side) // 2, (w - side) // 2
+    img = img[:, r:r + side, q:q + side]
+    if channels == 1 and c == 3:
+        img = (0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2])[None]
+    elif channels == 3 and c == 1:
+        img = np.repeat(img, 3, axis=0)
+    if side != size:
+        interp = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
+        img = np.stack([cv2.resize(np.ascontiguousarray(ch), (size, size), interpolation=interp) for ch in img])
+    return np.clip(img, 0.0, 1.0).astype(np.float32)
+
+
+def load_images(files: list[Path], size: int, channels: int, progress: bool = True
+                ) -> tuple[np.ndarray, list[Path], list[tuple[str, str]]]:
+    """Read and prepare all images: ``(N, C, size, size)`` float16 in [0, 1], the files used, the skipped ones."""
+    from tqdm.auto import tqdm
+
+    kept, used, skipped = [], [], []
+    for path in tqdm(files, desc="reading images", disable=not progress, leave=False):
+        try:
+            img = read_image01(path)
+            if img.shape[0] not in (1, 3):
+                raise OpticsError(f"{path}: {img.shape[0]} channels (expected 1 or 3)")
+            kept.append(prepare_image(img, size, channels).astype(np.float16))
+            used.append(path)
+        except (OpticsError, ValueError, OSError) as exc:
+            reason = str(exc)
+            skipped.append((str(path), reason[len(str(path)) + 2:] if reason.startswith(f"{path}: ") else reason))
+    if not kept:
+        raise PriorError(f"--images: none of the {len(files)} image files could be read "
+                         f"(first problem: {skipped[0][1]})")
+    return np.stack(kept), used, skipped
+
+
+def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The data order of one epoch, a function of (seed, epoch) only (so a resume continues it exactly)."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
+
+
+def batch_indices(position: int, batch: int, n: int, seed: int) -> list[int]:
+    """Indices of the ``batch`` samples starting at global sample ``position`` (crossing epochs as needed)."""
+    out: list[int] = []
+    while len(out) < batch:
+        epoch, offset = divmod(position, n)
+        take = min(batch - len(out), n - offset)
+        out.extend(epoch_permutation(seed, epoch, n)[offset:offset + take].tolist())
+        position += take
+    return out
+
+
+# ---- training pieces ------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise PriorError(f"--device {name!r}: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PriorError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``θ̄ ← d θ̄ + (1 − d) θ`` for parameters; buffers copied."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def ema_decay(target: float, step: int) -> float:
+    """EMA warm-up: ``min(target, (1 + step)/(10 + step))``."""
+    return min(target, (1 + step) / (10 + step))
+
+
+def _image_set_digest(root: Path, used: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in used:
+        h.update(str(p.relative_to(root)).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign file
+        raise PriorError(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc}); "
+                         "move it away or pass --no-resume --overwrite to start over") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise PriorError(f"{path}: not an nsdd-train prior checkpoint")
+    return state
+
+
+def resolve_settings(args: argparse.Namespace, checkpoint: dict | None) -> dict:
+    """Run settings: explicit flags, else the checkpoint's, else the defaults; structural clashes are errors."""
+    given = {k: getattr(args, k) for k in {**STRUCTURAL_DEFAULTS, **TUNABLE_DEFAULTS} if hasattr(args, k)}
+    if checkpoint is None:
+        return {**STRUCTURAL_DEFAULTS, **TUNABLE_DEFAULTS, **given}
+    saved = checkpoint["settings"]
+    clashes = [f"--{k.replace('_', '-')} {given[k]} (checkpoint: {saved[k]})"
+               for k in STRUCTURAL_DEFAULTS if k in given and given[k] != saved.get(k)]
+    if clashes:
+        raise PriorError(f"{args.out / CHECKPOINT_NAME}: cannot resume with different settings: "
+                         + "; ".join(clashes) + ". Use the same flags, a new --out, or --no-resume --overwrite")
+    changed = [k for k in TUNABLE_DEFAULTS if k in given and given[k] != saved.get(k)]
+    if changed:
+        print("resume: using new " + ", ".join(f"{k}={given[k]} (was {saved.get(k)})" for k in changed))
+    return {**STRUCTURAL_DEFAULTS, **TUNABLE_DEFAULTS, **saved, **given}
+
+
+def _architecture(settings: dict) -> UNetConfig:
+    size = settings["pad_to"] or settings["size"]
+    attention = settings["attention_resolutions"]
+    if attention is None:  # default: attend at 16 px, or at the coarsest level when 16 px is not one
+        levels = [size // 2 ** i for i in range(len(settings["channel_mults"]))]
+        attention = [16] if 16 in levels else [levels[-1]]
+    return UNetConfig(in_channels=settings["channels"], out_channels=settings["channels"], image_size=size,
+                      base_channels=settings["base_channels"], channel_mults=settings["channel_mults"],
+                      num_res_blocks=settings["num_res_blocks"],
+                      attention_resolutions=attention,
+                      num_heads=settings["num_heads"], dropout=settings["dropout"])
+
+
+def _validate(args: argparse.Namespace, settings: dict) -> None:
+    problems = []
+    if settings["size"] < 4:
+        problems.append(f"--size {settings['size']} is too small")
+    if settings["pad_to"] is not None and settings["pad_to"] < settings["size"]:
+        problems.append(f"--pad-to {settings['pad_to']} is smaller than --size {settings['size']}")
+    if settings["batch"] < 1:
+        problems.append("--batch must be >= 1")
+    if args.steps < 0:
+        problems.append("--steps must be >= 0")
+    if args.checkpoint_every < 1:
+        problems.append("--checkpoint-every must be >= 1")
+    if args.max_steps_this_run is not None and args.max_steps_this_run < 1:
+        problems.append("--max-steps-this-run must be >= 1")
+    if not 0.0 <= settings["ema"] < 1.0:
+        problems.append(f"--ema {settings['ema']} must be in [0, 1)")
+    if problems:
+        raise PriorError("nsdd-train prior: " + "; ".join(problems))
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return _train(args)
+    except PriorError as exc:
+        print(f"nsdd-train prior: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise PriorError(f"--out {out}: exists and is not a directory")
+    checkpoint_path = out / CHECKPOINT_NAME
+    checkpoint = None
+    if checkpoint_path.exists():
+        if args.resume is False:
+            if not args.overwrite:
+                raise PriorError(f"{checkpoint_path} exists: resume (default), pick a new --out, "
+                                 "or pass --overwrite to start over and replace it")
+        else:
+            checkpoint = load_checkpoint(checkpoint_path)
+    elif args.resume is True:
+        raise PriorError(f"--resume: no checkpoint at {checkpoint_path}")
+
+    settings = resolve_settings(args, checkpoint)
+    _validate(args, settings)
+    try:
+        arch = _architecture(settings)
+    except ValueError as exc:
+        raise PriorError(f"nsdd-train prior: {exc} (check --size/--pad-to and --channel-mults)") from exc
+    schedule = default_schedule(settings["num_train_timesteps"], settings["beta_start"], settings["beta_end"])
+    alphas_cumprod = alphas_cumprod_from_schedule(schedule)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+
+    # data
+    progress = not args.no_progress
+    root, files = find_image_files(args.images)
+    images, used, skipped = load_images(files, settings["size"], settings["channels"], progress)
+    out.mkdir(parents=True, exist_ok=True)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s) (list in {out / 'skipped_images.json'}):", file=sys.stderr)
+        for name, reason in skipped[:20]:
+            print(f"  {name}: {reason}", file=sys.stderr)
+        if len(skipped) > 20:
+            print(f"  ... and {len(skipped) - 20} more", file=sys.stderr)
+        atomic_write_json(out / "skipped_images.json", [{"file": n, "reason": r} for n, r in skipped])
+    digest = _image_set_digest(root, used)
+    n_images = len(used)
+    print(f"{n_images} training images from {root} at {settings['size']} px"
+          + (f", padded to {settings['pad_to']} px" if settings["pad_to"] else ""))
+
+    # model, EMA, optimiser (initialisation seeded)
+    seed = int(settings["seed"])
+    torch.manual_seed(seed)
+    model = UNet(arch).to(device)
+    ema = UNet(arch).to(device)
+    ema.load_state_dict(model.state_dict())
+    ema.eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
+    generator = torch.Generator().manual_seed(seed)
+    step, position = 0, 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        ema.load_state_dict(checkpoint["ema"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        step, position = int(checkpoint["step"]), int(checkpoint["position"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        generator.set_state(checkpoint["rng"]["generator"])
+        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+        if checkpoint.get("images", {}).get("digest") != digest:
+            print(f"resume: the image set changed since the checkpoint ({checkpoint['images'].get('count')} -> "
+                  f"{n_images} images): the data order differs from the original run", file=sys.stderr)
+        print(f"resumed from {checkpoint_path} at step {step}")
+    print(f"UNet: {model.num_parameters:,} parameters, input {arch.in_channels}x{arch.image_size}x{arch.image_size}, "
+          f"device {device}{' (bf16 autocast)' if use_bf16 else ''}")
+    abar = alphas_cumprod.to(device=device, dtype=torch.float32)
+    ema_prior = DiffusionPrior(ema, alphas_cumprod, image_size=arch.image_size, channels=arch.out_channels,
+                               config={"scheduler": schedule}).to(device)
+
+    def rng_state() -> dict:
+        return {"torch": torch.get_rng_state(), "generator": generator.get_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+    def write_checkpoint(samples: bool) -> None:
+        _save_checkpoint(checkpoint_path, {
+            "format": CHECKPOINT_FORMAT, "step": step, "position": position,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "rng": rng_state(), "settings": settings,
+            "images": {"root": str(root), "count": n_images, "digest": digest},
+        })
+        save_prior(ema, out, schedule=schedule,
+                   dtype=torch.float16 if args.save_dtype == "float16" else torch.float32,
+                   extra={"step": step, "images": str(root), "num_images": n_images, "scene_size": settings["size"],
+                          "pad_to": settings["pad_to"], "settings": settings})
+        if samples and args.sample_count > 0:
+            grid = ddim_sample(ema_prior, args.sample_count, steps=min(args.sample_steps, ema_prior.num_train_timesteps),
+                               seed=args.sample_seed, batch_size=16, device=device)
+            save_png(out / "samples" / f"step_{step:07d}.png", image_grid(grid))
+
+    if step >= args.steps:
+        print(f"already trained to step {step} (--steps {args.steps}); nothing to do")
+        if not (out / "model.safetensors").exists():
+            write_checkpoint(samples=True)
+        return 0
+
+    # Ctrl-C / SIGTERM: finish the current step, write a checkpoint, exit (a second Ctrl-C aborts at once;
+    # the last checkpoint on disk is then still intact because every write is atomic).
+    stop = {"signal": None}
+    previous_handlers = {}
+
+    def request_stop(signum, frame):
+        if stop["signal"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous_handlers[sig] = signal.signal(sig, request_stop)
+        except ValueError:  # not the main thread: default behaviour
+            pass
+
+    pad = settings["pad_to"]
+    batch = settings["batch"]
+    last_step = args.steps if args.max_steps_this_run is None else min(args.steps, step + args.max_steps_this_run)
+    log_path = out / "train_log.jsonl"
+    losses: list[float] = []
+    running = None
+    model.train()
+    bar = tqdm(total=args.steps, initial=step, desc="prior", disable=not progress, dynamic_ncols=True)
+    written_at = step
+    try:
+        while step < last_step and stop["signal"] is None:
+            index = batch_indices(position, batch, n_images, seed)
+            x0 = images[index].astype(np.float32)
+            if pad:
+                x0 = center_pad(x0, (pad, pad))
+            x0 = torch.from_numpy(x0) * 2.0 - 1.0
+            flip = torch.rand(batch, generator=generator) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+            t = torch.randint(0, len(alphas_cumprod), (batch,), generator=generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            x0, t, noise = x0.to(device), t.to(device), noise.to(device)
+            a = abar[t][:, None, None, None]
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+            lr = settings["lr"] * min(1.0, (step + 1) / max(1, settings["warmup"]))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                pred = model(x_t, t)
+            loss = F.mse_loss(pred.float(), noise)
+            if not torch.isfinite(loss):
+                raise PriorError(f"loss became {loss.item()} at step {step + 1}; lower --lr "
+                                 f"(last good checkpoint: {checkpoint_path})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if settings["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings["grad_clip"])
+            optimizer.step()
+            ema_update(ema, model, ema_decay(settings["ema"], step))
+            step += 1
+            position += batch
+
+            value = float(loss.item())
+            losses.append(value)
+            running = value if running is None else 0.98 * running + 0.02 * value
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}")
+            if step % args.log_every == 0 or step == last_step:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": step, "loss": float(np.mean(losses)), "lr": lr,
+                                        "time": time.time()}) + "\n")
+                losses = []
+            if step % args.checkpoint_every == 0 or step == args.steps:
+                write_checkpoint(samples=True)
+                written_at = step
+    except KeyboardInterrupt:
+        print(f"aborted at step {step}; resume from the last checkpoint ({written_at}) in {checkpoint_path}",
+              file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+    if written_at != step:
+        write_checkpoint(samples=stop["signal"] is None)
+    if stop["signal"] is not None:
+        print(f"stopped by {stop['signal']} at step {step}; checkpoint in {checkpoint_path} (run again to resume)")
+        return 130
+    if step < args.steps:
+        print(f"paused at step {step}/{args.steps} (--max-steps-this-run); run the same command again to continue")
+    else:
+        print(f"done: {step} steps; prior in {out} (load with train.prior.io.load_prior)")
+    return 0

@@ -1,0 +1,269 @@
+"""The ε-prediction UNet of the diffusion prior (DDPM/ADM style, own implementation, no diffusers).
+
+``UNet(config)(x_t, t) -> ε̂`` with ``x_t`` of shape ``(N, C, H, W)`` in [−1, 1]-scaled diffusion space and
+``t`` the (integer or real) timestep. Layout::
+
+    conv_in → [ResBlock × num_res_blocks (+ attention at the chosen resolutions), Downsample] per level
+            → ResBlock, Attention, ResBlock (middle)
+            → [ResBlock × (num_res_blocks + 1) on concat(h, skip) (+ attention), Upsample] per level
+            → GroupNorm, SiLU, conv_out (zero-initialised)
+
+ResBlock: ``h = conv(SiLU(GN(x))) + W·emb(t)``; ``out = skip(x) + conv(dropout(SiLU(GN(h))))``.
+Time embedding: sinusoid ``[cos(t ω_k), sin(t ω_k)]``, ``ω_k = 10000^(−k/(d/2))``, then a 2-layer MLP.
+``attention_resolutions`` are feature-map sizes in pixels for an input of ``image_size`` pixels (16 means
+"attend where the feature map is 16×16"); other input sizes reuse the same layers. H and W must be
+multiples of ``2^(len(channel_mults) − 1)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CLASS_NAME = "NSDDUNet"
+
+
+@dataclass
+class UNetConfig:
+    """Architecture of :class:`UNet`; JSON-able through :meth:`to_dict` / :meth:`from_dict`."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    image_size: int = 64
+    base_channels: int = 64
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
+    num_res_blocks: int = 2
+    attention_resolutions: list[int] = field(default_factory=lambda: [16])
+    num_heads: int = 4
+    dropout: float = 0.1
+    mid_attention: bool = True
+
+    def __post_init__(self):
+        self.channel_mults = [int(m) for m in self.channel_mults]
+        self.attention_resolutions = [int(r) for r in self.attention_resolutions]
+        problems = []
+        if self.in_channels < 1 or self.out_channels < 1:
+            problems.append("in_channels and out_channels must be >= 1")
+        if self.base_channels < 1:
+            problems.append(f"base_channels must be >= 1 (got {self.base_channels})")
+        if not self.channel_mults or any(m < 1 for m in self.channel_mults):
+            problems.append(f"channel_mults must be a non-empty list of positive ints (got {self.channel_mults})")
+        if self.num_res_blocks < 1:
+            problems.append(f"num_res_blocks must be >= 1 (got {self.num_res_blocks})")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
+        if self.num_heads < 1:
+            problems.append(f"num_heads must be >= 1 (got {self.num_heads})")
+        factor = 2 ** (len(self.channel_mults) - 1)
+        if self.image_size < 1 or self.image_size % factor:
+            problems.append(f"image_size {self.image_size} must be a positive multiple of {factor} "
+                            f"(2^(levels-1) for {len(self.channel_mults)} levels)")
+        else:
+            levels = [self.image_size // 2 ** i for i in range(len(self.channel_mults))]
+            stray = [r for r in self.attention_resolutions if r not in levels]
+            if stray:
+                problems.append(f"attention_resolutions {stray} are not feature-map sizes of this network "
+                                f"(image_size {self.image_size} gives {levels})")
+        if problems:
+            raise ValueError("invalid UNet config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> UNetConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"invalid UNet config: unknown keys {unknown} (known: {sorted(known)})")
+        return cls(**config)
+
+
+def group_count(channels: int, max_groups: int = 32) -> int:
+    """Largest number of GroupNorm groups ≤ ``max_groups`` that divides ``channels``."""
+    return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``[cos(t ω_k), sin(t ω_k)]``, ``ω_k = max_period^(−k/half)``; shape ``(N, dim)``."""
+    half = dim // 2
+    omega = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * omega[None]
+    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Time-conditioned residual block: GN → SiLU → conv, + Linear(emb), GN → SiLU → dropout → conv."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(group_count(in_ch), in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(group_count(out_ch), out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(F.silu(emb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H·W positions: ``x + proj(softmax(QKᵀ/√d) V)``."""
+
+    def __init__(self, channels: int, num_heads: int):
+        super().__init__()
+        heads = max(h for h in range(1, min(num_heads, channels) + 1) if channels % h == 0)
+        self.num_heads = heads
+        self.norm = nn.GroupNorm(group_count(channels), channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, self.num_heads, c // self.num_heads, h * w).unbind(1)
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(out.transpose(-1, -2).reshape(n, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Stage(nn.Module):
+    """A ResBlock optionally followed by attention (one unit of the down / up paths)."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, attention: bool, num_heads: int):
+        super().__init__()
+        self.res = ResBlock(in_ch, out_ch, emb_dim, dropout)
+        self.attn = Attention(out_ch, num_heads) if attention else None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        x = self.res(x, emb)
+        return self.attn(x) if self.attn is not None else x
+
+
+class UNet(nn.Module):
+    """ε-network ``forward(x, t) -> ε̂`` (same shape as ``x``'s spatial size, ``out_channels`` channels)."""
+
+    def __init__(self, config: UNetConfig | dict | None = None, **overrides):
+        super().__init__()
+        if config is None:
+            config = UNetConfig(**overrides)
+        elif isinstance(config, dict):
+            config = UNetConfig.from_dict({**config, **overrides})
+        elif overrides:
+            config = UNetConfig.from_dict({**config.to_dict(), **overrides})
+        self.cfg = config
+        base = config.base_channels
+        emb_dim = 4 * base
+        self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.conv_in = nn.Conv2d(config.in_channels, base, 3, padding=1)
+
+        attn_at = set(config.attention_resolutions)
+        levels = len(config.channel_mults)
+        self.down = nn.ModuleList()
+        self.downsamplers = nn.ModuleList()
+        skips = [base]
+        ch, res = base, config.image_size
+        for level, mult in enumerate(config.channel_mults):
+            stages = nn.ModuleList()
+            for _ in range(config.num_res_blocks):
+                stages.append(_Stage(ch, base * mult, emb_dim, config.dropout, res in attn_at, config.num_heads))
+                ch = base * mult
+                skips.append(ch)
+            self.down.append(stages)
+            if level < levels - 1:
+                self.downsamplers.append(Downsample(ch))
+                skips.append(ch)
+                res //= 2
+            else:
+                self.downsamplers.append(nn.Identity())
+
+        self.mid1 = ResBlock(ch, ch, emb_dim, config.dropout)
+        self.mid_attn = Attention(ch, config.num_heads) if config.mid_attention else nn.Identity()
+        self.mid2 = ResBlock(ch, ch, emb_dim, config.dropout)
+
+        self.up = nn.ModuleList()
+        self.upsamplers = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(config.channel_mults))):
+            stages = nn.ModuleList()
+            for _ in range(config.num_res_blocks + 1):
+                stages.append(_Stage(ch + skips.pop(), base * mult, emb_dim, config.dropout, res in attn_at,
+                                     config.num_heads))
+                ch = base * mult
+            self.up.append(stages)
+            if level > 0:
+                self.upsamplers.append(Upsample(ch))
+                res *= 2
+            else:
+                self.upsamplers.append(nn.Identity())
+        self.norm_out = nn.GroupNorm(group_count(ch), ch)
+        self.conv_out = _zero(nn.Conv2d(ch, config.out_channels, 3, padding=1))
+
+    @property
+    def config(self) -> dict:
+        """The JSON-able architecture dict (``UNet(net.config)`` rebuilds the same network)."""
+        return self.cfg.to_dict()
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        """ε̂ = net(x, t); ``t`` a number, a 0-d tensor or an ``(N,)`` tensor (integer or real timesteps)."""
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"UNet expects (N, {self.cfg.in_channels}, H, W) input, got {tuple(x.shape)}")
+        factor = 2 ** (len(self.cfg.channel_mults) - 1)
+        if x.shape[-1] % factor or x.shape[-2] % factor:
+            raise ValueError(f"UNet input H, W = {tuple(x.shape[-2:])} must be multiples of {factor}")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        emb = self.time_mlp(timestep_embedding(t, self.cfg.base_channels).to(x.dtype))
+        h = self.conv_in(x)
+        skips = [h]
+        for stages, downsample in zip(self.down, self.downsamplers):
+            for stage in stages:
+                h = stage(h, emb)
+                skips.append(h)
+            if not isinstance(downsample, nn.Identity):
+                h = downsample(h)
+                skips.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for stages, upsample in zip(self.up, self.upsamplers):
+            for stage in stages:
+                h = stage(torch.cat([h, skips.pop()], dim=1), emb)
+            h = upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
