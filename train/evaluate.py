@@ -285,10 +285,33 @@ def _rss_bytes() -> int | None:
     return pages * os.sysconf("SC_PAGE_SIZE")
 
 
+_LIBC = None
+
+
+def _release_free_heap() -> None:
+    """``malloc_trim(0)`` (glibc): give freed heap pages back to the OS so that RSS starts low.
+
+    Without it memory freed by an earlier call stays resident and a repeated call shows almost no increase.
+    """
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
 class PeakMemory:
     """Peak memory increase during a ``with`` block, in bytes (``.peak``).
 
-    CPU: a thread samples the RSS every ``interval`` s (and at entry/exit); peak − RSS at entry.
+    CPU: freed heap is released first (:func:`_release_free_heap`), then a thread samples the RSS every
+    ``interval`` s (and at entry/exit); peak − RSS at entry.
     CUDA: ``torch.cuda.max_memory_allocated − memory_allocated`` at entry (peak stats reset at entry).
     """
 
@@ -312,6 +335,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
+        _release_free_heap()
         self._base = _rss_bytes()
         self._max = self._base or 0
         if self._base is not None:
