@@ -1,0 +1,268 @@
+"""Raw frame → measurement ``y`` (float32 ``(C, H, W)``), applying a bundle's :class:`PreprocessConfig`.
+
+Order (the one documented on :class:`nsdd_edge.bundle.PreprocessConfig`)::
+
+    y = normalise( grayscale( channels( flip( crop( box_downsample( bayer(raw) − black − background ))))))
+
+- ``bayer``: ``bin2x2`` averages each 2×2 Bayer cell into one RGB pixel (R, mean of the two G, B; half
+  resolution), ``bilinear`` is OpenCV's bilinear demosaic (full resolution). Frames without a
+  ``bayer_pattern`` are mono ``(H, W)`` or RGB ``(H, W, 3)``.
+- ``background_file`` (in the bundle) is a dark frame in raw counts with the same shape as the raw
+  frames; it goes through the same black-level and Bayer steps once, at the first frame.
+- Normalisation: ``max`` divides by the frame's maximum, ``fixed`` by ``scale`` (e.g. the camera gain in
+  counts per unit of ``y``), ``none`` keeps counts. Negative values (noise below the black level) are
+  kept, so the noise stays zero-mean as in the simulated training data.
+
+Frames that cannot be processed (wrong dtype or shape, NaN/Inf, all dark under ``max``) raise
+:class:`FrameRejected` (a ``ValueError``) with the reason, so the real-time loop can count and skip them.
+The same code prepares training data from real captures: :func:`preprocess_capture`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from nsdd_edge.bundle import PreprocessConfig
+from nsdd_edge.optics import OpticsError, box_downsample, read_array
+
+BAYER_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
+DEMOSAIC_METHODS = ("bin2x2", "bilinear")
+NORMALIZATIONS = ("max", "fixed", "none")
+
+
+class FrameRejected(ValueError):
+    """A frame the preprocessor cannot use; the message says why."""
+
+
+def bayer_offsets(pattern: str) -> dict[str, list[tuple[int, int]]]:
+    """Positions of R, G, B in the 2×2 cell: ``'RGGB'`` → ``{'R': [(0, 0)], 'G': [(0, 1), (1, 0)], 'B': [(1, 1)]}``."""
+    pattern = pattern.upper()
+    if pattern not in BAYER_PATTERNS:
+        raise ValueError(f"unknown Bayer pattern {pattern!r}; use one of {', '.join(BAYER_PATTERNS)}")
+    pos: dict[str, list[tuple[int, int]]] = {"R": [], "G": [], "B": []}
+    for k, letter in enumerate(pattern):
+        pos[letter].append((k // 2, k % 2))
+    return pos
+
+
+def bin_bayer(raw: np.ndarray, pattern: str, out: np.ndarray | None = None) -> np.ndarray:
+    """2×2 binning of a Bayer mosaic ``(2h, 2w)`` into RGB float32 ``(3, h, w)``: ``(R, (G₁+G₂)/2, B)``."""
+    pos = bayer_offsets(pattern)
+    h, w = raw.shape[0] // 2, raw.shape[1] // 2
+    if out is None:
+        out = np.empty((3, h, w), np.float32)
+    (r0, r1), = pos["R"]
+    (b0, b1), = pos["B"]
+    (g0, g1), (g2, g3) = pos["G"]
+    out[0] = raw[r0 : 2 * h : 2, r1 : 2 * w : 2]
+    out[2] = raw[b0 : 2 * h : 2, b1 : 2 * w : 2]
+    np.add(raw[g0 : 2 * h : 2, g1 : 2 * w : 2], raw[g2 : 2 * h : 2, g3 : 2 * w : 2], out=out[1], dtype=np.float32)
+    out[1] *= 0.5
+    return out
+
+
+def _cv2_bayer_code(pattern: str) -> int:
+    import cv2
+
+    code = getattr(cv2, f"COLOR_Bayer{pattern}2RGB", None)
+    if code is None:  # OpenCV < 4.8 names a pattern after the second row: RGGB sensors are "BayerBG"
+        legacy = {"RGGB": "BG", "BGGR": "RG", "GRBG": "GB", "GBRG": "GR"}[pattern]
+        code = getattr(cv2, f"COLOR_Bayer{legacy}2RGB")
+    return int(code)
+
+
+def demosaic_bilinear(raw: np.ndarray, pattern: str) -> np.ndarray:
+    """OpenCV bilinear demosaic of a uint8/uint16 mosaic ``(H, W)`` → RGB float32 ``(3, H, W)``."""
+    import cv2
+
+    bayer_offsets(pattern)  # validates
+    if raw.dtype not in (np.uint8, np.uint16):
+        raise FrameRejected(f"bilinear demosaic needs uint8/uint16 raw counts, got {raw.dtype}")
+    rgb = cv2.cvtColor(np.ascontiguousarray(raw), _cv2_bayer_code(pattern.upper()))
+    return np.moveaxis(rgb, -1, 0).astype(np.float32)
+
+
+class Preprocessor:
+    """``Preprocessor(config, bundle_root)(raw) -> y`` float32 ``(C, H, W)``; see the module docstring.
+
+    The raw frame shape is fixed by the first frame (or ``expected_shape``); later frames of another
+    shape are rejected. Constants (slices, permutations, the processed background) are prepared once.
+    """
+
+    def __init__(self, config: PreprocessConfig, bundle_root: str | os.PathLike | None = None, *,
+                 expected_shape: tuple[int, ...] | None = None):
+        self.config = c = config
+        if c.bayer_pattern is not None and str(c.bayer_pattern).upper() not in BAYER_PATTERNS:
+            raise ValueError(f"preprocess: bayer_pattern {c.bayer_pattern!r} is not one of {', '.join(BAYER_PATTERNS)}")
+        self.pattern = str(c.bayer_pattern).upper() if c.bayer_pattern else None
+        if c.demosaic not in DEMOSAIC_METHODS:
+            raise ValueError(f"preprocess: demosaic {c.demosaic!r} is not one of {', '.join(DEMOSAIC_METHODS)}")
+        if c.normalization not in NORMALIZATIONS:
+            raise ValueError(f"preprocess: normalization {c.normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
+        if c.normalization == "fixed" and not (np.isfinite(c.scale) and c.scale > 0):
+            raise ValueError(f"preprocess: normalization 'fixed' needs scale > 0, got {c.scale}")
+        if int(c.downsample) != c.downsample or c.downsample < 1:
+            raise ValueError(f"preprocess: downsample must be a positive integer, got {c.downsample}")
+        if c.crop is not None and (len(c.crop) != 4 or min(c.crop[2:]) < 1 or min(c.crop[:2]) < 0):
+            raise ValueError(f"preprocess: crop must be [top, left, height, width] with positive size, got {c.crop}")
+        order = c.channel_order.upper()
+        if sorted(order) != ["B", "G", "R"]:
+            raise ValueError(f"preprocess: channel_order {c.channel_order!r} must be a permutation of RGB")
+        self._perm = None if order == "RGB" else np.array(["RGB".index(ch) for ch in order])
+        if not np.isfinite(c.black_level) or c.black_level < 0:
+            raise ValueError(f"preprocess: black_level must be ≥ 0, got {c.black_level}")
+        self._black = np.float32(c.black_level)
+        self._background_raw: np.ndarray | None = None
+        self.background_path: Path | None = None
+        if c.background_file:
+            if bundle_root is None:
+                raise ValueError(f"preprocess: background_file {c.background_file!r} needs the bundle directory")
+            self.background_path = Path(bundle_root) / c.background_file
+            try:
+                self._background_raw = read_array(self.background_path)
+            except OpticsError as exc:
+                raise ValueError(f"preprocess: background frame: {exc}") from None
+        self._raw_shape: tuple[int, ...] | None = tuple(expected_shape) if expected_shape else None
+        self._background: np.ndarray | None = None
+        self._bin_out: np.ndarray | None = None
+        self.saturated_fraction = 0.0  # of the last frame, when white_level is set
+        if self._raw_shape is not None:
+            self._prepare(self._raw_shape)
+
+    # -- shape bookkeeping ------------------------------------------------------------------------
+
+    def _check_layout(self, shape: tuple[int, ...]) -> None:
+        if self.pattern is not None:
+            if len(shape) != 2:
+                raise FrameRejected(f"expected a 2-D Bayer mosaic ({self.pattern}), got a frame of shape {shape}")
+            if shape[0] % 2 or shape[1] % 2 or min(shape) < 2:
+                raise FrameRejected(f"a Bayer mosaic needs even height and width, got {shape}")
+        elif not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3))):
+            raise FrameRejected(f"expected a mono (H, W) or RGB (H, W, 3) frame, got shape {shape}")
+
+    def _prepare(self, shape: tuple[int, ...]) -> None:
+        self._check_layout(shape)
+        self._raw_shape = shape
+        if self.pattern is not None and self.config.demosaic == "bin2x2":
+            self._bin_out = np.empty((3, shape[0] // 2, shape[1] // 2), np.float32)
+        if self._background_raw is not None:
+            bg = self._background_raw  # float32 (C, H, W) in raw counts
+            raw_like = bg[0] if bg.shape[0] == 1 else np.moveaxis(bg, 0, -1)
+            if raw_like.shape != shape and not (len(shape) == 3 and shape[2] == 1 and raw_like.shape == shape[:2]):
+                raise ValueError(f"preprocess: background frame {self.background_path} has shape {raw_like.shape}, "
+                                 f"the camera's raw frames are {shape}")
+            if self.pattern is not None and self.config.demosaic == "bilinear":
+                raw_like = np.clip(np.rint(raw_like), 0, 65535).astype(np.uint16)  # OpenCV demosaics integers only
+            self._background = self._sensor_rgb(raw_like, out=None).copy()
+        out_shape = self.output_shape(shape)
+        if min(out_shape[1:]) < 1:
+            raise ValueError(f"preprocess: frames of shape {shape} leave nothing after the configured steps")
+
+    def output_shape(self, raw_shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """``(C, H, W)`` of ``y`` for raw frames of ``raw_shape``; ValueError if the settings do not fit."""
+        c = self.config
+        if self.pattern is not None:
+            ch = 3
+            h, w = (raw_shape[0] // 2, raw_shape[1] // 2) if c.demosaic == "bin2x2" else raw_shape[:2]
+        else:
+            ch = raw_shape[2] if len(raw_shape) == 3 else 1
+            h, w = raw_shape[:2]
+        h, w = h // c.downsample, w // c.downsample
+        if c.crop is not None:
+            top, left, ch_h, ch_w = (int(v) for v in c.crop)
+            if top + ch_h > h or left + ch_w > w:
+                raise ValueError(f"preprocess: crop {list(c.crop)} does not fit the {h}x{w} image "
+                                 f"(raw {tuple(raw_shape)}, downsample {c.downsample})")
+            h, w = ch_h, ch_w
+        if ch == 3 and c.grayscale:
+            ch = 1
+        if self._perm is not None and ch != 3:
+            raise ValueError(f"preprocess: channel_order {c.channel_order!r} needs 3 channels")
+        return ch, h, w
+
+    # -- steps ------------------------------------------------------------------------------------
+
+    def _sensor_rgb(self, raw: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        """Bayer/layout step and black level: raw → float32 (C, H, W) counts above black."""
+        if self.pattern is not None:
+            if self.config.demosaic == "bin2x2":
+                x = bin_bayer(raw, self.pattern, out=out)
+            else:
+                x = demosaic_bilinear(raw, self.pattern)
+        elif raw.ndim == 2:
+            x = raw.astype(np.float32)[None]
+        else:
+            x = np.moveaxis(raw, -1, 0).astype(np.float32)
+        if self._black:
+            x -= self._black
+        return x
+
+    def validate(self, frame: np.ndarray) -> np.ndarray:
+        """Check dtype, shape and finiteness; returns the frame (as an ndarray) or raises FrameRejected."""
+        if not isinstance(frame, np.ndarray):
+            raise FrameRejected(f"frame is a {type(frame).__name__}, not a numpy array")
+        if frame.dtype.kind not in "uif":
+            raise FrameRejected(f"frame has unsupported dtype {frame.dtype} (expected uint8/uint16/float)")
+        if frame.size == 0:
+            raise FrameRejected(f"frame is empty (shape {frame.shape})")
+        if self._raw_shape is None:
+            self._prepare(tuple(frame.shape))
+        elif tuple(frame.shape) != self._raw_shape:
+            raise FrameRejected(f"frame shape {tuple(frame.shape)} differs from the stream's {self._raw_shape}")
+        if frame.dtype.kind == "f" and not np.isfinite(frame).all():
+            raise FrameRejected(f"frame holds {int((~np.isfinite(frame)).sum())} NaN/Inf values")
+        return frame
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        c = self.config
+        raw = self.validate(frame)
+        if raw.ndim == 3 and raw.shape[2] == 1:
+            raw = raw[..., 0]
+        if c.white_level is not None:
+            self.saturated_fraction = float(np.count_nonzero(raw >= c.white_level)) / raw.size
+        if self.pattern is not None and c.demosaic == "bilinear" and raw.dtype.kind == "f":
+            if not np.array_equal(raw, np.rint(raw)) or raw.min() < 0 or raw.max() > 65535:
+                raise FrameRejected("bilinear demosaic needs integer raw counts; this float frame has fractions "
+                                    "or values outside 0..65535 (use demosaic: bin2x2)")
+            raw = raw.astype(np.uint16)
+        x = self._sensor_rgb(raw, out=self._bin_out)
+        if self._background is not None:
+            x -= self._background
+        x = box_downsample(x, int(c.downsample))
+        if c.crop is not None:
+            top, left, h, w = (int(v) for v in c.crop)
+            x = x[:, top : top + h, left : left + w]
+        if c.flip_vertical:
+            x = x[:, ::-1]
+        if c.flip_horizontal:
+            x = x[:, :, ::-1]
+        if self._perm is not None:
+            x = x[self._perm]
+        if c.grayscale and x.shape[0] == 3:
+            x = x.mean(axis=0, keepdims=True)
+        y = np.array(x, dtype=np.float32, order="C", copy=True)  # never alias the reusable binning buffer
+        if c.normalization == "max":
+            peak = float(y.max())
+            if not peak > 0:
+                raise FrameRejected("frame is all dark (maximum ≤ 0 after black level and background); "
+                                    "cannot normalise by its max")
+            y *= np.float32(1.0 / peak)
+        elif c.normalization == "fixed":
+            y *= np.float32(1.0 / c.scale)
+        return y
+
+
+def preprocess_capture(path: str | os.PathLike, config: PreprocessConfig,
+                       bundle_root: str | os.PathLike | None = None) -> np.ndarray:
+    """Prepare a saved raw capture (``.npy``/``.npz``/PNG/TIFF in raw counts) exactly like a live frame."""
+    a = read_array(path)  # float32 (C, H, W), native units
+    raw = a[0] if a.shape[0] == 1 else np.moveaxis(a, 0, -1)
+    try:
+        return Preprocessor(config, bundle_root)(raw)
+    except FrameRejected as exc:
+        raise FrameRejected(f"{path}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
