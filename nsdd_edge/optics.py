@@ -361,13 +361,19 @@ class LenslessGeometry:
 def psf_transfer_function(psf: np.ndarray, grid_shape: Sequence[int]) -> np.ndarray:
     """``H = F(ifftshift(pad(psf)))`` on ``grid_shape``: complex128 ``(C, Hg, Wg)``.
 
-    The centred PSF is zero-padded (or, if larger, centre-cropped) to the grid, then its centre is moved
-    to index (0, 0) so that convolution does not shift the image.
+    The centred PSF is zero-padded (or, if larger, centre-cropped) to the grid, then its centre pixel
+    ``(H // 2, W // 2)`` is moved to index (0, 0) so that convolution does not shift the image (for even
+    sizes this is ``ifftshift``; an odd-sized PSF on an even grid needs one pixel less).
     """
     psf = check_psf(np.asarray(psf, dtype=np.float64))
     grid = (int(grid_shape[0]), int(grid_shape[1]))
     placed = fit_to(psf, grid)
-    return np.fft.fft2(np.fft.ifftshift(placed, axes=(-2, -1)), axes=(-2, -1))
+
+    def centre_in_grid(n: int, g: int) -> int:  # where index n // 2 of the PSF lands after fit_to
+        return (g - n) // 2 + n // 2 if g >= n else n // 2 - (n - g) // 2
+
+    shift = tuple(-centre_in_grid(n, g) for n, g in zip(psf.shape[-2:], grid))
+    return np.fft.fft2(np.roll(placed, shift, axis=(-2, -1)), axes=(-2, -1))
 
 
 @dataclass(frozen=True)
