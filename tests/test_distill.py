@@ -1,0 +1,221 @@
+"""``nsdd-train distill`` on a tiny simulated problem whose "teacher targets" are the true scenes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nsdd_edge.optics import array_hash
+from train.cli import main as cli_main
+from train.distill import BatchOrder, DistillError, DistillSettings, learning_rate, train_student
+from train.physics import LenslessOperator
+from train.students import load_student
+
+SIZE = 32
+N = 12
+SMALL = {"width": 8, "depth": 2, "max_width": 16, "blocks": 1}
+
+
+def blur_psf(size: int = 16, sigma: float = 1.5, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(np.float64)
+    psf = np.zeros((size, size))
+    for _ in range(4):
+        cy, cx = rng.uniform(2, size - 2, 2)
+        psf += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+    return (psf / psf.sum()).astype(np.float32)[None]
+
+
+def make_problem(root: Path, n: int = N, seed: int = 0) -> tuple[Path, Path]:
+    """A dataset directory WITHOUT ground truth + a targets directory holding the true scenes."""
+    data, targets = root / "data", root / "targets"
+    (data / "measurements").mkdir(parents=True)
+    targets.mkdir()
+    psf = blur_psf()
+    np.save(data / "psf.npy", psf)
+    phys = LenslessOperator(psf, (SIZE, SIZE), "circular", lam=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand((n, 3, 4, 4), generator=g)
+    x = torch.nn.functional.interpolate(coarse, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    y = phys.measure(x, noise_std=0.005, generator=g)
+    ids = [f"s{k:03d}" for k in range(n)]
+    for k, i in enumerate(ids):
+        np.save(data / "measurements" / f"{i}.npy", y[k].numpy())
+        np.save(targets / f"{i}.npy", x[k].numpy())
+    geo = {"model": "circular", "sensor_shape": [SIZE, SIZE], "scene_shape": [SIZE, SIZE], "conv_shape": [SIZE, SIZE]}
+    meta = {"psf": {"file": "psf.npy", "sha256": array_hash(psf), "source": "test"}, "forward": geo,
+            "recon": {"model": "circular", "lam": 1e-4}, "noise_std": 0.005, "seed": seed, "channels": 3,
+            "splits": {"train": ids[: n - 2], "test": ids[n - 2 :]}}
+    (data / "dataset.json").write_text(json.dumps(meta))
+    (targets / "recon.json").write_text(json.dumps({"method": "truth-as-teacher"}))
+    assert not (data / "ground_truth").exists()
+    return data, targets
+
+
+def settings(data: Path, targets: Path, out: Path, **kw) -> DistillSettings:
+    base = dict(data=str(data), targets=str(targets), out=str(out), architecture=dict(SMALL), steps=6, batch=4,
+                lr=2e-3, warmup=0, checkpoint_every=2, samples=2, ema=0.9, progress=False)
+    base.update(kw)
+    return DistillSettings(**base)
+
+
+@pytest.mark.parametrize("objective", ["nullspace", "full"])
+def test_distill_decreases_loss_writes_outputs_without_ground_truth(tmp_path, objective):
+    data, targets = make_problem(tmp_path)
+    out = tmp_path / "student"
+    rc = cli_main(["distill", "--data", str(data), "--targets", str(targets), "--out", str(out), "--student", "edge",
+                   "--objective", objective, "--steps", "40", "--batch", "4", "--lr", "3e-3", "--warmup", "0",
+                   "--ema", "0.8", "--checkpoint-every", "20", "--width", "8", "--depth", "2", "--max-width", "16",
+                   "--blocks", "1", "--samples", "2", "--quiet"])
+    assert rc == 0
+    hist = json.loads((out / "loss.json").read_text())
+    loss = np.array(hist["loss"])
+    assert hist["step"] == list(range(1, 41))
+    assert loss[-8:].mean() < 0.7 * loss[:4].mean(), loss
+    for name in ("config.json", "model.safetensors", "checkpoint.pt", "loss_curve.png",
+                 "samples/step_0000020.png", "samples/step_0000040.png"):
+        assert (out / name).is_file(), name
+    from PIL import Image
+
+    grid = Image.open(out / "samples/step_0000040.png")
+    assert grid.size == (4 * SIZE + 3 * 2, 2 * SIZE + 2)  # measurement | A†y | student | teacher, 2 rows
+    assert Image.open(out / "loss_curve.png").size[0] > 100
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["step"] == 40 and cfg["objective"] == objective and cfg["kind"] == "edge"
+    assert cfg["training"]["split"] == "train" and cfg["training"]["num_samples"] == N - 2
+    assert cfg["training"]["teacher"] == "truth-as-teacher"
+    assert not (data / "ground_truth").exists()
+
+    # the saved (EMA) student has learnt: nullspace beats A†y on the null-space error within 40 steps
+    # (the full ablation learns more slowly, as in the paper: it only has to beat its own start)
+    solver = load_student(out)
+    ds_ids = [f"s{k:03d}" for k in range(N - 2)]
+    y = torch.from_numpy(np.stack([np.load(data / "measurements" / f"{i}.npy") for i in ds_ids]))
+    t = torch.from_numpy(np.stack([np.load(targets / f"{i}.npy") for i in ds_ids]))
+    phys = LenslessOperator(np.load(data / "psf.npy"), (SIZE, SIZE), "circular", lam=1e-4)
+    x_hat = solver(y, phys)
+    if objective == "nullspace":
+        null_err = phys.null_project(x_hat - t).abs().mean()
+        assert null_err < 0.8 * phys.null_project(phys.A_dagger(y) - t).abs().mean()
+    else:
+        assert (x_hat - t).abs().mean() < 0.7 * loss[:4].mean()
+
+
+def test_resume_after_kill_gives_the_same_weights(tmp_path):
+    data, targets = make_problem(tmp_path)
+    full = train_student(settings(data, targets, tmp_path / "a"))
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step, loss):
+        if step == 5:  # after the step-4 checkpoint, before step 6: like a SIGKILL, nothing more is written
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_student(settings(data, targets, tmp_path / "b"), callback=kill_at_5)
+    ckpt = torch.load(tmp_path / "b/checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4
+    resumed = train_student(settings(data, targets, tmp_path / "b"))
+    assert resumed["step"] == 6
+    assert [h[:2] for h in resumed["history"]] == [h[:2] for h in full["history"]]
+    a, b = load_file(str(tmp_path / "a/model.safetensors")), load_file(str(tmp_path / "b/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ca = torch.load(tmp_path / "a/checkpoint.pt", weights_only=True)
+    cb = torch.load(tmp_path / "b/checkpoint.pt", weights_only=True)
+    assert all(torch.equal(ca["net"][k], cb["net"][k]) for k in ca["net"])
+    assert ca["data"] == cb["data"]
+    # running again once finished changes nothing
+    again = train_student(settings(data, targets, tmp_path / "b"))
+    assert again["step"] == 6
+
+
+def test_interrupt_writes_a_checkpoint(tmp_path):
+    data, targets = make_problem(tmp_path)
+
+    def ctrl_c(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_student(settings(data, targets, tmp_path / "s", checkpoint_every=100), callback=ctrl_c)
+    assert torch.load(tmp_path / "s/checkpoint.pt", weights_only=True)["step"] == 3
+    assert json.loads((tmp_path / "s/config.json").read_text())["step"] == 3
+
+
+def test_missing_targets_are_listed(tmp_path, capsys):
+    data, targets = make_problem(tmp_path)
+    (targets / "s003.npy").unlink()
+    (targets / "s007.npy").unlink()
+    with pytest.raises(DistillError, match=r"no teacher target ID.npy for 2 of 10 measurements: s003, s007"):
+        train_student(settings(data, targets, tmp_path / "s"))
+    rc = cli_main(["distill", "--data", str(data), "--targets", str(targets), "--out", str(tmp_path / "s"), "--quiet"])
+    assert rc == 2 and "s003, s007" in capsys.readouterr().err
+    # the test split has all its targets
+    summary = train_student(settings(data, targets, tmp_path / "t", split="test", steps=2, batch=2))
+    assert summary["step"] == 2
+
+
+def test_bad_settings_and_changed_settings_on_resume(tmp_path):
+    data, targets = make_problem(tmp_path)
+    with pytest.raises(DistillError, match="--steps"):
+        train_student(settings(data, targets, tmp_path / "s", steps=0))
+    with pytest.raises(DistillError, match="--prior"):
+        train_student(settings(data, targets, tmp_path / "s", student="paper"))
+    with pytest.raises(DistillError, match="targets directory does not exist"):
+        train_student(settings(data, tmp_path / "nope", tmp_path / "s"))
+    np.save(targets / "s000.npy", np.zeros((3, 16, 16), np.float32))
+    with pytest.raises(DistillError, match=r"target has shape \(3, 16, 16\), expected \(3, 32, 32\)"):
+        train_student(settings(data, targets, tmp_path / "s", split="train"))
+    data2, targets2 = make_problem(tmp_path / "second")
+    train_student(settings(data2, targets2, tmp_path / "r", steps=2))
+    with pytest.raises(DistillError, match="other settings .*lr"):
+        train_student(settings(data2, targets2, tmp_path / "r", steps=4, lr=1e-3))
+
+
+def test_paper_student_distills_with_a_tiny_prior(tmp_path):
+    from test_students import tiny_prior
+
+    data, targets = make_problem(tmp_path)
+    prior = tiny_prior()
+    before = {k: v.clone() for k, v in prior.net.state_dict().items()}
+    summary = train_student(settings(data, targets, tmp_path / "p", student="paper", prior="unused-in-test",
+                                     architecture={**SMALL, "t_fixed": 20}, steps=3), prior=prior)
+    assert summary["step"] == 3
+    assert any(not torch.equal(before[k], v) for k, v in prior.net.state_dict().items())  # fine-tuned
+    cfg = json.loads((tmp_path / "p/config.json").read_text())
+    assert cfg["kind"] == "paper" and cfg["architecture"]["t_fixed"] == 20
+    solver = load_student(tmp_path / "p", prior=tiny_prior())
+    y = torch.from_numpy(np.load(data / "measurements/s000.npy"))[None]
+    phys = LenslessOperator(np.load(data / "psf.npy"), (SIZE, SIZE), "circular", lam=1e-4)
+    assert solver(y, phys).shape == (1, 3, SIZE, SIZE)
+
+
+def test_lpips_term(tmp_path, shared):
+    weights = shared / "weights/lpips/lpips_alex_full_v0.1.pth"
+    if not weights.exists():
+        pytest.skip("no LPIPS weights in ../shared")
+    data, targets = make_problem(tmp_path)
+    with pytest.raises(DistillError, match="--lpips-weights"):
+        train_student(settings(data, targets, tmp_path / "x", lpips_weight=0.1))
+    plain = train_student(settings(data, targets, tmp_path / "a", steps=1))
+    with_lpips = train_student(settings(data, targets, tmp_path / "b", steps=1, lpips_weight=0.5,
+                                        lpips_weights=str(weights)))
+    assert with_lpips["history"][0][1] > plain["history"][0][1]
+
+
+def test_batch_order_and_learning_rate():
+    order = BatchOrder(5, 3, seed=1)
+    seen = order.next() + order.next()
+    assert sorted(seen[:5]) == list(range(5))  # one epoch covers every sample once
+    replay = BatchOrder(5, 3, seed=1, **{"epoch": 0, "index": 3})
+    assert replay.next() == seen[3:]
+    assert learning_rate(0, 1.0, 100, 10) == pytest.approx(0.1)
+    assert learning_rate(10, 1.0, 100, 10) == pytest.approx(1.0)
+    assert learning_rate(100, 1.0, 100, 10) == pytest.approx(0.1)

@@ -1,0 +1,593 @@
+"""``nsdd-train distill``: train a single-pass NSDD student from precomputed teacher targets.
+
+Loss (``nullspace`` objective, NSDD): ``L = ‖(I − A†A)(x̂ − T(y))‖`` (L1 mean or L2 mean-square) with
+``x̂ = A†y + (I − A†A) g(y, A†y)`` — only the null-space content is learned, the range comes from ``y``.
+``full`` objective (ablation): ``L = ‖x̂ − T(y)‖`` with ``x̂ = g(y, A†y)``. Optional ``+ w · LPIPS(x̂, T)`` on
+the full images. No ground truth is read: only ``measurements/ID.npy`` and the targets ``ID.npy``.
+
+Training: AdamW, warm-up + cosine learning rate, gradient clipping, EMA of the weights (the EMA is what
+is saved), bf16 autocast on a GPU. Every ``--checkpoint-every`` steps, atomically: ``checkpoint.pt``
+(model, EMA, optimiser, step, RNG, data position, loss history), the student directory
+(``config.json`` + ``model.safetensors``), ``loss.json`` + ``loss_curve.png`` and a sample grid
+``samples/step_NNNNNNN.png`` (measurement view | A†y | student | teacher). Rerunning the same command
+resumes from the checkpoint; the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from nsdd_edge.optics import OpticsError, read_array
+from train.data import DatasetError, LenslessDataset
+from train.physics import LenslessOperator
+from train.students import (KINDS, OBJECTIVES, Student, StudentError, build_student, count_parameters,
+                            default_architecture, fit_to_grid, load_prior_dir, make_config, save_student)
+
+HELP = "distill a one-pass NSDD student (edge or paper) from teacher targets"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class DistillError(ValueError):
+    """Bad distillation input (dataset, targets, settings); the message names the path or option."""
+
+
+@dataclass
+class DistillSettings:
+    """Everything that defines a distillation run (recorded in ``config.json`` and the checkpoint)."""
+
+    data: str
+    targets: str
+    out: str
+    student: str = "edge"
+    objective: str = "nullspace"
+    loss: str = "l1"
+    lpips_weight: float = 0.0
+    lpips_weights: str | None = None
+    steps: int = 20000
+    batch: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    warmup: int = 500
+    ema: float = 0.999
+    grad_clip: float = 1.0
+    checkpoint_every: int = 500
+    samples: int = 4
+    split: str | None = None
+    model: str | None = None
+    lam: float | None = None
+    prior: str | None = None
+    architecture: dict = field(default_factory=dict)
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+    fp16: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.student not in KINDS:
+            raise DistillError(f"--student must be one of {KINDS}, got {self.student!r}")
+        if self.objective not in OBJECTIVES:
+            raise DistillError(f"--objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.loss not in ("l1", "l2"):
+            raise DistillError(f"--loss must be l1 or l2, got {self.loss!r}")
+        for name in ("steps", "batch", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise DistillError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise DistillError(f"--lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.ema < 1.0:
+            raise DistillError(f"--ema must be in [0, 1), got {self.ema}")
+        if self.lpips_weight < 0:
+            raise DistillError(f"--lpips-weight must be >= 0, got {self.lpips_weight}")
+        if self.student == "paper" and not self.prior:
+            raise DistillError("--student paper needs --prior DIR (the pretrained diffusion prior to fine-tune)")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise DistillError(f"--amp must be auto, bf16 or off, got {self.amp!r}")
+
+    def signature(self) -> dict:
+        """Settings that must not change when resuming (``steps``, I/O and display may)."""
+        keep = ("student", "objective", "loss", "lpips_weight", "batch", "lr", "weight_decay", "warmup",
+                "ema", "grad_clip", "split", "model", "lam", "architecture", "seed")
+        d = asdict(self)
+        return {k: d[k] for k in keep}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+class TargetSet:
+    """Measurements of a dataset paired with teacher targets ``TARGETS/ID.npy`` (no ground truth)."""
+
+    def __init__(self, dataset: LenslessDataset, targets_dir: str | os.PathLike, ids: Sequence[str],
+                 scene_shape: Sequence[int]):
+        self.dataset = dataset
+        self.targets_dir = Path(targets_dir)
+        if not self.targets_dir.is_dir():
+            raise DistillError(f"{self.targets_dir}: targets directory does not exist")
+        self.ids = list(ids)
+        if not self.ids:
+            raise DistillError(f"{dataset.root}: no measurements to train on")
+        missing = [i for i in self.ids if not (self.targets_dir / f"{i}.npy").exists()]
+        if missing:
+            shown = ", ".join(missing[:10]) + (", …" if len(missing) > 10 else "")
+            raise DistillError(f"{self.targets_dir}: no teacher target ID.npy for {len(missing)} of {len(self.ids)} "
+                               f"measurements: {shown} (run nsdd-train teacher for them, or choose --split)")
+        y0 = self.measurement(self.ids[0])
+        t0 = self.target(self.ids[0])
+        self.channels = int(y0.shape[0])
+        want = (self.channels, int(scene_shape[0]), int(scene_shape[1]))
+        if tuple(t0.shape) != want:
+            raise DistillError(f"{self.targets_dir / (self.ids[0] + '.npy')}: target has shape {tuple(t0.shape)}, "
+                               f"expected {want} (channels of y × the operator's scene grid)")
+        recon = self.targets_dir / "recon.json"
+        try:
+            self.recon_meta = json.loads(recon.read_text()) if recon.exists() else {}
+        except json.JSONDecodeError:
+            self.recon_meta = {}
+
+    def measurement(self, sample_id: str) -> np.ndarray:
+        try:
+            return self.dataset.measurement(sample_id)
+        except OpticsError as exc:
+            raise DistillError(f"measurement {sample_id}: {exc}") from exc
+
+    def target(self, sample_id: str) -> np.ndarray:
+        try:
+            return read_array(self.targets_dir / f"{sample_id}.npy")
+        except OpticsError as exc:
+            raise DistillError(f"teacher target {sample_id}: {exc}") from exc
+
+    def batch(self, ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        y = np.stack([self.measurement(i) for i in ids])
+        t = np.stack([self.target(i) for i in ids])
+        if y.shape[1:] != (self.channels,) + y.shape[2:] or t.shape[1:] != (self.channels,) + t.shape[2:]:
+            raise DistillError(f"samples {list(ids)} do not all have {self.channels} channels")
+        return torch.from_numpy(y), torch.from_numpy(t)
+
+
+class BatchOrder:
+    """Seeded epoch permutations; the position ``(epoch, index)`` fully determines the next batch."""
+
+    def __init__(self, n: int, batch: int, seed: int, epoch: int = 0, index: int = 0):
+        self.n, self.batch, self.seed = n, batch, seed
+        self.epoch, self.index = epoch, index
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def next(self) -> list[int]:
+        out: list[int] = []
+        perm = self._perm(self.epoch)
+        while len(out) < self.batch:
+            if self.index >= self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+                perm = self._perm(self.epoch)
+            take = min(self.batch - len(out), self.n - self.index)
+            out.extend(int(i) for i in perm[self.index : self.index + take])
+            self.index += take
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+def choose_ids(dataset: LenslessDataset, split: str | None) -> tuple[list[str], str]:
+    """Ids to train on: ``split`` if given, else the ``train`` split if there is one, else all."""
+    if split:
+        return dataset.ids(split), split
+    if "train" in dataset.splits:
+        return dataset.ids("train"), "train"
+    return dataset.ids(None), "all"
+
+
+# ----------------------------------------------------------------------------------------------
+# Training pieces
+# ----------------------------------------------------------------------------------------------
+
+
+def learning_rate(step: int, base: float, total: int, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``0.1 · base`` at ``total``."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    span = max(total - warmup, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def distill_loss(x_hat: torch.Tensor, target: torch.Tensor, physics: LenslessOperator, objective: str,
+                 norm: str) -> torch.Tensor:
+    """``mean |r|`` (l1) or ``mean r²`` (l2) of ``r = (I − A†A)(x̂ − T)`` (nullspace) or ``x̂ − T`` (full)."""
+    r = x_hat.float() - target.float()
+    if objective == "nullspace":
+        r = physics.null_project(r)
+    return r.abs().mean() if norm == "l1" else r.pow(2).mean()
+
+
+@torch.no_grad()
+def ema_update(ema: dict[str, torch.Tensor], net: torch.nn.Module, decay: float) -> None:
+    """``θ_ema ← d θ_ema + (1 − d) θ`` for floating tensors; other buffers are copied."""
+    for k, v in net.state_dict().items():
+        if v.is_floating_point():
+            ema[k].mul_(decay).add_(v.detach(), alpha=1.0 - decay)
+        else:
+            ema[k].copy_(v)
+
+
+def ema_decay(step: int, decay: float) -> float:
+    """EMA warm-up: ``min(d, (1 + s) / (10 + s))`` so early averages are not dominated by the init."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def _atomic_torch_save(obj: dict, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_loss_curve(history: list[list[float]], path: Path) -> None:
+    """Loss against step (log scale) with a moving average, as a PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([h[0] for h in history])
+    loss = np.array([h[1] for h in history])
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(steps, loss, lw=0.6, alpha=0.4, label="loss")
+    if len(loss) >= 5:
+        k = max(len(loss) // 50, 5)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
+    if np.all(loss > 0):
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _to_uint8_rgb(img: torch.Tensor) -> np.ndarray:
+    a = img.detach().float().cpu().clamp(0, 1).numpy()
+    if a.shape[0] == 1:
+        a = np.repeat(a, 3, axis=0)
+    return (np.moveaxis(a[:3], 0, -1) * 255.0 + 0.5).astype(np.uint8)
+
+
+def measurement_view(y: torch.Tensor, scene_shape: Sequence[int]) -> torch.Tensor:
+    """A measurement on the scene grid, scaled by its own maximum for display."""
+    v = fit_to_grid(y, scene_shape)
+    return v / v.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None, None]
+
+
+def write_sample_grid(rows: Sequence[Sequence[torch.Tensor]], path: Path, gap: int = 2) -> None:
+    """PNG grid: one row per sample, columns measurement view | A†y | student | teacher."""
+    from PIL import Image
+
+    tiles = [[_to_uint8_rgb(t) for t in row] for row in rows]
+    h, w = tiles[0][0].shape[:2]
+    ncol = len(tiles[0])
+    grid = np.full((len(tiles) * (h + gap) - gap, ncol * (w + gap) - gap, 3), 255, np.uint8)
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            grid[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = tile
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    Image.fromarray(grid).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DistillError(f"--device {name}: CUDA is not available here")
+    return dev
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Stop(Exception):
+    """Raised by the SIGTERM handler so the run writes a checkpoint before exiting."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+
+
+def train_student(s: DistillSettings, *, prior: object | None = None,
+                  callback: Callable[[int, float], None] | None = None) -> dict:
+    """Run (or resume) a distillation; returns a summary. ``callback(step, loss)`` after every step."""
+    s.validate()
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _resolve_device(s.device)
+    use_amp = s.amp == "bf16" or (s.amp == "auto" and device.type == "cuda")
+    if use_amp and device.type != "cuda":
+        raise DistillError("--amp bf16 needs a CUDA device")
+
+    try:
+        dataset = LenslessDataset(s.data)
+    except DatasetError as exc:
+        raise DistillError(str(exc)) from exc
+    physics = dataset.physics(model=s.model, lam=s.lam).to(device)
+    ids, split = choose_ids(dataset, s.split)
+    data = TargetSet(dataset, s.targets, ids, physics.scene_shape)
+    if physics.channels not in (1, data.channels):
+        raise DistillError(f"{s.data}: PSF has {physics.channels} channels, measurements {data.channels}")
+
+    arch = {**default_architecture(s.student, s.objective), **s.architecture}  # type: ignore[arg-type]
+    ids_hash = hashlib.sha256("\n".join(data.ids).encode()).hexdigest()
+    extra: dict = {"training": {
+        "data": str(Path(s.data).resolve()), "targets": str(Path(s.targets).resolve()), "split": split,
+        "num_samples": len(data.ids), "ids_sha256": ids_hash, "teacher": data.recon_meta.get("method", data.recon_meta),
+        "objective": s.objective, "loss": s.loss, "lpips_weight": s.lpips_weight, "steps": s.steps,
+        "batch": s.batch, "lr": s.lr, "ema": s.ema, "seed": s.seed, "weights_from": "ema"}}
+    if s.student == "paper":
+        if prior is None:
+            prior = load_prior_dir(s.prior)  # type: ignore[arg-type]
+        extra["prior"] = {"dir": str(Path(s.prior).resolve()) if s.prior else None,
+                          "config": getattr(prior, "config", {}),
+                          "image_size": getattr(prior, "image_size", None)}
+    config = make_config(s.student, s.objective, data.channels, physics, arch, **extra)  # type: ignore[arg-type]
+
+    torch.manual_seed(s.seed)
+    student = build_student(config, prior=prior).to(device)
+    net = student.net
+    if s.student == "paper":  # the pretrained prior is fine-tuned too: make sure it is trainable
+        for p in net.parameters():
+            p.requires_grad_(True)
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    order = BatchOrder(len(data.ids), s.batch, s.seed)
+    history: list[list[float]] = []
+    step = 0
+
+    ckpt_path = out / CHECKPOINT_NAME
+    signature = s.signature() | {"ids_sha256": ids_hash, "psf_sha256": physics.psf_hash}
+    if ckpt_path.exists():
+        try:
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a corrupt checkpoint is never silently replaced
+            raise DistillError(f"{ckpt_path}: unreadable checkpoint ({type(exc).__name__}: {exc}); move it away "
+                               "to start over") from exc
+        if ckpt.get("signature") != signature:
+            diff = sorted(k for k in set(signature) | set(ckpt.get("signature", {}))
+                          if signature.get(k) != ckpt.get("signature", {}).get(k))
+            raise DistillError(f"{ckpt_path}: checkpoint was written with other settings ({', '.join(diff)}); "
+                               "use another --out or the same settings to resume")
+        net.load_state_dict(ckpt["net"])
+        ema = {k: v.to(device) for k, v in ckpt["ema"].items()}
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step = int(ckpt["step"])
+        order = BatchOrder(len(data.ids), s.batch, s.seed, **ckpt["data"])
+        history = [list(h) for h in ckpt["history"]]
+        _set_rng_state(ckpt["rng"])
+        if s.progress:
+            print(f"resuming {out} at step {step}/{s.steps}", file=sys.stderr)
+
+    lpips_net = None
+    if s.lpips_weight > 0:
+        try:
+            from train.lpips import get_lpips
+        except ImportError as exc:
+            raise DistillError(f"--lpips-weight needs train.lpips: {exc}") from exc
+        weights = s.lpips_weights or os.environ.get("NSDD_LPIPS_WEIGHTS")
+        if not weights:
+            raise DistillError("--lpips-weight > 0 needs --lpips-weights PATH (LPIPS-Alex v0.1 state dict) or "
+                               "NSDD_LPIPS_WEIGHTS; nothing is downloaded")
+        if not Path(weights).is_file():
+            raise DistillError(f"--lpips-weights {weights}: no such file")
+        lpips_net = get_lpips(weights, device)
+        for p in lpips_net.parameters():
+            p.requires_grad_(False)
+
+    sample_ids = data.ids[: max(0, s.samples)]
+
+    def checkpoint() -> None:
+        _atomic_torch_save({"signature": signature, "step": step, "net": net.state_dict(), "ema": ema,
+                            "optimizer": optimizer.state_dict(), "rng": _rng_state(), "data": order.state(),
+                            "history": history}, ckpt_path)
+        ema_net = _ema_copy()
+        save_student(out, ema_net, {**config, "step": step}, fp16=s.fp16)
+        if history:
+            _atomic_write_text(out / "loss.json", json.dumps({"step": [h[0] for h in history],
+                                                               "loss": [h[1] for h in history],
+                                                               "lr": [h[2] for h in history]}) + "\n")
+            write_loss_curve(history, out / "loss_curve.png")
+        if sample_ids:
+            y, t = data.batch(sample_ids)
+            y, t = y.to(device), t.to(device)
+            with torch.no_grad():
+                x_hat, x_dag = Student(ema_net, s.objective)(y, physics, return_parts=True)
+            view = measurement_view(y, physics.scene_shape)
+            rows = [[view[i], x_dag[i], x_hat[i], t[i]] for i in range(len(sample_ids))]
+            write_sample_grid(rows, out / "samples" / f"step_{step:07d}.png")
+
+    def _ema_copy() -> torch.nn.Module:
+        import copy
+
+        ema_net = copy.deepcopy(net).eval()
+        ema_net.load_state_dict(ema)
+        return ema_net
+
+    def _on_sigterm(signum, frame):  # noqa: ARG001
+        raise _Stop()
+
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        previous = None
+
+    bar = None
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=s.steps, initial=step, desc="distill", unit="step", disable=not s.progress,
+                   dynamic_ncols=True)
+        net.train()
+        while step < s.steps:
+            batch_ids = [data.ids[i] for i in order.next()]
+            y, target = data.batch(batch_ids)
+            y, target = y.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            lr = learning_rate(step, s.lr, s.steps, min(s.warmup, s.steps // 10))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                x_hat = student(y, physics)
+            loss = distill_loss(x_hat, target, physics, s.objective, s.loss)
+            if lpips_net is not None:
+                loss = loss + s.lpips_weight * lpips_net(x_hat.float(), target.float()).mean()
+            if not torch.isfinite(loss):
+                raise DistillError(f"loss became {loss.item()} at step {step + 1}; lower --lr (checkpoint at "
+                                   f"step {step - step % s.checkpoint_every} is kept)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+            optimizer.step()
+            step += 1
+            ema_update(ema, net, ema_decay(step, s.ema))
+            value = float(loss.detach())
+            history.append([step, value, lr])
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4g}", lr=f"{lr:.2e}")
+            if step % s.checkpoint_every == 0 or step == s.steps:
+                checkpoint()
+            if callback is not None:
+                callback(step, value)
+    except (KeyboardInterrupt, _Stop):
+        checkpoint()
+        if bar is not None:
+            bar.close()
+        print(f"\ninterrupted: checkpoint written at step {step} in {ckpt_path}; rerun the same command to "
+              "resume", file=sys.stderr)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if not (out / "model.safetensors").exists() or json.loads((out / "config.json").read_text()).get("step") != step:
+        checkpoint()
+    return {"out": str(out), "step": step, "parameters": count_parameters(net),
+            "final_loss": history[-1][1] if history else None, "history": history}
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="dataset directory (dataset.json, psf.npy, measurements/)")
+    p.add_argument("--targets", required=True, help="teacher targets directory with ID.npy per measurement")
+    p.add_argument("--out", required=True, help="output student directory (resumes if it holds a checkpoint)")
+    p.add_argument("--student", choices=KINDS, default="edge", help="edge: compact UNet; paper: g_φ + diffusion UNet")
+    p.add_argument("--objective", choices=OBJECTIVES, default="nullspace",
+                   help="nullspace: x̂ = A†y + (I − A†A) g; full: x̂ = g (ablation)")
+    p.add_argument("--loss", choices=("l1", "l2"), default="l1")
+    p.add_argument("--lpips-weight", type=float, default=0.0, help="weight of LPIPS(x̂, T) on full images")
+    p.add_argument("--lpips-weights", default=None, help="LPIPS-Alex v0.1 state dict (.pth)")
+    p.add_argument("--steps", type=int, default=20000)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--warmup", type=int, default=500, help="warm-up steps (at most steps/10)")
+    p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--samples", type=int, default=4, help="rows in the sample grids")
+    p.add_argument("--split", default=None, help="dataset split to train on (default: train if present, else all)")
+    p.add_argument("--model", choices=("circular", "crop"), default=None,
+                   help="reconstruction operator model (default: dataset.json recon)")
+    p.add_argument("--lam", type=float, default=None, help="Wiener λ of A† (default: dataset.json recon)")
+    p.add_argument("--prior", default=None, help="diffusion prior directory (paper student)")
+    p.add_argument("--t-fixed", type=int, default=None, help="paper student: timestep of the diffusion UNet")
+    p.add_argument("--width", type=int, default=None, help="base channels of the (edge / g_φ) UNet")
+    p.add_argument("--depth", type=int, default=None, help="number of ×2 downsamplings (input divisible by 2^depth)")
+    p.add_argument("--max-width", type=int, default=None, help="channel cap per level")
+    p.add_argument("--blocks", type=int, default=None, help="3×3 convolutions per level")
+    p.add_argument("--activation", choices=("relu", "leaky_relu", "silu"), default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help="bf16 autocast (auto: on GPUs)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--fp16", action="store_true", help="save model.safetensors in float16 (for shipping)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def settings_from_args(args: argparse.Namespace) -> DistillSettings:
+    arch = {k: getattr(args, k) for k in ("width", "depth", "max_width", "blocks", "activation")
+            if getattr(args, k) is not None}
+    if args.t_fixed is not None:
+        arch["t_fixed"] = args.t_fixed
+    return DistillSettings(
+        data=args.data, targets=args.targets, out=args.out, student=args.student, objective=args.objective,
+        loss=args.loss, lpips_weight=args.lpips_weight, lpips_weights=args.lpips_weights, steps=args.steps,
+        batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, ema=args.ema,
+        grad_clip=args.grad_clip, checkpoint_every=args.checkpoint_every, samples=args.samples, split=args.split,
+        model=args.model, lam=args.lam, prior=args.prior, architecture=arch, seed=args.seed, device=args.device,
+        amp=args.amp, fp16=args.fp16, progress=not args.quiet)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    try:
+        summary = train_student(settings_from_args(args))
+    except (DistillError, StudentError, DatasetError, OpticsError) as exc:
+        print(f"nsdd-train distill: error: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, _Stop):
+        return 130
+    print(f"student saved to {summary['out']} (step {summary['step']}, {summary['parameters']:,} parameters, "
+          f"final loss {summary['final_loss']:.5g}, {time.perf_counter() - t0:.1f} s)")
+    return 0
