@@ -347,6 +347,8 @@ def _train(args: argparse.Namespace) -> int:
     root, files = find_image_files(args.images)
     images, used, skipped = load_images(files, settings["size"], settings["channels"], progress)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob(".*.tmp"), *out.glob("samples/.*.tmp")]:  # left by a run killed mid-write
+        stale.unlink(missing_ok=True)
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s) (list in {out / 'skipped_images.json'}):", file=sys.stderr)
         for name, reason in skipped[:20]:
