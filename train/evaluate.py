@@ -547,12 +547,23 @@ def _mean(values: Sequence[float] | None) -> float | None:
     return float(np.mean(values))
 
 
+def _finite_or_none(obj):
+    """Strict JSON: NaN/±Inf (e.g. the PSNR of an exact reconstruction) become ``null``."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
 def _write_json(path: Path, obj) -> None:
-    """Atomic JSON write (temporary file + rename)."""
+    """Atomic strict-JSON write (temporary file + rename; non-finite numbers as ``null``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, allow_nan=True)
+        json.dump(_finite_or_none(obj), f, indent=2, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
 
