@@ -27,7 +27,7 @@ Choices (documented, not in the paper):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -77,16 +77,16 @@ class DDNM(Solver):
         self.null_cutoff = null_cutoff
         self.clip_x0 = bool(clip_x0)
         self.progress = bool(progress)
-        self.timesteps = uniform_timesteps(prior.num_train_timesteps, self.steps)[::-1]  # ascending
-        self.schedule = repaint_schedule(self.steps, self.travel_length, self.travel_repeat)
-        self.nfe = network_calls(self.schedule)
+        self._timesteps = uniform_timesteps(prior.num_train_timesteps, self.steps)[::-1]  # ascending
+        self._schedule = repaint_schedule(self.steps, self.travel_length, self.travel_repeat)
+        self.nfe = network_calls(self._schedule)
 
     @property
     def prior(self) -> DiffusionPrior:
         return self._prior
 
     def _t(self, index: int) -> int:
-        return -1 if index < 0 else self.timesteps[index]
+        return -1 if index < 0 else self._timesteps[index]
 
     @torch.no_grad()
     def __call__(self, y: torch.Tensor, physics: LenslessOperator,
@@ -104,7 +104,7 @@ class DDNM(Solver):
 
         x0_hat = x
         calls = 0
-        pairs = list(zip(self.schedule[:-1], self.schedule[1:]))
+        pairs = list(zip(self._schedule[:-1], self._schedule[1:]))
         for i, j in tqdm(pairs, desc="ddnm", disable=not self.progress, leave=False):
             t, t_next = self._t(i), self._t(j)
             ab_next = alpha_bar(prior, t_next)

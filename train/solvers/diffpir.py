@@ -23,7 +23,7 @@ Choices for lensless data (documented):
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -64,8 +64,8 @@ class DiffPIR(Solver):
         self.seed = int(seed)
         self.seeds = list(seeds) if seeds is not None else None
         self.progress = bool(progress)
-        self.timesteps = quadratic_timesteps(prior.num_train_timesteps, self.steps)  # descending
-        self.nfe = len(self.timesteps)
+        self._timesteps = quadratic_timesteps(prior.num_train_timesteps, self.steps)  # descending
+        self.nfe = len(self._timesteps)
         #: the starting point x_T mapped to [0, 1] (diagnostics; set by each call)
         self.last_start: torch.Tensor | None = None
 
@@ -86,7 +86,7 @@ class DiffPIR(Solver):
         gens = make_generators(sample_seeds(n, self.seed, seeds if seeds is not None else self.seeds))
         shape = (c,) + tuple(physics.scene_shape)
         sigma_n = self.noise_level(physics)
-        ts = self.timesteps
+        ts = self._timesteps
         ab_start = alpha_bar(prior, ts[0])
         x = math.sqrt(ab_start) * physics.A_dagger(y_m).clamp(-1, 1) + math.sqrt(1 - ab_start) * randn_per_sample(
             gens, shape, y)

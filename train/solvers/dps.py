@@ -13,7 +13,7 @@ Per step ``t → t'`` on the prior's schedule (uniformly respaced when ``steps <
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -47,8 +47,8 @@ class DPS(Solver):
         self.seed = int(seed)
         self.seeds = list(seeds) if seeds is not None else None
         self.progress = bool(progress)
-        self.timesteps = uniform_timesteps(prior.num_train_timesteps, self.steps)  # descending
-        self.nfe = len(self.timesteps)
+        self._timesteps = uniform_timesteps(prior.num_train_timesteps, self.steps)  # descending
+        self.nfe = len(self._timesteps)
         #: the starting point x_T mapped to [0, 1] (diagnostics; set by each call)
         self.last_start: torch.Tensor | None = None
 
@@ -63,7 +63,7 @@ class DPS(Solver):
         shape = (c,) + tuple(physics.scene_shape)
         x = randn_per_sample(gens, shape, y)
         self.last_start = from_model_space(x)
-        ts = self.timesteps
+        ts = self._timesteps
         calls = 0
         for k in tqdm(range(len(ts)), desc="dps", disable=not self.progress, leave=False):
             t = ts[k]
