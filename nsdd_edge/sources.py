@@ -341,7 +341,8 @@ class SimCamera(FrameSource):
     """``sim://``: a lensless camera simulated from the bundle's PSF.
 
     Frame ``k``: a scene ``x_k`` (procedural, or the user's images with ``images=DIR``; moving by
-    ``motion=pan|zoom|static``; ``scene=point`` for PSF calibration) → ``y = C_sensor F⁻¹[H · F(P_conv x)]``
+    ``motion=pan|zoom|static``; ``scene=point`` for PSF calibration, ``scene=dark`` for dark frames)
+    → ``y = C_sensor F⁻¹[H · F(P_conv x)]``
     with ``H = WienerSpectra.from_psf(psf, conv_shape, λ).H`` → shot noise ``Poisson(y·photons)/photons``
     (``photons=0``: off) and read noise ``N(0, noise²)`` → counts ``black_level + gain · y``, rounded and
     clipped to ``bits`` bits, stored as uint16. Preprocessing with ``black_level`` and
@@ -351,7 +352,7 @@ class SimCamera(FrameSource):
     """
 
     scheme = "sim"
-    SCENES = ("shapes", "point", "images")
+    SCENES = ("shapes", "point", "images", "dark")
     MOTIONS = ("pan", "zoom", "static")
 
     def __init__(self, uri: str, parsed: ParsedUri, options: _Options):
@@ -475,6 +476,8 @@ class SimCamera(FrameSource):
         import cv2
 
         sh, sw = self.geometry.scene_shape
+        if self.scene_kind == "dark":  # lens cap on / light source off: only black level and noise
+            return np.zeros((self.channels, sh, sw), np.float32)
         if self.scene_kind == "point":
             x = np.zeros((self.channels, sh, sw), np.float32)
             x[:, sh // 2, sw // 2] = 1.0
