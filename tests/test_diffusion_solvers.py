@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -73,7 +74,7 @@ def measure(op: LenslessOperator, n: int = 2, seed: int = 0) -> torch.Tensor:
 def test_schedules_and_measurement_mapping(psf32):
     assert uniform_timesteps(1000, 100)[:2] == [990, 980] and uniform_timesteps(1000, 100)[-1] == 0
     q = quadratic_timesteps(1000, 100)
-    assert q[0] == 999 and q[-1] == 0 and len(q) == 100 and all(a > b for a, b in zip(q, q[1:]))
+    assert q[0] == 999 and q[-1] == 0 and len(q) == 100 and all(a > b for a, b in itertools.pairwise(q))
     assert network_calls(repaint_schedule(100, 10, 3)) == 280
     assert network_calls(repaint_schedule(100)) == 100
     with pytest.raises(ValueError, match="steps"):

@@ -12,7 +12,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import itertools
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -96,7 +97,7 @@ def repaint_schedule(steps: int, travel_length: int = 1, travel_repeat: int = 1)
 
 def network_calls(schedule: Sequence[int]) -> int:
     """Forward transitions of a step-index walk (each costs one ε_θ call)."""
-    return sum(1 for i, j in zip(schedule[:-1], schedule[1:]) if j < i)
+    return sum(1 for i, j in itertools.pairwise(schedule) if j < i)
 
 
 def alpha_bar(prior: DiffusionPrior, t: int) -> float:
