@@ -97,7 +97,11 @@ def load_student_info(directory: str | Path) -> StudentInfo:
         from train.students import load_student
     except ImportError as exc:
         raise ExportError(f"--student needs train.students.load_student, which cannot be imported: {exc}") from exc
-    return student_info(load_student(directory), str(directory))
+    try:
+        student = load_student(directory)
+    except ValueError as exc:  # StudentError: missing/corrupted directory, weights not matching the config
+        raise ExportError(f"--student {directory}: {exc}") from exc
+    return student_info(student, str(directory))
 
 
 def check_student_matches(info: StudentInfo, psf_sha256: str, sensor_shape: tuple[int, int],

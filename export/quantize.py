@@ -374,7 +374,7 @@ def quantize_file(src: str | Path, precision: str, out: str | Path, *, data: str
         for mode in modes:
             m16 = to_fp16(model, mode)
             candidates[mode] = (m16, psnr(ref, run_model(make_session(m16), frames, batch)[0]))
-        report["psnr_vs_fp32_db"] = {mode: round(v[1], 3) for mode, v in candidates.items()}
+        report["psnr_vs_fp32_db"] = {mode: float(round(v[1], 3)) for mode, v in candidates.items()}
         if "all" in candidates and (candidates["all"][1] >= fp16_min_psnr or len(candidates) == 1):
             chosen = "all"
         else:
@@ -385,7 +385,7 @@ def quantize_file(src: str | Path, precision: str, out: str | Path, *, data: str
         amax = calibrate(model, frames, batch)
         result, info = to_int8(model, amax)
         report.update(info)
-        report["psnr_vs_fp32_db"] = round(psnr(ref, run_model(make_session(result), frames, batch)[0]), 3)
+        report["psnr_vs_fp32_db"] = float(round(psnr(ref, run_model(make_session(result), frames, batch)[0]), 3))
         _set_props(result, {**_props(model), "nsdd.precision": "int8"})
     else:
         raise ExportError(f"unknown precision {precision!r}; use fp16 or int8")

@@ -1,0 +1,164 @@
+"""Assemble an edge bundle (``nsdd_edge.bundle.write_bundle``) from exported models and the PSF.
+
+Every ONNX file must come from ``nsdd-export onnx|quantize`` for the same PSF, λ, geometry and channels;
+the PSF given must hash to the models' PSF. The bundle records sizes, λ, preprocessing and provenance
+(hashes, the student's configuration including its training data, package versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from export.graph import ExportError, GraphSpec
+from export.onnx_graph import add_psf_arguments, psf_from_args, read_metadata
+from nsdd_edge.bundle import BundleError, PreprocessConfig, file_sha256, write_bundle
+from nsdd_edge.optics import OpticsError, array_hash
+
+HELP = "write an edge bundle (bundle.json, psf.npy, ONNX/plan models, preprocessing, provenance)"
+
+PACKAGES = ("nsdd-edge", "numpy", "opencv-python-headless", "onnx", "onnxruntime", "onnxscript", "torch",
+            "safetensors")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _same(a: GraphSpec, b: GraphSpec) -> list[str]:
+    diffs = []
+    if a.psf_sha256 != b.psf_sha256:
+        diffs.append("PSF")
+    if abs(a.lam - b.lam) > 1e-12 * max(abs(a.lam), 1.0):
+        diffs.append(f"λ ({a.lam:g} vs {b.lam:g})")
+    if a.geometry != b.geometry:
+        diffs.append(f"geometry ({a.geometry.sensor_shape} vs {b.geometry.sensor_shape})")
+    if a.channels != b.channels:
+        diffs.append(f"channels ({a.channels} vs {b.channels})")
+    if a.objective != b.objective:
+        diffs.append(f"objective ({a.objective} vs {b.objective})")
+    return diffs
+
+
+def make_bundle(onnx_files: list[str | Path], psf: Any, out: str | Path, *, engine: str | Path | None = None,
+                preprocess_json: str | Path | None = None, name: str | None = None,
+                psf_source: str | None = None) -> Any:
+    """Check the models against each other and the PSF, then write the bundle; returns the loaded Bundle."""
+    if not onnx_files:
+        raise ExportError("give at least one ONNX file (--onnx)")
+    models: dict[str, dict] = {}
+    specs: list[tuple[Path, GraphSpec, dict]] = []
+    for f in onnx_files:
+        path = Path(f)
+        meta = read_metadata(path)
+        try:
+            spec = GraphSpec.from_metadata(meta)
+        except ExportError as exc:
+            raise ExportError(f"{path}: {exc}") from None
+        if specs:
+            diffs = _same(specs[0][1], spec)
+            if diffs:
+                raise ExportError(f"{path}: does not match {specs[0][0]}: different {', '.join(diffs)}")
+        specs.append((path, spec, meta))
+        kind = f"onnx_{meta.get('nsdd.precision', 'fp32')}"
+        if kind in models:
+            raise ExportError(f"{path}: a second {kind} model (first: {models[kind]['path']})")
+        if path.with_name(path.name + ".data").exists():
+            raise ExportError(f"{path}: has an external-data sidecar; bundles hold single-file models")
+        models[kind] = {"path": str(path), "precision": meta.get("nsdd.precision", "fp32"),
+                        "dft": meta.get("nsdd.dft"), "objective": meta.get("nsdd.objective")}
+    first_path, spec, first_meta = specs[0]
+    psf_hash = array_hash(psf)
+    if psf_hash != spec.psf_sha256:
+        raise ExportError(f"{psf_source or 'PSF'}: hash {psf_hash[:12]}… is not the PSF {first_path} was exported "
+                          f"for ({spec.psf_sha256[:12]}…); use the same file and --psf-* options as nsdd-export onnx")
+    if tuple(psf.shape[-2:]) != spec.geometry.sensor_shape and (psf.shape[-2] > spec.geometry.sensor_shape[0]
+                                                                 or psf.shape[-1] > spec.geometry.sensor_shape[1]):
+        raise ExportError(f"PSF of size {psf.shape[-2:]} is larger than the sensor grid {spec.geometry.sensor_shape}")
+    if engine is not None:
+        plan = Path(engine)
+        if not plan.exists():
+            raise ExportError(f"{plan}: no such TensorRT plan")
+        record_path = Path(str(plan) + ".json")
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+        plan_psf = record.get("onnx_metadata", {}).get("nsdd.psf_sha256")
+        if plan_psf and plan_psf != spec.psf_sha256:
+            raise ExportError(f"{plan}: built from a model for another PSF ({plan_psf[:12]}…)")
+        models["engine"] = {"path": str(plan), "precision": record.get("precision"),
+                            "tensorrt_version": record.get("tensorrt_version"), "gpu": record.get("gpu")}
+    preprocess = PreprocessConfig()
+    extra_files: dict[str, str] = {}
+    if preprocess_json is not None:
+        pj = Path(preprocess_json)
+        try:
+            settings = json.loads(pj.read_text())
+        except FileNotFoundError:
+            raise ExportError(f"{pj}: no such preprocessing file") from None
+        except json.JSONDecodeError as exc:
+            raise ExportError(f"{pj}: invalid JSON ({exc})") from exc
+        try:
+            preprocess = PreprocessConfig.from_dict(settings)
+        except (BundleError, TypeError) as exc:
+            raise ExportError(f"{pj}: {exc}") from exc
+        if preprocess.background_file:
+            bg = (pj.parent / preprocess.background_file).resolve()
+            if not bg.exists():
+                raise ExportError(f"{pj}: background_file {preprocess.background_file} not found at {bg}")
+            extra_files[Path(preprocess.background_file).name] = str(bg)
+            preprocess.background_file = Path(preprocess.background_file).name
+    student_cfg = {}
+    if "nsdd.student_config" in first_meta:
+        try:
+            student_cfg = json.loads(first_meta["nsdd.student_config"])
+        except json.JSONDecodeError:
+            student_cfg = {"unreadable": first_meta["nsdd.student_config"]}
+    training_data = {k: student_cfg[k] for k in ("dataset", "data", "teacher", "targets", "train_data",
+                                                 "distill") if k in student_cfg}
+    provenance = {
+        "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "psf": {"sha256": psf_hash, "source": psf_source},
+        "objective": spec.objective, "dft": spec.dft,
+        "models": {kind: {"source": m["path"], "sha256": file_sha256(m["path"])} for kind, m in models.items()},
+        "student": {"dir": first_meta.get("nsdd.student"), "config": student_cfg, "training_data": training_data},
+        "packages": package_versions(),
+    }
+    try:
+        return write_bundle(out, psf=psf, geometry=spec.geometry, lam=spec.lam, channels=spec.channels,
+                            preprocess=preprocess, models=models, name=name, provenance=provenance,
+                            extra_files=extra_files)
+    except BundleError as exc:
+        raise ExportError(str(exc)) from exc
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--onnx", required=True, help="ONNX file(s), comma-separated (FP32, FP16, INT8)")
+    p.add_argument("--engine", metavar="PLAN", help="TensorRT plan from nsdd-export engine")
+    add_psf_arguments(p)
+    p.add_argument("--preprocess", metavar="JSON", help="PreprocessConfig settings (nsdd_edge.bundle)")
+    p.add_argument("--name", help="bundle name (default: the output directory's name)")
+    p.add_argument("--out", required=True, help="bundle directory (replaced atomically)")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        psf = psf_from_args(args)
+        files = [f.strip() for f in args.onnx.split(",") if f.strip()]
+        bundle = make_bundle(files, psf, args.out, engine=args.engine, preprocess_json=args.preprocess,
+                             name=args.name, psf_source=str(Path(args.psf).resolve()))
+    except (ExportError, OpticsError) as exc:
+        print(f"nsdd-export bundle: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote bundle {bundle.root}: {bundle.geometry.sensor_shape} C={bundle.channels} λ={bundle.lam:g} "
+          f"models={sorted(bundle.models)}")
+    return 0

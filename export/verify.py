@@ -1,0 +1,166 @@
+"""Verify an exported graph: ONNX checker, TensorRT 10.3 operator check, ONNX Runtime vs torch,
+FP16/INT8 PSNR against FP32 and measurement consistency ``‖A x̂ − y‖ / ‖y‖`` per precision.
+
+The torch reference is the student's network with :class:`train.physics.LenslessOperator`
+(``A†y + (I − A†A) g``), i.e. the training-time computation, not the exported graph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.graph import ExportError, GraphSpec, reference_reconstruction
+from export.onnx_graph import (add_psf_arguments, check_student_matches, load_student_info, psf_from_args,
+                               read_metadata, read_spec)
+from export.quantize import input_shape, load_measurements, make_session, psnr, quantize_file, run_model
+from export.trt_ops import TENSORRT_VERSION, unsupported_nodes
+from nsdd_edge.optics import OpticsError, array_hash, load_psf, read_array
+
+HELP = "check an exported graph: ONNX checker, TensorRT 10.3 ops, ORT vs torch, FP16/INT8 PSNR, consistency"
+
+FP32_TOLERANCE = 1e-4
+
+
+def resolve_psf(spec: GraphSpec, data_dir: Path, args: argparse.Namespace) -> np.ndarray:
+    """The PSF the graph was exported for: ``--psf`` (same loading options) or the dataset's ``psf.npy``."""
+    candidates: list[tuple[str, np.ndarray]] = []
+    if args.psf:
+        candidates.append((args.psf, psf_from_args(args)))
+    else:
+        path = data_dir / "psf.npy"
+        if not path.exists():
+            raise ExportError(f"{data_dir}: no psf.npy; pass --psf FILE")
+        candidates += [(str(path), read_array(path)), (f"{path} (renormalised)", load_psf(path))]
+    for name, psf in candidates:
+        if array_hash(psf) == spec.psf_sha256:
+            return psf
+    raise ExportError(f"{candidates[0][0]}: PSF hash {array_hash(candidates[0][1])[:12]}… does not match the "
+                      f"model's {spec.psf_sha256[:12]}… (exported for another PSF)")
+
+
+def consistency(psf: np.ndarray, spec: GraphSpec, y: np.ndarray, x_hat: np.ndarray) -> float:
+    """Mean ``‖A x̂ − y‖ / ‖y‖`` with the circular operator at sensor size."""
+    import torch
+
+    from train.physics import LenslessOperator
+
+    op = LenslessOperator(psf, spec.geometry.sensor_shape, "circular", lam=spec.lam)
+    with torch.no_grad():
+        return float(op.consistency(torch.from_numpy(np.ascontiguousarray(x_hat, dtype=np.float32)),
+                                    torch.from_numpy(y)).mean())
+
+
+def verify(model_path: str | Path, data_dir: str | Path, args: argparse.Namespace) -> dict[str, Any]:
+    import onnx
+    import torch
+
+    model_path, data_dir = Path(model_path), Path(data_dir)
+    report: dict[str, Any] = {"model": str(model_path), "data": str(data_dir)}
+    try:
+        onnx.checker.check_model(str(model_path), full_check=True)
+        report["onnx_checker"] = "ok"
+    except Exception as exc:  # onnx.checker.ValidationError and shape-inference errors
+        report["onnx_checker"] = f"failed: {exc}"
+    spec = read_spec(model_path)
+    meta = read_metadata(model_path)
+    report["metadata"] = meta
+    model = onnx.load(str(model_path))
+    report["opset"] = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    report["size_bytes"] = model_path.stat().st_size
+    report["external_data_sidecar"] = model_path.with_name(model_path.name + ".data").exists()
+    batch, c, h, w = input_shape(model)
+    report["input_shape"] = [batch if batch else "dynamic", c, h, w]
+    frames = load_measurements(data_dir, (c, h, w), limit=args.limit)
+    report["frames"] = int(len(frames))
+    psf = resolve_psf(spec, data_dir, args)
+
+    net = None
+    if spec.objective != "wiener":
+        if not args.student:
+            raise ExportError(f"{model_path}: objective {spec.objective!r} needs --student DIR for the torch reference")
+        info = load_student_info(args.student)
+        check_student_matches(info, spec.psf_sha256, spec.geometry.sensor_shape, spec.lam, args.student)
+        net = info.net.float().eval()
+    with torch.no_grad():
+        reference = reference_reconstruction(psf, torch.from_numpy(frames), spec.lam, net, spec.objective).numpy()
+
+    outputs: dict[str, np.ndarray] = {}
+    outputs["fp32"] = run_model(make_session(model_path), frames, batch)[0]
+    err = float(np.abs(outputs["fp32"] - reference).max())
+    report["fp32_vs_torch_max_abs_error"] = err
+    report["fp32_vs_torch_tolerance"] = FP32_TOLERANCE
+    report["fp32_vs_torch_ok"] = bool(err <= FP32_TOLERANCE)
+    report["reference_range"] = [float(reference.min()), float(reference.max())]
+
+    with tempfile.TemporaryDirectory(prefix="nsdd-verify-") as tmp:
+        files = {"fp16": args.fp16, "int8": args.int8}
+        report["quantized_here"] = []
+        for precision in ("fp16", "int8"):
+            path = files[precision]
+            if path is None and not args.no_quantize:
+                path = str(Path(tmp) / f"model.{precision}.onnx")
+                quantize_file(model_path, precision, path, data=data_dir)
+                report["quantized_here"].append(precision)  # INT8 calibrated on the same frames it is scored on
+            if path is None:
+                continue
+            if read_spec(path).psf_sha256 != spec.psf_sha256:
+                raise ExportError(f"{path}: made for another PSF than {model_path}")
+            m = onnx.load(str(path))
+            outputs[precision] = run_model(make_session(m), frames, input_shape(m)[0])[0]
+            report[f"{precision}_psnr_vs_fp32_db"] = psnr(outputs["fp32"], outputs[precision])
+            report[f"{precision}_max_abs_error_vs_fp32"] = float(np.abs(outputs[precision] - outputs["fp32"]).max())
+            report[f"{precision}_tensorrt_{TENSORRT_VERSION}_unsupported"] = unsupported_nodes(m)
+
+    report["consistency"] = {"torch_reference": consistency(psf, spec, frames, reference),
+                             **{p: consistency(psf, spec, frames, x) for p, x in outputs.items()}}
+    bad = unsupported_nodes(model)
+    report[f"tensorrt_{TENSORRT_VERSION}_unsupported"] = bad
+    report[f"tensorrt_{TENSORRT_VERSION}_parseable"] = not bad
+    report["ok"] = bool(report["onnx_checker"] == "ok" and report["fp32_vs_torch_ok"]
+                        and (not args.require_trt10 or not bad))
+    return report
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="FP32 ONNX file written by nsdd-export onnx")
+    p.add_argument("--data", required=True, metavar="DIR", help="dataset directory (measurements/*.npy, psf.npy)")
+    p.add_argument("--json", required=True, metavar="FILE", help="write every figure here")
+    p.add_argument("--student", metavar="DIR", help="the student directory the model was exported from")
+    add_psf_arguments(p, required=False)
+    p.add_argument("--fp16", metavar="FILE", help="FP16 model to score (default: quantised here)")
+    p.add_argument("--int8", metavar="FILE", help="INT8 model to score (default: quantised here, calibrated on --data)")
+    p.add_argument("--no-quantize", action="store_true", help="score only the FP16/INT8 files given")
+    p.add_argument("--limit", type=int, default=16, help="use at most this many measurements")
+    p.add_argument("--require-trt10", action="store_true",
+                   help=f"fail when an op is not parseable by TensorRT {TENSORRT_VERSION}")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        report = verify(args.model, args.data, args)
+    except (ExportError, OpticsError) as exc:
+        print(f"nsdd-export verify: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=float))
+    print(f"ONNX checker: {report['onnx_checker']}")
+    print(f"ORT fp32 vs torch: max abs error {report['fp32_vs_torch_max_abs_error']:.3g} "
+          f"({'ok' if report['fp32_vs_torch_ok'] else 'FAILED'}, tolerance {FP32_TOLERANCE:g})")
+    for p in ("fp16", "int8"):
+        if f"{p}_psnr_vs_fp32_db" in report:
+            print(f"{p.upper()} PSNR vs FP32: {report[f'{p}_psnr_vs_fp32_db']:.2f} dB")
+    print("consistency ‖A x̂ − y‖/‖y‖: " + ", ".join(f"{k} {v:.4g}" for k, v in report["consistency"].items()))
+    bad = report[f"tensorrt_{TENSORRT_VERSION}_unsupported"]
+    print(f"TensorRT {TENSORRT_VERSION}: " + ("all ops supported" if not bad else
+                                              f"{len(bad)} unsupported nodes: " +
+                                              ", ".join(f"{b['name']} ({b['op_type']})" for b in bad)))
+    print(f"wrote {out}")
+    return 0 if report["ok"] else 1
