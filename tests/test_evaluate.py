@@ -268,3 +268,18 @@ def test_student_and_ddnm_methods(circular_data, tmp_path, lpips_weights):
     assert metrics["student"]["consistency"] == pytest.approx(metrics["wiener"]["consistency"], abs=1e-4)
     for m in metrics.values():
         assert m["n"] == 2 and m["seconds_per_image"] > 0 and m["lpips"] is not None
+
+
+def test_real_data_without_ground_truth(tmp_path):
+    """Real captures have no ground truth: consistency only, and a grid without a ground-truth column."""
+    import shutil
+
+    data = make_dataset(tmp_path / "real", n=3)
+    shutil.rmtree(data / "ground_truth")
+    out = tmp_path / "o"
+    assert train_cli(["evaluate", "--data", str(data), "--methods", "wiener", "--no-lpips", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())["wiener"]
+    assert m["psnr"] is None and m["ssim"] is None and m["lpips"] is None
+    assert m["consistency"] is not None and m["consistency"] < 1e-3 and m["n"] == 2
+    grid = cv2.imread(str(out / "grid.png"))
+    assert grid is not None and "–" in (out / "metrics.md").read_text()

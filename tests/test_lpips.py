@@ -118,3 +118,17 @@ def test_download_path_maps_torchvision_alexnet_and_package_heads(lpips_dir, mon
     assert set(state) == set(LPIPS_KEYS)
     for k in LPIPS_KEYS:
         assert torch.equal(state[k], full[k]), k
+
+
+def test_gradients_reach_the_inputs(model):
+    """LPIPS as a training loss (distillation): frozen weights, gradients with respect to the image."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 40, 40, generator=g)
+    x = (target + 0.2 * torch.randn(target.shape, generator=g)).clamp(0, 1).requires_grad_(True)
+    d = model(x, target).mean()
+    d.backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad():  # a small step against the gradient lowers the distance
+        x2 = x - 1e-3 * x.grad / x.grad.abs().max()
+    assert float(model(x2, target).mean()) < d.item()
