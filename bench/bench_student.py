@@ -1,0 +1,100 @@
+"""Edge-student cost: parameters, GFLOPs (2 × conv MACs) and CPU milliseconds per image.
+
+For each student configuration and image size: the network ``g`` alone and the whole student
+``x̂ = A†y + (I − A†A) g(y, A†y)`` (adds the FFT pseudo-inverse and projector), batch 1, float32, on
+``--threads`` CPU threads (default 2). Best and median of ``--repeats`` timed runs after warm-up.
+
+    python bench/bench_student.py [--sizes 64 128 256] [--threads 2] [--repeats 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from train.physics import LenslessOperator
+from train.students import Student, count_parameters, default_architecture, make_config, build_student
+
+CONFIGS = {
+    "edge (default)": {},
+    "edge small": {"width": 16, "depth": 3, "max_width": 128, "blocks": 2},
+    "edge tiny": {"width": 8, "depth": 3, "max_width": 64, "blocks": 1},
+}
+
+
+def conv_macs(net: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of every Conv2d / ConvTranspose2d for one forward pass of ``x``."""
+    total = 0
+
+    def hook(module: nn.Module, inputs, output) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            total += output.numel() * k
+        elif isinstance(module, nn.ConvTranspose2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+            total += inputs[0].numel() * k
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    with torch.no_grad():
+        net(x)
+    for h in handles:
+        h.remove()
+    return total
+
+
+def gaussian_psf(size: int, sigma: float) -> np.ndarray:
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    psf = np.exp(-(yy**2 + xx**2) / (2 * sigma**2))
+    return (psf / psf.sum()).astype(np.float32)[None]
+
+
+def time_ms(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """(best, median) milliseconds of ``fn()``; the best is the robust figure on a shared CPU."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return min(times), statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--channels", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    c = args.channels
+    print(f"student cost, batch 1, float32, {c} channels, torch {torch.__version__}, {args.threads} CPU threads, "
+          f"best / median of {args.repeats} runs\n")
+    print("| config | arch (width/depth/max/blocks) | params (M) | size | GFLOPs g | g ms best / median | student ms best / median |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for name, overrides in CONFIGS.items():
+        arch = {**default_architecture("edge", "nullspace"), **overrides}
+        desc = f"{arch['width']}/{arch['depth']}/{arch['max_width']}/{arch['blocks']}"
+        for size in args.sizes:
+            phys = LenslessOperator(gaussian_psf(size, size / 16), (size, size), "circular", lam=1e-4)
+            student: Student = build_student(make_config("edge", "nullspace", c, phys, arch)).eval()
+            y = phys.A(torch.rand(1, c, size, size))
+            x_in = torch.randn(1, 2 * c, size, size)
+            gflops = 2 * conv_macs(student.net, x_in) / 1e9
+            g_best, g_med = time_ms(lambda: student.net(x_in), args.repeats)
+            s_best, s_med = time_ms(lambda: student(y, phys), args.repeats)
+            print(f"| {name} | {desc} | {count_parameters(student.net) / 1e6:.2f} | {size} | {gflops:.2f} | "
+                  f"{g_best:.1f} / {g_med:.1f} | {s_best:.1f} / {s_med:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
