@@ -315,13 +315,18 @@ class HttpPreview(Preview):
                 self.end_headers()
                 seq = 0
                 try:
+                    # each part is followed at once by the next boundary, so a browser shows it without
+                    # waiting for the next frame
+                    self.wfile.write(f"--{BOUNDARY}\r\n".encode())
                     while not preview._closed:
                         new_seq, jpeg = preview.wait_frame(seq, timeout=1.0)
-                        if jpeg is None or new_seq == seq:
+                        if jpeg is None:
                             continue
+                        # no new frame for a second (stalled camera, paused loop): repeat the last one, which
+                        # also lets browsers that show a part only when the next one starts display it
                         seq = new_seq
-                        self.wfile.write(f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\n"
-                                         f"Content-Length: {len(jpeg)}\r\n\r\n".encode() + jpeg + b"\r\n")
+                        self.wfile.write(f"Content-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode()
+                                         + jpeg + f"\r\n--{BOUNDARY}\r\n".encode())
                         self.wfile.flush()
                 except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
                     return
