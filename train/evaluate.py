@@ -205,8 +205,12 @@ class EvaluationConfig:
             command=command_line(args))
 
 
-def command_line(args: argparse.Namespace) -> str:
-    """The ``nsdd-train evaluate …`` command equivalent to ``args`` (recorded in the report)."""
+def command_line(args: argparse.Namespace, argv: Sequence[str] | None = None) -> str:
+    """The command recorded in the report: the exact ``nsdd-train evaluate …`` typed (``sys.argv``) when run
+    from the console script or ``python -m train.cli``, otherwise one equivalent to ``args``."""
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) > 1 and argv[1] == "evaluate" and Path(argv[0]).name in ("nsdd-train", "cli.py", "__main__.py"):
+        return shlex.join(["nsdd-train", *argv[1:]])
     parts = ["nsdd-train", "evaluate", "--data", str(args.data), "--out", str(args.out)]
     for flag, value in (("--recon", args.recon), ("--methods", args.methods), ("--prior", args.prior),
                         ("--names", args.names), ("--split", args.split), ("--limit", args.limit),
