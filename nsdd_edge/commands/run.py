@@ -1,0 +1,235 @@
+"""``nsdd-edge run``: live reconstruction from a camera (default: the simulated camera and the bundled model).
+
+With no arguments: ``sim://`` through the default bundle shipped in the package for 60 frames, writing
+the last side-by-side frame to ``nsdd-edge-preview.png`` and the figures to ``nsdd-edge-stats.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from nsdd_edge.bundle import Bundle, BundleError, load_bundle
+from nsdd_edge.optics import array_hash
+
+HELP = "live reconstruction: camera → preprocess → engine → preview / recorder (default: simulated camera)"
+
+DEFAULT_SOURCE = "sim://"
+DEFAULT_SIM_FRAMES = 60
+
+
+def default_bundle_path() -> Path:
+    """The bundle shipped in the package (``nsdd_edge/assets/default_bundle``)."""
+    return Path(str(resources.files("nsdd_edge").joinpath("assets", "default_bundle")))
+
+
+def bundle_sha256(bundle: Bundle) -> str:
+    """SHA-256 of the bundle's ``bundle.json`` (which itself pins the PSF and model hashes)."""
+    return hashlib.sha256((bundle.root / "bundle.json").read_bytes()).hexdigest()
+
+
+def open_bundle(path: str | None) -> Bundle:
+    """Load and verify ``path`` (or the default bundle); :class:`BundleError` names the problem."""
+    root = Path(path) if path else default_bundle_path()
+    if path is None and not (root / "bundle.json").exists():
+        raise BundleError(f"{root}: the default bundle is missing from the package; reinstall nsdd-edge or "
+                          "give --model BUNDLE_DIR")
+    return load_bundle(root)
+
+
+def open_camera(uri: str, bundle: Bundle, **options: Any):
+    """``open_source`` with, for ``sim://``, the bundle's PSF, geometry and channels (unless the URI sets
+    them), so the simulated camera is the one the bundle was made for. A sim PSF given in the URI that
+    differs from the bundle's is refused (:class:`BundleError`)."""
+    from nsdd_edge.sources import open_source, parse_uri
+
+    parsed = parse_uri(uri)
+    if parsed.scheme == "sim":
+        q = parsed.query
+        if "psf" not in q:
+            options.setdefault("psf", bundle.psf)
+        if "size" not in q and "geometry" not in q:
+            options.setdefault("geometry", bundle.geometry)
+        if "channels" not in q and "format" not in q:
+            options.setdefault("channels", bundle.channels)
+    source = open_source(uri, **options)
+    psf = getattr(source, "psf", None)
+    if psf is not None:
+        bundle.check_compatible(psf_sha256=array_hash(psf))
+    return source
+
+
+def make_preprocessor(bundle: Bundle):
+    from nsdd_edge.preprocess import Preprocessor
+
+    return Preprocessor(bundle.preprocess, bundle.root)
+
+
+@contextmanager
+def stop_on_signals(stop):
+    """SIGINT/SIGTERM call ``stop(reason)`` (a second SIGINT interrupts hard); restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    hits = {"n": 0}
+
+    def handler(signum, _frame):
+        hits["n"] += 1
+        if hits["n"] > 1 and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        print(f"\nnsdd-edge: {signal.Signals(signum).name}: stopping (flushing the recorder, closing the camera)…",
+              file=sys.stderr, flush=True)
+        stop(signal.Signals(signum).name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", default=DEFAULT_SOURCE,
+                   help="camera URI: sim://, file:///path, picamera2://, csi://0, v4l2:///dev/video0, tcp://HOST:PORT")
+    p.add_argument("--model", default=None, metavar="BUNDLE",
+                   help="model bundle directory (default: the bundle shipped with nsdd-edge)")
+    p.add_argument("--engine", default="auto", choices=["auto", "trt", "onnx", "wiener"],
+                   help="reconstruction engine (auto: TensorRT plan > ONNX Runtime > numpy Wiener)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="ONNX Runtime device")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    p.add_argument("--preview", default="none", help="window, http://HOST:PORT or none")
+    p.add_argument("--token", default=None,
+                   help="access token for the HTTP preview (required off loopback; generated if omitted)")
+    p.add_argument("--record", default=None, metavar="DIR",
+                   help="record every raw frame, its reconstruction and metadata (lossless, back-pressure)")
+    p.add_argument("--frames", type=int, default=None,
+                   help=f"stop after N frames (default {DEFAULT_SIM_FRAMES} for sim://, else until Ctrl-C; 0: no limit)")
+    p.add_argument("--stats", default="nsdd-edge-stats.json", metavar="FILE",
+                   help="write the telemetry as JSON here (periodically and at the end); '' to skip")
+    p.add_argument("--snapshot", default="nsdd-edge-preview.png", metavar="FILE.png",
+                   help="write the last measurement | reconstruction frame here at the end; '' to skip")
+    p.add_argument("--quiet", action="store_true", help="no live console line")
+    p.add_argument("--max-reconnects", type=int, default=None,
+                   help="give up after this many failed camera reopen attempts in a row (default: never)")
+
+
+def _err(msg: str) -> int:
+    print(f"nsdd-edge run: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(args: argparse.Namespace) -> int:
+    from nsdd_edge.engines import EngineError, select_engine
+    from nsdd_edge.loop import LoopConfig, LoopError, ReconstructionLoop
+    from nsdd_edge.preview import PreviewError, open_preview
+    from nsdd_edge.recorder import Recorder, RecorderError
+    from nsdd_edge.sources import SourceError
+    from nsdd_edge.telemetry import Telemetry
+
+    if args.frames is not None and args.frames < 0:
+        return _err(f"--frames {args.frames}: must be ≥ 0")
+    for opt, value in (("--snapshot", args.snapshot), ("--stats", args.stats)):
+        if value and not Path(value).parent.exists():
+            return _err(f"{opt} {value}: directory {Path(value).parent} does not exist")
+    try:
+        bundle = open_bundle(args.model)
+    except BundleError as exc:
+        return _err(f"--model: {exc}")
+    try:
+        source = open_camera(args.source, bundle)
+    except BundleError as exc:
+        return _err(f"--source {args.source} does not match the bundle: {exc}")
+    except (ValueError, SourceError) as exc:
+        return _err(f"--source: {exc}")
+    try:
+        preprocess = make_preprocessor(bundle)
+    except (BundleError, ValueError) as exc:
+        return _err(f"--model {bundle.root}: preprocessing settings: {exc}")
+    try:
+        engine, choice = select_engine(bundle, args.engine, device=args.device, threads=args.threads)
+    except (EngineError, BundleError) as exc:
+        return _err(f"--engine {args.engine}: {exc}")
+
+    frames = args.frames
+    if frames is None:
+        frames = DEFAULT_SIM_FRAMES if args.source.startswith("sim://") else 0
+    telemetry = Telemetry()
+    telemetry.info.update({"bundle": str(bundle.root), "bundle_name": bundle.name, "engine_kind": choice.kind,
+                           "engine_reason": choice.reason, "source": args.source})
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    print(f"nsdd-edge run: bundle {bundle.name} ({bundle.root}), sensor {bundle.geometry.sensor_shape}, "
+          f"{bundle.channels} channel(s)", file=sys.stderr)
+    print(f"nsdd-edge run: engine {engine.describe()} — {choice.reason}", file=sys.stderr)
+    print(f"nsdd-edge run: source {args.source}" + (f", {frames} frames" if frames else ", until Ctrl-C"),
+          file=sys.stderr)
+
+    preview = recorder = None
+    loop: ReconstructionLoop | None = None
+    try:
+        frame_meta = {"bundle": bundle.name, "bundle_sha256": bundle_sha256(bundle),
+                      "psf_sha256": bundle.psf_sha256, "engine": choice.kind, "engine_detail": engine.describe()}
+        if args.record:
+            session = {**frame_meta, "source": args.source, "argv": sys.argv,
+                       "source_describe": _safe_describe(source)}
+            recorder = Recorder(Path(args.record), session=session)
+            print(f"nsdd-edge run: recording every frame to {recorder.root}", file=sys.stderr)
+        holder: dict = {}
+        preview = open_preview(args.preview, token=args.token,
+                               stats=lambda: telemetry.snapshot(),
+                               on_quit=lambda: holder["loop"].request_stop("window closed"),
+                               log=lambda m: print(m, file=sys.stderr, flush=True))
+        if preview is not None:
+            print(f"nsdd-edge run: preview: {preview.describe()}", file=sys.stderr, flush=True)
+        config = LoopConfig(max_frames=frames or None, stats_path=Path(args.stats) if args.stats else None,
+                            snapshot_path=Path(args.snapshot) if args.snapshot else None,
+                            console_interval=0.0 if args.quiet else 1.0, max_reopen_attempts=args.max_reconnects,
+                            expected_input_shape=bundle.input_shape)
+        loop = ReconstructionLoop(source, preprocess, engine, config=config, preview=preview, recorder=recorder,
+                                  telemetry=telemetry, frame_meta=frame_meta, log=log)
+        holder["loop"] = loop
+        with stop_on_signals(loop.request_stop):
+            summary = loop.run()
+    except (PreviewError, RecorderError) as exc:
+        return _err(str(exc))
+    except (LoopError, BundleError) as exc:
+        return _err(str(exc))
+    except SourceError as exc:
+        return _err(f"--source {args.source}: {exc}")
+    except KeyboardInterrupt:
+        print("nsdd-edge run: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if preview is not None:
+            preview.close()
+        engine.close()
+    print(f"nsdd-edge run: {summary['frames_out']} frames reconstructed, {summary['dropped']} dropped, "
+          f"{summary['rejected']} rejected, {summary['recorded']} recorded, {summary['fps']:.1f} fps "
+          f"({loop.end_reason})", file=sys.stderr)
+    if args.snapshot and loop.last_pair is not None:
+        print(f"nsdd-edge run: preview frame written to {args.snapshot}", file=sys.stderr)
+    if args.stats:
+        print(f"nsdd-edge run: figures written to {args.stats}", file=sys.stderr)
+    if loop.recording_stopped:
+        print(f"nsdd-edge run: error: {loop.recording_stopped}", file=sys.stderr)
+        return 3
+    if summary["frames_out"] == 0:
+        print("nsdd-edge run: error: no frame was reconstructed", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _safe_describe(source) -> Any:
+    try:
+        return source.describe()
+    except Exception as exc:  # noqa: BLE001 - metadata only
+        return f"describe() failed: {exc}"
