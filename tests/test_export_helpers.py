@@ -80,18 +80,17 @@ def export_env(tmp_path_factory, shared):
 
 @pytest.fixture(scope="session")
 def exported(export_env):
-    """FP32 ONNX exports (student matmul batch 2, student dynamic, Wiener-only) made once through the CLI."""
+    """FP32 ONNX exports made once through the CLI: the student (matmul DFT, dynamic batch) and the
+    Wiener-only graph (static batch 2)."""
     from export.onnx_graph import main_argv
 
     e = export_env
     out = {}
     common = ["--psf", str(e["psf_file"]), "--size", *map(str, SIZE)]
-    assert main_argv(["--student", str(e["student"]), *common, "--batch", "2",
+    assert main_argv(["--student", str(e["student"]), *common, "--batch", "dynamic",
                       "--out", str(e["root"] / "student.onnx")]) == 0
     out["student"] = e["root"] / "student.onnx"
-    assert main_argv(["--student", str(e["student"]), *common, "--batch", "dynamic",
-                      "--out", str(e["root"] / "student_dyn.onnx")]) == 0
-    out["student_dynamic"] = e["root"] / "student_dyn.onnx"
-    assert main_argv(["--wiener-only", *common, "--lam", str(LAM), "--out", str(e["root"] / "wiener.onnx")]) == 0
+    assert main_argv(["--wiener-only", *common, "--lam", str(LAM), "--batch", "2",
+                      "--out", str(e["root"] / "wiener.onnx")]) == 0
     out["wiener"] = e["root"] / "wiener.onnx"
     return out
