@@ -1,0 +1,468 @@
+"""Camera sources by URI: parsing, sim://, file://, hardware error messages, raw unpacking, tcp:// via serve-camera."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from nsdd_edge import framing
+from nsdd_edge.commands.serve_camera import CameraServer, parse_bind
+from nsdd_edge.optics import LenslessGeometry
+from nsdd_edge.psf_sim import simulate_psf
+from nsdd_edge.sources import (
+    EndOfStream,
+    FileSource,
+    FrameSource,
+    SimCamera,
+    SourceError,
+    SourceStalled,
+    _gstreamer_available,
+    available_sources,
+    open_source,
+    parse_libcamera_raw_format,
+    unpack_raw,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def psf32() -> np.ndarray:
+    return simulate_psf("contour", (32, 32), 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# URI parsing
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("uri, words", [
+    ("", ["empty", "sim://"]),
+    ("video.mp4", ["not a URI", "file://"]),
+    ("rtsp://cam/stream", ["unknown scheme", "'rtsp'", "sim://", "tcp://"]),
+    ("sim://?fps=fast", ["fps='fast'", "number"]),
+    ("sim://?fps=-3", ["fps"]),
+    ("sim://?colour=red", ["unknown option", "colour"]),
+    ("sim://?fps=1&fps=2", ["given twice"]),
+    ("sim://?motion=spin", ["motion", "pan"]),
+    ("sim://somewhere/else", ["no host or path"]),
+    ("sim://?format=bayer&bayer=RGBG", ["Bayer pattern"]),
+    ("file://", ["needs a path"]),
+    ("tcp://camera-host", ["host:port"]),
+    ("tcp://camera-host:99999", ["port"]),
+    ("csi://front", ["sensor id"]),
+    ("v4l2://", ["device path"]),
+    ("v4l2:///dev/video0?pixelformat=XXXX", ["pixelformat", "RG10"]),
+    ("picamera2://left", ["camera number"]),
+    ("picamera2://0?size=big", ["WIDTHxHEIGHT"]),
+])
+def test_bad_uris_name_the_uri_and_the_problem(uri, words):
+    with pytest.raises(ValueError) as info:
+        open_source(uri)
+    message = str(info.value)
+    assert repr(uri) in message
+    for w in words:
+        assert w in message
+
+
+def test_good_uris_parse_into_their_sources():
+    sim = open_source("sim://?fps=30&seed=0&noise=0.005&motion=pan", size=32)
+    assert isinstance(sim, SimCamera) and sim.frame_rate == 30.0 and sim.noise == 0.005 and sim.is_live
+    tcp = open_source("tcp://raspberrypi.local:5000?token=abc")
+    assert (tcp.host, tcp.port, tcp.token) == ("raspberrypi.local", 5000, "abc")
+    v4l2 = open_source("v4l2:///dev/video3?pixelformat=RG10&size=1920x1080")
+    assert v4l2.device == "/dev/video3" and v4l2.size == (1920, 1080)
+    csi = open_source("csi://1?size=1280x720&fps=60")
+    assert "sensor-id=1" in csi.pipeline() and "width=1280" in csi.pipeline() and "framerate=60/1" in csi.pipeline()
+    assert "nvarguscamerasrc" in csi.pipeline() and "appsink" in csi.pipeline()
+    pi = open_source("picamera2://0?exposure_us=5000&gain=2&colour_gains=1.5,1.8")
+    assert (pi.camera_num, pi.exposure_us, pi.gain, pi.colour_gains) == (0, 5000, 2.0, (1.5, 1.8))
+    assert pi.size == (2028, 1520) and pi.bits == 12
+    # keyword options win over the query
+    assert open_source("sim://?fps=10", fps=25, size=32).frame_rate == 25.0
+
+
+def test_available_sources_reports_every_scheme():
+    avail = available_sources()
+    assert set(avail) == {"sim", "file", "picamera2", "csi", "v4l2", "tcp"}
+    for ok, reason in avail.values():
+        assert isinstance(ok, bool) and isinstance(reason, str) and reason
+    assert avail["sim"][0] and avail["file"][0]
+    assert avail["csi"][0] == _gstreamer_available()
+
+
+# ------------------------------------------------------------------------------------------------
+# sim://
+# ------------------------------------------------------------------------------------------------
+
+
+def test_sim_frames_have_raw_layout_metadata_and_rate(psf32):
+    src = open_source("sim://?fps=30&seed=0&realtime=0&frames=3", psf=psf32)
+    frames = list(src)
+    assert [f.index for f in frames] == [0, 1, 2]
+    assert [f.timestamp for f in frames] == pytest.approx([0, 1 / 30, 2 / 30])
+    for f in frames:
+        assert f.data.shape == (32, 32, 3) and f.data.dtype == np.uint16
+        assert f.data.max() <= 4095 and f.data.min() >= 0
+        assert f.meta["black_level"] == 256 and f.meta["gain"] == 3800 and f.meta["bit_depth"] == 12
+        assert f.meta["white_level"] == 4095
+    assert not np.array_equal(frames[0].data, frames[2].data)  # the scene pans
+    with pytest.raises(EndOfStream):
+        src.read()
+    d = src.describe()
+    assert d["frame_rate"] == 30.0 and d["preprocess"]["scale"] == 3800 and d["geometry"]["model"] == "circular"
+
+    bayer = open_source("sim://?realtime=0&format=bayer&bayer=BGGR", psf=psf32).read()
+    assert bayer.data.shape == (64, 64) and bayer.meta["bayer_pattern"] == "BGGR"
+    mono = open_source("sim://?realtime=0&channels=1", psf=psf32).read()
+    assert mono.data.shape == (32, 32) and mono.meta["bayer_pattern"] is None
+
+
+def test_sim_content_is_deterministic_per_seed(psf32):
+    def first(seed):
+        return open_source(f"sim://?realtime=0&seed={seed}", psf=psf32).read().data
+
+    np.testing.assert_array_equal(first(3), first(3))
+    assert not np.array_equal(first(3), first(4))
+    a = open_source("sim://?realtime=0&seed=5", psf=psf32)
+    b = open_source("sim://?realtime=0&seed=5", psf=psf32)
+    np.testing.assert_array_equal(a.raw_frame(7), b.raw_frame(7))  # per (seed, index), not per call order
+    np.testing.assert_array_equal(a.raw_frame(7), a.raw_frame(7))
+
+
+def test_sim_forward_model_is_the_shared_convolution(psf32):
+    """The noiseless measurement equals the circular convolution with the PSF (via WienerSpectra.H)."""
+    src = open_source("sim://?realtime=0&motion=static", psf=psf32)
+    x = src.scene(0)
+    y = src.measurement(0)
+    kernel = np.fft.ifftshift(psf32[0])
+    direct = np.real(np.fft.ifft2(np.fft.fft2(x) * np.fft.fft2(kernel)))
+    np.testing.assert_allclose(y, direct, atol=1e-5)
+    assert x.min() >= 0 and x.max() <= 1
+
+
+def test_sim_crop_geometry_and_point_scene(psf32):
+    geom = LenslessGeometry.make("crop", (32, 32), scene_shape=(16, 16), conv_shape=(64, 64))
+    src = open_source("sim://?realtime=0&scene=point&channels=1&noise=0&photons=0", psf=psf32, geometry=geom)
+    f = src.read()
+    assert f.data.shape == (32, 32)
+    y = src.measurement(0)
+    assert y.max() == pytest.approx(0.8, rel=1e-5)  # point_level
+    # a point at the scene centre images the (centred) PSF
+    np.testing.assert_allclose(y[0] / y.sum(), psf32[0] / psf32.sum(), atol=1e-6)
+
+
+def test_sim_live_pacing_and_stall(psf32):
+    src = open_source("sim://?fps=200", psf=psf32)
+    assert src.is_live
+    frames = [src.read(timeout=1.0) for _ in range(3)]
+    idx = [f.index for f in frames]
+    assert idx == sorted(set(idx))
+    stamps = [f.timestamp for f in frames]
+    assert stamps == sorted(stamps)
+    slow = open_source("sim://?fps=0.01", psf=psf32)
+    slow.read(timeout=1.0)  # frame 0 is due at once
+    with pytest.raises(SourceStalled):
+        slow.read(timeout=0.0)  # the next one is 100 s away
+
+
+def test_sim_user_images(tmp_path, psf32):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    cv2.imwrite(str(d / "a.png"), np.full((40, 50, 3), (0, 0, 255), np.uint8))  # BGR: pure red
+    cv2.imwrite(str(d / "b.png"), np.full((40, 50, 3), (255, 0, 0), np.uint8))  # pure blue
+    src = open_source(f"sim://?realtime=0&images={d}&hold=0.1&fps=10&motion=static", psf=psf32)
+    x0, x1 = src.scene(0), src.scene(1)
+    np.testing.assert_allclose(x0[:, 10:20, 10:20].mean(axis=(1, 2)), [1, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(x1[:, 10:20, 10:20].mean(axis=(1, 2)), [0, 0, 1], atol=1e-6)
+    with pytest.raises(SourceError, match="not a directory"):
+        open_source(f"sim://?images={tmp_path / 'missing'}", psf=psf32).open()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no image files"):
+        open_source(f"sim://?images={tmp_path / 'empty'}", psf=psf32).open()
+
+
+# ------------------------------------------------------------------------------------------------
+# file://
+# ------------------------------------------------------------------------------------------------
+
+
+def test_file_npy_stack_with_loop_and_sidecar(tmp_path):
+    stack = np.random.default_rng(0).integers(0, 4096, size=(3, 6, 8), dtype=np.uint16)
+    path = tmp_path / "stack.npy"
+    np.save(path, stack)
+    (tmp_path / "stack.npy.json").write_text(json.dumps({"black_level": 64, "exposure_us": 1000}))
+    src = open_source(f"file://{path}?bayer=RGGB")
+    assert isinstance(src, FileSource) and not src.is_live
+    frames = list(src)
+    assert len(frames) == 3
+    for i, f in enumerate(frames):
+        np.testing.assert_array_equal(f.data, stack[i])
+        assert f.meta["black_level"] == 64 and f.meta["bayer_pattern"] == "RGGB" and f.meta["exposure_us"] == 1000
+    looped = open_source(f"file://{path}?loop=1&start=1")
+    got = [looped.read() for _ in range(4)]
+    assert [g.meta["position"] for g in got] == [1, 2, 1, 2]
+    assert [g.index for g in got] == [0, 1, 2, 3]
+
+
+def test_file_image_directory_keeps_16_bit(tmp_path):
+    d = tmp_path / "frames"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    imgs = [rng.integers(0, 65535, size=(5, 7), dtype=np.uint16) for _ in range(3)]
+    for i, img in enumerate(imgs[::-1]):  # written in reverse; read back sorted by name
+        cv2.imwrite(str(d / f"{2 - i:03d}.png"), img)
+    rgb = rng.integers(0, 65535, size=(5, 7, 3), dtype=np.uint16)
+    cv2.imwrite(str(d / "003.tif"), rgb[:, :, ::-1])
+    frames = list(open_source(f"file://{d}"))
+    assert len(frames) == 4
+    for f, img in zip(frames[:3], imgs):
+        assert f.data.dtype == np.uint16
+        np.testing.assert_array_equal(f.data, img)
+    np.testing.assert_array_equal(frames[3].data, rgb)  # returned in RGB order
+
+
+def test_file_video_written_by_cv2(tmp_path):
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 12, (32, 24))
+    assert writer.isOpened()
+    for i in range(5):
+        writer.write(np.full((24, 32, 3), (200, 100, 20 * i), np.uint8))  # BGR
+    writer.release()
+    src = open_source(f"file://{path}")
+    frames = list(src)
+    assert len(frames) == 5 and src.frame_rate == pytest.approx(12)
+    for i, f in enumerate(frames):
+        assert f.data.shape == (24, 32, 3) and f.data.dtype == np.uint8
+        np.testing.assert_allclose(f.data[12, 16].astype(float), [20 * i, 100, 200], atol=6)  # RGB
+    assert frames[2].timestamp == pytest.approx(2 / 12)
+    looped = open_source(f"file://{path}?loop=1")
+    assert len([looped.read() for _ in range(7)]) == 7
+
+
+def test_file_errors_name_the_path(tmp_path):
+    with pytest.raises(SourceError, match="does not exist"):
+        open_source(f"file://{tmp_path / 'nope.npy'}").open()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="holds no images"):
+        open_source(f"file://{tmp_path / 'empty'}").open()
+    (tmp_path / "junk.mp4").write_bytes(b"not a video")
+    with pytest.raises(SourceError, match="junk.mp4"):
+        open_source(f"file://{tmp_path / 'junk.mp4'}").open()
+    np.save(tmp_path / "bad.npy", np.zeros((2, 3, 4, 5, 6)))
+    with pytest.raises(SourceError, match="shape"):
+        open_source(f"file://{tmp_path / 'bad.npy'}").open()
+
+
+# ------------------------------------------------------------------------------------------------
+# Hardware sources on a machine without the hardware
+# ------------------------------------------------------------------------------------------------
+
+
+def test_picamera2_missing_library_is_a_clear_error():
+    try:
+        import picamera2  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("picamera2 is installed here")
+    with pytest.raises(SourceError, match="picamera2") as info:
+        open_source("picamera2://0").open()
+    assert "apt install python3-picamera2" in str(info.value)
+
+
+@pytest.mark.skipif(_gstreamer_available(), reason="this OpenCV has GStreamer")
+def test_csi_without_gstreamer_is_a_clear_error():
+    with pytest.raises(SourceError, match="GStreamer"):
+        open_source("csi://0").open()
+
+
+def test_v4l2_missing_device_is_a_clear_error():
+    with pytest.raises(SourceError, match="/dev/video_nsdd_missing"):
+        open_source("v4l2:///dev/video_nsdd_missing").open()
+
+
+def test_tcp_unreachable_host_is_a_clear_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    with pytest.raises(SourceError, match="serve-camera"):
+        open_source(f"tcp://127.0.0.1:{port}?connect_timeout=1").read(timeout=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Raw buffers
+# ------------------------------------------------------------------------------------------------
+
+
+def _pack_mipi10(px: np.ndarray) -> np.ndarray:
+    g = px.reshape(px.shape[0], -1, 4).astype(np.uint16)
+    out = np.zeros((px.shape[0], g.shape[1], 5), np.uint8)
+    out[..., :4] = (g >> 2).astype(np.uint8)
+    out[..., 4] = sum(((g[..., k] & 3) << (2 * k)) for k in range(4)).astype(np.uint8)
+    return out.reshape(px.shape[0], -1)
+
+
+def _pack_mipi12(px: np.ndarray) -> np.ndarray:
+    g = px.reshape(px.shape[0], -1, 2).astype(np.uint16)
+    out = np.zeros((px.shape[0], g.shape[1], 3), np.uint8)
+    out[..., 0] = (g[..., 0] >> 4).astype(np.uint8)
+    out[..., 1] = (g[..., 1] >> 4).astype(np.uint8)
+    out[..., 2] = ((g[..., 0] & 0xF) | ((g[..., 1] & 0xF) << 4)).astype(np.uint8)
+    return out.reshape(px.shape[0], -1)
+
+
+def test_unpack_raw_formats_with_row_padding():
+    rng = np.random.default_rng(2)
+    h, w = 4, 8
+    px10 = rng.integers(0, 1024, size=(h, w), dtype=np.uint16)
+    px12 = rng.integers(0, 4096, size=(h, w), dtype=np.uint16)
+    pad = np.zeros((h, 6), np.uint8)
+    u16 = np.concatenate([px12.astype("<u2").view(np.uint8), pad], axis=1)  # stride 22 bytes
+    np.testing.assert_array_equal(unpack_raw(u16, w, h, "u16"), px12)
+    p10 = np.concatenate([_pack_mipi10(px10), pad], axis=1)
+    np.testing.assert_array_equal(unpack_raw(p10.tobytes(), w, h, "mipi10", bytes_per_line=p10.shape[1]), px10)
+    p12 = _pack_mipi12(px12)
+    np.testing.assert_array_equal(unpack_raw(p12, w, h, "mipi12"), px12)
+    with pytest.raises(SourceError, match="too small"):
+        unpack_raw(np.zeros(10, np.uint8), w, h, "u16")
+
+
+def test_libcamera_raw_format_names():
+    assert parse_libcamera_raw_format("SBGGR12") == ("BGGR", 12, False)
+    assert parse_libcamera_raw_format("SRGGB10_CSI2P") == ("RGGB", 10, True)
+    assert parse_libcamera_raw_format("R12") == (None, 12, False)
+    with pytest.raises(SourceError, match="compressed"):
+        parse_libcamera_raw_format("BGGR16_PISP_COMP1")
+
+
+# ------------------------------------------------------------------------------------------------
+# tcp:// through serve-camera
+# ------------------------------------------------------------------------------------------------
+
+
+def test_framing_round_trip_and_corruption():
+    a, b = socket.socketpair()
+    with a, b:
+        data = np.arange(24, dtype=np.uint16).reshape(4, 6)
+        head, payload = framing.frame_message(data, 7, 1.5, {"gain": np.float32(2.0)})
+        framing.send_message(a, head, payload)
+        header, body = framing.recv_message(b)
+        out, index, stamp, meta = framing.decode_frame(header, body)
+        np.testing.assert_array_equal(out, data)
+        assert (index, stamp, meta) == (7, 1.5, {"gain": 2.0})
+        a.sendall(b"GARBAGE" + bytes(13))
+        with pytest.raises(framing.FramingError, match="magic"):
+            framing.recv_message(b)
+    header["shape"] = [5, 6]
+    with pytest.raises(framing.FramingError, match="bytes"):
+        framing.decode_frame(header, body)
+
+
+@pytest.fixture()
+def served_stack(tmp_path):
+    stack = np.random.default_rng(3).integers(0, 4096, size=(4, 6, 8), dtype=np.uint16)
+    path = tmp_path / "stack.npy"
+    np.save(path, stack)
+    source = open_source(f"file://{path}?bayer=GRBG&black_level=64")
+    server = CameraServer(source, "127.0.0.1", 0, token="s3cret", log=lambda msg: None)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_s": 0.05}, daemon=True)
+    thread.start()
+    yield stack, server
+    server.shutdown()
+    thread.join(5)
+    source.close()
+    assert not thread.is_alive()
+
+
+def test_tcp_round_trip_through_serve_camera(served_stack):
+    stack, server = served_stack
+    port = server.address[1]
+    client = open_source(f"tcp://127.0.0.1:{port}?token=s3cret")
+    first = client.read(timeout=5)
+    np.testing.assert_array_equal(first.data, stack[0])
+    assert first.data.dtype == np.uint16 and first.index == 0
+    assert first.meta["bayer_pattern"] == "GRBG" and first.meta["black_level"] == 64
+    assert client.describe()["remote"]["scheme"] == "file"
+    # a second client takes over (reconnect after a crash), continuing the same camera stream
+    second = open_source(f"tcp://127.0.0.1:{port}?token=s3cret")
+    np.testing.assert_array_equal(second.read(timeout=5).data, stack[1])
+    np.testing.assert_array_equal(second.read(timeout=5).data, stack[2])
+    np.testing.assert_array_equal(second.read(timeout=5).data, stack[3])
+    with pytest.raises(EndOfStream):
+        second.read(timeout=5)
+    second.close()
+    client.close()
+    assert server.frames_sent == 4 and server.clients_served == 2
+
+
+def test_tcp_refuses_a_wrong_token(served_stack):
+    _, server = served_stack
+    with pytest.raises(SourceError, match="authentication failed"):
+        open_source(f"tcp://127.0.0.1:{server.address[1]}?token=wrong").read(timeout=5)
+
+
+def test_serve_camera_cli_on_loopback(tmp_path):
+    stack = np.random.default_rng(4).integers(0, 255, size=(3, 4, 5, 3), dtype=np.uint8)
+    np.save(tmp_path / "rgb.npy", stack)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "NSDD_CAMERA_TOKEN": "tok"}
+    proc = subprocess.Popen([sys.executable, "-m", "nsdd_edge.cli", "serve-camera", "--source",
+                             f"file://{tmp_path / 'rgb.npy'}?loop=1", "--bind", f"127.0.0.1:{port}"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        client = None
+        for _ in range(100):  # wait for the server to listen
+            try:
+                client = open_source(f"tcp://127.0.0.1:{port}?token=tok&connect_timeout=1")
+                client.open()
+                break
+            except SourceError:
+                client = None
+                time.sleep(0.1)
+        assert client is not None, "serve-camera did not start"
+        got = [client.read(timeout=5) for _ in range(4)]
+        for i, f in enumerate(got):
+            np.testing.assert_array_equal(f.data, stack[i % 3])
+        client.close()
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err
+    assert "serving" in err and "stopped after 4 frames" in err
+
+
+def test_parse_bind():
+    assert parse_bind("0.0.0.0:5000") == ("0.0.0.0", 5000)
+    assert parse_bind(":6000") == ("0.0.0.0", 6000)
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        parse_bind("localhost")
+
+
+def test_runtime_modules_never_import_torch():
+    code = ("import sys, nsdd_edge.sources, nsdd_edge.preprocess, nsdd_edge.framing, "
+            "nsdd_edge.commands.calibrate, nsdd_edge.commands.serve_camera; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'train', 'export', 'torchvision')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_frame_source_is_a_context_manager(psf32):
+    with open_source("sim://?realtime=0&frames=1", psf=psf32) as src:
+        assert isinstance(src, FrameSource)
+        assert src.read().index == 0
+        assert src.describe()["open"]
+    assert not src.describe()["open"]
