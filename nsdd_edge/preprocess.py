@@ -15,6 +15,8 @@ Order (the one documented on :class:`nsdd_edge.bundle.PreprocessConfig`)::
 
 Frames that cannot be processed (wrong dtype or shape, NaN/Inf, all dark under ``max``) raise
 :class:`FrameRejected` (a ``ValueError``) with the reason, so the real-time loop can count and skip them.
+Settings that cannot fit the camera's frames at all (a crop outside the image, a background frame of
+another shape) raise a plain ``ValueError`` at the first frame: no later frame could pass either.
 The same code prepares training data from real captures: :func:`preprocess_capture`.
 """
 
@@ -145,7 +147,6 @@ class Preprocessor:
 
     def _prepare(self, shape: tuple[int, ...]) -> None:
         self._check_layout(shape)
-        self._raw_shape = shape
         if self.pattern is not None and self.config.demosaic == "bin2x2":
             self._bin_out = np.empty((3, shape[0] // 2, shape[1] // 2), np.float32)
         if self._background_raw is not None:
@@ -160,6 +161,7 @@ class Preprocessor:
         out_shape = self.output_shape(shape)
         if min(out_shape[1:]) < 1:
             raise ValueError(f"preprocess: frames of shape {shape} leave nothing after the configured steps")
+        self._raw_shape = shape  # only once the settings are known to fit frames of this shape
 
     def output_shape(self, raw_shape: tuple[int, ...]) -> tuple[int, int, int]:
         """``(C, H, W)`` of ``y`` for raw frames of ``raw_shape``; ValueError if the settings do not fit."""
