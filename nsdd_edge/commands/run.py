@@ -53,9 +53,8 @@ def open_camera(uri: str, bundle: Bundle, **options: Any):
     parsed = parse_uri(uri)
     if parsed.scheme == "sim":
         q = parsed.query
-        if "psf" not in q:
+        if not {"psf", "size", "geometry"} & set(q):  # the URI chose its own optics: checked below
             options.setdefault("psf", bundle.psf)
-        if "size" not in q and "geometry" not in q:
             options.setdefault("geometry", bundle.geometry)
         if "channels" not in q and "format" not in q:
             options.setdefault("channels", bundle.channels)

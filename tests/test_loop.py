@@ -1,0 +1,228 @@
+"""The real-time loop with scripted sources: stale-frame dropping, fault recovery, rejection, back-pressure
+(a slow disk loses no frame), disk full, stop requests. Outcomes are forced by events, never by timing."""
+
+from __future__ import annotations
+
+import errno
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from nsdd_edge.bundle import PreprocessConfig, write_bundle
+from nsdd_edge.engines import Engine, NumpyWienerEngine
+from nsdd_edge.loop import LatestSlot, LoopConfig, LoopError, ReconstructionLoop
+from nsdd_edge.optics import LenslessGeometry, WienerFilter
+from nsdd_edge.preprocess import Preprocessor
+from nsdd_edge.psf_sim import simulate_psf
+from nsdd_edge.recorder import Recorder, read_recorded_raw
+from nsdd_edge.sources import EndOfStream, Frame, SourceError, SourceStalled
+from nsdd_edge.telemetry import atomic_write_bytes
+
+SIZE = 24
+
+
+class ScriptedSource:
+    """Frames from a list; ``faults[k]`` is raised instead of the k-th read; ``open_failures`` reopens fail first."""
+
+    uri = "scripted://test"
+    is_live = True
+    frame_rate = None
+
+    def __init__(self, frames, faults=None, open_failures=0, endless=False, hold=None):
+        self.frames, self.faults, self.hold = frames, dict(faults or {}), hold
+        self.open_failures, self.endless = open_failures, endless
+        self.reads = self.opens = self.closes = self.delivered = 0
+        self.exhausted = threading.Event()
+
+    def open(self):
+        self.opens += 1
+        if self.opens > 1 and self.open_failures > 0:
+            self.open_failures -= 1
+            raise SourceError("camera not found (still unplugged)")
+        return self
+
+    def read(self, timeout=None):
+        k = self.reads
+        self.reads += 1
+        if k in self.faults:
+            raise self.faults[k]
+        if self.delivered >= len(self.frames):
+            if self.endless:
+                self.delivered = 0
+            else:
+                self.exhausted.set()
+                raise EndOfStream("no more frames")
+        i = self.delivered
+        if i >= 1 and self.hold is not None:
+            assert self.hold.wait(10)  # frames after the first wait until the engine is busy with it
+        self.delivered += 1
+        return Frame(data=self.frames[i], index=self.reads - 1, timestamp=float(i), meta={"k": i})
+
+    def close(self):
+        self.closes += 1
+
+    def describe(self):
+        return {"uri": self.uri}
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    psf = simulate_psf("contour", (SIZE, SIZE), 3)
+    return write_bundle(tmp_path / "bundle", psf=psf, geometry=LenslessGeometry.make("circular", (SIZE, SIZE)),
+                        lam=1e-2, channels=3, preprocess=PreprocessConfig(normalization="fixed", scale=1000.0))
+
+
+def raw_frames(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 1000, (SIZE, SIZE, 3), dtype=np.uint16) for _ in range(n)]
+
+
+def make_loop(bundle, source, engine=None, **kw):
+    recorder = kw.pop("recorder", None)
+    cfg = LoopConfig(console_interval=0.0, backoff_initial=0.001, backoff_max=0.01,
+                     expected_input_shape=bundle.input_shape, **kw)
+    return ReconstructionLoop(source, Preprocessor(bundle.preprocess, bundle.root), engine or NumpyWienerEngine(bundle),
+                              config=cfg, recorder=recorder, log=lambda m: None, frame_meta={"engine": "wiener"})
+
+
+class GatedEngine(Engine):
+    """Wiener engine whose first call waits for ``gate`` (so the capture thread races ahead deterministically)."""
+
+    name = "gated"
+
+    def __init__(self, inner, gate):
+        self.inner, self.gate, self.seen = inner, gate, []
+        self.busy = threading.Event()
+
+    def infer(self, y):
+        if not self.seen:
+            self.busy.set()
+            assert self.gate.wait(10)
+        self.seen.append(y.copy())
+        return self.inner.infer(y)
+
+
+def test_latest_slot_keeps_newest():
+    slot = LatestSlot()
+    assert slot.put(1) is False and slot.put(2) is True
+    assert slot.get(0.1) == 2 and slot.empty()
+
+
+def test_live_mode_drops_stale_frames_and_keeps_the_newest(bundle):
+    raws = raw_frames(30)
+    busy = threading.Event()
+    source = ScriptedSource(raws, hold=busy)
+    engine = GatedEngine(NumpyWienerEngine(bundle), source.exhausted)
+    engine.busy = busy
+    loop = make_loop(bundle, source, engine)
+    s = loop.run()
+    prep = Preprocessor(bundle.preprocess, bundle.root)
+    # frame 0 entered the engine; frames 1..28 were replaced in the slot while it waited; 29 is the newest
+    assert (s["frames_in"], s["frames_out"], s["dropped"]) == (30, 2, 28)
+    np.testing.assert_array_equal(engine.seen[-1][0], prep(raws[-1]))
+    np.testing.assert_allclose(loop.last_pair[1], WienerFilter(bundle.psf, bundle.geometry, bundle.lam)(prep(raws[-1])))
+    assert loop.end_reason == "end of stream" and source.closes >= 1
+
+
+def test_source_faults_are_recovered_and_counted(bundle):
+    raws = raw_frames(10)
+    faults = {3: SourceError("USB disconnected"), 6: SourceStalled("no frame within 2 s"), 8: RuntimeError("driver")}
+    source = ScriptedSource(raws, faults=faults, open_failures=2)
+    loop = make_loop(bundle, source, lossless=True)
+    s = loop.run()
+    assert s["frames_out"] == 10 and s["frames_in"] == 10
+    assert s["source_faults"] == 3 + 2  # three read faults, two failed reopen attempts
+    assert s["reopens"] == 3 and source.opens == 1 + 3 + 2
+    kinds = [e["kind"] for e in s["events"]]
+    assert kinds.count("source") >= 5
+
+
+def test_source_that_never_returns_gives_up_clearly(bundle):
+    source = ScriptedSource(raw_frames(5), faults={1: SourceError("unplugged")}, open_failures=100)
+    loop = make_loop(bundle, source, max_reopen_attempts=3)
+    with pytest.raises(LoopError, match="gave up after 3 failed reopen attempts.*still unplugged"):
+        loop.run()
+    assert loop.telemetry.counters["frames_out"] == 1
+
+
+def test_bad_frames_are_rejected_and_counted(bundle):
+    raws = raw_frames(6)
+    nan_frame = raws[2].astype(np.float32)
+    nan_frame[0, 0, 0] = np.nan
+    frames = [raws[0], raws[1], nan_frame, raws[3][:10], raws[4], np.zeros((2, 2, 2, 2), np.uint16)]
+    loop = make_loop(bundle, ScriptedSource(frames), lossless=True)
+    s = loop.run()
+    assert (s["frames_out"], s["rejected"]) == (3, 3)
+
+
+def test_first_frame_of_the_wrong_size_is_a_bundle_mismatch(bundle):
+    rng = np.random.default_rng(0)
+    big = [rng.integers(0, 1000, (SIZE * 2, SIZE * 2, 3), dtype=np.uint16) for _ in range(3)]
+    with pytest.raises(LoopError, match=r"bundle expects measurements of shape \(3, 24, 24\).*\(3, 48, 48\)"):
+        make_loop(bundle, ScriptedSource(big)).run()
+
+
+def test_slow_disk_loses_no_frame_and_applies_backpressure(bundle, tmp_path):
+    def slow_writer(path, data):
+        time.sleep(0.01)  # an injected slow disk
+        atomic_write_bytes(path, data)
+
+    raws = raw_frames(24)
+    recorder = Recorder(tmp_path / "rec", writer=slow_writer)
+    loop = make_loop(bundle, ScriptedSource(raws), recorder=recorder, queue_size=2, record_queue_size=2)
+    s = loop.run()
+    assert s["frames_in"] == s["frames_out"] == s["recorded"] == 24 and s["dropped"] == 0
+    assert s["backpressure_waits"] >= 1 and s["backpressure_blocked_ms"] > 0
+    prep = Preprocessor(bundle.preprocess, bundle.root)
+    wiener = WienerFilter(bundle.psf, bundle.geometry, bundle.lam)
+    for k in range(24):
+        meta = json.loads((recorder.root / f"{k:08d}.json").read_text())
+        assert meta["engine"] == "wiener" and meta["source_meta"] == {"k": k}
+        raw = read_recorded_raw(recorder.root / meta["raw"]["file"])
+        np.testing.assert_array_equal(raw, raws[k])
+        np.testing.assert_allclose(np.load(recorder.root / meta["recon"]["file"]), wiener(prep(raws[k])), atol=1e-6)
+
+
+def test_disk_full_stops_recording_but_not_the_loop(bundle, tmp_path):
+    writes = {"n": 0}
+
+    def writer(path, data):
+        writes["n"] += 1
+        if writes["n"] > 1 + 4 * 3:  # session.json + three complete frames
+            raise OSError(errno.ENOSPC, "No space left on device")
+        atomic_write_bytes(path, data)
+
+    recorder = Recorder(tmp_path / "rec", writer=writer)
+    loop = make_loop(bundle, ScriptedSource(raw_frames(10)), recorder=recorder)
+    s = loop.run()
+    assert s["frames_out"] == 10 and s["recorded"] == 3
+    assert loop.recording_stopped and "disk full" in loop.recording_stopped
+    assert sorted(p.name for p in recorder.root.glob("*.json")) == ["00000000.json", "00000001.json",
+                                                                     "00000002.json", "session.json"]
+
+
+def test_stop_request_drains_and_flushes_everything_captured(bundle, tmp_path):
+    source = ScriptedSource(raw_frames(5), endless=True)
+    recorder = Recorder(tmp_path / "rec")
+    loop = make_loop(bundle, source, recorder=recorder, stats_path=tmp_path / "stats.json",
+                     snapshot_path=tmp_path / "snap.png")
+    tel = loop.telemetry
+
+    def stopper():
+        while tel.counters["recorded"] < 12:
+            time.sleep(0.005)
+        loop.request_stop("SIGTERM")
+
+    t = threading.Thread(target=stopper)
+    t.start()
+    s = loop.run()
+    t.join()
+    assert loop.end_reason == "SIGTERM"
+    assert s["frames_in"] == s["frames_out"] == s["recorded"] >= 12
+    assert len(list(recorder.root.glob("0*.json"))) == s["recorded"]
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["recorded"] == s["recorded"] and stats["info"]["end_reason"] == "SIGTERM"
+    assert (tmp_path / "snap.png").stat().st_size > 0
