@@ -268,6 +268,11 @@ def test_student_and_ddnm_methods(circular_data, tmp_path, lpips_weights):
     assert metrics["student"]["consistency"] == pytest.approx(metrics["wiener"]["consistency"], abs=1e-4)
     for m in metrics.values():
         assert m["n"] == 2 and m["seconds_per_image"] > 0 and m["lpips"] is not None
+    # one image at a time with per-sample seeds == one batched run of the split
+    ids = ds.ids("test")[:2]
+    batched = registry["ddnm"](prior=prior_io.load_prior(pdir), steps=3)(ds.measurements(ids), physics)
+    single = torch.from_numpy(np.stack([np.load(out / "recon" / "ddnm" / f"{i}.npy") for i in ids]))
+    assert torch.allclose(single, batched, atol=1e-4)
 
 
 def test_real_data_without_ground_truth(tmp_path):

@@ -20,6 +20,7 @@ Outputs in ``--out``: ``metrics.json`` (``{method: {"psnr", "ssim", "lpips", "co
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -458,6 +459,19 @@ def _resume_state(root: Path | None, key: dict, ids: Sequence[str]) -> dict[str,
     return {i: done[i] for i in ids if i in done and (root / f"{i}.npy").exists()}
 
 
+def _per_sample_call(solver: Callable, physics: LenslessOperator) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """``(y, k) → x̂`` for sample ``k`` of the split; seeded solvers (``__call__(…, seeds=)``, the diffusion
+    methods) get ``seeds=[solver.seed + k]``, so one-at-a-time runs equal one batched run of the split."""
+    try:
+        takes_seeds = "seeds" in inspect.signature(solver.__call__).parameters
+    except (TypeError, ValueError):
+        takes_seeds = False
+    if not takes_seeds:
+        return lambda y, k: solver(y, physics)
+    base = int(getattr(solver, "seed", 0) or 0)
+    return lambda y, k: solver(y, physics, seeds=[base + k])
+
+
 def run_method(solver: Callable, ds: LenslessDataset, ids: Sequence[str], physics: LenslessOperator,
                device: str, seed: int = 0, name: str = "method", save_dir: Path | None = None,
                key: dict | None = None, record_extra: dict | None = None) -> MethodRun:
@@ -474,10 +488,11 @@ def run_method(solver: Callable, ds: LenslessDataset, ids: Sequence[str], physic
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
     todo = [i for i in ids if i not in done]
+    call = _per_sample_call(solver, physics)
     if todo:
         torch.manual_seed(seed)
         with torch.no_grad():
-            solver(ds.measurements(todo[:1]).to(device), physics)
+            call(ds.measurements(todo[:1]).to(device), ids.index(todo[0]))
         _sync(device)
     results: dict[str, torch.Tensor] = {}
     for sample_id in tqdm(todo, desc=name, unit="img", leave=False, file=sys.stderr):
@@ -487,7 +502,7 @@ def run_method(solver: Callable, ds: LenslessDataset, ids: Sequence[str], physic
             _sync(device)
             t0 = time.perf_counter()
             with torch.no_grad():
-                x = solver(y, physics)
+                x = call(y, ids.index(sample_id))
             _sync(device)
             seconds = time.perf_counter() - t0
         if not torch.is_tensor(x) or x.ndim != 4 or x.shape[0] != 1:
