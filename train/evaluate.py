@@ -15,6 +15,8 @@ full reconstruction with the dataset's reconstruction operator (:meth:`LenslessD
 Outputs in ``--out``: ``metrics.json`` (``{method: {"psnr", "ssim", "lpips", "consistency", "n", …}}``),
 ``metrics.md``, ``per_image.json``, ``grid.png``, ``lpips_vs_time.png`` (when methods were timed) and
 ``recon/METHOD/ID.npy|png`` for the methods run here; ``--report FILE.md`` adds a self-contained report.
+Runs of ``--methods`` are resumable: each image is written with its time and memory as soon as it is done
+(``recon/METHOD/recon.json``) and a rerun with the same method, settings and data reuses them.
 """
 
 from __future__ import annotations
