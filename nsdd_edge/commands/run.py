@@ -157,7 +157,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         engine, choice = select_engine(bundle, args.engine, device=args.device, threads=args.threads)
     except (EngineError, BundleError) as exc:
-        return _err(f"--engine {args.engine}: {exc}")
+        return _err(str(exc) if str(exc).startswith("--engine") else f"--engine {args.engine}: {exc}")
 
     frames = args.frames
     if frames is None:
