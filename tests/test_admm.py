@@ -21,7 +21,6 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-
 def blocks_scene(n: int, size: int, channels: int = 3, seed: int = 0) -> torch.Tensor:
     """Piecewise-constant scenes in [0, 1] (what TV favours): a few random rectangles."""
     rng = np.random.default_rng(seed)

@@ -29,7 +29,6 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-
 @pytest.fixture(scope="module")
 def psfs(shared) -> dict[str, np.ndarray]:
     return {
