@@ -1,0 +1,105 @@
+"""``nsdd-export quantize``: FP16 (whole / student-only, measured and chosen) and INT8 Q/DQ on convolutions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, numpy_helper
+from test_export_helpers import export_env, exported  # noqa: F401
+
+from export.quantize import configure_parser, main, quantize_weight, to_fp16
+from export.trt_ops import unsupported_nodes
+
+
+def _cli(argv):
+    p = argparse.ArgumentParser()
+    configure_parser(p)
+    return main(p.parse_args(argv))
+
+
+def _props(path):
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def test_fp16_auto_measures_both_forms_and_keeps_fp32_io(export_env, exported, tmp_path, capsys):
+    out = tmp_path / "m16.onnx"
+    assert _cli([str(exported["student"]), "--precision", "fp16", "--data", str(export_env["data"]),
+                 "--out", str(out)]) == 0
+    report = json.loads(_props(out)["nsdd.quantize_report"])
+    assert set(report["psnr_vs_fp32_db"]) == {"all", "conv"}
+    assert all(v > 50 for v in report["psnr_vs_fp32_db"].values())
+    assert report["fp16_mode"] in ("all", "conv")
+    model = onnx.load(str(out))
+    assert model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert any(i.data_type == TensorProto.FLOAT16 for i in model.graph.initializer)
+    assert unsupported_nodes(model) == []
+    assert _props(out)["nsdd.precision"] == "fp16"
+
+
+def test_fp16_conv_mode_keeps_the_physics_in_fp32(exported):
+    model = onnx.load(str(exported["student"]))
+    m16 = to_fp16(model, "conv")
+    types = {i.name: i.data_type for i in m16.graph.initializer}
+    physics_inputs = {i for n in m16.graph.node if n.name.startswith("physics/") for i in n.input if i in types}
+    student_inputs = {i for n in m16.graph.node if n.op_type == "Conv" for i in n.input if i in types}
+    assert {"dft_module.w_fwd", "dft_module.h_stack", "dft_module.w_inv", "null_spec"} <= physics_inputs
+    assert all(types[i] != TensorProto.FLOAT16 for i in physics_inputs)
+    assert types["dft_module.w_fwd"] == TensorProto.FLOAT
+    assert student_inputs and all(types[i] == TensorProto.FLOAT16 for i in student_inputs)
+    wiener = onnx.load(str(exported["wiener"]))
+    with pytest.raises(ValueError, match="needs a graph with a student"):
+        to_fp16(wiener, "conv")
+
+
+def test_int8_quantizes_convolutions_only(export_env, exported, tmp_path):
+    out = tmp_path / "m8.onnx"
+    assert _cli([str(exported["student"]), "--precision", "int8", "--data", str(export_env["data"]),
+                 "--out", str(out)]) == 0
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    nodes = list(model.graph.node)
+    producers = {o: n for n in nodes for o in n.output}
+    convs = [n for n in nodes if n.op_type == "Conv"]
+    assert convs
+    for conv in convs:  # activation and weight both come through DequantizeLinear
+        assert producers[conv.input[0]].op_type == "DequantizeLinear"
+        assert producers[conv.input[1]].op_type == "DequantizeLinear"
+    for mm in (n for n in nodes if n.op_type in ("MatMul", "Mul")):  # DFT/Wiener/projector stay float
+        assert all(i not in producers or producers[i].op_type != "DequantizeLinear" for i in mm.input)
+    int8_inits = [i for i in model.graph.initializer if i.data_type == TensorProto.INT8 and len(i.dims) == 4]
+    assert len(int8_inits) == len(convs)
+    report = json.loads(_props(out)["nsdd.quantize_report"])
+    assert report["quantized_convolutions"] == len(convs) and report["skipped_convolutions"] == []
+    assert report["psnr_vs_fp32_db"] > 25
+    assert unsupported_nodes(model) == []
+
+
+def test_int8_needs_measurements_with_the_right_shape(export_env, exported, tmp_path, capsys):
+    assert _cli([str(exported["student"]), "--precision", "int8", "--out", str(tmp_path / "a.onnx")]) == 2
+    assert "--data" in capsys.readouterr().err
+    bad = tmp_path / "bad" / "measurements"
+    bad.mkdir(parents=True)
+    np.save(bad / "0.npy", np.zeros((3, 16, 16), np.float32))
+    assert _cli([str(exported["student"]), "--precision", "int8", "--data", str(tmp_path / "bad"),
+                 "--out", str(tmp_path / "a.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "0.npy" in err and "(3, 16, 16)" in err
+    assert not (tmp_path / "a.onnx").exists()
+
+
+def test_per_channel_symmetric_weight_quantisation():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32) * np.array([1, 10, 0.1, 0], np.float32)[:, None, None, None]
+    q, scale = quantize_weight(w, axis=0)
+    assert q.dtype == np.int8 and scale.shape == (4,)
+    assert np.all(np.abs(q).reshape(4, -1).max(axis=1)[:3] == 127)
+    assert np.all(q[3] == 0) and scale[3] == 1.0
+    back = q.astype(np.float32) * scale[:, None, None, None]
+    assert np.all(np.abs(back - w) <= scale[:, None, None, None] / 2 + 1e-7)
+    deq = numpy_helper.to_array(numpy_helper.from_array(q)).astype(np.float32)
+    assert np.array_equal(deq, q.astype(np.float32))
