@@ -15,10 +15,10 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from train.physics import LenslessOperator
-from train.students import Student, count_parameters, default_architecture, make_config, build_student
+from train.students import Student, build_student, count_parameters, default_architecture, make_config
 
 CONFIGS = {
     "edge (default)": {},
@@ -90,8 +90,8 @@ def main() -> None:
             y = phys.A(torch.rand(1, c, size, size))
             x_in = torch.randn(1, 2 * c, size, size)
             gflops = 2 * conv_macs(student.net, x_in) / 1e9
-            g_best, g_med = time_ms(lambda: student.net(x_in), args.repeats)
-            s_best, s_med = time_ms(lambda: student(y, phys), args.repeats)
+            g_best, g_med = time_ms(lambda s=student, x=x_in: s.net(x), args.repeats)
+            s_best, s_med = time_ms(lambda s=student, m=y, a=phys: s(m, a), args.repeats)
             print(f"| {name} | {desc} | {count_parameters(student.net) / 1e6:.2f} | {size} | {gflops:.2f} | "
                   f"{g_best:.1f} / {g_med:.1f} | {s_best:.1f} / {s_med:.1f} |", flush=True)
 

@@ -58,8 +58,8 @@ def make_problem(root: Path, n: int = N, seed: int = 0) -> tuple[Path, Path]:
 
 
 def settings(data: Path, targets: Path, out: Path, **kw) -> DistillSettings:
-    base = dict(data=str(data), targets=str(targets), out=str(out), architecture=dict(SMALL), steps=6, batch=4,
-                lr=2e-3, warmup=0, checkpoint_every=2, samples=2, ema=0.9, progress=False)
+    base = {"data": str(data), "targets": str(targets), "out": str(out), "architecture": dict(SMALL), "steps": 6,
+            "batch": 4, "lr": 2e-3, "warmup": 0, "checkpoint_every": 2, "samples": 2, "ema": 0.9, "progress": False}
     base.update(kw)
     return DistillSettings(**base)
 
@@ -214,8 +214,33 @@ def test_batch_order_and_learning_rate():
     order = BatchOrder(5, 3, seed=1)
     seen = order.next() + order.next()
     assert sorted(seen[:5]) == list(range(5))  # one epoch covers every sample once
-    replay = BatchOrder(5, 3, seed=1, **{"epoch": 0, "index": 3})
+    replay = BatchOrder(5, 3, seed=1, epoch=0, index=3)
     assert replay.next() == seen[3:]
     assert learning_rate(0, 1.0, 100, 10) == pytest.approx(0.1)
     assert learning_rate(10, 1.0, 100, 10) == pytest.approx(1.0)
     assert learning_rate(100, 1.0, 100, 10) == pytest.approx(0.1)
+
+
+def test_paper_student_from_a_prior_directory_cli(tmp_path):
+    """End to end through ``--prior DIR`` (``train.prior.io.load_prior``) and back through ``load_student``."""
+    io = pytest.importorskip("train.prior.io")
+    unet = pytest.importorskip("train.prior.unet")
+    torch.manual_seed(3)
+    net = unet.UNet(image_size=SIZE, base_channels=8, channel_mults=[1, 2], num_res_blocks=1,
+                    attention_resolutions=[], dropout=0.0, mid_attention=False)
+    io.save_prior(net, tmp_path / "prior")
+    data, targets = make_problem(tmp_path)
+    out = tmp_path / "paper"
+    rc = cli_main(["distill", "--data", str(data), "--targets", str(targets), "--out", str(out), "--student", "paper",
+                   "--prior", str(tmp_path / "prior"), "--t-fixed", "30", "--steps", "2", "--batch", "2",
+                   "--width", "8", "--depth", "1", "--checkpoint-every", "2", "--samples", "1", "--quiet"])
+    assert rc == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["prior"]["dir"] == str((tmp_path / "prior").resolve()) and cfg["architecture"]["t_fixed"] == 30
+    solver = load_student(out)  # rebuilds g_θ from the prior directory, then loads the fine-tuned weights
+    original = io.load_prior(tmp_path / "prior").net.state_dict()
+    tuned = solver.net.prior_net.state_dict()
+    assert any(not torch.equal(original[k], tuned[k]) for k in original)
+    y = torch.from_numpy(np.load(data / "measurements/s000.npy"))[None]
+    phys = LenslessOperator(np.load(data / "psf.npy"), (SIZE, SIZE), "circular", lam=1e-4)
+    assert torch.isfinite(solver(y, phys)).all()

@@ -7,13 +7,24 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from train.physics import LenslessOperator
 from train.prior.base import DiffusionPrior, linear_alphas_cumprod
 from train.solvers import make_solver
-from train.students import (EdgeUNet, Student, StudentError, StudentSolver, build_student, count_parameters,
-                            fit_to_grid, load_student, make_config, save_student, student_inputs)
+from train.students import (
+    EdgeUNet,
+    Student,
+    StudentError,
+    StudentSolver,
+    build_student,
+    count_parameters,
+    fit_to_grid,
+    load_student,
+    make_config,
+    save_student,
+    student_inputs,
+)
 
 SIZE = 32
 

@@ -24,9 +24,9 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,8 +34,19 @@ import torch
 from nsdd_edge.optics import OpticsError, read_array
 from train.data import DatasetError, LenslessDataset
 from train.physics import LenslessOperator
-from train.students import (KINDS, OBJECTIVES, Student, StudentError, build_student, count_parameters,
-                            default_architecture, fit_to_grid, load_prior_dir, make_config, save_student)
+from train.students import (
+    KINDS,
+    OBJECTIVES,
+    Student,
+    StudentError,
+    build_student,
+    count_parameters,
+    default_architecture,
+    fit_to_grid,
+    load_prior_dir,
+    make_config,
+    save_student,
+)
 
 HELP = "distill a one-pass NSDD student (edge or paper) from teacher targets"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -461,7 +472,7 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
         ema_net.load_state_dict(ema)
         return ema_net
 
-    def _on_sigterm(signum, frame):  # noqa: ARG001
+    def _on_sigterm(signum, frame):
         raise _Stop()
 
     previous = None

@@ -35,12 +35,13 @@ import math
 import os
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from train.physics import LenslessOperator, center_crop, center_pad
 from train.solvers.base import Solver, register
@@ -264,7 +265,10 @@ def load_prior_dir(prior_dir: str | os.PathLike) -> Any:
         from train.prior.io import load_prior
     except ImportError as exc:
         raise StudentError(f"the paper student needs train.prior.io.load_prior, which is unavailable: {exc}") from exc
-    return load_prior(prior_dir)
+    try:
+        return load_prior(prior_dir)
+    except ValueError as exc:  # PriorError: missing/corrupted prior directory
+        raise StudentError(f"diffusion prior {prior_dir}: {exc}") from exc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -361,7 +365,7 @@ def read_student_config(directory: str | os.PathLike) -> dict:
 
 
 def load_student(directory: str | os.PathLike, *, device: str | torch.device = "cpu", prior: Any | None = None,
-                 clip: bool = False) -> "StudentSolver":
+                 clip: bool = False) -> StudentSolver:
     """Load a student directory as a :class:`StudentSolver` (``.net`` is ``g``, float32, eval mode).
 
     ``prior``: for a ``paper`` student, a prior object whose ``.net`` has the architecture to fill (default:
