@@ -134,3 +134,37 @@ def test_dockerfile_targets_jetpack6_l4t_images():
     assert "ARG BASE_IMAGE=nvcr.io/nvidia/l4t-jetpack:r36." in text
     assert "--system-site-packages" in text and "ENTRYPOINT" in text
     assert "torch" not in text.replace("# ", "")
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, _, value = line.partition("=")
+            out[key.strip()] = value
+    return out
+
+
+def test_service_arguments_are_accepted_by_the_commands():
+    """The units' command lines (with their environment files) parse with the real subcommand parsers."""
+    import argparse
+    import importlib
+    import shlex
+
+    jetson = _env_file(DEPLOY / "jetson/nsdd-edge.env")
+    run = importlib.import_module("nsdd_edge.commands.run")
+    p = argparse.ArgumentParser()
+    run.configure_parser(p)
+    args = p.parse_args(shlex.split(jetson["NSDD_EDGE_RUN_ARGS"]))
+    assert args.source == "csi://0"
+
+    pi = _env_file(DEPLOY / "pi/nsdd-camera.env")
+    from nsdd_edge.commands import serve_camera
+    from nsdd_edge.sources import PiCamera2Source, open_source
+
+    p = argparse.ArgumentParser()
+    serve_camera.configure_parser(p)
+    args = p.parse_args(["--source", pi["NSDD_CAMERA_SOURCE"], "--bind", pi["NSDD_CAMERA_BIND"]])
+    assert serve_camera.parse_bind(args.bind) == ("0.0.0.0", 5000)
+    cam = open_source(args.source)  # parsed and validated, not opened
+    assert isinstance(cam, PiCamera2Source) and cam.size == (2028, 1520) and cam.bits == 12

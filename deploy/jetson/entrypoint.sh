@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Container entry point: build the bundle's TensorRT engine on this device if it has none, then run
-# nsdd-edge with the given arguments. The bundle is the directory after --bundle (default /bundle).
+# nsdd-edge with the given arguments. The bundle is the directory after --model (default /bundle).
 set -euo pipefail
 
 bundle=/bundle
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
-  if [ "${args[$i]}" = --bundle ] && [ $((i + 1)) -lt ${#args[@]} ]; then
+  if [ "${args[$i]}" = --model ] && [ $((i + 1)) -lt ${#args[@]} ]; then
     bundle=${args[$((i + 1))]}
   fi
 done
