@@ -1,0 +1,71 @@
+"""``nsdd-export verify`` and the TensorRT 10.3 operator allow-list."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from test_export_helpers import export_env, exported  # noqa: F401
+
+from export.trt_ops import TRT_10_3_SUPPORTED_OPS, unsupported_nodes
+from export.verify import configure_parser, main
+
+
+def _cli(argv):
+    p = argparse.ArgumentParser()
+    configure_parser(p)
+    return main(p.parse_args(argv))
+
+
+def test_verify_student_writes_every_figure(export_env, exported, tmp_path):
+    out = tmp_path / "verify.json"
+    rc = _cli([str(exported["student"]), "--data", str(export_env["data"]), "--student", str(export_env["student"]),
+               "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert rc == 0 and r["ok"]
+    assert r["onnx_checker"] == "ok"
+    assert r["fp32_vs_torch_max_abs_error"] <= 1e-4 and r["fp32_vs_torch_ok"]
+    assert r["tensorrt_10.3_unsupported"] == [] and r["tensorrt_10.3_parseable"]
+    assert r["fp16_psnr_vs_fp32_db"] > 50 and r["int8_psnr_vs_fp32_db"] > 25
+    assert r["fp16_psnr_vs_fp32_db"] > r["int8_psnr_vs_fp32_db"]
+    assert set(r["consistency"]) == {"torch_reference", "fp32", "fp16", "int8"}
+    assert abs(r["consistency"]["fp32"] - r["consistency"]["torch_reference"]) < 1e-4
+    assert all(0 < v < 1 for v in r["consistency"].values())
+    assert r["frames"] == 6 and r["opset"] == 17 and not r["external_data_sidecar"]
+
+
+def test_verify_refuses_missing_student_and_wrong_psf(export_env, exported, tmp_path, capsys):
+    out = tmp_path / "v.json"
+    assert _cli([str(exported["student"]), "--data", str(export_env["data"]), "--json", str(out)]) == 2
+    assert "needs --student" in capsys.readouterr().err
+    np.save(tmp_path / "other.npy", np.roll(export_env["psf"], 2, axis=-2))
+    assert _cli([str(exported["wiener"]), "--data", str(export_env["data"]), "--psf", str(tmp_path / "other.npy"),
+                 "--json", str(out), "--no-quantize"]) == 2
+    assert "does not match the model" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_wiener_verify_without_quantisation(export_env, exported, tmp_path):
+    out = tmp_path / "w.json"
+    assert _cli([str(exported["wiener"]), "--data", str(export_env["data"]), "--json", str(out), "--no-quantize"]) == 0
+    r = json.loads(out.read_text())
+    assert r["fp32_vs_torch_max_abs_error"] <= 1e-5
+    assert set(r["consistency"]) == {"torch_reference", "fp32"}
+
+
+def test_allow_list_reports_dft_custom_ops_and_fp64():
+    assert {"MatMul", "Conv", "QuantizeLinear", "DequantizeLinear", "Slice", "Concat", "Resize"} <= TRT_10_3_SUPPORTED_OPS
+    assert "DFT" not in TRT_10_3_SUPPORTED_OPS and "STFT" not in TRT_10_3_SUPPORTED_OPS
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [helper.make_node("DFT", ["x"], ["f"], name="fft"),
+             helper.make_node("Cast", ["f"], ["d"], to=TensorProto.DOUBLE, name="to64"),
+             helper.make_node("Custom", ["d"], ["y"], domain="my.ops", name="plugin"),
+             helper.make_node("Relu", ["x"], ["r"], name="ok")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
+    bad = unsupported_nodes(model)
+    assert {(b["name"], b["op_type"]) for b in bad} == {("fft", "DFT"), ("to64", "Cast"), ("plugin", "my.ops::Custom")}
+    assert "TensorRT 11.2" in next(b["reason"] for b in bad if b["op_type"] == "DFT")
