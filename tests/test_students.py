@@ -256,10 +256,12 @@ def test_paper_student_uses_and_finetunes_the_prior(physics, measurement):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in prior.net.parameters())
 
 
-def test_edge_net_exports_to_onnx_and_matches_onnxruntime(tmp_path):
+def test_default_edge_net_exports_to_onnx_and_matches_onnxruntime(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    net = EdgeUNet(6, 3, width=8, depth=3, max_width=32, blocks=2, activation="silu", skip_input=True).eval()
+    from train.students import default_architecture
+
+    net = EdgeUNet(6, 3, **default_architecture("edge", "full")).eval()  # the shipped default (with input skip)
     x = torch.randn(1, 6, SIZE, SIZE)
     path = tmp_path / "g.onnx"
     torch.onnx.export(net, (x,), str(path), dynamo=True, input_names=["inputs"], output_names=["g"],
