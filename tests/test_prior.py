@@ -132,8 +132,11 @@ def test_load_prior_errors_name_the_path_and_the_problem(tmp_path):
     with pytest.raises(PriorError, match="no such prior directory"):
         load_prior(tmp_path / "missing")
     (tmp_path / "ffhq_10m.pt").write_bytes(b"x")
-    with pytest.raises(PriorError, match="ADM"):
+    with pytest.raises(PriorError, match="ffhq_10m.pt: not a readable torch state dict"):
         load_prior(tmp_path / "ffhq_10m.pt")
+    (tmp_path / "weights.ckpt").write_bytes(b"x")
+    with pytest.raises(PriorError, match="weights.ckpt: a prior is a directory"):
+        load_prior(tmp_path / "weights.ckpt")
     empty = tmp_path / "empty"
     (empty / "stuff").mkdir(parents=True)
     with pytest.raises(PriorError, match=r"empty: not a diffusion prior \(no config.json; found \['stuff'\]"):
@@ -367,3 +370,59 @@ def test_sigkill_at_any_moment_then_restart_matches_an_uninterrupted_run(tmp_pat
     assert a["step"] == b["step"] == int(total)
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+# ---- guided-diffusion / ADM checkpoints ----------------------------------------------------------------
+ADM_TINY = {"image_size": 16, "in_channels": 3, "model_channels": 32, "out_channels": 6, "num_res_blocks": 1,
+            "attention_resolutions": [8], "channel_mult": [1, 2], "num_heads": 4, "num_head_channels": 16,
+            "use_scale_shift_norm": True, "resblock_updown": True}
+
+
+def test_adm_unet_matches_the_ffhq_10m_layout():
+    from train.prior.unet import ADMUNet
+
+    net = ADMUNet()  # defaults = DPS/DiffPIR ffhq_10m.pt: 128 ch, 1 res block, attention at 16, learn_sigma
+    assert net.num_parameters == 93_563_910  # the 93.6M of the released checkpoint
+    keys = set(net.state_dict())
+    assert {"time_embed.0.weight", "input_blocks.0.0.weight", "input_blocks.2.0.in_layers.2.weight",
+            "middle_block.1.qkv.weight", "output_blocks.11.0.skip_connection.weight", "out.2.weight"} <= keys
+
+
+def test_load_guided_diffusion_checkpoint(tmp_path):
+    from train.prior.unet import ADMUNet
+
+    net = randomised(ADMUNet(**ADM_TINY), seed=2).eval()
+    torch.save(net.state_dict(), tmp_path / "tiny_adm.pt")
+    (tmp_path / "tiny_adm.json").write_text(json.dumps({  # guided-diffusion flag names and string lists
+        "image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2", "learn_sigma": True,
+        "attention_resolutions": "8", "num_heads": 4, "num_head_channels": 16, "use_scale_shift_norm": True,
+        "resblock_updown": True, "diffusion_steps": 1000, "noise_schedule": "linear", "model_path": "x"}))
+    prior = load_prior(tmp_path / "tiny_adm.pt")
+    assert prior.image_size == 16 and prior.channels == 3
+    assert torch.allclose(prior.alphas_cumprod, linear_alphas_cumprod())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        eps = prior.eps(x, 250)
+        assert eps.shape == (2, 3, 16, 16)
+        assert torch.equal(eps, net(x, torch.tensor([250, 250]))[:, :3])  # ε = first half of learn_sigma output
+    # converted to a prior directory (safetensors), it loads back identically
+    save_prior(prior, tmp_path / "adm_dir")
+    again = load_prior(tmp_path / "adm_dir")
+    assert json.loads((tmp_path / "adm_dir" / "config.json").read_text())["_class_name"] == "ADMUNet"
+    with torch.no_grad():
+        assert torch.equal(again.eps(x, 250), eps)
+    # without the sidecar the architecture is read off the weights; heads default to 64 channels each
+    (tmp_path / "tiny_adm.json").unlink()
+    guessed = load_prior(tmp_path / "tiny_adm.pt")
+    assert guessed.net.net.cfg.channel_mult == [1, 2] and guessed.net.net.cfg.resblock_updown
+    assert guessed.net.net.cfg.use_scale_shift_norm and guessed.net.net.cfg.num_head_channels == 64
+    # a sidecar that contradicts the weights is an error, and so is a file that is no state dict
+    (tmp_path / "tiny_adm.json").write_text(json.dumps({"num_channels": 64, "learn_sigma": False}))
+    with pytest.raises(PriorError, match="disagree with the weights: model_channels 64"):
+        load_prior(tmp_path / "tiny_adm.pt")
+    torch.save({"step": 3}, tmp_path / "junk.pt")
+    with pytest.raises(PriorError, match="junk.pt: expected a state dict"):
+        load_prior(tmp_path / "junk.pt")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(PriorError, match="not a guided-diffusion UNet state dict"):
+        load_prior(tmp_path / "other.pt")

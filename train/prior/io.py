@@ -10,8 +10,14 @@ Our format (written by :func:`save_prior` and by ``nsdd-train prior``)::
 "UNet2DModel"``, ``diffusion_pytorch_model.safetensors`` or ``.bin``, the scheduler config in
 ``scheduler/scheduler_config.json`` or beside the model) when diffusers is installed, e.g. a local copy
 of google/ddpm-ema-celebahq-256 (the root of the repository or its ``unet/`` folder).
-OpenAI guided-diffusion / ADM ``.pt`` checkpoints are not supported (they need the ADM architecture).
-The noise schedule always comes from the prior's own scheduler config, never from a default.
+OpenAI guided-diffusion / ADM checkpoints (a ``.pt`` state dict such as the DPS/DiffPIR ``ffhq_10m.pt``)
+load into :class:`train.prior.unet.ADMUNet`: the architecture is read off the weights' shapes; what the
+weights cannot tell (``image_size``, attention heads) comes from an optional sidecar ``NAME.json`` with
+guided-diffusion's ``create_model`` flags (default: the create_model size for the number of levels, 64
+channels per head, the legacy attention order), the schedule from a sidecar ``scheduler_config.json`` or
+guided-diffusion's ``linear`` schedule (``diffusion_steps`` / ``noise_schedule`` in NAME.json).
+``save_prior`` writes an ADM prior as a directory like ours (``_class_name: "ADMUNet"``).
+The noise schedule always comes from the prior's own (scheduler) config.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ from pathlib import Path
 import torch
 
 from train.prior.base import DiffusionPrior, linear_alphas_cumprod
-from train.prior.unet import CLASS_NAME, UNet, UNetConfig
+from train.prior.unet import ADM_CLASS_NAME, CLASS_NAME, ADMConfig, ADMUNet, UNet, UNetConfig
 
+NETWORKS = {CLASS_NAME: (UNet, UNetConfig), ADM_CLASS_NAME: (ADMUNet, ADMConfig)}
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 SCHEDULER_NAME = "scheduler_config.json"
@@ -113,10 +120,14 @@ def save_prior(prior_or_net: DiffusionPrior | UNet, path: str | Path, config: di
     from safetensors.torch import save as save_bytes
 
     net = prior_or_net.net if isinstance(prior_or_net, DiffusionPrior) else prior_or_net
-    if not isinstance(net, UNet):
-        raise TypeError(f"save_prior writes {CLASS_NAME} networks; got {type(net).__name__} "
+    if isinstance(net, EpsilonOnly):
+        net = net.net
+    class_name = next((name for name, (cls, _) in NETWORKS.items() if type(net) is cls), None)
+    if class_name is None:
+        raise TypeError(f"save_prior writes {CLASS_NAME}/{ADM_CLASS_NAME} networks; got {type(net).__name__} "
                         "(save diffusers models with their own save_pretrained)")
-    architecture = UNetConfig.from_dict(dict(config if config is not None else net.config)).to_dict()
+    config_cls = NETWORKS[class_name][1]
+    architecture = config_cls.from_dict(dict(config if config is not None else net.config)).to_dict()
     if architecture != net.config:
         raise ValueError("save_prior: config does not describe this network "
                          f"(given {architecture}, network has {net.config})")
@@ -135,11 +146,11 @@ def save_prior(prior_or_net: DiffusionPrior | UNet, path: str | Path, config: di
     atomic_write_bytes(path / WEIGHTS_NAME, save_bytes(state, metadata={"format": "pt"}))
     atomic_write_json(path / SCHEDULER_NAME, schedule)
     atomic_write_json(path / CONFIG_NAME, {
-        "_class_name": CLASS_NAME,
+        "_class_name": class_name,
         "_format_version": FORMAT_VERSION,
         "architecture": architecture,
         "image_size": architecture["image_size"],
-        "channels": architecture["out_channels"],
+        "channels": architecture["in_channels"],
         "weights_dtype": str(dtype).replace("torch.", ""),
         "training": dict(extra or {}),
     })
@@ -161,14 +172,18 @@ def _read_json(path: Path) -> dict:
 
 def load_prior(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32) -> DiffusionPrior:
-    """Load a prior directory (ours or a diffusers ``UNet2DModel``) as an eval-mode :class:`DiffusionPrior`."""
+    """Load a prior (our directory, a diffusers ``UNet2DModel`` directory or a guided-diffusion ``.pt``) as an
+    eval-mode :class:`DiffusionPrior` whose ``eps`` returns the ε channels only."""
     path = Path(path)
     if not path.exists():
         raise PriorError(f"{path}: no such prior directory")
     if path.is_file():
-        hint = (" (an OpenAI guided-diffusion/ADM checkpoint? those are not supported: convert it to a "
-                "diffusers UNet2DModel directory)" if path.suffix in (".pt", ".pth", ".ckpt") else "")
-        raise PriorError(f"{path}: a prior is a directory with {CONFIG_NAME}, not a file{hint}")
+        if path.suffix in (".pt", ".pth"):
+            prior = _load_adm_checkpoint(path)
+            prior.net.to(device=device, dtype=dtype)
+            return prior.to(device=device).eval()
+        raise PriorError(f"{path}: a prior is a directory with {CONFIG_NAME} (or a guided-diffusion .pt "
+                         f"checkpoint), not a {path.suffix or 'suffix-less'} file")
     config_path = path / CONFIG_NAME
     if not config_path.exists():
         if (path / "unet" / CONFIG_NAME).exists():
@@ -177,13 +192,13 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu",
         raise PriorError(f"{path}: not a diffusion prior (no {CONFIG_NAME}; found {found or 'nothing'})")
     config = _read_json(config_path)
     class_name = config.get("_class_name")
-    if class_name == CLASS_NAME:
+    if class_name in NETWORKS:
         prior = _load_nsdd(path, config)
     elif class_name == "UNet2DModel":
         prior = _load_diffusers(path, config)
     else:
         raise PriorError(f"{config_path}: _class_name {class_name!r} is not a supported prior "
-                         f"({CLASS_NAME!r} or diffusers 'UNet2DModel')")
+                         f"({CLASS_NAME!r}, {ADM_CLASS_NAME!r} or diffusers 'UNet2DModel')")
     prior.net.to(device=device, dtype=dtype)
     return prior.to(device=device).eval()  # ᾱ stays float64
 
@@ -194,8 +209,9 @@ def _load_nsdd(path: Path, config: dict) -> DiffusionPrior:
 
     if "architecture" not in config:
         raise PriorError(f"{path / CONFIG_NAME}: missing 'architecture'")
+    net_cls, config_cls = NETWORKS[config["_class_name"]]
     try:
-        net = UNet(UNetConfig.from_dict(config["architecture"]))
+        net = net_cls(config_cls.from_dict(config["architecture"]))
     except (TypeError, ValueError) as exc:
         raise PriorError(f"{path / CONFIG_NAME}: {exc}") from exc
     weights = path / WEIGHTS_NAME
@@ -219,7 +235,8 @@ def _load_nsdd(path: Path, config: dict) -> DiffusionPrior:
     schedule = _read_json(schedule_path)
     alphas_cumprod = alphas_cumprod_from_schedule(schedule, schedule_path)
     arch = net.cfg
-    return DiffusionPrior(net, alphas_cumprod, image_size=arch.image_size, channels=arch.out_channels,
+    eps_net = EpsilonOnly(net, arch.in_channels) if arch.out_channels != arch.in_channels else net
+    return DiffusionPrior(eps_net, alphas_cumprod, image_size=arch.image_size, channels=arch.in_channels,
                           config={**config, "scheduler": schedule, "path": str(path)})
 
 
@@ -264,3 +281,116 @@ def _load_diffusers(path: Path, config: dict) -> DiffusionPrior:
     return DiffusionPrior(net, alphas_cumprod, image_size=size, channels=in_ch,
                           config={**dict(unet.config), "_class_name": "UNet2DModel", "scheduler": schedule,
                                   "path": str(path)})
+
+
+# ---- OpenAI guided-diffusion / ADM checkpoints ---------------------------------------------------------
+ADM_FLAG_NAMES = {"num_channels": "model_channels"}
+ADM_DEFAULT_SIZES = {7: 512, 6: 256, 5: 128, 4: 64}  # guided-diffusion create_model: levels -> image_size
+
+
+def _adm_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, pickle with code objects, not a torch file
+        raise PriorError(f"{path}: not a readable torch state dict ({type(exc).__name__}: {exc})") from exc
+    if isinstance(state, dict) and not any(torch.is_tensor(v) for v in state.values()):
+        state = next((state[k] for k in ("ema", "state_dict", "model") if isinstance(state.get(k), dict)), state)
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise PriorError(f"{path}: expected a state dict of tensors (a guided-diffusion checkpoint)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def infer_adm_config(state: dict[str, torch.Tensor], flags: dict | None = None,
+                     source: str | Path = "checkpoint") -> ADMConfig:
+    """ADM architecture from the weights' shapes; ``flags`` (create_model names) supply and override the rest."""
+    flags = {ADM_FLAG_NAMES.get(k, k): v for k, v in (flags or {}).items()}
+    try:
+        mc = int(state["time_embed.0.weight"].shape[1])
+        in_ch = int(state["input_blocks.0.0.weight"].shape[1])
+        out_ch = int(state["out.2.weight"].shape[0])
+    except KeyError as exc:
+        raise PriorError(f"{source}: not a guided-diffusion UNet state dict (no {exc.args[0]})") from exc
+    blocks_in = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("input_blocks."))
+    blocks_out = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("output_blocks."))
+    up_layers = {}  # output block index -> the upsampling layer's keys
+    for k in state:
+        if k.startswith("output_blocks."):
+            _, j, m, *rest = k.split(".")
+            if m != "0" and rest[0] not in ("norm", "qkv", "proj_out"):
+                up_layers.setdefault(int(j), set()).add(rest[0])
+    levels = len(up_layers) + 1
+    if blocks_out % levels or blocks_in != blocks_out:
+        raise PriorError(f"{source}: unexpected guided-diffusion block layout ({blocks_in} input, {blocks_out} output "
+                         f"blocks, {levels} levels)")
+    nrb = blocks_out // levels - 1
+    resblock_updown = any("in_layers" in keys for keys in up_layers.values())
+    mults, attention_levels = [], []
+    for level in range(levels):
+        first = 1 + level * (nrb + 1)
+        mults.append(state[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] / mc)
+        if f"input_blocks.{first}.1.qkv.weight" in state:
+            attention_levels.append(level)
+    mults = [int(m) if float(m).is_integer() else float(m) for m in mults]
+    scale_shift = bool(state["input_blocks.1.0.emb_layers.1.weight"].shape[0]
+                       == 2 * state["input_blocks.1.0.out_layers.3.weight"].shape[0])
+    image_size = int(flags.get("image_size", ADM_DEFAULT_SIZES.get(levels, 2 ** (levels + 2))))
+    inferred = {"image_size": image_size, "in_channels": in_ch, "model_channels": mc, "out_channels": out_ch,
+                "num_res_blocks": nrb, "attention_resolutions": [image_size // 2 ** lv for lv in attention_levels],
+                "channel_mult": mults, "use_scale_shift_norm": scale_shift, "resblock_updown": resblock_updown}
+    settings = {**inferred, "num_heads": 4, "num_head_channels": 64, "num_heads_upsample": -1}
+    for key in ("num_heads", "num_head_channels", "num_heads_upsample", "use_new_attention_order", "dropout"):
+        if key in flags:
+            settings[key] = flags[key]
+    clashes = {k: (flags[k], v) for k, v in inferred.items() if k in flags and k != "image_size"
+               and _normalise_flag(k, flags[k]) != v}
+    if "learn_sigma" in flags and bool(flags["learn_sigma"]) != (out_ch == 2 * in_ch):
+        clashes["learn_sigma"] = (flags["learn_sigma"], out_ch == 2 * in_ch)
+    if clashes:
+        raise PriorError(f"{source}: the sidecar flags disagree with the weights: "
+                         + ", ".join(f"{k} {a!r} (weights: {b!r})" for k, (a, b) in clashes.items()))
+    try:
+        return ADMConfig.from_dict(settings)
+    except (TypeError, ValueError) as exc:
+        raise PriorError(f"{source}: {exc}") from exc
+
+
+def _normalise_flag(key: str, value):
+    """guided-diffusion writes lists as strings ("16,8", "1,1,2,2,4,4")."""
+    if key in ("attention_resolutions", "channel_mult") and isinstance(value, str):
+        value = [float(v) for v in value.split(",") if v.strip()]
+    if key in ("attention_resolutions", "channel_mult") and isinstance(value, (int, float)):
+        value = [value]
+    if isinstance(value, list):
+        value = [int(v) if float(v).is_integer() else float(v) for v in value]
+    return value
+
+
+def _load_adm_checkpoint(path: Path) -> DiffusionPrior:
+    state = _adm_state_dict(path)
+    sidecar = path.with_suffix(".json")
+    flags = _read_json(sidecar) if sidecar.exists() else {}
+    if flags.get("channel_mult") == "":
+        flags.pop("channel_mult")
+    flags = {k: v for k, v in flags.items() if k not in ("model_path", "class_cond", "use_checkpoint", "use_fp16")}
+    config = infer_adm_config(state, flags, path)
+    net = ADMUNet(config)
+    try:
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as exc:
+        raise PriorError(f"{path}: weights do not fit the inferred ADM architecture ({exc})") from exc
+    schedule_path = path.parent / SCHEDULER_NAME
+    if schedule_path.exists():
+        schedule = _read_json(schedule_path)
+    else:  # guided-diffusion get_named_beta_schedule: linear scaled by 1000/T, or the cosine schedule
+        steps = int(flags.get("diffusion_steps", 1000))
+        kind = flags.get("noise_schedule", "linear")
+        if kind not in ("linear", "cosine"):
+            raise PriorError(f"{sidecar}: noise_schedule {kind!r} is not supported (linear, cosine)")
+        scale = 1000 / steps
+        schedule = {**default_schedule(steps, scale * 1e-4, scale * 0.02),
+                    "beta_schedule": "linear" if kind == "linear" else "squaredcos_cap_v2"}
+    alphas_cumprod = alphas_cumprod_from_schedule(schedule, schedule_path if schedule_path.exists() else path)
+    eps_net = EpsilonOnly(net, config.in_channels) if config.out_channels != config.in_channels else net
+    return DiffusionPrior(eps_net, alphas_cumprod, image_size=config.image_size, channels=config.in_channels,
+                          config={"_class_name": ADM_CLASS_NAME, "architecture": config.to_dict(),
+                                  "scheduler": schedule, "path": str(path), "flags": flags})

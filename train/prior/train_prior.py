@@ -215,6 +215,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
+                   generator: torch.Generator, use_bf16: bool = False) -> torch.Tensor:
+    """``‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖²`` (mean) with random horizontal flips of ``x0`` (CPU tensor in
+    [−1, 1]), ``t ~ U{0..T−1}`` and ``ε ~ N(0, I)`` drawn from ``generator`` (CPU) on the device of ``alphas_cumprod``."""
+    n = x0.shape[0]
+    flip = torch.rand(n, generator=generator) < 0.5
+    x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    t = torch.randint(0, len(alphas_cumprod), (n,), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    device = alphas_cumprod.device
+    x0, t, noise = x0.to(device), t.to(device), noise.to(device)
+    a = alphas_cumprod[t].float()[:, None, None, None]
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        pred = model(x_t, t)
+    return F.mse_loss(pred.float(), noise)
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """``θ̄ ← d θ̄ + (1 − d) θ`` for parameters; buffers copied."""
@@ -448,21 +466,10 @@ def _train(args: argparse.Namespace) -> int:
             x0 = images[index].astype(np.float32)
             if pad:
                 x0 = center_pad(x0, (pad, pad))
-            x0 = torch.from_numpy(x0) * 2.0 - 1.0
-            flip = torch.rand(batch, generator=generator) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-            t = torch.randint(0, len(alphas_cumprod), (batch,), generator=generator)
-            noise = torch.randn(x0.shape, generator=generator)
-            x0, t, noise = x0.to(device), t.to(device), noise.to(device)
-            a = abar[t][:, None, None, None]
-            x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
-
             lr = settings["lr"] * min(1.0, (step + 1) / max(1, settings["warmup"]))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                pred = model(x_t, t)
-            loss = F.mse_loss(pred.float(), noise)
+            loss = diffusion_loss(model, torch.from_numpy(x0) * 2.0 - 1.0, abar, generator, use_bf16)
             if not torch.isfinite(loss):
                 raise PriorError(f"loss became {loss.item()} at step {step + 1}; lower --lr "
                                  f"(last good checkpoint: {checkpoint_path})")

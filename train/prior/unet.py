@@ -267,3 +267,225 @@ class UNet(nn.Module):
                 h = stage(torch.cat([h, skips.pop()], dim=1), emb)
             h = upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# =====================================================================================================
+# OpenAI guided-diffusion / ADM UNet (Dhariwal & Nichol 2021), to run released checkpoints such as the
+# DPS/DiffPIR FFHQ model ``ffhq_10m.pt``. Module names follow the checkpoint's state-dict keys
+# (``input_blocks.N.M``, ``middle_block``, ``output_blocks``, ``out``), so ``load_state_dict`` works as is.
+# =====================================================================================================
+ADM_CLASS_NAME = "ADMUNet"
+
+
+@dataclass
+class ADMConfig:
+    """guided-diffusion ``create_model`` arguments; ``attention_resolutions`` in pixels, as there."""
+
+    image_size: int = 256
+    in_channels: int = 3
+    model_channels: int = 128
+    out_channels: int = 6
+    num_res_blocks: int = 1
+    attention_resolutions: list[int] = field(default_factory=lambda: [16])
+    channel_mult: list[float] = field(default_factory=lambda: [1, 1, 2, 2, 4, 4])
+    dropout: float = 0.0
+    num_heads: int = 4
+    num_head_channels: int = 64
+    num_heads_upsample: int = -1
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = True
+    use_new_attention_order: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, config: dict) -> ADMConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"invalid ADM config: unknown keys {unknown} (known: {sorted(known)})")
+        return cls(**config)
+
+
+class _GroupNorm32(nn.GroupNorm):
+    """ADM normalisation: GroupNorm(32) computed in float32."""
+
+    def __init__(self, channels: int):
+        super().__init__(32, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+class _TimestepSequential(nn.Sequential):
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self:
+            x = layer(x, emb) if isinstance(layer, _ADMResBlock) else layer(x)
+        return x
+
+
+class _ADMUpsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool):
+        super().__init__()
+        if use_conv:
+            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.use_conv = use_conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class _ADMDownsample(nn.Module):
+    def __init__(self, channels: int, use_conv: bool):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class _ADMResBlock(nn.Module):
+    """ADM ResBlock; with ``use_scale_shift_norm``: ``h = GN(h)(1 + s) + b`` with ``(s, b) = W·SiLU(emb)``."""
+
+    def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: int | None = None,
+                 use_scale_shift_norm: bool = False, up: bool = False, down: bool = False):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(_GroupNorm32(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = _ADMUpsample(channels, False), _ADMUpsample(channels, False)
+        elif down:
+            self.h_upd, self.x_upd = _ADMDownsample(channels, False), _ADMDownsample(channels, False)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, (2 if use_scale_shift_norm else 1)
+                                                             * out_channels))
+        self.out_layers = nn.Sequential(_GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(dropout),
+                                        _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.updown:
+            h = self.in_layers[2](self.h_upd(self.in_layers[:2](x)))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[1:](self.out_layers[0](h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class _ADMAttention(nn.Module):
+    """ADM attention over H·W; ``legacy`` order splits heads before q/k/v (QKVAttentionLegacy)."""
+
+    def __init__(self, channels: int, num_heads: int, num_head_channels: int, new_order: bool):
+        super().__init__()
+        self.num_heads = num_heads if num_head_channels == -1 else channels // num_head_channels
+        if channels % self.num_heads:
+            raise ValueError(f"ADM attention: {channels} channels not divisible into {self.num_heads} heads")
+        self.new_order = new_order
+        self.norm = _GroupNorm32(channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = _zero(nn.Conv1d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(x))
+        length, heads, ch = qkv.shape[-1], self.num_heads, c // self.num_heads
+        if self.new_order:
+            q, k, v = (part.reshape(b * heads, ch, length) for part in qkv.chunk(3, dim=1))
+        else:
+            q, k, v = qkv.reshape(b * heads, 3 * ch, length).split(ch, dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        h = self.proj_out(out.transpose(1, 2).reshape(b, c, length))
+        return (x + h).reshape(b, c, *spatial)
+
+
+class ADMUNet(nn.Module):
+    """guided-diffusion ``UNetModel`` (unconditional): ``forward(x, t)`` → ``out_channels`` maps (ε, then the
+    variance interpolation when ``learn_sigma``)."""
+
+    def __init__(self, config: ADMConfig | dict | None = None, **overrides):
+        super().__init__()
+        if config is None:
+            config = ADMConfig(**overrides)
+        elif isinstance(config, dict):
+            config = ADMConfig.from_dict({**config, **overrides})
+        self.cfg = config
+        mc = config.model_channels
+        emb_dim = 4 * mc
+        attention_ds = {config.image_size // r for r in config.attention_resolutions}
+        heads_up = config.num_heads if config.num_heads_upsample == -1 else config.num_heads_upsample
+
+        def attention(ch: int, heads: int) -> _ADMAttention:
+            return _ADMAttention(ch, heads, config.num_head_channels, config.use_new_attention_order)
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        ch = int(config.channel_mult[0] * mc)
+        self.input_blocks = nn.ModuleList([_TimestepSequential(nn.Conv2d(config.in_channels, ch, 3, padding=1))])
+        skips, ds = [ch], 1
+        for level, mult in enumerate(config.channel_mult):
+            for _ in range(config.num_res_blocks):
+                layers: list[nn.Module] = [_ADMResBlock(ch, emb_dim, config.dropout, int(mult * mc),
+                                                        config.use_scale_shift_norm)]
+                ch = int(mult * mc)
+                if ds in attention_ds:
+                    layers.append(attention(ch, config.num_heads))
+                self.input_blocks.append(_TimestepSequential(*layers))
+                skips.append(ch)
+            if level != len(config.channel_mult) - 1:
+                self.input_blocks.append(_TimestepSequential(
+                    _ADMResBlock(ch, emb_dim, config.dropout, ch, config.use_scale_shift_norm, down=True)
+                    if config.resblock_updown else _ADMDownsample(ch, True)))
+                skips.append(ch)
+                ds *= 2
+        self.middle_block = _TimestepSequential(
+            _ADMResBlock(ch, emb_dim, config.dropout, use_scale_shift_norm=config.use_scale_shift_norm),
+            attention(ch, config.num_heads),
+            _ADMResBlock(ch, emb_dim, config.dropout, use_scale_shift_norm=config.use_scale_shift_norm))
+        self.output_blocks = nn.ModuleList()
+        for level, mult in list(enumerate(config.channel_mult))[::-1]:
+            for i in range(config.num_res_blocks + 1):
+                layers = [_ADMResBlock(ch + skips.pop(), emb_dim, config.dropout, int(mc * mult),
+                                       config.use_scale_shift_norm)]
+                ch = int(mc * mult)
+                if ds in attention_ds:
+                    layers.append(attention(ch, heads_up))
+                if level and i == config.num_res_blocks:
+                    layers.append(_ADMResBlock(ch, emb_dim, config.dropout, ch, config.use_scale_shift_norm, up=True)
+                                  if config.resblock_updown else _ADMUpsample(ch, True))
+                    ds //= 2
+                self.output_blocks.append(_TimestepSequential(*layers))
+        self.out = nn.Sequential(_GroupNorm32(ch), nn.SiLU(),
+                                 _zero(nn.Conv2d(ch, config.out_channels, 3, padding=1)))
+
+    @property
+    def config(self) -> dict:
+        return self.cfg.to_dict()
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
+        h, skips = x, []
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h)
