@@ -897,6 +897,7 @@ class PiCamera2Source(FrameSource):
         options.finish()
         self.is_live = True
         self._cam: Any = None
+        self._job: Any = None
         self._index = 0
         self._pattern: str | None = None
         self._raw_bits = self.bits
@@ -946,12 +947,15 @@ class PiCamera2Source(FrameSource):
     def _read(self, timeout: float | None) -> Frame:
         cam = self._cam
         try:
-            job = cam.capture_request(wait=False)
-            request = cam.wait(job, timeout=timeout)
+            if self._job is None:  # a request that timed out last time is still pending: keep waiting for it
+                self._job = cam.capture_request(wait=False)
+            request = cam.wait(self._job, timeout=timeout)  # Job.get_result → concurrent.futures TimeoutError
         except TimeoutError:
             raise SourceStalled(f"{self.uri}: no frame within {timeout} s") from None
         except Exception as exc:  # noqa: BLE001
+            self._job = None
             raise SourceError(f"{self.uri}: capture failed ({type(exc).__name__}: {exc})") from None
+        self._job = None
         try:
             buf = request.make_array("raw")
             md = request.get_metadata()
@@ -972,6 +976,7 @@ class PiCamera2Source(FrameSource):
 
     def _close(self) -> None:
         if self._cam is not None:
+            self._job = None
             try:
                 self._cam.stop()
             finally:
