@@ -142,6 +142,12 @@ def test_resume_refuses_other_settings(tmp_path):
             next(other.net.parameters()).add_(1.0)
         label_dataset(ds, other, out, **SETTINGS)
     assert npy_bytes(out) == before  # nothing the first run wrote was lost
+    foreign = tmp_path / "user_files"
+    foreign.mkdir()
+    np.save(foreign / "img000.npy", np.ones((3, SIZE, SIZE), np.float32))
+    with pytest.raises(TeacherError, match="refusing to overwrite"):
+        label_dataset(ds, prior(), foreign, **SETTINGS)
+    assert np.load(foreign / "img000.npy").sum() == 3 * SIZE * SIZE
     with pytest.raises(TeacherError, match="no measurements"):
         label_dataset(ds, prior(), tmp_path / "empty", **{**SETTINGS, "limit": 0})
 

@@ -168,7 +168,16 @@ def label_dataset(dataset: LenslessDataset, prior: DiffusionPrior, out: str | Pa
     prior_hash = prior_fingerprint(prior)
     identity = _identity(dataset, physics, prior_hash, split, solver, sigma)
 
+    scene = tuple(physics.scene_shape)
+    if scene != (prior.image_size, prior.image_size):
+        print(f"nsdd-train teacher: note: the prior was built for {prior.image_size} px images; the operator's "
+              f"scene grid is {scene[0]}x{scene[1]} (a convolutional prior runs, but off its training size)",
+              file=sys.stderr)
+
     manifest_path = out / MANIFEST
+    if not manifest_path.exists() and out.is_dir() and any(out.glob("*.npy")):
+        raise TeacherError(f"--out {out}: holds .npy files but no {MANIFEST} (not a teacher directory); "
+                           "refusing to overwrite them, choose another --out")
     if manifest_path.exists():
         try:
             old = json.loads(manifest_path.read_text())
@@ -196,6 +205,9 @@ def label_dataset(dataset: LenslessDataset, prior: DiffusionPrior, out: str | Pa
     prior.to(device).eval()
     bar = tqdm(total=len(ids), initial=done_count, desc="teacher", unit="img", file=sys.stderr,
                disable=not progress, dynamic_ncols=True)
+    if write_png:
+        from train.solve import to_png8  # the shared 8-bit view writer
+        from train.solve import write_png as write_png8
     batches_written = 0
     try:
         for k in todo:
