@@ -126,3 +126,22 @@ def test_bad_arguments(tmp_path, capsys):
     assert nsdd_edge(["calibrate", "--source", f"file://{tmp_path / 'short.npy'}", "--frames", "5",
                       "--out", str(tmp_path / "psf.npy")]) == 1
     assert "frame 3/5" in capsys.readouterr().err
+
+
+def test_real_diffusercam_psf_matches_the_core_loader(shared, tmp_path, capsys):
+    """The DiffuserCam tutorial PSF (one 1200×1600 16-bit capture): same result as optics.load_psf; its 192
+    pixels at the 12-bit ceiling (65520 in 16-bit units) are caught when the white level is given."""
+    from nsdd_edge.optics import load_psf
+
+    tif = shared / "data/lensless/diffusercam/psf_sample.tif"
+    out = tmp_path / "psf.npy"
+    rc = nsdd_edge(["calibrate", "--source", f"file://{tif}?white_level=65520", "--frames", "1",
+                    "--downsample", "4", "--center", "peak", "--out", str(out)])
+    assert rc == 1 and "saturated" in capsys.readouterr().err and not out.exists()
+    rc = nsdd_edge(["calibrate", "--source", f"file://{tif}?white_level=65520", "--frames", "1",
+                    "--downsample", "4", "--center", "peak", "--max-saturated", "0.001", "--out", str(out)])
+    assert rc == 0
+    est = np.load(out)
+    ref = load_psf(tif, background="corner", downsample=4, center=True)
+    assert est.shape == ref.shape == (1, 300, 400)
+    assert corr(est, ref) > 0.9999
