@@ -143,6 +143,7 @@ def simulate(args: argparse.Namespace) -> dict:
         raise ValueError(f"--noise-std must be ≥ 0, got {args.noise_std}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
+    files = list_images(args.images, args.limit)
     psf = load_psf(args.psf, downsample=args.psf_downsample, grayscale=args.grayscale)
     channels = 1 if args.grayscale else 3
     if args.sensor is None:
@@ -152,6 +153,10 @@ def simulate(args: argparse.Namespace) -> dict:
     else:
         raise ValueError(f"--sensor takes H or H W, got {args.sensor}")
     size = (args.size, args.size)
+    if args.model == "crop" and (args.size > 2 * sensor[0] or args.size > 2 * sensor[1]):
+        raise OpticsError(f"--size {args.size}: the scene is larger than the convolution grid "
+                          f"{(2 * sensor[0], 2 * sensor[1])} (2× the sensor {sensor}); use a smaller --size "
+                          "or a larger --sensor")
     try:
         if args.model == "crop":
             geometry = LenslessGeometry.make("crop", sensor, psf.shape[-2:], scene_shape=size,
@@ -173,7 +178,6 @@ def simulate(args: argparse.Namespace) -> dict:
     forward = LenslessOperator(psf, sensor, geometry.model, lam=args.lam, scene_shape=geometry.scene_shape,
                                conv_shape=geometry.conv_shape, noise_std=args.noise_std)
 
-    files = list_images(args.images, args.limit)
     ids = [f"{k:06d}" for k in range(len(files))]
     out: Path = args.out
     settings = {"psf_sha256": array_hash(psf), "forward": geometry.to_dict(), "recon": recon,
@@ -182,9 +186,13 @@ def simulate(args: argparse.Namespace) -> dict:
     meta_path = out / "dataset.json"
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
-        if old.get("settings") != settings and not args.overwrite:
-            raise OpticsError(f"--out {out}: holds a different dataset (dataset.json settings differ); "
-                              "use another --out or --overwrite")
+        if old.get("settings") != settings:
+            if not args.overwrite:
+                raise OpticsError(f"--out {out}: holds a different dataset (dataset.json settings differ); "
+                                  "use another --out or --overwrite")
+            for sub in ("measurements", "ground_truth"):  # --overwrite: the old samples must not be reused
+                for f in (out / sub).glob("*.npy"):
+                    f.unlink()
     (out / "measurements").mkdir(parents=True, exist_ok=True)
     (out / "ground_truth").mkdir(parents=True, exist_ok=True)
     np.save(out / "psf.npy", psf)
