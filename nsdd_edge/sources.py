@@ -26,9 +26,10 @@ import re
 import socket
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
@@ -219,7 +220,7 @@ class FrameSource(ABC):
         self.uri = uri
         self._is_open = False
 
-    def open(self) -> "FrameSource":
+    def open(self) -> FrameSource:
         if not self._is_open:
             self._open()
             self._is_open = True
@@ -250,7 +251,7 @@ class FrameSource(ABC):
     def _close(self) -> None:
         pass
 
-    def __enter__(self) -> "FrameSource":
+    def __enter__(self) -> FrameSource:  # noqa: PYI034 - typing.Self needs Python 3.11, the package supports 3.10
         return self.open()
 
     def __exit__(self, *exc: object) -> None:
@@ -267,7 +268,7 @@ class FrameSource(ABC):
     def __del__(self) -> None:  # release devices even if the caller forgot
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 - interpreter shutdown: nothing left to report to
             pass
 
 
@@ -283,7 +284,7 @@ class _Pacer:
 
     def due_index(self) -> int:
         assert self.t0 is not None
-        return int(math.floor((time.monotonic() - self.t0) * self.fps))
+        return math.floor((time.monotonic() - self.t0) * self.fps)
 
     def wait_for(self, index: int, timeout: float | None) -> float:
         """Sleep until frame ``index`` is due; :class:`SourceStalled` if that is beyond ``timeout``."""
@@ -408,7 +409,7 @@ class SimCamera(FrameSource):
         elif isinstance(geometry, dict):
             geometry = LenslessGeometry.from_dict(geometry)
         if not isinstance(geometry, LenslessGeometry):
-            raise ValueError(f"camera source {uri!r}: geometry= must be a LenslessGeometry or its dict")
+            raise TypeError(f"camera source {uri!r}: geometry= must be a LenslessGeometry or its dict")
         self.geometry = geometry
         self.channels = o.int("channels", 3, minimum=1)
         if self.channels not in (1, 3):
@@ -669,7 +670,7 @@ class FileSource(FrameSource):
             self.kind = "npy stack"
             try:
                 stack = np.load(p, mmap_mode="r", allow_pickle=False)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - numpy raises many types for a corrupt file
                 raise SourceError(f"file source {self.uri!r}: {p} is not a readable .npy ({exc})") from None
             if stack.ndim == 2 or (stack.ndim == 3 and stack.shape[-1] in (3, 4) and stack.shape[0] > 4):
                 stack = stack[None]  # a single frame
@@ -742,7 +743,7 @@ class FileSource(FrameSource):
                 return read_image_native(f)
             except OpticsError as exc:
                 raise SourceError(f"file source {self.uri!r}: {exc}") from None
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - numpy raises many types for a corrupt file
                 raise SourceError(f"file source {self.uri!r}: {f} unreadable ({type(exc).__name__}: {exc})") from None
         ok, bgr = self._cap.read()
         if not ok or bgr is None:
@@ -922,7 +923,7 @@ class PiCamera2Source(FrameSource):
                 raise SourceError(f"{self.uri}: the sensor has no {self.size[0]}x{self.size[1]} {self.bits}-bit "
                                   f"mode (it has {have})")
             mode = modes[0]
-            frame_us = int(round(1e6 / self.fps))
+            frame_us = round(1e6 / self.fps)
             config = cam.create_video_configuration(
                 raw={"format": mode["unpacked"], "size": mode["size"]},
                 sensor={"output_size": mode["size"], "bit_depth": mode["bit_depth"]},
@@ -1057,7 +1058,7 @@ class CsiSource(_CaptureSource):
     def pipeline(self) -> str:
         w, h = self.size
         return (f"nvarguscamerasrc sensor-id={self.sensor_id} ! video/x-raw(memory:NVMM),width={w},height={h},"
-                f"format=NV12,framerate={int(round(self.fps))}/1 ! nvvidconv flip-method={self.flip} ! "
+                f"format=NV12,framerate={round(self.fps)}/1 ! nvvidconv flip-method={self.flip} ! "
                 "video/x-raw,format=BGRx ! videoconvert ! video/x-raw,format=BGR ! appsink drop=true max-buffers=1")
 
     def _open(self) -> None:
@@ -1236,7 +1237,7 @@ class TcpSource(FrameSource):
             if self._sock is None:
                 self._connect()
             header, payload = self._request(timeout)
-        except socket.timeout:
+        except TimeoutError:
             self._drop()
             raise SourceStalled(f"{self.uri}: the capture host sent nothing within {timeout} s") from None
         except (OSError, framing.FramingError) as exc:

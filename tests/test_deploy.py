@@ -25,7 +25,7 @@ def test_deploy_files_exist():
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.relative_to(DEPLOY).as_posix())
 def test_scripts_parse_and_are_executable(script):
-    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    r = subprocess.run(["bash", "-n", str(script)], check=False, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert script.read_text().startswith("#!/usr/bin/env bash\n")
     assert script.stat().st_mode & 0o111, f"{script} is not executable"
@@ -34,14 +34,14 @@ def test_scripts_parse_and_are_executable(script):
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (apt-get install shellcheck)")
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.relative_to(DEPLOY).as_posix())
 def test_shellcheck(script):
-    r = subprocess.run(["shellcheck", "--severity=style", str(script)], capture_output=True, text=True)
+    r = subprocess.run(["shellcheck", "--severity=style", str(script)], check=False, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 def _systemd_analyze_works() -> bool:
     if shutil.which("systemd-analyze") is None:
         return False
-    r = subprocess.run(["systemd-analyze", "--version"], capture_output=True, text=True)
+    r = subprocess.run(["systemd-analyze", "--version"], check=False, capture_output=True, text=True)
     return r.returncode == 0
 
 
@@ -59,7 +59,7 @@ def test_systemd_units_verify(unit, tmp_path):
     assert "Restart=on-failure" in text and "RestartSec=" in text and "User=nsdd" in text
     copy = tmp_path / unit.name
     copy.write_text(text.replace("/opt/nsdd-edge", str(prefix)))
-    r = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True)
+    r = subprocess.run(["systemd-analyze", "verify", str(copy)], check=False, capture_output=True, text=True)
     problems = [line for line in (r.stdout + r.stderr).splitlines() if unit.name in line]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr
 
@@ -75,7 +75,7 @@ def test_systemd_units_verify(unit, tmp_path):
 def test_jetson_setup_detects_the_jetpack_release(tmp_path, release, expected):
     f = tmp_path / "nv_tegra_release"
     f.write_text(release + "\n")
-    r = subprocess.run(["bash", str(DEPLOY / "jetson/setup.sh"), "--detect-only"], capture_output=True, text=True,
+    r = subprocess.run(["bash", str(DEPLOY / "jetson/setup.sh"), "--detect-only"], check=False, capture_output=True, text=True,
                        env={"PATH": "/usr/bin:/bin", "NV_TEGRA_RELEASE": str(f)})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == expected
@@ -90,16 +90,16 @@ def test_jetson_setup_refuses_unsupported_systems(tmp_path, release, message):
     f = tmp_path / "nv_tegra_release"
     if release is not None:
         f.write_text(release + "\n")
-    r = subprocess.run(["bash", str(DEPLOY / "jetson/setup.sh"), "--detect-only"], capture_output=True, text=True,
+    r = subprocess.run(["bash", str(DEPLOY / "jetson/setup.sh"), "--detect-only"], check=False, capture_output=True, text=True,
                        env={"PATH": "/usr/bin:/bin", "NV_TEGRA_RELEASE": str(f)})
     assert r.returncode == 1 and message in r.stderr
 
 
 def test_jetson_setup_rejects_bad_options():
-    r = subprocess.run(["bash", str(DEPLOY / "jetson/setup.sh"), "--precision", "fp8"], capture_output=True,
-                       text=True)
+    r = subprocess.run(["bash", str(DEPLOY / "jetson/setup.sh"), "--precision", "fp8"], check=False,
+                       capture_output=True, text=True)
     assert r.returncode == 1 and "fp16 or int8" in r.stderr
-    r = subprocess.run(["bash", str(DEPLOY / "pi/setup.sh"), "--frobnicate"], capture_output=True, text=True)
+    r = subprocess.run(["bash", str(DEPLOY / "pi/setup.sh"), "--frobnicate"], check=False, capture_output=True, text=True)
     assert r.returncode == 1 and "unknown option" in r.stderr
 
 
@@ -118,14 +118,14 @@ def test_register_engine_records_the_engine_in_the_bundle(tmp_path):
     (bundle / "engine.plan").write_bytes(b"serialized engine")
     r = subprocess.run([sys.executable, str(DEPLOY / "jetson/register_engine.py"), str(bundle),
                         str(bundle / "engine.plan"), "--tensorrt", "10.3.0", "--jetpack", "6"],
-                       capture_output=True, text=True)
+                       check=False, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     b = load_bundle(bundle)  # verifies every file's SHA-256
     assert b.models["engine"]["file"] == "engine.plan" and b.models["engine"]["tensorrt"] == "10.3.0"
     assert b.models["onnx_fp32"]["opset"] == 18 and b.provenance == {"by": "test"}
     assert (bundle / "dark.npy").exists() and b.preprocess.background_file == "dark.npy"
     r = subprocess.run([sys.executable, str(DEPLOY / "jetson/register_engine.py"), str(bundle),
-                        str(tmp_path / "missing.plan")], capture_output=True, text=True)
+                        str(tmp_path / "missing.plan")], check=False, capture_output=True, text=True)
     assert r.returncode == 1 and "missing.plan" in r.stderr
 
 
