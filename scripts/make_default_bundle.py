@@ -23,11 +23,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nsdd_edge.bundle import PreprocessConfig, write_bundle  # noqa: E402
-from nsdd_edge.optics import LenslessGeometry, WienerFilter  # noqa: E402
-from nsdd_edge.preprocess import Preprocessor  # noqa: E402
-from nsdd_edge.psf_sim import simulate_psf  # noqa: E402
-from nsdd_edge.sources import open_source  # noqa: E402
+from nsdd_edge.bundle import PreprocessConfig, write_bundle
+from nsdd_edge.optics import LenslessGeometry, WienerFilter
+from nsdd_edge.preprocess import Preprocessor
+from nsdd_edge.psf_sim import simulate_psf
+from nsdd_edge.sources import open_source
 
 LAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
