@@ -126,8 +126,17 @@ def load_capture(args: argparse.Namespace) -> tuple[str, torch.Tensor, LenslessO
         raise OpticsError("--capture needs --psf FILE")
     background = args.background or ("none" if args.dark is not None else "corner")
     common = {"dark": args.dark, "background": background, "downsample": args.downsample}
-    psf = load_psf(args.psf, normalization="sum", **common)
-    y = load_psf(args.capture, normalization="max", **common)
+    try:
+        psf = load_psf(args.psf, normalization="sum", **common)
+    except OpticsError as exc:
+        raise OpticsError(f"--psf {exc}") from None
+    try:
+        y = load_psf(args.capture, normalization="max", **common)  # the PSF's code path, unit max
+    except OpticsError as exc:
+        if "all zero" in str(exc):
+            raise OpticsError(f"--capture {args.capture}: the capture is all zero after background "
+                              f"subtraction ({'dark frame' if args.dark else background})") from None
+        raise OpticsError(f"--capture {exc}") from None
     if psf.shape[-2:] != y.shape[-2:]:
         raise OpticsError(f"--capture {args.capture}: size {y.shape[-2:]} differs from --psf {args.psf} "
                           f"{psf.shape[-2:]} (after downsample ×{args.downsample}); they must come from the same sensor")
