@@ -193,3 +193,17 @@ def test_trt_runner_decisions(tmp_path):
         resolve_shape((1, 3, 64, 64), (1, 3, 32, 32), "y")
     with pytest.raises(TrtUnavailable, match="rank"):
         resolve_shape((1, 3, 64, 64), (3, 64, 64), "y")
+
+
+def test_runtime_modules_never_import_torch():
+    """The device runtime must run without torch, train/ or export/."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import nsdd_edge.engines, nsdd_edge.trt_runner, nsdd_edge.loop, nsdd_edge.preview, nsdd_edge.recorder\n"
+            "import nsdd_edge.telemetry, nsdd_edge.commands.run, nsdd_edge.commands.info, nsdd_edge.commands.bench\n"
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'train', 'export', 'torchvision')]\n"
+            "assert not bad, bad\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
