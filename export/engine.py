@@ -122,10 +122,10 @@ def gpu_name() -> str:
             err, props = cudart.cudaGetDeviceProperties(0)
             if int(err) == 0:
                 return props.name.decode() if isinstance(props.name, bytes) else str(props.name)
-        except Exception:  # noqa: BLE001 - fall through to the other probes
+        except Exception:  # noqa: BLE001, S110 - fall through to the other probes
             pass
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, check=False,
                              text=True, timeout=10)
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip().splitlines()[0]

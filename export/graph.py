@@ -14,8 +14,9 @@ Two FFT forms:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ class GraphSpec:
                 "nsdd.objective": self.objective, "nsdd.dft": self.dft}
 
     @staticmethod
-    def from_metadata(props: dict[str, str]) -> "GraphSpec":
+    def from_metadata(props: dict[str, str]) -> GraphSpec:
         import json
 
         missing = [k for k in ("nsdd.psf_sha256", "nsdd.lam", "nsdd.geometry", "nsdd.channels",

@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from export.graph import ExportError
-from export.onnx_graph import INPUT_NAME, read_metadata, save_model
+from export.onnx_graph import read_metadata, save_model
 from nsdd_edge.optics import OpticsError, read_array
 
 HELP = "FP16 / INT8 (explicit Q/DQ on convolutions) versions of an exported ONNX graph"
@@ -362,7 +363,7 @@ def quantize_file(src: str | Path, precision: str, out: str | Path, *, data: str
         raise ExportError("INT8 needs calibration measurements: --data DIR (a dataset directory with measurements/*.npy)")
     else:
         frames, source = synthetic_measurements((c, h, w)), "synthetic smooth frames (no --data given)"
-    report: dict[str, Any] = {"precision": precision, "source": str(src), "frames": int(len(frames)),
+    report: dict[str, Any] = {"precision": precision, "source": str(src), "frames": len(frames),
                               "frames_from": source}
     ref = run_model(make_session(model), frames, batch)[0]
     if precision == "fp16":

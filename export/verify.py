@@ -17,8 +17,14 @@ from typing import Any
 import numpy as np
 
 from export.graph import ExportError, GraphSpec, reference_reconstruction
-from export.onnx_graph import (add_psf_arguments, check_student_matches, load_student_info, psf_from_args,
-                               read_metadata, read_spec)
+from export.onnx_graph import (
+    add_psf_arguments,
+    check_student_matches,
+    load_student_info,
+    psf_from_args,
+    read_metadata,
+    read_spec,
+)
 from export.quantize import input_shape, load_measurements, make_session, psnr, quantize_file, run_model
 from export.trt_ops import TENSORRT_VERSION, unsupported_nodes
 from nsdd_edge.optics import OpticsError, array_hash, load_psf, read_array
@@ -66,7 +72,7 @@ def verify(model_path: str | Path, data_dir: str | Path, args: argparse.Namespac
     try:
         onnx.checker.check_model(str(model_path), full_check=True)
         report["onnx_checker"] = "ok"
-    except Exception as exc:  # onnx.checker.ValidationError and shape-inference errors
+    except Exception as exc:  # noqa: BLE001 - ValidationError, shape-inference errors: reported, not raised
         report["onnx_checker"] = f"failed: {exc}"
     spec = read_spec(model_path)
     meta = read_metadata(model_path)
@@ -78,7 +84,7 @@ def verify(model_path: str | Path, data_dir: str | Path, args: argparse.Namespac
     batch, c, h, w = input_shape(model)
     report["input_shape"] = [batch if batch else "dynamic", c, h, w]
     frames = load_measurements(data_dir, (c, h, w), limit=args.limit)
-    report["frames"] = int(len(frames))
+    report["frames"] = len(frames)
     psf = resolve_psf(spec, data_dir, args)
 
     net = None

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from test_export_helpers)
 """``nsdd-export bundle``: a bundle that loads, records provenance, and refuses mismatches and corruption."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from test_export_helpers)
 """``nsdd-export engine``: the version-dependent build decisions (pure functions) and the missing-TensorRT path.
 
 TensorRT cannot be installed here; no build is faked. The builder itself runs only where tensorrt imports.

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from test_export_helpers)
 """``nsdd-export onnx``: single-file ONNX, metadata, static/dynamic batch, both DFT forms, refusals."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from test_export_helpers)
 """``nsdd-export quantize``: FP16 (whole / student-only, measured and chosen) and INT8 Q/DQ on convolutions."""
 
 from __future__ import annotations

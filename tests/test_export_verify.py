@@ -1,3 +1,4 @@
+# ruff: noqa: F811  (pytest fixtures imported from test_export_helpers)
 """``nsdd-export verify`` and the TensorRT 10.3 operator allow-list."""
 
 from __future__ import annotations
@@ -6,7 +7,6 @@ import argparse
 import json
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 from test_export_helpers import export_env, exported  # noqa: F401
 
