@@ -89,7 +89,7 @@ def test_distill_decreases_loss_writes_outputs_without_ground_truth(tmp_path, ob
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["step"] == 40 and cfg["objective"] == objective and cfg["kind"] == "edge"
     assert cfg["training"]["split"] == "train" and cfg["training"]["num_samples"] == N - 2
-    assert cfg["training"]["teacher"] == "truth-as-teacher"
+    assert cfg["training"]["teacher"] == {"method": "truth-as-teacher"}
     assert not (data / "ground_truth").exists()
 
     # the saved (EMA) student has learnt: nullspace beats A†y on the null-space error within 40 steps
@@ -157,6 +157,11 @@ def test_missing_targets_are_listed(tmp_path, capsys):
         train_student(settings(data, targets, tmp_path / "s"))
     rc = cli_main(["distill", "--data", str(data), "--targets", str(targets), "--out", str(tmp_path / "s"), "--quiet"])
     assert rc == 2 and "s003, s007" in capsys.readouterr().err
+    # targets labelled for another PSF are refused
+    (targets / "recon.json").write_text(json.dumps({"method": "ddnm", "source": {"psf_sha256": "0" * 64}}))
+    with pytest.raises(DistillError, match="targets were made for PSF 000000000000"):
+        train_student(settings(data, targets, tmp_path / "s", split="test"))
+    (targets / "recon.json").unlink()
     # the test split has all its targets
     summary = train_student(settings(data, targets, tmp_path / "t", split="test", steps=2, batch=2))
     assert summary["step"] == 2

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nsdd_edge.optics import OpticsError, read_array
+from nsdd_edge.optics import OpticsError, array_hash, read_array
 from train.data import DatasetError, LenslessDataset
 from train.physics import LenslessOperator
 from train.students import (
@@ -146,11 +146,30 @@ class TargetSet:
         if tuple(t0.shape) != want:
             raise DistillError(f"{self.targets_dir / (self.ids[0] + '.npy')}: target has shape {tuple(t0.shape)}, "
                                f"expected {want} (channels of y × the operator's scene grid)")
-        recon = self.targets_dir / "recon.json"
-        try:
-            self.recon_meta = json.loads(recon.read_text()) if recon.exists() else {}
-        except json.JSONDecodeError:
-            self.recon_meta = {}
+        self.teacher = self._teacher_record(dataset)
+
+    def _teacher_record(self, dataset: LenslessDataset) -> dict:
+        """What the targets say about their teacher (``recon.json``, ``teacher.json``); checks the PSF."""
+        def read(name: str) -> dict:
+            path = self.targets_dir / name
+            try:
+                d = json.loads(path.read_text()) if path.exists() else {}
+            except (OSError, json.JSONDecodeError) as exc:
+                raise DistillError(f"{path}: unreadable ({exc})") from exc
+            return d if isinstance(d, dict) else {}
+
+        recon, manifest = read("recon.json"), read("teacher.json")
+        identity = manifest.get("identity", {})
+        psf_hash = identity.get("dataset_psf_sha256") or recon.get("source", {}).get("psf_sha256")
+        if psf_hash and psf_hash != array_hash(dataset.psf):
+            raise DistillError(f"{self.targets_dir}: targets were made for PSF {psf_hash[:12]}…, the dataset "
+                               f"{dataset.root} has PSF {array_hash(dataset.psf)[:12]}…")
+        record = {k: recon[k] for k in ("method", "settings", "prior") if k in recon}
+        if manifest.get("prior", {}).get("sha256"):
+            record["prior_sha256"] = manifest["prior"]["sha256"]
+        if identity.get("physics"):
+            record["physics"] = identity["physics"]
+        return record
 
     def measurement(self, sample_id: str) -> np.ndarray:
         try:
@@ -380,7 +399,7 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
     ids_hash = hashlib.sha256("\n".join(data.ids).encode()).hexdigest()
     extra: dict = {"training": {
         "data": str(Path(s.data).resolve()), "targets": str(Path(s.targets).resolve()), "split": split,
-        "num_samples": len(data.ids), "ids_sha256": ids_hash, "teacher": data.recon_meta.get("method", data.recon_meta),
+        "num_samples": len(data.ids), "ids_sha256": ids_hash, "teacher": data.teacher,
         "objective": s.objective, "loss": s.loss, "lpips_weight": s.lpips_weight, "steps": s.steps,
         "batch": s.batch, "lr": s.lr, "ema": s.ema, "seed": s.seed, "weights_from": "ema"}}
     if s.student == "paper":
