@@ -259,7 +259,11 @@ class ReconstructionLoop:
             t0 = time.perf_counter()
             try:
                 self.recorder.record(index, raw, x, meta)
-            except RecorderError as exc:
+            except Exception as exc:  # noqa: BLE001 - RecorderError, or a bug: either way recording stops, loudly
+                if not isinstance(exc, RecorderError):
+                    exc = RecorderError(f"recorder failed on frame {index} ({type(exc).__name__}: {exc}); "
+                                        "recording stopped")
+                    self.recorder.stopped_reason = str(exc)
                 self.recording_stopped = str(exc)
                 tel.event("recorder", str(exc))
                 self.log(f"nsdd-edge: RECORDING STOPPED: {exc}")

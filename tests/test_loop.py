@@ -226,3 +226,16 @@ def test_stop_request_drains_and_flushes_everything_captured(bundle, tmp_path):
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["recorded"] == s["recorded"] and stats["info"]["end_reason"] == "SIGTERM"
     assert (tmp_path / "snap.png").stat().st_size > 0
+
+
+def test_a_failing_recorder_never_hangs_the_loop(bundle, tmp_path):
+    def broken_writer(path, data):
+        if path.name != "session.json":
+            raise ValueError("encoder bug")
+        atomic_write_bytes(path, data)
+
+    recorder = Recorder(tmp_path / "rec", writer=broken_writer)
+    loop = make_loop(bundle, ScriptedSource(raw_frames(12)), recorder=recorder, record_queue_size=1)
+    s = loop.run()
+    assert s["frames_out"] == 12 and s["recorded"] == 0
+    assert "recorder failed on frame 0 (ValueError: encoder bug)" in loop.recording_stopped

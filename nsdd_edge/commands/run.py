@@ -202,6 +202,8 @@ def main(args: argparse.Namespace) -> int:
         return _err(str(exc))
     except (LoopError, BundleError) as exc:
         return _err(str(exc))
+    except EngineError as exc:
+        return _err(f"reconstruction failed: {exc}")
     except SourceError as exc:
         return _err(f"--source {args.source}: {exc}")
     except KeyboardInterrupt:
