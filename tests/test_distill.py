@@ -182,6 +182,9 @@ def test_bad_settings_and_changed_settings_on_resume(tmp_path):
     train_student(settings(data2, targets2, tmp_path / "r", steps=2))
     with pytest.raises(DistillError, match="other settings .*lr"):
         train_student(settings(data2, targets2, tmp_path / "r", steps=4, lr=1e-3))
+    (tmp_path / "r/checkpoint.pt").unlink()
+    with pytest.raises(DistillError, match="holds a trained student but no checkpoint.pt"):
+        train_student(settings(data2, targets2, tmp_path / "r", steps=4))
 
 
 def test_paper_student_distills_with_a_tiny_prior(tmp_path):

@@ -425,6 +425,9 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
 
     ckpt_path = out / CHECKPOINT_NAME
     signature = s.signature() | {"ids_sha256": ids_hash, "psf_sha256": physics.psf_hash}
+    if not ckpt_path.exists() and (out / "model.safetensors").exists():
+        raise DistillError(f"{out}: holds a trained student but no {CHECKPOINT_NAME} to resume from; choose another "
+                           "--out (nothing is overwritten)")
     if ckpt_path.exists():
         try:
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
