@@ -322,11 +322,14 @@ def _validate(args: argparse.Namespace, settings: dict) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    threads = torch.get_num_threads()
     try:
         return _train(args)
     except PriorError as exc:
         print(f"nsdd-train prior: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)  # --threads applies to this command only (matters when called in-process)
 
 
 def _train(args: argparse.Namespace) -> int:
