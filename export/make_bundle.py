@@ -74,6 +74,8 @@ def make_bundle(onnx_files: list[str | Path], psf: Any, out: str | Path, *, engi
         kind = f"onnx_{meta.get('nsdd.precision', 'fp32')}"
         if kind in models:
             raise ExportError(f"{path}: a second {kind} model (first: {models[kind]['path']})")
+        if any(Path(m["path"]).name == path.name for m in models.values()):
+            raise ExportError(f"{path}: another model has the same file name; rename one (bundle files are flat)")
         if path.with_name(path.name + ".data").exists():
             raise ExportError(f"{path}: has an external-data sidecar; bundles hold single-file models")
         models[kind] = {"path": str(path), "precision": meta.get("nsdd.precision", "fp32"),

@@ -1,0 +1,113 @@
+"""ONNX Runtime CPU (2 threads) milliseconds per frame of the exported graphs, side by side in one process.
+
+Variants at each size: Wiener-only graph (matmul DFT), full student graph (matmul DFT), full student graph
+(ONNX DFT operator), FP16 (whole graph and student-only), INT8 (Q/DQ on convolutions). The student is the
+default edge student of ``train.students`` (EdgeUNet, default architecture) with seeded random weights
+(timing does not depend on them); its 1×1 head is rescaled so that ``g`` has standard deviation 0.25 on the
+measurements, otherwise an untrained ``g`` is ≈ 0 and FP16/INT8 errors in it would not show in the PSNR. Sessions are timed round-robin (one frame each per round) so
+machine load affects all variants alike; the table shows the median.
+
+    python bench/bench_export.py [--sizes 128 256] [--rounds 7] [--threads 2] [--psf FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from export.graph import ReconstructionGraph  # noqa: E402
+from export.onnx_graph import export_graph  # noqa: E402
+from export.quantize import calibrate, make_session, psnr, to_fp16, to_int8  # noqa: E402
+from nsdd_edge.optics import load_psf  # noqa: E402
+from train.physics import LenslessOperator  # noqa: E402
+from train.students import build_edge_net, count_parameters, default_architecture  # noqa: E402
+
+
+def smooth_measurements(psf: np.ndarray, size: int, count: int, lam: float) -> np.ndarray:
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.interpolate(torch.rand((count, 3, 8, 8), generator=g), size=(size, size),
+                                        mode="bilinear", align_corners=False)
+    op = LenslessOperator(psf, (size, size), "circular", lam=lam)
+    with torch.no_grad():
+        return op.measure(x, noise_std=0.005, generator=g).numpy().astype(np.float32)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lam", type=float, default=1e-4)
+    ap.add_argument("--psf", default=str(ROOT.parent / "shared/data/psf/radial_6per_256.npy"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    arch = default_architecture("edge", "nullspace")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-export-") as tmp:
+        for size in args.sizes:
+            raw = load_psf(args.psf)
+            factor = max(1, raw.shape[-1] // size)
+            psf = load_psf(args.psf, downsample=factor)
+            net = build_edge_net(3, arch).eval()
+            y = smooth_measurements(psf, size, 4, args.lam)
+            op = LenslessOperator(psf, (size, size), "circular", lam=args.lam)
+            with torch.no_grad():
+                yt = torch.from_numpy(y)
+                spread = float(net(torch.cat([yt, op.A_dagger(yt)], dim=1)).std())
+                net.head.weight.mul_(0.25 / spread)
+                net.head.bias.mul_(0.25 / spread)
+            models = {}
+            t0 = time.perf_counter()
+            for name, kw in (("Wiener-only (matmul DFT)", {"net": None, "objective": "wiener"}),
+                             ("student (matmul DFT)", {"net": net, "objective": "nullspace"}),
+                             ("student (ONNX DFT op)", {"net": net, "objective": "nullspace", "dft": "onnx"})):
+                path = Path(tmp) / f"{size}_{len(models)}.onnx"
+                export_graph(ReconstructionGraph(psf, (size, size), args.lam, **kw), path, batch=1)
+                import onnx
+
+                models[name] = onnx.load(str(path))
+            fp32 = models["student (matmul DFT)"]
+            models["student FP16 (whole graph)"] = to_fp16(fp32, "all")
+            models["student FP16 (student only)"] = to_fp16(fp32, "conv")
+            amax = calibrate(fp32, y, 1)
+            models["student INT8 (Q/DQ convs)"] = to_int8(fp32, amax)[0]
+            print(f"[{size}²] exported and quantised in {time.perf_counter() - t0:.1f} s; "
+                  f"student parameters {count_parameters(net) / 1e6:.2f} M", file=sys.stderr)
+            sessions = {k: make_session(m, threads=args.threads) for k, m in models.items()}
+            outputs = {k: s.run(None, {"y": y[:1]})[0] for k, s in sessions.items()}  # warm-up
+            times: dict[str, list[float]] = {k: [] for k in sessions}
+            for r in range(args.rounds):
+                for k, s in sessions.items():
+                    frame = y[r % len(y)][None]
+                    t = time.perf_counter()
+                    s.run(None, {"y": frame})
+                    times[k].append((time.perf_counter() - t) * 1e3)
+            ref = outputs["student (matmul DFT)"]
+            wiener_ms = statistics.median(times["Wiener-only (matmul DFT)"])
+            for k in sessions:
+                ms = statistics.median(times[k])
+                quality = "" if k.startswith("Wiener") or k == "student (matmul DFT)" else \
+                    f"{psnr(ref, outputs[k]):.1f}"
+                rows.append((f"{size}²", k, f"{ms:.1f}", f"{min(times[k]):.1f}", f"{ms / wiener_ms:.2f}", quality))
+    print(f"\nONNX Runtime CPU, {args.threads} threads, batch 1, 3 channels, median of {args.rounds} rounds; "
+          f"student = default edge EdgeUNet ({arch['width']} base channels, depth {arch['depth']}).\n")
+    print("| size | graph | ms / frame (median) | ms (min) | × Wiener-only (median) | PSNR vs FP32 student (dB) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
