@@ -198,3 +198,30 @@ def test_info_and_bench(capsys):
     assert "overhead" in out and "infer" in out
     result = json.loads(Path("bench.json").read_text())
     assert result["frames"] == result["frames_out"] == 4 and result["engine_fps"] > 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root to mount a tmpfs")
+def test_run_recording_onto_a_full_disk(tmp_path, capsys):
+    """A real 2 MiB filesystem fills up: recording stops with a clear message, what was written is intact."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mount -t tmpfs not permitted here")
+    try:
+        rc = main(["run", "--source", "sim://?realtime=0", "--frames", "40", "--record", str(mnt / "rec"),
+                   "--quiet", "--stats", str(tmp_path / "s.json")])
+        err = capsys.readouterr().err
+        assert rc == 3 and "disk full" in err and "intact" in err
+        stats = json.loads((tmp_path / "s.json").read_text())
+        assert stats["frames_out"] == 40 and 0 < stats["recorded"] < 40
+        metas = sorted((mnt / "rec").glob("0*.json"))
+        assert len(metas) == stats["recorded"]
+        for m in metas:
+            meta = json.loads(m.read_text())
+            assert read_recorded_raw(mnt / "rec" / meta["raw"]["file"]).shape == (128, 128, 3)
+            assert np.load(mnt / "rec" / meta["recon"]["file"]).shape == (3, 128, 128)
+        assert not list((mnt / "rec").glob(".*tmp-*"))
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
