@@ -54,6 +54,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", type=float, default=None, help="Wiener λ (default: dataset's; 1e-4 for --capture)")
     p.add_argument("--prior", type=Path, default=None, help="diffusion prior directory (passed as prior=)")
     p.add_argument("--batch-size", type=int, default=8, help="images per solver call")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
 
@@ -241,6 +243,8 @@ def solve(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
     try:
         record = solve(args)
     except (OpticsError, DatasetError, ValueError) as exc:
