@@ -4,7 +4,8 @@
 
 Training step = flips + noising + forward + MSE + backward + grad clip + AdamW + EMA (the code
 ``nsdd-train prior`` runs), at 64 px, batch 16. ε call = one no-grad forward at 64 and 128 px,
-batch 1 and 8. Median of ``--repeats`` timed runs after one warm-up. Prints markdown tables.
+batch 1 and 8. Median of ``--repeats`` timed runs after one warm-up, as wall seconds and as CPU seconds
+(process time summed over threads: less sensitive to other jobs on a shared machine). Prints markdown tables.
 """
 
 from __future__ import annotations
@@ -27,14 +28,16 @@ CONFIGS = {
 }
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """Median wall seconds and median CPU seconds (this process, all threads) of ``fn()`` after a warm-up."""
     fn()  # warm-up
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - w0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def training_step(model, ema, optimizer, x0, abar, generator, use_bf16: bool, sync):
@@ -72,8 +75,8 @@ def main() -> None:
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     print(f"device {device}, torch threads {torch.get_num_threads()}, median of {args.repeats} after 1 warm-up\n")
 
-    print(f"| config | parameters | s / train step (64 px, batch {args.train_batch}) |")
-    print("|---|---:|---:|")
+    print(f"| config | parameters | wall s / train step (64 px, batch {args.train_batch}) | CPU s / train step |")
+    print("|---|---:|---:|---:|")
     abar = linear_alphas_cumprod().to(device)
     for name in names:
         torch.manual_seed(0)
@@ -84,10 +87,11 @@ def main() -> None:
         x0 = torch.rand(args.train_batch, 3, 64, 64) * 2 - 1
 
         step = training_step(model, ema, optimizer, x0, abar, generator, device.type == "cuda", sync)
-        print(f"| {name} | {model.num_parameters:,} | {timed(step, args.repeats):.3f} |", flush=True)
+        wall, cpu = timed(step, args.repeats)
+        print(f"| {name} | {model.num_parameters:,} | {wall:.3f} | {cpu:.3f} |", flush=True)
 
-    print("\n| config | size | batch | s / ε call |")
-    print("|---|---:|---:|---:|")
+    print("\n| config | size | batch | wall s / ε call | CPU s / ε call |")
+    print("|---|---:|---:|---:|---:|")
     for name in names:
         torch.manual_seed(0)
         net = UNet(image_size=64, **CONFIGS[name]).to(device).eval()
@@ -96,8 +100,8 @@ def main() -> None:
                 x = torch.randn(batch, 3, size, size, device=device)
                 t = torch.full((batch,), 500, device=device)
 
-                print(f"| {name} | {size} | {batch} | {timed(eps_call(net, x, t, sync), args.repeats):.4f} |",
-                      flush=True)
+                wall, cpu = timed(eps_call(net, x, t, sync), args.repeats)
+                print(f"| {name} | {size} | {batch} | {wall:.4f} | {cpu:.4f} |", flush=True)
 
 
 if __name__ == "__main__":
