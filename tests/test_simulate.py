@@ -174,3 +174,12 @@ def test_real_faces_and_radial_psf(shared, tmp_path):
     ds = LenslessDataset(out)
     assert len(ds.ids()) == 4 and ds.measurement("000000").shape == (3, 64, 64)
     assert ds.meta["forward"]["conv_shape"] == [128, 128]
+
+
+def test_recon_model_crop(images, psf_file, tmp_path):
+    out = tmp_path / "c"
+    assert run("--images", images, "--psf", psf_file, "--size", 16, "--recon-model", "crop", "--lam", 1e-4,
+               "--out", out) == 0
+    op = LenslessDataset(out).physics()
+    assert op.model == "crop" and op.scene_shape == (64, 64) and op.conv_shape == (64, 64)
+    assert op.sensor_shape == (32, 32) and op.lam == 1e-4
