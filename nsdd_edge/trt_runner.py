@@ -186,8 +186,18 @@ class _CudaPython:
         graph = _check(self.rt.cudaStreamEndCapture(self.stream))
         return graph, _check(self.rt.cudaGraphInstantiate(graph, 0))
 
+    def abort_capture(self) -> None:
+        """End a failed capture (discarding the partial graph) so the stream is usable again."""
+        err, graph = self.rt.cudaStreamEndCapture(self.stream)
+        if int(err) == 0 and graph is not None:
+            self.rt.cudaGraphDestroy(graph)
+
     def launch(self, graph_exec) -> None:
         _check(self.rt.cudaGraphLaunch(graph_exec, self.stream))
+
+    def destroy_graph(self, graph, graph_exec) -> None:
+        self.rt.cudaGraphExecDestroy(graph_exec)
+        self.rt.cudaGraphDestroy(graph)
 
     def close(self) -> None:
         for kind, ptr in reversed(self._allocs):
@@ -207,7 +217,7 @@ class _PyCuda:
         self.cuda = cuda
         cuda.init()
         dev = cuda.Device(device)
-        self.context = dev.make_context()
+        self.context = dev.make_context(cuda.ctx_flags.MAP_HOST)  # MAP_HOST: allow mapped (zero-copy) memory
         self.integrated = int(dev.get_attribute(cuda.device_attribute.INTEGRATED))
         self.stream = cuda.Stream()
         self._keep: list[Any] = []
@@ -288,7 +298,8 @@ class TrtRunner:
                                  f"{[t.name for t in inputs]} / {[t.name for t in outputs]}")
         self.input, self.output = inputs[0], outputs[0]
         self._shape: tuple[int, ...] | None = None
-        self._graph_exec = None
+        self._graph = self._graph_exec = None
+        self.graph_error: str | None = None
         self._buffers: dict[str, tuple[np.ndarray, int]] = {}
 
     def describe(self) -> str:
@@ -299,8 +310,8 @@ class TrtRunner:
         shape = resolve_shape(self.input.shape, shape, self.input.name)
         if not self.context.set_input_shape(self.input.name, shape):
             raise TrtUnavailable(f"{self.plan_path}: input shape {shape} outside the engine's optimisation profile")
+        self._drop_graph()  # a graph holds the old buffer addresses
         self._buffers.clear()
-        self._graph_exec = None
         mapped = self.memory == "mapped"
         for t in self.tensors:
             tshape = tuple(self.context.get_tensor_shape(t.name))
@@ -334,17 +345,30 @@ class TrtRunner:
         if self._graph_exec is not None:
             self.cuda.launch(self._graph_exec)
         elif self.graph_requested and self._runs >= 1:  # warm-up done: capture the whole enqueue once
-            self.cuda.begin_capture()
-            self._enqueue()
-            self._graph, self._graph_exec = self.cuda.end_capture()
-            self.cuda.launch(self._graph_exec)
+            try:
+                self.cuda.begin_capture()
+                self._enqueue()
+                self._graph, self._graph_exec = self.cuda.end_capture()
+            except (TrtUnavailable, RuntimeError) as exc:  # e.g. a layer that cannot be captured
+                self.cuda.abort_capture()
+                self.graph_requested = False
+                self.graph_error = f"CUDA graph capture failed ({exc}); running without a graph"
+                self._enqueue()
+            else:
+                self.cuda.launch(self._graph_exec)
         else:
             self._enqueue()
         self.cuda.synchronize()
         self._runs += 1
         return np.array(self._buffers[self.output.name][0], dtype=np.float32, copy=True)
 
+    def _drop_graph(self) -> None:
+        if self._graph_exec is not None:
+            self.cuda.destroy_graph(self._graph, self._graph_exec)
+        self._graph = self._graph_exec = None
+
     def close(self) -> None:
+        self._drop_graph()
         self._buffers.clear()
         self.context = None
         self.engine = None

@@ -60,6 +60,20 @@ def test_window_preview_without_display_fails_clearly(monkeypatch):
         WindowPreview()
 
 
+def test_window_preview_with_headless_opencv_fails_clearly(monkeypatch):
+    import cv2
+
+    monkeypatch.setenv("DISPLAY", ":99")
+    try:
+        cv2.namedWindow("probe")
+    except cv2.error:
+        with pytest.raises(PreviewError, match="no GUI support.*--preview http://127.0.0.1:8080"):
+            WindowPreview()
+    else:  # an OpenCV with a GUI and a display: the window opens and closes
+        cv2.destroyAllWindows()
+        WindowPreview().close()
+
+
 def _frame(seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     y = rng.random((3, 48, 48), dtype=np.float32)
