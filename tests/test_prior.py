@@ -257,6 +257,8 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path):
                     "--max-steps-this-run", "2", "--threads", "1", "--no-progress", "--sample-count", "0"])
     assert rc == 0
     assert _train(tmp_path / "imgs", tmp_path / "split") == 0  # auto-resume to the end
+    steps_logged = [json.loads(line)["step"] for line in (tmp_path / "split" / "train_log.jsonl").read_text().splitlines()]
+    assert steps_logged == sorted(set(steps_logged)) and steps_logged[-1] == 5
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
     assert a["step"] == b["step"] == 5
@@ -311,6 +313,9 @@ def test_train_command_errors(tmp_path, capsys):
     assert run("--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o"), "--steps", "2",
                "--base-channels", "8") == 2
     assert "--base-channels 8 (checkpoint: 4)" in capsys.readouterr().err
+    save_prior(tiny_prior(), tmp_path / "downloaded")  # someone else's prior is never overwritten by accident
+    assert run("--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "downloaded")) == 2
+    assert "already holds a prior (config.json) but no checkpoint.pt" in capsys.readouterr().err
     (tmp_path / "o" / "checkpoint.pt").write_bytes(b"truncated")
     assert run("--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "o"), "--steps", "2") == 2
     assert "unreadable checkpoint" in capsys.readouterr().err

@@ -349,6 +349,9 @@ def _train(args: argparse.Namespace) -> int:
             checkpoint = load_checkpoint(checkpoint_path)
     elif args.resume is True:
         raise PriorError(f"--resume: no checkpoint at {checkpoint_path}")
+    elif (out / "config.json").exists() and not args.overwrite:
+        raise PriorError(f"--out {out} already holds a prior (config.json) but no {CHECKPOINT_NAME} to resume: "
+                         "pick a new --out, or pass --overwrite to replace it")
 
     settings = resolve_settings(args, checkpoint)
     _validate(args, settings)
@@ -454,10 +457,15 @@ def _train(args: argparse.Namespace) -> int:
         except ValueError:  # not the main thread: default behaviour
             pass
 
+    log_path = out / "train_log.jsonl"
+    if log_path.exists():  # drop entries past the checkpoint: those steps are about to be redone
+        lines = log_path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            atomic_write_bytes(log_path, "".join(line + "\n" for line in kept).encode())
     pad = settings["pad_to"]
     batch = settings["batch"]
     last_step = args.steps if args.max_steps_this_run is None else min(args.steps, step + args.max_steps_this_run)
-    log_path = out / "train_log.jsonl"
     losses: list[float] = []
     running = None
     model.train()
