@@ -383,6 +383,9 @@ def quantize_file(src: str | Path, precision: str, out: str | Path, *, data: str
         report["fp16_mode"] = chosen
         result = candidates[chosen][0]
     elif precision == "int8":
+        if not conv_nodes(model):
+            raise ExportError(f"{src}: has no convolutions; INT8 applies to the student's convolutions only "
+                              "(the DFT/Wiener part stays FP32): use the FP32 or FP16 Wiener-only graph")
         amax = calibrate(model, frames, batch)
         result, info = to_int8(model, amax)
         report.update(info)

@@ -110,6 +110,10 @@ def verify(model_path: str | Path, data_dir: str | Path, args: argparse.Namespac
         report["quantized_here"] = []
         for precision in ("fp16", "int8"):
             path = files[precision]
+            if path is None and precision == "int8" and not any(n.op_type in ("Conv", "ConvTranspose")
+                                                                for n in model.graph.node):
+                report["int8"] = "not applicable: the graph has no convolutions (INT8 is for the student only)"
+                continue
             if path is None and not args.no_quantize:
                 path = str(Path(tmp) / f"model.{precision}.onnx")
                 quantize_file(model_path, precision, path, data=data_dir)

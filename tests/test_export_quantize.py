@@ -90,6 +90,9 @@ def test_int8_needs_measurements_with_the_right_shape(export_env, exported, tmp_
                  "--out", str(tmp_path / "a.onnx")]) == 2
     err = capsys.readouterr().err
     assert "0.npy" in err and "(3, 16, 16)" in err
+    assert _cli([str(exported["wiener"]), "--precision", "int8", "--data", str(export_env["data"]),
+                 "--out", str(tmp_path / "a.onnx")]) == 2
+    assert "no convolutions" in capsys.readouterr().err
     assert not (tmp_path / "a.onnx").exists()
 
 

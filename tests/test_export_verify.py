@@ -48,12 +48,14 @@ def test_verify_refuses_missing_student_and_wrong_psf(export_env, exported, tmp_
     assert not out.exists()
 
 
-def test_wiener_verify_without_quantisation(export_env, exported, tmp_path):
+def test_wiener_verify_scores_fp16_and_skips_int8(export_env, exported, tmp_path):
     out = tmp_path / "w.json"
-    assert _cli([str(exported["wiener"]), "--data", str(export_env["data"]), "--json", str(out), "--no-quantize"]) == 0
+    assert _cli([str(exported["wiener"]), "--data", str(export_env["data"]), "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["fp32_vs_torch_max_abs_error"] <= 1e-5
-    assert set(r["consistency"]) == {"torch_reference", "fp32"}
+    assert set(r["consistency"]) == {"torch_reference", "fp32", "fp16"}
+    assert r["fp16_psnr_vs_fp32_db"] > 55  # FP16 DFT-by-matmul Wiener (EDGE.md: ~66-67 dB at 256²)
+    assert "not applicable" in r["int8"]
 
 
 def test_allow_list_reports_dft_custom_ops_and_fp64():
