@@ -1,6 +1,8 @@
 """Lossless recorder: every captured measurement, its reconstruction and its metadata, each file atomic.
 
-Per frame ``NNNNNNNN`` (the source's frame index, or a running count):
+Per frame ``NNNNNNNN`` (the recorder's own sequence number; the source's frame index is in the metadata,
+since a camera that is reopened may restart its count). Recording into a directory that already holds a
+recording continues the numbering after its last frame and writes ``session-K.json``: nothing is overwritten.
 
 - ``NNNNNNNN.raw.png`` — integer raw data of ≤ 16 bits, shape (H, W) or (H, W, 3): 8/16-bit PNG, lossless
   (3-channel frames are RGB and stored in PNG's usual colour order); anything else (float, 32-bit, other
@@ -102,8 +104,15 @@ class Recorder:
             raise RecorderError(f"--record {self.root}: cannot create the directory ({exc.strerror})") from exc
         if not os.access(self.root, os.W_OK):
             raise RecorderError(f"--record {self.root}: directory is not writable")
-        self.session = {"started": time.time(), **self.session}
-        self._write("session.json", (json.dumps(self.session, indent=2, default=_json_default) + "\n").encode())
+        stems = [int(p.name[:8]) for p in self.root.glob("[0-9]" * 8 + ".*") if p.name[:8].isdigit()]
+        self.next_sequence = max(stems) + 1 if stems else 0
+        name, k = "session.json", 1
+        while (self.root / name).exists():
+            k += 1
+            name = f"session-{k}.json"
+        self.session = {"started": time.time(), "first_sequence": self.next_sequence, **self.session}
+        self.session_file = name
+        self._write(name, (json.dumps(self.session, indent=2, default=_json_default) + "\n").encode())
 
     @property
     def active(self) -> bool:
@@ -122,14 +131,16 @@ class Recorder:
             raise RecorderError(self.stopped_reason) from exc
 
     def record(self, index: int, raw: np.ndarray, recon: np.ndarray | None, meta: dict) -> list[str]:
-        """Write one frame's raw data, reconstruction (if any) and metadata; returns the file names.
+        """Write one frame (source frame ``index``): raw data, reconstruction (if any) and metadata, under
+        the next sequence number; returns the file names.
 
         The metadata JSON is written last, so its presence means the frame's other files are complete.
         Raises :class:`DiskFull` / :class:`RecorderError` (and stops) when a file cannot be written.
         """
         if not self.active:
             raise RecorderError(self.stopped_reason or "recorder stopped")
-        stem = f"{int(index):08d}"
+        sequence = self.next_sequence
+        stem = f"{sequence:08d}"
         raw = np.asarray(raw)
         files: list[str] = []
         if raw_png_ok(raw):
@@ -143,12 +154,13 @@ class Recorder:
             self._write(f"{stem}.recon.npy", encode_npy(recon))
             self._write(f"{stem}.recon.png", encode_png(to_view8(recon)))
             files += [f"{stem}.recon.npy", f"{stem}.recon.png"]
-        full = {"frame_index": int(index), "recorded_at": time.time(), **meta,
+        full = {"sequence": sequence, "frame_index": int(index), "recorded_at": time.time(), **meta,
                 "raw": {"file": files[0], "dtype": str(raw.dtype), "shape": list(raw.shape)},
                 "recon": {"file": files[1], "view": files[2]} if recon is not None else None}
         self._write(f"{stem}.json", (json.dumps(full, indent=2, default=_json_default) + "\n").encode())
         files.append(f"{stem}.json")
         self.recorded += 1
+        self.next_sequence += 1
         return files
 
 

@@ -47,8 +47,24 @@ def test_records_losslessly_with_metadata(tmp_path):
         np.testing.assert_array_equal(np.load(root / meta["recon"]["file"]), x)
         assert (root / meta["recon"]["view"]).stat().st_size > 0
     assert (root / "00000000.raw.png").exists() and (root / "00000003.raw.npy").exists()
-    rejected = json.loads((root / "00000009.json").read_text())
-    assert rejected["recon"] is None and rejected["rejected"] == "NaN values"
+    rejected = json.loads((root / "00000004.json").read_text())
+    assert rejected["recon"] is None and rejected["rejected"] == "NaN values" and rejected["frame_index"] == 9
+
+
+def test_a_second_recording_never_overwrites_the_first(tmp_path):
+    raw = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    first = Recorder(tmp_path / "rec", session={"run": 1})
+    for i in range(3):
+        first.record(i, raw, None, {})
+    second = Recorder(tmp_path / "rec", session={"run": 2})  # e.g. the camera restarted its frame count
+    for i in range(2):
+        second.record(i, raw + 1, None, {})
+    root = tmp_path / "rec"
+    assert json.loads((root / "session.json").read_text())["run"] == 1
+    assert json.loads((root / "session-2.json").read_text())["first_sequence"] == 3
+    assert [json.loads((root / f"{k:08d}.json").read_text())["frame_index"] for k in range(5)] == [0, 1, 2, 0, 1]
+    np.testing.assert_array_equal(read_recorded_raw(root / "00000002.raw.png"), raw)
+    np.testing.assert_array_equal(read_recorded_raw(root / "00000003.raw.png"), raw + 1)
 
 
 def test_atomic_write_never_leaves_a_half_file(tmp_path, monkeypatch):
