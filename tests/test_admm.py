@@ -130,3 +130,15 @@ def test_psf_scale_invariance():
     a = make_solver("admm", iters=30)(y, op1)
     b = make_solver("admm", iters=30)(y, op5)
     torch.testing.assert_close(5.0 * b, a, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu():
+    psf = simulate_psf("contour", (32, 32), seed=8)
+    op = LenslessOperator(psf, (32, 32), "crop", lam=1e-4)
+    y = op.A(blocks_scene(2, 64, seed=9))
+    solver = make_solver("admm", iters=30)
+    cpu = solver(y, op)
+    gpu = solver(y.cuda(), op.to("cuda"))
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4)

@@ -54,6 +54,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", type=float, default=None, help="Wiener λ (default: dataset's; 1e-4 for --capture)")
     p.add_argument("--prior", type=Path, default=None, help="diffusion prior directory (passed as prior=)")
     p.add_argument("--batch-size", type=int, default=8, help="images per solver call")
+    p.add_argument("--device", default="cpu", help="torch device for the solver (cpu, cuda, cuda:1, ...)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
@@ -187,6 +188,14 @@ def solve(args: argparse.Namespace) -> dict:
         measurements = None
         source = {"data": str(args.data), "split": args.split, "psf_sha256": ds.meta.get("psf", {}).get("sha256")}
         real = False
+    try:
+        device = torch.device(args.device)
+        physics = physics.to(device)
+        for movable in (solver, getattr(solver, "prior", None)):
+            if hasattr(movable, "to"):
+                movable.to(device)
+    except (RuntimeError, AssertionError) as exc:  # e.g. CUDA requested on a machine without it
+        raise ValueError(f"--device {args.device}: {exc}") from None
     g = physics.geometry
     record.update(source=source, physics={**g.to_dict(), "lam": physics.lam})
     record = json.loads(json.dumps(record, default=str))  # JSON-normalised, comparable with a stored one
@@ -218,12 +227,15 @@ def solve(args: argparse.Namespace) -> dict:
                file=sys.stderr, disable=len(todo) <= args.batch_size)
     for chunk, y in bar:
         t0 = time.perf_counter()
+        y = y.to(device)
         x_hat = solver(y, physics)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0
         x_hat = x_hat.detach()
         with torch.no_grad():
             cons = physics.consistency(x_hat.to(y.dtype), y).tolist()
-        for i, x, c in zip(chunk, x_hat.float().numpy(), cons):
+        for i, x, c in zip(chunk, x_hat.float().cpu().numpy(), cons):
             _save_npy(out / f"{i}.npy", x)
             write_png(out / f"{i}.png", to_png8(x, normalize_max=real))
             record["images"][i] = {"consistency": float(c), "seconds": seconds / len(chunk),
