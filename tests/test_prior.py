@@ -464,3 +464,21 @@ def test_ddim_sampler_draws_from_the_distribution_its_eps_describes():
     assert abs(float(x.mean()) - 0.3) < 0.005 and abs(float(x.std()) - 0.2) < 0.005
     coarse = ddim_sample(prior, 128, steps=50, eta=1.0, seed=0, batch_size=128)
     assert abs(float(coarse.mean()) - 0.3) < 0.005
+
+
+def test_batches_follow_a_seeded_epoch_order_and_pad_scenes_centrally():
+    from train.prior.train_prior import batch_indices, make_batch
+
+    n, batch = 5, 4
+    order = [i for step in range(5) for i in batch_indices(step * batch, batch, n, seed=3)]
+    for epoch in range(4):  # every epoch is a permutation of all images
+        assert sorted(order[epoch * n:(epoch + 1) * n]) == list(range(n))
+    assert order[:n] != order[n:2 * n]  # reshuffled per epoch
+    assert batch_indices(8, batch, n, seed=3) == order[8:12]  # resuming mid-stream continues the same order
+    images = np.random.default_rng(0).random((n, 3, 8, 8)).astype(np.float16)
+    x = make_batch(images, [2, 4], pad_to=14)
+    assert x.shape == (2, 3, 14, 14)
+    assert torch.equal(x[:, :, 3:11, 3:11], torch.from_numpy(images[[2, 4]].astype(np.float32)) * 2 - 1)
+    border = torch.ones(14, 14, dtype=torch.bool)
+    border[3:11, 3:11] = False
+    assert bool((x[:, :, border] == -1).all())  # zero frame = black = −1 in diffusion space

@@ -76,9 +76,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS  # run-defining settings: absent unless given, so a resume keeps the checkpoint's
     d = {**STRUCTURAL_DEFAULTS, **TUNABLE_DEFAULTS}
     g = p.add_argument_group("data")
-    g.add_argument("--images", required=True, type=Path,
+    g.add_argument("--images", required=True, type=Path, metavar="DIR", default=argparse.SUPPRESS,
                    help="folder of training images (searched recursively) or a dataset directory (uses ground_truth/)")
-    g.add_argument("--out", required=True, type=Path, help="output prior directory (also holds the checkpoint)")
+    g.add_argument("--out", required=True, type=Path, metavar="DIR", default=argparse.SUPPRESS, help="output prior directory (also holds the checkpoint)")
     g.add_argument("--size", type=int, default=S, help=f"scene size in pixels (default: {d['size']})")
     g.add_argument("--pad-to", type=int, default=S,
                    help="centre each --size scene in an N×N zero frame (sensor-size domain) (default: no padding)")
@@ -200,6 +200,14 @@ def batch_indices(position: int, batch: int, n: int, seed: int) -> list[int]:
         out.extend(epoch_permutation(seed, epoch, n)[offset:offset + take].tolist())
         position += take
     return out
+
+
+def make_batch(images: np.ndarray, index: list[int], pad_to: int | None) -> torch.Tensor:
+    """Scenes ``images[index]`` in [0, 1], zero-padded centrally to ``pad_to``², mapped to [−1, 1]: ``2x − 1``."""
+    x0 = images[index].astype(np.float32)
+    if pad_to:
+        x0 = center_pad(x0, (pad_to, pad_to))
+    return torch.from_numpy(x0) * 2.0 - 1.0
 
 
 # ---- training pieces ------------------------------------------------------------------------------------
@@ -463,7 +471,6 @@ def _train(args: argparse.Namespace) -> int:
         kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
         if len(kept) != len(lines):
             atomic_write_bytes(log_path, "".join(line + "\n" for line in kept).encode())
-    pad = settings["pad_to"]
     batch = settings["batch"]
     last_step = args.steps if args.max_steps_this_run is None else min(args.steps, step + args.max_steps_this_run)
     losses: list[float] = []
@@ -473,14 +480,11 @@ def _train(args: argparse.Namespace) -> int:
     written_at = step
     try:
         while step < last_step and stop["signal"] is None:
-            index = batch_indices(position, batch, n_images, seed)
-            x0 = images[index].astype(np.float32)
-            if pad:
-                x0 = center_pad(x0, (pad, pad))
+            x0 = make_batch(images, batch_indices(position, batch, n_images, seed), settings["pad_to"])
             lr = settings["lr"] * min(1.0, (step + 1) / max(1, settings["warmup"]))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = diffusion_loss(model, torch.from_numpy(x0) * 2.0 - 1.0, abar, generator, use_bf16)
+            loss = diffusion_loss(model, x0, abar, generator, use_bf16)
             if not torch.isfinite(loss):
                 raise PriorError(f"loss became {loss.item()} at step {step + 1}; lower --lr "
                                  f"(last good checkpoint: {checkpoint_path})")
