@@ -20,15 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from nsdd_edge.bundle import PreprocessConfig, write_bundle
 from nsdd_edge.optics import LenslessGeometry, WienerFilter
 from nsdd_edge.preprocess import Preprocessor
 from nsdd_edge.psf_sim import simulate_psf
 from nsdd_edge.sources import open_source
 
+ROOT = Path(__file__).resolve().parents[1]
 LAM_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 
 

@@ -83,7 +83,8 @@ def test_http_preview_during_a_run(tmp_path):
         end = time.monotonic() + 30
         while time.monotonic() < end and "jpeg" not in got:
             try:
-                got["stats"] = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/stats.json", timeout=2).read())
+                stats = urllib.request.urlopen(f"http://127.0.0.1:{port}/stats.json", timeout=2).read()
+                got["stats"] = json.loads(stats)
                 got["jpeg"] = urllib.request.urlopen(f"http://127.0.0.1:{port}/frame.jpg", timeout=2).read()
             except OSError:
                 time.sleep(0.05)

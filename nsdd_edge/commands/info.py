@@ -85,8 +85,10 @@ def _print_text(r: dict) -> None:
     else:
         g = b["geometry"]
         print(f"  name          {b['name']}  (verified: PSF and model hashes match)")
-        print(f"  geometry      {g['model']}, sensor {g['sensor_shape']}, scene {g['scene_shape']}, conv {g['conv_shape']}")
-        print(f"  input         {b['input_shape']}  λ={b['lam']:g}  PSF {b['psf_shape']} sha256 {b['psf_sha256'][:16]}…")
+        print(f"  geometry      {g['model']}, sensor {g['sensor_shape']}, scene {g['scene_shape']}, "
+              f"conv {g['conv_shape']}")
+        print(f"  input         {b['input_shape']}  λ={b['lam']:g}  PSF {b['psf_shape']} "
+              f"sha256 {b['psf_sha256'][:16]}…")
         p = b["preprocess"]
         print(f"  preprocess    black {p['black_level']:g}, bayer {p['bayer_pattern']}, downsample {p['downsample']}, "
               f"crop {p['crop']}, normalisation {p['normalization']} (scale {p['scale']:g})")

@@ -112,7 +112,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record", default=None, metavar="DIR",
                    help="record every raw frame, its reconstruction and metadata (lossless, back-pressure)")
     p.add_argument("--frames", type=int, default=None,
-                   help=f"stop after N frames (default {DEFAULT_SIM_FRAMES} for sim://, else until Ctrl-C; 0: no limit)")
+                   help=f"stop after N frames (default {DEFAULT_SIM_FRAMES} for sim://, else until Ctrl-C; "
+                        "0: no limit)")
     p.add_argument("--stats", default="nsdd-edge-stats.json", metavar="FILE",
                    help="write the telemetry as JSON here (periodically and at the end); '' to skip")
     p.add_argument("--snapshot", default="nsdd-edge-preview.png", metavar="FILE.png",
