@@ -183,3 +183,16 @@ def test_recon_model_crop(images, psf_file, tmp_path):
     op = LenslessDataset(out).physics()
     assert op.model == "crop" and op.scene_shape == (64, 64) and op.conv_shape == (64, 64)
     assert op.sensor_shape == (32, 32) and op.lam == 1e-4
+
+
+def test_refuses_a_foreign_output_directory(images, psf_file, tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "measurements").mkdir(parents=True)
+    keep = out / "measurements" / "000001.npy"
+    np.save(keep, np.full((3, 32, 32), 7.0, np.float32))  # something the user put there
+    assert run("--images", images, "--psf", psf_file, "--size", 16, "--out", out) == 2
+    assert "not empty and holds no dataset.json" in capsys.readouterr().err
+    assert np.all(np.load(keep) == 7.0)
+    assert run("--images", images, "--psf", psf_file, "--size", 16, "--test-fraction", 1.5,
+               "--out", tmp_path / "x") == 2
+    assert "--test-fraction must be in [0, 1)" in capsys.readouterr().err

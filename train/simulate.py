@@ -154,6 +154,12 @@ def simulate(args: argparse.Namespace) -> dict:
         sensor = (args.sensor[0], args.sensor[-1])
     else:
         raise ValueError(f"--sensor takes H or H W, got {args.sensor}")
+    if args.n_test is not None and args.n_test < 0:
+        raise ValueError(f"--n-test must be ≥ 0, got {args.n_test}")
+    if args.n_test is None and not 0.0 <= args.test_fraction < 1.0:
+        raise ValueError(f"--test-fraction must be in [0, 1), got {args.test_fraction}")
+    if min(sensor) < 2:
+        raise ValueError(f"--sensor must be ≥ 2 pixels, got {sensor}")
     size = (args.size, args.size)
     if args.model == "crop" and (args.size > 2 * sensor[0] or args.size > 2 * sensor[1]):
         raise OpticsError(f"--size {args.size}: the scene is larger than the convolution grid "
@@ -186,8 +192,16 @@ def simulate(args: argparse.Namespace) -> dict:
                 "noise_std": float(args.noise_std), "seed": int(args.seed), "channels": channels,
                 "scene_size": int(args.size), "images": str(args.images.resolve()), "n_files": len(files)}
     meta_path = out / "dataset.json"
+    if out.exists() and not out.is_dir():
+        raise OpticsError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not meta_path.exists():
+        raise OpticsError(f"--out {out}: directory is not empty and holds no dataset.json; "
+                          "refusing to write into it (choose an empty or new directory)")
     if meta_path.exists():
-        old = json.loads(meta_path.read_text())
+        try:
+            old = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise OpticsError(f"--out {meta_path}: invalid JSON ({exc}); move it away or choose another --out") from None
         if old.get("settings") != settings:
             if not args.overwrite:
                 raise OpticsError(f"--out {out}: holds a different dataset (dataset.json settings differ); "
