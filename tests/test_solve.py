@@ -128,6 +128,15 @@ def test_any_registered_solver_and_prior_plumbing(dataset, tmp_path, monkeypatch
     np.testing.assert_allclose(np.load(out / f"{i}.npy"), expected, rtol=1e-6)
 
 
+def test_refuses_to_write_into_a_foreign_directory(dataset, tmp_path, capsys):
+    """--out pointing at the dataset's own measurements must not overwrite them."""
+    target = dataset / "measurements"
+    before = {p.name: p.read_bytes() for p in target.glob("*.npy")}
+    assert solve("--method", "wiener", "--data", dataset, "--out", target) == 2
+    assert "not empty and holds no recon.json" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in target.glob("*.npy")} == before
+
+
 def test_bad_method_and_settings(dataset, tmp_path, capsys):
     assert solve("--method", "nope", "--data", dataset, "--out", tmp_path / "x") == 2
     assert "unknown method 'nope'" in capsys.readouterr().err

@@ -164,6 +164,11 @@ def solve(args: argparse.Namespace) -> dict:
         raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     solver = build_solver(args.method, settings, args.prior)
     out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "recon.json").exists():
+        raise ValueError(f"--out {out}: directory is not empty and holds no recon.json; refusing to write "
+                         "into it (choose an empty or new directory)")
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "recon.json"
     record = {"method": args.method, "settings": {**solver.settings(), **{k: v for k, v in settings.items()
