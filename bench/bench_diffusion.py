@@ -11,7 +11,7 @@ not depend on them). Operator: circular model at the image size with the real ra
 
 Full runs (100 DDIM steps, 1000 DPS steps) take minutes to hours on 2 CPU cores, so by default each
 method runs ``--timed-steps`` real steps of its own loop (same code, shorter schedule) after a one-step
-warm-up; seconds per network call (network + the method's per-step work: FFTs, the DPS backward pass)
+warm-up, ``--repeats`` times (the fastest run counts: on a shared CPU it is the least disturbed); seconds per network call (network + the method's per-step work: FFTs, the DPS backward pass)
 are measured on those, and the full-run time is EXTRAPOLATED as calls × seconds per call. ``--full`` runs
 the full schedules instead (measured, not extrapolated). "solver-only s / step" reruns the timed loop
 with a zero ε-network: the method's own per-step work (FFTs, projections, noise), without the UNet.
@@ -91,6 +91,7 @@ def main() -> None:
     p.add_argument("--config", choices=sorted(CONFIGS), default="face")
     p.add_argument("--timed-steps", type=int, default=4, help="real steps timed per method (extrapolated)")
     p.add_argument("--full", action="store_true", help="time the full schedules (no extrapolation)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per row; the fastest counts (least disturbed)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default="cpu")
@@ -105,7 +106,8 @@ def main() -> None:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
 
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; device {device}, torch threads {torch.get_num_threads()}, batch {args.batch}, UNet config "
-          f"'{args.config}', {'full runs (measured)' if args.full else f'{args.timed_steps} timed steps per method, full runs EXTRAPOLATED'}\n")
+          f"'{args.config}', {'full runs (measured)' if args.full else f'{args.timed_steps} timed steps per method, full runs EXTRAPOLATED'}"
+          f", fastest of {args.repeats} runs after a 1-step warm-up\n")
     print("| method | px | prior params | PSF | timed calls | timed s | s / call | full-run calls | s / image (full run) | solver-only s / step |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for size in sizes:
@@ -126,7 +128,7 @@ def main() -> None:
             run(warm, y, physics, sync)
             settings = full_settings if args.full else timed_settings(method, full_settings, args.timed_steps)
             solver = make_solver(name, prior=prior, **settings)
-            seconds = run(solver, y, physics, sync)
+            seconds = min(run(solver, y, physics, sync) for _ in range(max(1, args.repeats)))
             per_call = seconds / solver.nfe / args.batch
             if args.full:
                 total, label = seconds / args.batch, f"{seconds / args.batch:.2f} (measured)"
@@ -134,7 +136,7 @@ def main() -> None:
                 total = per_call * full_calls
                 label = f"{total:.1f} (extrapolated)"
             bare = make_solver(name, prior=zero_prior, **settings)
-            overhead = run(bare, y, physics, sync) / bare.nfe / args.batch
+            overhead = min(run(bare, y, physics, sync) for _ in range(max(1, args.repeats))) / bare.nfe / args.batch
             print(f"| {method} | {size} | {params / 1e6:.2f} M | {psf_name} | {solver.nfe} | {seconds:.2f} | "
                   f"{per_call:.3f} | {full_calls} | {label} | {overhead:.4f} |", flush=True)
 
