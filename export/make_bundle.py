@@ -125,8 +125,9 @@ def make_bundle(onnx_files: list[str | Path], psf: Any, out: str | Path, *, engi
             student_cfg = json.loads(first_meta["nsdd.student_config"])
         except json.JSONDecodeError:
             student_cfg = {"unreadable": first_meta["nsdd.student_config"]}
-    training_data = {k: student_cfg[k] for k in ("dataset", "data", "teacher", "targets", "train_data",
-                                                 "distill") if k in student_cfg}
+    # nsdd-train distill records {"training": {data, targets, ids_sha256, teacher, ...}} and, for the paper
+    # student, {"prior": {...}}
+    training_data = {k: student_cfg[k] for k in ("training", "prior") if k in student_cfg}
     provenance = {
         "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "psf": {"sha256": psf_hash, "source": psf_source},

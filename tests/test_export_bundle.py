@@ -46,6 +46,7 @@ def test_bundle_loads_with_models_preprocess_and_provenance(export_env, exported
     prov = b.provenance
     assert prov["psf"]["sha256"] == b.psf_sha256 and prov["objective"] == "nullspace"
     assert prov["student"]["config"]["psf_sha256"] == b.psf_sha256
+    assert prov["student"]["training_data"]["training"]["num_samples"] == 6
     assert "numpy" in prov["packages"] and "onnx" in prov["packages"]
     assert set(prov["models"]) == {"onnx_fp32", "onnx_fp16"}
     b.check_compatible(sensor_shape=SIZE, psf_sha256=array_hash(export_env["psf"]))

@@ -60,7 +60,8 @@ def make_student(root: Path, psf: np.ndarray, objective: str = "nullspace", size
 
     torch.manual_seed(seed)
     op = LenslessOperator(psf, size, "circular", lam=lam)
-    cfg = make_config("edge", objective, 3, op, architecture={"width": 4, "depth": 2, "max_width": 8, "blocks": 1})
+    cfg = make_config("edge", objective, 3, op, architecture={"width": 4, "depth": 2, "max_width": 8, "blocks": 1},
+                      training={"data": "test-made", "num_samples": 6, "seed": seed})
     student = build_student(cfg)
     with torch.no_grad():  # make g's output O(1) so its errors show
         student.net.head.weight.mul_(8.0)

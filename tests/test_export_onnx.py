@@ -95,6 +95,8 @@ def test_refuses_student_for_another_psf_size_or_lambda(export_env, tmp_path, ca
     assert "λ" in capsys.readouterr().err
     assert main_argv([*args, "--psf", str(export_env["psf_file"]), "--batch", "zero"]) == 2
     assert "--batch" in capsys.readouterr().err
+    assert main_argv([*args, "--psf", str(export_env["psf_file"]), "--opset", "16"]) == 2
+    assert "opset ≥ 17" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
 
 
