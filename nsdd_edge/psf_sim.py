@@ -105,18 +105,20 @@ def contour_psf(shape: Sequence[int] | int, seed: int = 0, *, correlation: float
 
 
 def caustic_psf(shape: Sequence[int] | int, seed: int = 0, *, correlation: float | None = None,
-                phase_std: float = 20.0, distance: float | None = None, wavelength: float = 0.5,
+                phase_std: float | None = None, distance: float | None = None, wavelength: float = 0.5,
                 fill: float = 0.9) -> np.ndarray:
     """DiffuserCam-style caustic PSF: ``|F⁻¹[F(a e^{iφ}) e^{i z k_z}]|²`` for a smooth random phase ``φ``.
 
     ``φ = phase_std · field`` (a smoothed unit-variance random field, correlation ``correlation`` px,
-    default ``min(H, W) / 12``) inside a circular aperture ``a`` of diameter ``fill · min(H, W)``;
+    default ``min(H, W) / 12``; ``phase_std`` defaults to ``correlation`` radians, a phase slope of about
+    1 rad/px, steep enough for sharp caustics and below the π rad/px at which the grid aliases) inside a circular aperture ``a`` of diameter ``fill · min(H, W)``;
     ``k_z = √(k² − (2π f)²)``, ``k = 2π / wavelength`` (lengths in pixels); the propagation distance
     ``z`` defaults to about the focal length of the screen's lenslets, where caustics are sharpest.
     """
     h, w = _shape2(shape)
     rng = np.random.default_rng(seed)
     corr = float(correlation) if correlation is not None else max(min(h, w) / 12.0, 2.0)
+    phase_std = float(phase_std) if phase_std is not None else corr
     phase = phase_std * _smooth_field(rng, (h, w), corr)
     field = _aperture((h, w), fill) * np.exp(1j * phase)
     k = 2.0 * np.pi / wavelength
