@@ -226,3 +226,32 @@ def test_run_recording_onto_a_full_disk(tmp_path, capsys):
         assert not list((mnt / "rec").glob(".*tmp-*"))
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_run_with_an_onnx_bundle_picks_onnx_runtime(tmp_path, capsys):
+    """A bundle holding an exported Wiener-only graph (export.graph, DFT-by-matmul): auto picks ONNX Runtime and
+    reproduces the numpy Wiener reconstruction."""
+    pytest.importorskip("torch")
+    graph_mod = pytest.importorskip("export.graph")
+    from export.onnx_graph import export_graph
+
+    base = load_bundle(default_bundle_path())
+    psf = base.psf[:, 32:96, 32:96].copy()
+    psf /= psf.sum()
+    geometry = LenslessGeometry.make("circular", (64, 64))
+    onnx_path = export_graph(graph_mod.ReconstructionGraph(psf, (64, 64), 1e-3, objective="wiener", channels=3),
+                             tmp_path / "wiener64.onnx", batch=1)
+    bundle = write_bundle(tmp_path / "onnx_bundle", psf=psf, geometry=geometry, lam=1e-3, channels=3,
+                          preprocess=PreprocessConfig(**vars(base.preprocess)), models={"onnx_fp32": onnx_path})
+    rec = tmp_path / "rec"
+    assert main(["run", "--model", str(bundle.root), "--source", "sim://?realtime=0", "--frames", "3",
+                 "--record", str(rec), "--threads", "1", "--quiet"]) == 0
+    assert "engine ONNX Runtime" in capsys.readouterr().err
+    prep = Preprocessor(bundle.preprocess, bundle.root)
+    wiener = WienerFilter(psf, geometry, 1e-3)
+    for m in sorted(rec.glob("0*.json")):
+        meta = json.loads(m.read_text())
+        assert meta["engine"] == "onnx"
+        x = np.load(rec / meta["recon"]["file"])
+        ref = wiener(prep(read_recorded_raw(rec / meta["raw"]["file"])))
+        assert np.abs(x - ref).max() < 1e-3 * max(1.0, np.abs(ref).max())
