@@ -50,7 +50,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output dataset directory")
     p.add_argument("--size", type=int, default=128, help="scene size (square) in pixels")
     p.add_argument("--sensor", type=int, nargs="+", default=None, metavar="N",
-                   help="sensor size H [W] (default: the PSF's size after --psf-downsample)")
+                   help="sensor size H [W] (unset: the PSF's size after --psf-downsample)")
     p.add_argument("--psf-downsample", type=int, default=1, help="box-downsample the PSF by this factor")
     p.add_argument("--noise-std", type=float, default=0.005, help="Gaussian noise std on the [0, 1] scale")
     p.add_argument("--seed", type=int, default=0, help="noise seed (image i uses seed + i) and split seed")
@@ -66,7 +66,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     split.add_argument("--n-test", type=int, default=None, help="number of samples in the test split")
     p.add_argument("--batch-size", type=int, default=32, help="images convolved per batch")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
+                   help="torch CPU threads (unset: torch's choice; 1 is fastest on a busy machine)")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset already in --out")
 
 

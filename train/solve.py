@@ -47,16 +47,16 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--psf", type=Path, help="PSF file for --capture")
     p.add_argument("--dark", type=Path, default=None, help="dark frame subtracted from PSF and capture")
     p.add_argument("--background", choices=("corner", "none"), default=None,
-                   help="background subtraction without a dark frame (default: corner for --capture)")
+                   help="background subtraction without a dark frame (unset: corner for --capture)")
     p.add_argument("--downsample", type=int, default=4, help="box-downsample factor of PSF and capture")
     p.add_argument("--model", choices=("crop", "circular"), default=None,
-                   help="operator model (default: the dataset's recon model; crop for --capture)")
-    p.add_argument("--lam", type=float, default=None, help="Wiener λ (default: dataset's; 1e-4 for --capture)")
+                   help="operator model (unset: the dataset's recon model; crop for --capture)")
+    p.add_argument("--lam", type=float, default=None, help="Wiener λ (unset: the dataset's; 1e-4 for --capture)")
     p.add_argument("--prior", type=Path, default=None, help="diffusion prior directory (passed as prior=)")
     p.add_argument("--batch-size", type=int, default=8, help="images per solver call")
     p.add_argument("--device", default="cpu", help="torch device for the solver (cpu, cuda, cuda:1, ...)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
+                   help="torch CPU threads (unset: torch's choice; 1 is fastest on a busy machine)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
 
