@@ -370,6 +370,7 @@ class TrtRunner:
     def close(self) -> None:
         self._drop_graph()
         self._buffers.clear()
-        self.context = None
+        self.context = None  # TensorRT objects go before the CUDA context/stream they live in
         self.engine = None
+        self.runtime = None
         self.cuda.close()
