@@ -11,8 +11,9 @@ not depend on them). Operator: circular model at the image size with the real ra
 
 Full runs (100 DDIM steps, 1000 DPS steps) take minutes to hours on 2 CPU cores, so by default each
 method runs ``--timed-steps`` real steps of its own loop (same code, shorter schedule) after a one-step
-warm-up, ``--repeats`` times (the fastest run counts: on a shared CPU it is the least disturbed); seconds per network call (network + the method's per-step work: FFTs, the DPS backward pass)
-are measured on those, and the full-run time is EXTRAPOLATED as calls × seconds per call. ``--full`` runs
+warm-up, ``--repeats`` times (the fastest run counts: on a shared CPU it is the least disturbed);
+seconds per network call (network + the method's per-step work: FFTs, the DPS backward pass) are
+measured on those, and the full-run time is EXTRAPOLATED as calls × seconds per call. ``--full`` runs
 the full schedules instead (measured, not extrapolated). "solver-only s / step" reruns the timed loop
 with a zero ε-network: the method's own per-step work (FFTs, projections, noise), without the UNet.
 The CPU load average is printed: on a shared machine the timings scale with it. Prints a markdown table.
@@ -105,10 +106,12 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown}; choose from {sorted(METHODS)}")
 
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; device {device}, torch threads {torch.get_num_threads()}, batch {args.batch}, UNet config "
-          f"'{args.config}', {'full runs (measured)' if args.full else f'{args.timed_steps} timed steps per method, full runs EXTRAPOLATED'}"
-          f", fastest of {args.repeats} runs after a 1-step warm-up\n")
-    print("| method | px | prior params | PSF | timed calls | timed s | s / call | full-run calls | s / image (full run) | solver-only s / step |")
+    mode = "full runs (measured)" if args.full else f"{args.timed_steps} timed steps per method, full runs EXTRAPOLATED"
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; device {device}, "
+          f"torch threads {torch.get_num_threads()}, batch {args.batch}, UNet config '{args.config}', {mode}, "
+          f"fastest of {args.repeats} runs after a 1-step warm-up\n")
+    print("| method | px | prior params | PSF | timed calls | timed s | s / call | full-run calls "
+          "| s / image (full run) | solver-only s / step |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|")
     for size in sizes:
         torch.manual_seed(0)

@@ -146,7 +146,8 @@ def test_ddnm_plus_correction_matches_dense_svd():
     gens = [torch.Generator().manual_seed(0)]
     x0_hat, _ = solver._ddnm_plus_step(x0, torch.zeros_like(x0), y, op, spectral, a, sigma_t, sigma_y, gens, 1)
     null = s < math.sqrt(op.lam)
-    lam_t = torch.where(s * sigma_t >= a * sigma_y, torch.ones_like(s), s * sigma_t * math.sqrt(1 - eta ** 2) / (a * sigma_y))
+    partial = s * sigma_t * math.sqrt(1 - eta ** 2) / (a * sigma_y)
+    lam_t = torch.where(s * sigma_t >= a * sigma_y, torch.ones_like(s), partial)
     lam_t = torch.where(null, torch.zeros_like(s), lam_t)
     pinv = Vt.T @ torch.diag(lam_t * s / (s ** 2 + op.lam)) @ U.T
     dense = x0.flatten() - pinv @ (A @ x0.flatten() - y.flatten())
@@ -173,7 +174,7 @@ def test_ddnm_crop_model_runs(psf32, prior):
     for sigma_y in (0.0, None):
         x_hat = make_solver("ddnm", prior=small_prior, steps=10, sigma_y=sigma_y)(y, op)
         assert x_hat.shape == (2, 3, 16, 16) and torch.isfinite(x_hat).all()
-        # the crop model's A† is approximate, but the reconstruction still explains y far better than a flat grey image
+        # the crop model's A† is approximate, yet the result explains y far better than a flat grey image
         flat = op.consistency(torch.full_like(x_hat, 0.5), y)
         assert torch.all(op.consistency(x_hat, y) < 0.5 * flat)
 
