@@ -51,16 +51,13 @@ def rand(shape, dtype=torch.float64, seed=0) -> torch.Tensor:
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-def channels_of(psf: np.ndarray) -> int:
-    return 3  # images are RGB; a one-channel PSF is shared by the three channels
-
-
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("name", PSF_NAMES)
 def test_adjointness_float64(psfs, name, model):
     op = make_op(psfs[name], model)
-    x = rand((2, channels_of(psfs[name]), *op.scene_shape), seed=1)
-    y = rand((2, channels_of(psfs[name]), *op.sensor_shape), seed=2)
+    # RGB images: a one-channel PSF is shared by the three channels, a three-channel one acts per channel
+    x = rand((2, 3, *op.scene_shape), seed=1)
+    y = rand((2, 3, *op.sensor_shape), seed=2)
     lhs = (op.A(x) * y).sum()
     rhs = (x * op.A_adjoint(y)).sum()
     assert abs(float(lhs - rhs)) <= 1e-12 * abs(float(lhs))
