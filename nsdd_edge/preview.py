@@ -71,8 +71,9 @@ def compose(measurement: np.ndarray, reconstruction: np.ndarray | None, lines: l
     labels = ("measurement y", "reconstruction")
     x0 = 0
     for lab, s in zip(labels, scaled):
-        cv2.putText(top, lab, (x0 + 6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(top, lab, (x0 + 6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+        (tw, th), _ = cv2.getTextSize(lab, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)
+        cv2.rectangle(top, (x0, 0), (x0 + tw + 10, th + 10), (24, 24, 24), -1)
+        cv2.putText(top, lab, (x0 + 5, th + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (255, 255, 255), 1, cv2.LINE_AA)
         x0 += s.shape[1] + gap.shape[1]
     bar = np.full((18 * max(1, len(lines)) + 8, top.shape[1], 3), 24, np.uint8)
     for i, text in enumerate(lines):
@@ -216,7 +217,10 @@ class HttpPreview(Preview):
         self.stats = stats or (dict)
         self.quality = quality
         self._cond = threading.Condition()
+        self._bgr: np.ndarray | None = None
         self._jpeg: bytes | None = None
+        self._jpeg_seq = -1
+        self._encode_lock = threading.Lock()
         self._seq = 0
         self._closed = False
         handler = self._make_handler()
@@ -241,16 +245,24 @@ class HttpPreview(Preview):
         return f"MJPEG over HTTP at {self.url}"
 
     def show(self, bgr: np.ndarray) -> None:
-        data = encode_jpeg(bgr, self.quality)
+        """Publish a frame. JPEG encoding happens lazily in the HTTP threads (once per frame, only if someone
+        is watching), so the reconstruction thread pays only for a reference swap."""
         with self._cond:
-            self._jpeg = data
+            self._bgr = bgr
             self._seq += 1
             self._cond.notify_all()
 
     def wait_frame(self, after: int, timeout: float) -> tuple[int, bytes | None]:
+        """The newest frame's sequence number and JPEG, waiting up to ``timeout`` for one newer than ``after``."""
         with self._cond:
             self._cond.wait_for(lambda: self._seq > after or self._closed, timeout=timeout)
-            return self._seq, self._jpeg
+            seq, bgr = self._seq, self._bgr
+        if bgr is None:
+            return seq, None
+        with self._encode_lock:  # one encoding per frame, shared by all viewers
+            if self._jpeg_seq != seq:
+                self._jpeg, self._jpeg_seq = encode_jpeg(bgr, self.quality), seq
+            return seq, self._jpeg
 
     def close(self) -> None:
         with self._cond:

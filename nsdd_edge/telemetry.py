@@ -161,12 +161,15 @@ class Telemetry:
         return " | ".join(parts) + (f" | ms: {ms}" if ms else "")
 
     def overlay_lines(self) -> list[str]:
-        """Short lines for a preview overlay."""
-        s = self.snapshot()
-        ms = "  ".join(f"{k[:4]} {v['mean_ms']:.1f}" for k, v in s["stages"].items()
-                       if v["mean_ms"] is not None and k != "record")
-        return [f"{s['recent_fps'] or s['fps']:.1f} fps  in {s['frames_in']} out {s['frames_out']} "
-                f"drop {s['dropped']} rej {s['rejected']}", f"ms: {ms}"]
+        """Short lines for a preview overlay (cheap: rolling means only, called every frame)."""
+        with self._lock:
+            c = dict(self.counters)
+            means = {k: sum(st.samples) / len(st.samples) for k, st in self.stages.items()
+                     if st.samples and k != "record"}
+        fps = self.recent_fps() or self.fps()
+        ms = "  ".join(f"{k[:4]} {v:.1f}" for k, v in means.items())
+        return [(f"{fps:.1f} fps  in {c['frames_in']} out {c['frames_out']} "
+                 f"drop {c['dropped']} rej {c['rejected']}"), f"ms: {ms}"]
 
     def write_json(self, path: str | os.PathLike) -> None:
         """Write :meth:`snapshot` as JSON, atomically."""
