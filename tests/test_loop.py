@@ -239,3 +239,22 @@ def test_a_failing_recorder_never_hangs_the_loop(bundle, tmp_path):
     s = loop.run()
     assert s["frames_out"] == 12 and s["recorded"] == 0
     assert "recorder failed on frame 0 (ValueError: encoder bug)" in loop.recording_stopped
+
+
+def test_telemetry_statistics_and_atomic_json(tmp_path):
+    from nsdd_edge.telemetry import Telemetry
+
+    tel = Telemetry(window=100)
+    for ms in range(1, 101):  # 1..100 ms
+        tel.add_time("infer", float(ms))
+    tel.count("frames_in", 5)
+    tel.count("dropped", 2)
+    s = tel.snapshot()["stages"]["infer"]
+    assert s["count"] == 100 and s["mean_ms"] == 50.5 and s["median_ms"] == 50.5 and s["p95_ms"] == 95.05
+    tel.add_time("infer", 1000.0)  # the window keeps the last 100 samples, the count keeps all
+    s = tel.snapshot()["stages"]["infer"]
+    assert s["count"] == 101 and s["mean_ms"] == pytest.approx((sum(range(2, 101)) + 1000) / 100)
+    tel.write_json(tmp_path / "stats.json")
+    data = json.loads((tmp_path / "stats.json").read_text())
+    assert data["frames_in"] == 5 and data["dropped"] == 2 and data["stages"]["capture"]["mean_ms"] is None
+    assert "in 5" in tel.line() and "drop 2" in tel.overlay_lines()[0]
