@@ -135,7 +135,8 @@ class WindowPreview(Preview):
     def show(self, bgr: np.ndarray) -> None:
         self.cv2.imshow(self.title, bgr)
         key = self.cv2.waitKey(1) & 0xFF
-        if key in (ord("q"), 27) and self.on_quit:
+        closed = self.cv2.getWindowProperty(self.title, self.cv2.WND_PROP_VISIBLE) < 1
+        if (key in (ord("q"), 27) or closed) and self.on_quit:
             self.on_quit()
 
     def describe(self) -> str:
