@@ -223,8 +223,17 @@ def test_mismatched_psf_or_geometry_is_refused(tmp_path, physics, measurement):
                                       conv_shape=(2 * SIZE, 2 * SIZE))
     with pytest.raises(StudentError, match="geometry"):
         loaded(measurement, other_geometry)
-    with pytest.warns(UserWarning, match="λ"):
-        loaded(measurement, LenslessOperator(blur_psf(), (SIZE, SIZE), "circular", lam=1e-3))
+
+def test_student_uses_its_own_lambda(tmp_path, physics, measurement):
+    student = make_student("edge", "nullspace", physics)
+    save_student(tmp_path / "s", student.net, make_config("edge", "nullspace", 3, physics, SMALL_EDGE))
+    loaded = load_student(tmp_path / "s")
+    other_lam = LenslessOperator(blur_psf(), (SIZE, SIZE), "circular", lam=1e-2)
+    got = loaded(measurement, other_lam)
+    assert torch.equal(got, loaded(measurement, physics))
+    assert not torch.allclose(got, Student(loaded.net, "nullspace")(measurement, other_lam))
+    assert other_lam.lam == 1e-2  # the caller's operator is not modified
+    assert other_lam.with_lam(physics.lam).psf_hash == physics.psf_hash
 
 
 def test_bad_student_directories(tmp_path, physics):

@@ -64,6 +64,7 @@ class LenslessOperator(torch.nn.Module):
         self.noise_std = float(noise_std)
         self.psf_hash = array_hash(psf_np)
         self.channels = psf_np.shape[0]
+        self._psf_np = np.array(psf_np, copy=True)  # kept for with_lam
         for name in ("H", "G", "R"):
             self.register_buffer(f"_{name}", torch.from_numpy(np.ascontiguousarray(self.spectra.half(name))),
                                  persistent=False)
@@ -108,6 +109,15 @@ class LenslessOperator(torch.nn.Module):
         if tuple(t.shape[-2:]) != shape:
             raise ValueError(f"{what} has spatial size {tuple(t.shape[-2:])}, expected {shape} "
                              f"({self.model} model)")
+
+    def with_lam(self, lam: float) -> LenslessOperator:
+        """The same PSF, geometry and noise level with another Wiener λ (on the same device)."""
+        if float(lam) == self.lam:
+            return self
+        g = self.geometry
+        op = LenslessOperator(self._psf_np, g.sensor_shape, g.model, lam=lam, scene_shape=g.scene_shape,
+                              conv_shape=g.conv_shape, noise_std=self.noise_std)
+        return op.to(device=self._H.device)
 
     # ---- operators ------------------------------------------------------------------------
     def A(self, x: torch.Tensor) -> torch.Tensor:

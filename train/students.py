@@ -34,7 +34,6 @@ import json
 import math
 import os
 import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -397,6 +396,8 @@ def load_student(directory: str | os.PathLike, *, device: str | torch.device = "
 class StudentSolver(Solver):
     """A distilled student as a solver: ``x̂ = student(y, physics)`` in one network pass (NFE 1).
 
+    The PSF and geometry of ``physics`` must be the ones the student was trained for; its ``A†`` and
+    ``I − A†A`` always use the student's own λ (recorded in ``config.json``), whatever λ ``physics`` has.
     Build with :func:`load_student` or ``make_solver("student", path=DIR)``.
     """
 
@@ -438,13 +439,16 @@ class StudentSolver(Solver):
         if want_geo and physics.geometry.to_dict() != want_geo:
             raise StudentError(f"{where} was trained for geometry {want_geo}, the operator has "
                                f"{physics.geometry.to_dict()}")
-        lam = self.config.get("lam")
-        if lam is not None and not math.isclose(float(lam), physics.lam, rel_tol=1e-6):
-            warnings.warn(f"{where} was trained with λ = {lam}, the operator uses λ = {physics.lam}: A†y differs "
-                          "from the training inputs", stacklevel=3)
         ch = self.config.get("channels")
         if ch is not None and physics.channels not in (1, ch):
             raise StudentError(f"{where} works on {ch} channels, the PSF has {physics.channels}")
+
+    def student_physics(self, physics: LenslessOperator) -> LenslessOperator:
+        """``physics`` with the student's own Wiener λ: ``A†`` and ``I − A†A`` are part of the student."""
+        lam = self.config.get("lam")
+        if lam is None or math.isclose(float(lam), physics.lam, rel_tol=1e-9):
+            return physics
+        return physics.with_lam(float(lam))
 
     @torch.no_grad()
     def __call__(self, y: torch.Tensor, physics: LenslessOperator) -> torch.Tensor:
@@ -453,7 +457,7 @@ class StudentSolver(Solver):
         if ch is not None and y.shape[1] != ch:
             raise StudentError(f"student expects {ch}-channel measurements, got shape {tuple(y.shape)}")
         dev = torch.device(self.device)
-        phys = physics.to(dev)
+        phys = self.student_physics(physics).to(dev)
         outs = []
         for k in range(0, y.shape[0], self.batch_size):
             x = self._student(y[k : k + self.batch_size].to(dev, torch.float32), phys)
