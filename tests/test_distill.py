@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from nsdd_edge.optics import array_hash
 from train.cli import main as cli_main
-from train.distill import BatchOrder, DistillError, DistillSettings, learning_rate, train_student
+from train.distill import BatchOrder, DistillError, DistillSettings, TrainingInterrupted, learning_rate, train_student
 from train.physics import LenslessOperator
 from train.students import load_student
 
@@ -136,17 +136,24 @@ def test_resume_after_kill_gives_the_same_weights(tmp_path):
     assert again["step"] == 6
 
 
-def test_interrupt_writes_a_checkpoint(tmp_path):
+def test_sigint_or_sigterm_finishes_the_step_and_writes_a_checkpoint(tmp_path):
+    import os
+    import signal
+
     data, targets = make_problem(tmp_path)
+    for sig, out in ((signal.SIGINT, "i"), (signal.SIGTERM, "t")):
+        def send(step, loss, sig=sig):
+            if step == 3:
+                os.kill(os.getpid(), sig)
 
-    def ctrl_c(step, loss):
-        if step == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_student(settings(data, targets, tmp_path / "s", checkpoint_every=100), callback=ctrl_c)
-    assert torch.load(tmp_path / "s/checkpoint.pt", weights_only=True)["step"] == 3
-    assert json.loads((tmp_path / "s/config.json").read_text())["step"] == 3
+        with pytest.raises(TrainingInterrupted, match=signal.Signals(sig).name):
+            train_student(settings(data, targets, tmp_path / out, checkpoint_every=100), callback=send)
+        assert torch.load(tmp_path / out / "checkpoint.pt", weights_only=True)["step"] == 3
+        assert json.loads((tmp_path / out / "config.json").read_text())["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    resumed = train_student(settings(data, targets, tmp_path / "t", checkpoint_every=100))
+    full = train_student(settings(data, targets, tmp_path / "full", checkpoint_every=100))
+    assert [h[:2] for h in resumed["history"]] == [h[:2] for h in full["history"]]
 
 
 def test_missing_targets_are_listed(tmp_path, capsys):

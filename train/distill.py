@@ -365,8 +365,8 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _Stop(Exception):
-    """Raised by the SIGTERM handler so the run writes a checkpoint before exiting."""
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived: the step in progress was finished and a checkpoint written."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,14 +494,19 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
         ema_net.load_state_dict(ema)
         return ema_net
 
-    def _on_sigterm(signum, frame):
-        raise _Stop()
+    stop_signal: list[int] = []
 
-    previous = None
-    try:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread
-        previous = None
+    def _request_stop(signum, frame):  # finish the step, checkpoint, exit; a second signal stops at once
+        if stop_signal:
+            raise KeyboardInterrupt
+        stop_signal.append(signum)
+
+    previous: dict[int, object] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, _request_stop)
+        except ValueError:  # not the main thread: signals keep their default behaviour
+            pass
 
     bar = None
     try:
@@ -540,18 +545,19 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
                 checkpoint()
             if callback is not None:
                 callback(step, value)
-    except (KeyboardInterrupt, _Stop):
-        checkpoint()
-        if bar is not None:
-            bar.close()
-        print(f"\ninterrupted: checkpoint written at step {step} in {ckpt_path}; rerun the same command to "
-              "resume", file=sys.stderr)
+            if stop_signal:
+                checkpoint()
+                raise TrainingInterrupted(f"{signal.Signals(stop_signal[0]).name}: checkpoint written at step "
+                                          f"{step} in {ckpt_path}; rerun the same command to resume")
+    except KeyboardInterrupt:
+        print(f"\nstopped at once: the last checkpoint in {ckpt_path} is kept; rerun the same command to resume",
+              file=sys.stderr)
         raise
     finally:
         if bar is not None:
             bar.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if not (out / "model.safetensors").exists() or json.loads((out / "config.json").read_text()).get("step") != step:
         checkpoint()
     return {"out": str(out), "step": step, "parameters": count_parameters(net),
@@ -619,7 +625,10 @@ def main(args: argparse.Namespace) -> int:
     except (DistillError, StudentError, DatasetError, OpticsError) as exc:
         print(f"nsdd-train distill: error: {exc}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, _Stop):
+    except TrainingInterrupted as exc:
+        print(f"nsdd-train distill: interrupted by {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
         return 130
     print(f"student saved to {summary['out']} (step {summary['step']}, {summary['parameters']:,} parameters, "
           f"final loss {summary['final_loss']:.5g}, {time.perf_counter() - t0:.1f} s)")
