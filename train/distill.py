@@ -10,7 +10,13 @@ is saved), bf16 autocast on a GPU. Every ``--checkpoint-every`` steps, atomicall
 (model, EMA, optimiser, step, RNG, data position, loss history), the student directory
 (``config.json`` + ``model.safetensors``), ``loss.json`` + ``loss_curve.png`` and a sample grid
 ``samples/step_NNNNNNN.png`` (measurement view | A†y | student | teacher). Rerunning the same command
-resumes from the checkpoint; the result equals an uninterrupted run.
+resumes from the checkpoint; the result equals an uninterrupted run. Ctrl-C / SIGTERM finish the step in
+progress, write a checkpoint and exit (130); a second signal stops at once, keeping the last checkpoint.
+
+λ: ``A†`` uses the dataset's ``recon.lam`` unless ``--lam`` is given. With very small λ (1e-6) and noisy
+measurements ``A†y`` is dominated by amplified noise in the range, which a null-space student cannot
+remove; a larger λ (≈1e-3 on the simulated radial-PSF data) gives the student far better inputs. The λ is
+recorded in ``config.json`` and the student always uses it.
 """
 
 from __future__ import annotations
@@ -586,7 +592,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=None, help="dataset split to train on (default: train if present, else all)")
     p.add_argument("--model", choices=("circular", "crop"), default=None,
                    help="reconstruction operator model (default: dataset.json recon)")
-    p.add_argument("--lam", type=float, default=None, help="Wiener λ of A† (default: dataset.json recon)")
+    p.add_argument("--lam", type=float, default=None,
+                   help="Wiener λ of the student's A† (default: dataset.json recon; larger for noisy data, see above)")
     p.add_argument("--prior", default=None, help="diffusion prior directory (paper student)")
     p.add_argument("--t-fixed", type=int, default=None, help="paper student: timestep of the diffusion UNet")
     p.add_argument("--width", type=int, default=None, help="base channels of the (edge / g_φ) UNet")
