@@ -593,7 +593,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=("circular", "crop"), default=None,
                    help="reconstruction operator model (default: dataset.json recon)")
     p.add_argument("--lam", type=float, default=None,
-                   help="Wiener λ of the student's A† (default: dataset.json recon; larger for noisy data, see above)")
+                   help="Wiener λ of the student's A† (default: dataset.json recon; try 1e-3 for noisy data)")
     p.add_argument("--prior", default=None, help="diffusion prior directory (paper student)")
     p.add_argument("--t-fixed", type=int, default=None, help="paper student: timestep of the diffusion UNet")
     p.add_argument("--width", type=int, default=None, help="base channels of the (edge / g_φ) UNet")
