@@ -156,6 +156,37 @@ def test_ddnm_plus_correction_matches_dense_svd():
     assert wiener_half_spectrum(op, x0).dtype == torch.complex128
 
 
+def test_ddnm_plus_renoising_spectrum(psf32):
+    """Re-noising per frequency: √(σ_t² − a²σ_y²/s²) z, σ_t η z, and σ_t η z + σ_t √(1−η²) ε in the null space."""
+    op = LenslessOperator(psf32, (SIZE, SIZE), "circular", lam=1e-3)  # 313 null, 36 above, 195 partial bins
+    a, sigma_t, sigma_y, eta = 0.8, 0.2, 0.02, 0.85
+    solver = make_solver("ddnm", prior=tiny_prior(channels=1), steps=10, eta=eta)
+    spectral = solver._spectral_setup(op, torch.zeros(1))
+    n = 400
+    zeros = torch.zeros(n, 1, SIZE, SIZE)
+    y = torch.zeros(n, 1, SIZE, SIZE)
+
+    def gens():
+        return [torch.Generator().manual_seed(k) for k in range(n)]
+
+    _, noise = solver._ddnm_plus_step(zeros, zeros, y, op, spectral, a, sigma_t, sigma_y, gens(), 1)
+    s = spectral["s"][0].double()
+    null = s < math.sqrt(op.lam)
+    above = (s * sigma_t > a * sigma_y) & ~null
+    expected = torch.where(above, sigma_t ** 2 - (a * sigma_y / s.clamp_min(1e-30)) ** 2,
+                           torch.full_like(s, (sigma_t * eta) ** 2))
+    power = (torch.fft.rfft2(noise[:, 0].double()).abs() ** 2).mean(0) / (SIZE * SIZE)
+    assert bool(above.any()) and bool((~above & ~null).any()) and bool(null.any())
+    for region in (above, ~above & ~null, null):
+        ratio = float(power[region].sum() / expected[region].sum())
+        assert abs(ratio - 1) < 0.03, ratio  # ≥ 36 bins × 400 samples: statistical error ≈ 1%
+    eps = torch.randn(n, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(99))
+    _, noise_eps = solver._ddnm_plus_step(zeros, eps, y, op, spectral, a, sigma_t, sigma_y, gens(), 1)
+    m_eps = torch.where(null, sigma_t * math.sqrt(1 - eta ** 2), 0.0).float()
+    want = torch.fft.irfft2(torch.fft.rfft2(eps) * m_eps, s=(SIZE, SIZE))
+    torch.testing.assert_close(noise_eps - noise, want, atol=1e-5, rtol=0)
+
+
 def test_ddnm_time_travel_counts_calls(psf32, prior):
     op = LenslessOperator(psf32, (SIZE, SIZE), "circular", lam=1e-6, noise_std=0.005)
     y = measure(op, n=1)
