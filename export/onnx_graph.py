@@ -185,8 +185,17 @@ def save_model(model: Any, out: str | Path) -> Path:
     sidecar = out.with_name(out.name + ".data")
     if sidecar.exists():
         sidecar.unlink()
-    onnx.save_model(model, str(out), save_as_external_data=large, all_tensors_to_one_file=True,
-                    location=sidecar.name)
+    if large:
+        onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=sidecar.name)
+        return out
+    tmp = out.with_name(f".{out.name}.tmp")  # atomic: a failed write never leaves a half model behind
+    try:
+        onnx.save_model(model, str(tmp))
+        tmp.replace(out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     return out
 
 

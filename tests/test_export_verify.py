@@ -31,6 +31,8 @@ def test_verify_student_writes_every_figure(export_env, exported, tmp_path):
     assert r["tensorrt_10.3_unsupported"] == [] and r["tensorrt_10.3_parseable"]
     assert r["fp16_psnr_vs_fp32_db"] > 50 and r["int8_psnr_vs_fp32_db"] > 25
     assert r["fp16_psnr_vs_fp32_db"] > r["int8_psnr_vs_fp32_db"]
+    emulated = r["fp16_torch_emulation_psnr_vs_fp32_db"]
+    assert set(emulated) == {"whole_graph", "student_only"} and all(30 < v < 200 for v in emulated.values())
     assert set(r["consistency"]) == {"torch_reference", "fp32", "fp16", "int8"}
     assert abs(r["consistency"]["fp32"] - r["consistency"]["torch_reference"]) < 1e-4
     assert all(0 < v < 1 for v in r["consistency"].values())
