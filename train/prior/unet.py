@@ -83,9 +83,12 @@ class UNetConfig:
         return cls(**config)
 
 
-def group_count(channels: int, max_groups: int = 32) -> int:
-    """Largest number of GroupNorm groups ≤ ``max_groups`` that divides ``channels``."""
-    return max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
+def group_count(channels: int, max_groups: int = 32, min_group_size: int = 4) -> int:
+    """GroupNorm groups: the most groups ≤ ``max_groups`` that divide ``channels`` with ≥ ``min_group_size``
+    channels each (as GroupNorm(32) on 128 channels). One-channel groups (instance norm) would erase each
+    feature's spatial mean, so the network could not move an image's mean colour (samples would stay grey)."""
+    limit = max(1, min(max_groups, channels // min_group_size))
+    return max(g for g in range(1, limit + 1) if channels % g == 0)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
