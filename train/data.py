@@ -102,7 +102,7 @@ class LenslessDataset:
                                   scene_shape=recon.get("scene_shape", fwd["scene_shape"]),
                                   conv_shape=recon.get("conv_shape", fwd["conv_shape"]),
                                   noise_std=self.meta.get("noise_std", 0.0))
-        return op.to(dtype) if dtype != torch.float32 else op
+        return op  # spectra are float64/complex128 and cast to each input's dtype on use
 
     def forward_physics(self) -> LenslessOperator:
         """The operator that produced the measurements (for simulation and physical consistency)."""

@@ -71,6 +71,12 @@ class LenslessOperator(torch.nn.Module):
         self.register_buffer("_S", torch.from_numpy(np.ascontiguousarray(
             np.abs(self.spectra.half("H")))), persistent=False)
 
+    def to(self, *args, **kwargs) -> "LenslessOperator":
+        """Move to a device. A dtype is ignored on purpose: spectra stay complex128/float64 and are cast
+        to each input's precision on use (``Module.to(float64)`` would drop their imaginary part)."""
+        device, _dtype, non_blocking, _fmt = torch._C._nn._parse_to(*args, **kwargs)
+        return super().to(device=device, non_blocking=non_blocking) if device is not None else self
+
     # ---- geometry -------------------------------------------------------------------------
     @property
     def model(self) -> Model:
