@@ -107,3 +107,41 @@ def test_per_channel_symmetric_weight_quantisation():
     assert np.all(np.abs(back - w) <= scale[:, None, None, None] / 2 + 1e-7)
     deq = numpy_helper.to_array(numpy_helper.from_array(q)).astype(np.float32)
     assert np.array_equal(deq, q.astype(np.float32))
+
+
+def test_fp16_emulation_rounds_like_float16_storage():
+    import onnxruntime as ort
+    from onnx import helper
+
+    from export.quantize import fp16_emulation
+
+    c = np.float32(1.0 / 3.0)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    graph = helper.make_graph([helper.make_node("Mul", ["y", "c"], ["x"], name="physics/mul")], "g", [y], [x],
+                              [numpy_helper.from_array(np.array(c, np.float32), "c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(fp16_emulation(model, "all").SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    v = np.array([1.0001, 3.14159, 1000.123, 1e-3], np.float32)
+    got = s.run(None, {"y": v})[0]
+
+    def f16(a):
+        return np.asarray(a, np.float32).astype(np.float16).astype(np.float32)
+
+    assert np.array_equal(got, f16(f16(v) * f16(c)))
+    assert not np.array_equal(got, v * c)
+    with pytest.raises(ValueError, match="no nodes"):
+        fp16_emulation(model, "conv")  # no student nodes in this graph
+
+
+@pytest.mark.parametrize("threshold, expected", [(0.0, "all"), (500.0, "conv")])
+def test_fp16_auto_choice_follows_the_measured_psnr(export_env, exported, tmp_path, threshold, expected):
+    from export.quantize import quantize_file
+
+    report = quantize_file(exported["student"], "fp16", tmp_path / "m.onnx", data=export_env["data"],
+                           fp16_min_psnr=threshold)
+    assert report["fp16_mode"] == expected
+    assert set(report["psnr_vs_fp32_db_ort_cpu_fp16_model"]) == {"all", "conv"}
+    assert _props(tmp_path / "m.onnx")["nsdd.fp16_mode"] == expected
