@@ -189,6 +189,14 @@ def test_load_diffusers_unet2dmodel(tmp_path):
         with torch.no_grad():
             assert torch.equal(prior.eps(x, 77), unet(x, torch.tensor([77, 77])).sample)
 
+    # the ddpm-ema-celebahq-256 layout: .bin weights, scheduler_config.json beside config.json
+    flat = tmp_path / "flat"
+    unet.save_pretrained(flat, safe_serialization=False)
+    assert (flat / "diffusion_pytorch_model.bin").exists()
+    diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear").save_pretrained(flat)
+    with torch.no_grad():
+        assert torch.equal(load_prior(flat).eps(x, 5), unet(x, torch.tensor([5, 5])).sample)
+
     lonely = tmp_path / "lonely"
     unet.save_pretrained(lonely)
     with pytest.raises(PriorError, match="no scheduler config"):
