@@ -259,3 +259,15 @@ def test_paper_student_from_a_prior_directory_cli(tmp_path):
     y = torch.from_numpy(np.load(data / "measurements/s000.npy"))[None]
     phys = LenslessOperator(np.load(data / "psf.npy"), (SIZE, SIZE), "circular", lam=1e-4)
     assert torch.isfinite(solver(y, phys)).all()
+
+
+def test_bf16_autocast_path(tmp_path):
+    """The mixed-precision path (bf16 autocast; GPUs use it by default) runs on CPU autocast too."""
+    data, targets = make_problem(tmp_path)
+    bf16 = train_student(settings(data, targets, tmp_path / "bf16", amp="bf16", steps=4))
+    fp32 = train_student(settings(data, targets, tmp_path / "fp32", amp="off", steps=4))
+    lb, lf = np.array([h[1] for h in bf16["history"]]), np.array([h[1] for h in fp32["history"]])
+    assert np.all(np.isfinite(lb)) and not np.array_equal(lb, lf)  # really ran in lower precision
+    assert np.allclose(lb, lf, rtol=0.1)
+    w = load_file(str(tmp_path / "bf16/model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in w.values())  # master weights stay float32
