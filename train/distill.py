@@ -282,6 +282,13 @@ def _atomic_torch_save(obj: dict, path: Path) -> None:
         raise
 
 
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
@@ -333,7 +340,7 @@ def measurement_view(y: torch.Tensor, scene_shape: Sequence[int]) -> torch.Tenso
 
 def write_sample_grid(rows: Sequence[Sequence[torch.Tensor]], path: Path, gap: int = 2) -> None:
     """PNG grid: one row per sample, columns measurement view | A†y | student | teacher."""
-    from PIL import Image
+    import cv2
 
     tiles = [[_to_uint8_rgb(t) for t in row] for row in rows]
     h, w = tiles[0][0].shape[:2]
@@ -342,11 +349,11 @@ def write_sample_grid(rows: Sequence[Sequence[torch.Tensor]], path: Path, gap: i
     for r, row in enumerate(tiles):
         for c, tile in enumerate(row):
             grid[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = tile
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(grid[:, :, ::-1]))  # OpenCV wants BGR
+    if not ok:
+        raise DistillError(f"{path}: PNG encoding failed")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    Image.fromarray(grid).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    _atomic_write_bytes(path, png.tobytes())
 
 
 def _resolve_device(name: str) -> torch.device:
