@@ -65,8 +65,14 @@ def settings(data: Path, targets: Path, out: Path, **kw) -> DistillSettings:
 
 
 @pytest.mark.parametrize("objective", ["nullspace", "full"])
-def test_distill_decreases_loss_writes_outputs_without_ground_truth(tmp_path, objective):
+def test_distill_decreases_loss_writes_outputs_without_ground_truth(tmp_path, objective, monkeypatch):
     data, targets = make_problem(tmp_path)
+    from train.data import LenslessDataset
+
+    def no_ground_truth(self, sample_id):
+        raise AssertionError(f"distillation read the ground truth of {sample_id}")
+
+    monkeypatch.setattr(LenslessDataset, "ground_truth", no_ground_truth)
     out = tmp_path / "student"
     rc = cli_main(["distill", "--data", str(data), "--targets", str(targets), "--out", str(out), "--student", "edge",
                    "--objective", objective, "--steps", "40", "--batch", "4", "--lr", "3e-3", "--warmup", "0",
