@@ -89,6 +89,10 @@ def test_unet_rejects_bad_configs_and_inputs():
 def test_unet_scales_to_a_few_million_parameters():
     medium = UNet(base_channels=64, channel_mults=[1, 2, 2, 2], num_res_blocks=2, attention_resolutions=[16])
     assert 2_000_000 < medium.num_parameters < 12_000_000
+    norms = [m for m in medium.modules() if isinstance(m, torch.nn.GroupNorm)]
+    # no one-channel groups (instance norm would erase each feature's mean, i.e. the image's mean colour)
+    assert all(m.num_channels // m.num_groups >= 4 and m.num_groups <= 32 for m in norms)
+    assert any(m.num_groups == 32 for m in norms)
 
 
 # ---- save / load ------------------------------------------------------------------------------------------

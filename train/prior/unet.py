@@ -41,6 +41,7 @@ class UNetConfig:
     num_heads: int = 4
     dropout: float = 0.1
     mid_attention: bool = True
+    norm_group_channels: int = 4  # GroupNorm: at least this many channels per group, at most 32 groups
 
     def __post_init__(self):
         self.channel_mults = [int(m) for m in self.channel_mults]
@@ -58,6 +59,8 @@ class UNetConfig:
             problems.append(f"dropout must be in [0, 1) (got {self.dropout})")
         if self.num_heads < 1:
             problems.append(f"num_heads must be >= 1 (got {self.num_heads})")
+        if self.norm_group_channels < 1:
+            problems.append(f"norm_group_channels must be >= 1 (got {self.norm_group_channels})")
         factor = 2 ** (len(self.channel_mults) - 1)
         if self.image_size < 1 or self.image_size % factor:
             problems.append(f"image_size {self.image_size} must be a positive multiple of {factor} "
@@ -111,12 +114,12 @@ def _zero(module: nn.Module) -> nn.Module:
 class ResBlock(nn.Module):
     """Time-conditioned residual block: GN → SiLU → conv, + Linear(emb), GN → SiLU → dropout → conv."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, group_channels: int = 4):
         super().__init__()
-        self.norm1 = nn.GroupNorm(group_count(in_ch), in_ch)
+        self.norm1 = nn.GroupNorm(group_count(in_ch, min_group_size=group_channels), in_ch)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, out_ch)
-        self.norm2 = nn.GroupNorm(group_count(out_ch), out_ch)
+        self.norm2 = nn.GroupNorm(group_count(out_ch, min_group_size=group_channels), out_ch)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -131,11 +134,11 @@ class ResBlock(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention over the H·W positions: ``x + proj(softmax(QKᵀ/√d) V)``."""
 
-    def __init__(self, channels: int, num_heads: int):
+    def __init__(self, channels: int, num_heads: int, group_channels: int = 4):
         super().__init__()
         heads = max(h for h in range(1, min(num_heads, channels) + 1) if channels % h == 0)
         self.num_heads = heads
-        self.norm = nn.GroupNorm(group_count(channels), channels)
+        self.norm = nn.GroupNorm(group_count(channels, min_group_size=group_channels), channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = _zero(nn.Conv2d(channels, channels, 1))
 
@@ -167,10 +170,11 @@ class Upsample(nn.Module):
 class _Stage(nn.Module):
     """A ResBlock optionally followed by attention (one unit of the down / up paths)."""
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, attention: bool, num_heads: int):
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, attention: bool, num_heads: int,
+                 group_channels: int = 4):
         super().__init__()
-        self.res = ResBlock(in_ch, out_ch, emb_dim, dropout)
-        self.attn = Attention(out_ch, num_heads) if attention else None
+        self.res = ResBlock(in_ch, out_ch, emb_dim, dropout, group_channels)
+        self.attn = Attention(out_ch, num_heads, group_channels) if attention else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         x = self.res(x, emb)
@@ -191,6 +195,7 @@ class UNet(nn.Module):
         self.cfg = config
         base = config.base_channels
         emb_dim = 4 * base
+        gc = config.norm_group_channels
         self.time_mlp = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(config.in_channels, base, 3, padding=1)
 
@@ -203,7 +208,7 @@ class UNet(nn.Module):
         for level, mult in enumerate(config.channel_mults):
             stages = nn.ModuleList()
             for _ in range(config.num_res_blocks):
-                stages.append(_Stage(ch, base * mult, emb_dim, config.dropout, res in attn_at, config.num_heads))
+                stages.append(_Stage(ch, base * mult, emb_dim, config.dropout, res in attn_at, config.num_heads, gc))
                 ch = base * mult
                 skips.append(ch)
             self.down.append(stages)
@@ -214,9 +219,9 @@ class UNet(nn.Module):
             else:
                 self.downsamplers.append(nn.Identity())
 
-        self.mid1 = ResBlock(ch, ch, emb_dim, config.dropout)
-        self.mid_attn = Attention(ch, config.num_heads) if config.mid_attention else nn.Identity()
-        self.mid2 = ResBlock(ch, ch, emb_dim, config.dropout)
+        self.mid1 = ResBlock(ch, ch, emb_dim, config.dropout, gc)
+        self.mid_attn = Attention(ch, config.num_heads, gc) if config.mid_attention else nn.Identity()
+        self.mid2 = ResBlock(ch, ch, emb_dim, config.dropout, gc)
 
         self.up = nn.ModuleList()
         self.upsamplers = nn.ModuleList()
@@ -224,7 +229,7 @@ class UNet(nn.Module):
             stages = nn.ModuleList()
             for _ in range(config.num_res_blocks + 1):
                 stages.append(_Stage(ch + skips.pop(), base * mult, emb_dim, config.dropout, res in attn_at,
-                                     config.num_heads))
+                                     config.num_heads, gc))
                 ch = base * mult
             self.up.append(stages)
             if level > 0:
@@ -232,7 +237,7 @@ class UNet(nn.Module):
                 res *= 2
             else:
                 self.upsamplers.append(nn.Identity())
-        self.norm_out = nn.GroupNorm(group_count(ch), ch)
+        self.norm_out = nn.GroupNorm(group_count(ch, min_group_size=gc), ch)
         self.conv_out = _zero(nn.Conv2d(ch, config.out_channels, 3, padding=1))
 
     @property
