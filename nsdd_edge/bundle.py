@@ -179,6 +179,7 @@ def write_bundle(out: str | os.PathLike, *, psf: np.ndarray, geometry: LenslessG
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp creates 0700; a bundle is meant to be read by the service user
         np.save(tmp / "psf.npy", np.ascontiguousarray(psf, dtype=np.float32))
         recorded: dict[str, dict] = {}
         for kind, src in (models or {}).items():
