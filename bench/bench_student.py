@@ -2,9 +2,10 @@
 
 For each student configuration and image size: the network ``g`` alone and the whole student
 ``x̂ = A†y + (I − A†A) g(y, A†y)`` (adds the FFT pseudo-inverse and projector), batch 1, float32, on
-``--threads`` CPU threads (default 2). Best and median of ``--repeats`` timed runs after warm-up.
+``--threads`` CPU threads (default 2). Best and median over ``--rounds`` interleaved sweeps of
+``--repeats`` timed runs (the best is the robust figure on a shared CPU).
 
-    python bench/bench_student.py [--sizes 64 128 256] [--threads 2] [--repeats 10]
+    python bench/bench_student.py [--sizes 64 128 256] [--threads 2] [--repeats 5] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ def gaussian_psf(size: int, sigma: float) -> np.ndarray:
     return (psf / psf.sum()).astype(np.float32)[None]
 
 
-def time_ms(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
-    """(best, median) milliseconds of ``fn()``; the best is the robust figure on a shared CPU."""
+def time_runs(fn, repeats: int, warmup: int = 1) -> list[float]:
+    """Milliseconds of ``repeats`` calls of ``fn()`` after ``warmup`` untimed calls."""
     with torch.no_grad():
         for _ in range(warmup):
             fn()
@@ -64,36 +65,49 @@ def time_ms(fn, repeats: int, warmup: int = 2) -> tuple[float, float]:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return min(times), statistics.median(times)
+    return times
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per case and round")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="sweeps over all cases (interleaved, so a busy moment of a shared CPU hits no case alone)")
     ap.add_argument("--channels", type=int, default=3)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     c = args.channels
-    print(f"student cost, batch 1, float32, {c} channels, torch {torch.__version__}, {args.threads} CPU threads, "
-          f"best / median of {args.repeats} runs\n")
-    print("| config | arch (width/depth/max/blocks) | params (M) | size | GFLOPs g | g ms best / median | student ms best / median |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    cases = []
     for name, overrides in CONFIGS.items():
         arch = {**default_architecture("edge", "nullspace"), **overrides}
-        desc = f"{arch['width']}/{arch['depth']}/{arch['max_width']}/{arch['blocks']}"
         for size in args.sizes:
             phys = LenslessOperator(gaussian_psf(size, size / 16), (size, size), "circular", lam=1e-4)
             student: Student = build_student(make_config("edge", "nullspace", c, phys, arch)).eval()
             y = phys.A(torch.rand(1, c, size, size))
             x_in = torch.randn(1, 2 * c, size, size)
-            gflops = 2 * conv_macs(student.net, x_in) / 1e9
-            g_best, g_med = time_ms(lambda s=student, x=x_in: s.net(x), args.repeats)
-            s_best, s_med = time_ms(lambda s=student, m=y, a=phys: s(m, a), args.repeats)
-            print(f"| {name} | {desc} | {count_parameters(student.net) / 1e6:.2f} | {size} | {gflops:.2f} | "
-                  f"{g_best:.1f} / {g_med:.1f} | {s_best:.1f} / {s_med:.1f} |", flush=True)
+            cases.append({"name": name, "arch": arch, "size": size, "student": student, "phys": phys, "y": y,
+                          "x": x_in, "gflops": 2 * conv_macs(student.net, x_in) / 1e9, "g": [], "s": []})
+    for _ in range(args.rounds):
+        for case in cases:
+            st, x, y, phys = case["student"], case["x"], case["y"], case["phys"]
+            case["g"] += time_runs(lambda st=st, x=x: st.net(x), args.repeats)
+            case["s"] += time_runs(lambda st=st, y=y, phys=phys: st(y, phys), args.repeats)
+    n = args.rounds * args.repeats
+    print(f"student cost, batch 1, float32, {c} channels, torch {torch.__version__}, {args.threads} CPU threads, "
+          f"best / median of {n} runs ({args.rounds} interleaved rounds)\n")
+    print("| config | arch (width/depth/max/blocks) | params (M) | size | GFLOPs g | g ms best / median "
+          "| student ms best / median |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for case in cases:
+        a = case["arch"]
+        desc = f"{a['width']}/{a['depth']}/{a['max_width']}/{a['blocks']}"
+        g, st = case["g"], case["s"]
+        print(f"| {case['name']} | {desc} | {count_parameters(case['student'].net) / 1e6:.2f} | {case['size']} | "
+              f"{case['gflops']:.2f} | {min(g):.1f} / {statistics.median(g):.1f} | "
+              f"{min(st):.1f} / {statistics.median(st):.1f} |")
 
 
 if __name__ == "__main__":
