@@ -494,3 +494,18 @@ def test_batches_follow_a_seeded_epoch_order_and_pad_scenes_centrally():
     border = torch.ones(14, 14, dtype=torch.bool)
     border[3:11, 3:11] = False
     assert bool((x[:, :, border] == -1).all())  # zero frame = black = −1 in diffusion space
+
+
+def test_dataset_directory_uses_only_the_train_split(tmp_path):
+    """A prior trained on a simulated dataset must never see the held-out test scenes."""
+    import json
+
+    from train.prior.train_prior import find_image_files
+
+    root = tmp_path / "ds"
+    (root / "ground_truth").mkdir(parents=True)
+    for i in ("0", "1", "2", "3"):
+        np.save(root / "ground_truth" / f"{i}.npy", np.zeros((3, 8, 8), np.float32))
+    (root / "dataset.json").write_text(json.dumps({"splits": {"train": ["0", "2", "3"], "test": ["1"]}}))
+    _, files = find_image_files(root)
+    assert sorted(f.stem for f in files) == ["0", "2", "3"]

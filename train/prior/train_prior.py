@@ -77,7 +77,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     d = {**STRUCTURAL_DEFAULTS, **TUNABLE_DEFAULTS}
     g = p.add_argument_group("data")
     g.add_argument("--images", required=True, type=Path, metavar="DIR", default=argparse.SUPPRESS,
-                   help="folder of training images (searched recursively) or a dataset directory (uses ground_truth/)")
+                   help="folder of training images (searched recursively) or a dataset directory (its train split of ground_truth/; never the test split)")
     g.add_argument("--out", required=True, type=Path, metavar="DIR", default=argparse.SUPPRESS, help="output prior directory (also holds the checkpoint)")
     g.add_argument("--size", type=int, default=S, help=f"scene size in pixels (default: {d['size']})")
     g.add_argument("--pad-to", type=int, default=S,
@@ -138,7 +138,17 @@ def find_image_files(root: Path) -> tuple[Path, list[Path]]:
         if not (root / "ground_truth").is_dir():
             raise PriorError(f"--images {root}: a dataset directory without ground_truth/ (real captures "
                              "have no scenes to train a prior on)")
+        meta_path = root / "dataset.json"
+        splits = json.loads(meta_path.read_text()).get("splits", {}) if meta_path.exists() else {}
         root = root / "ground_truth"
+        if "train" in splits:  # never train a prior on held-out test scenes
+            files = [root / f"{i}.npy" for i in splits["train"]]
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise PriorError(f"--images {root}: {len(missing)} train-split scenes missing (first: {missing[:3]})")
+            if not files:
+                raise PriorError(f"--images {root.parent}: the train split is empty")
+            return root, files
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in READABLE_SUFFIXES
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not files:
