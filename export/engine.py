@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from export.graph import ExportError
+from nsdd_edge.atomic import atomic_write_bytes
 
 HELP = "build a TensorRT plan (10.x builder flags or 11.x strongly typed) from an exported ONNX graph"
 
@@ -195,10 +196,7 @@ def build_engine(onnx_path: str | Path, out: str | Path, precision: str, *, work
     build_s = time.perf_counter() - t0
     if plan is None:
         raise ExportError(f"{onnx_path}: TensorRT {trt.__version__} failed to build the engine (see the log above)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(bytes(plan))
-    tmp.replace(out)
+    atomic_write_bytes(out, bytes(plan))
     if cache is not None:
         Path(timing_cache).write_bytes(bytes(config.get_timing_cache().serialize()))
     record = {"tensorrt_version": trt.__version__, "gpu": gpu_name(), "host": platform.node(),

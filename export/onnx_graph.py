@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from export.graph import DFT_FORMS, ExportError, GraphSpec, ReconstructionGraph
+from nsdd_edge.atomic import atomic_write
 from nsdd_edge.optics import OpticsError, array_hash, load_psf
 
 HELP = "export student + FFT pseudo-inverse (or Wiener only) as one ONNX graph"
@@ -189,13 +190,8 @@ def save_model(model: Any, out: str | Path) -> Path:
         onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=sidecar.name)
         return out
-    tmp = out.with_name(f".{out.name}.tmp")  # atomic: a failed write never leaves a half model behind
-    try:
-        onnx.save_model(model, str(tmp))
-        tmp.replace(out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    # atomic: a failed write never leaves a half model behind (f.name is the temporary file's path)
+    atomic_write(out, lambda f: onnx.save_model(model, f))
     return out
 
 

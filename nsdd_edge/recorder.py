@@ -11,7 +11,7 @@ recording continues the numbering after its last frame and writes ``session-K.js
 - ``NNNNNNNN.json`` — frame index, timestamps, source metadata, bundle hash, engine, file names.
 
 ``session.json`` describes the run. Each file is written to a temporary file in the same directory,
-fsynced and renamed into place, so a crash or power cut never leaves a half-written file. When the disk
+fsynced and renamed into place (:func:`nsdd_edge.atomic.atomic_write_bytes`), so a crash or power cut never leaves a half-written file. When the disk
 is full (ENOSPC) the recorder stops, keeps everything already written, and says so in ``stopped_reason``.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from nsdd_edge.telemetry import atomic_write_bytes
+from nsdd_edge.atomic import atomic_write_bytes
 
 Writer = Callable[[Path, bytes], None]
 

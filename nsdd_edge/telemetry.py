@@ -15,40 +15,14 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
+
+from nsdd_edge.atomic import atomic_write_bytes  # also imported from here by loop, bench and the tests
 
 STAGES = ("capture", "preprocess", "infer", "output", "record")
 COUNTERS = ("frames_in", "frames_out", "dropped", "rejected", "recorded", "source_faults", "reopens",
             "backpressure_waits")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``.
-
-    A reader sees either the old file or the whole new one, never a half-written file. On any error the
-    temporary file is removed and the error re-raised (the old file, if any, is untouched).
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 class StageStats:

@@ -15,7 +15,9 @@ SHARED = Path(os.environ.get("NSDD_SHARED", ROOT.parent / "shared"))
 try:
     import torch
 
-    torch.set_num_threads(int(os.environ.get("NSDD_TEST_THREADS", "2")))
+    # One thread by default: the suite's small FFT loops run faster (no thread hand-off, much faster on a
+    # loaded machine) and reproducibly; NSDD_TEST_THREADS=N to test with more.
+    torch.set_num_threads(int(os.environ.get("NSDD_TEST_THREADS", "1")))
 except ImportError:  # the device-runtime tests run without torch
     torch = None
 

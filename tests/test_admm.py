@@ -12,15 +12,6 @@ from train.solvers import SOLVERS, make_solver
 from train.solvers.admm import ADMM, _grad, _grad_adjoint, _tv_spectrum
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small FFTs run faster on one thread, and much faster than two on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def blocks_scene(n: int, size: int, channels: int = 3, seed: int = 0) -> torch.Tensor:
     """Piecewise-constant scenes in [0, 1] (what TV favours): a few random rectangles."""
     rng = np.random.default_rng(seed)

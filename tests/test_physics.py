@@ -20,15 +20,6 @@ MODELS = ("circular", "crop")
 PSF_NAMES = ("radial", "diffusercam", "contour", "caustic", "binary", "rgb_contour")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small FFTs run faster on one thread, and much faster than two on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def psfs(shared) -> dict[str, np.ndarray]:
     return {

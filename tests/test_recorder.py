@@ -24,7 +24,7 @@ def frames(rng):
 
 
 def no_temp_files(root: Path) -> bool:
-    return not [p for p in root.iterdir() if ".tmp-" in p.name]
+    return not [p for p in root.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
 
 
 def test_records_losslessly_with_metadata(tmp_path):

@@ -17,14 +17,6 @@ from train.physics import LenslessOperator
 from train.simulate import prepare_scene, split_ids
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def images(tmp_path):
     """Six readable images (RGB, grayscale, 16-bit, non-square), one corrupt and one empty file."""

@@ -19,14 +19,6 @@ from train.solve import parse_settings, to_png8
 from train.solvers import SOLVERS, Solver
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """A 5-image simulated dataset: scene 16, sensor 32 (contour PSF), recon circular λ=1e-4."""

@@ -28,7 +28,6 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nsdd_edge.atomic import atomic_write, atomic_write_bytes, atomic_write_text
 from nsdd_edge.optics import OpticsError, array_hash, read_array
 from train.data import DatasetError, LenslessDataset
 from train.physics import LenslessOperator
@@ -271,29 +271,7 @@ def ema_decay(step: int, decay: float) -> float:
 
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def write_loss_curve(history: list[list[float]], path: Path) -> None:
@@ -318,11 +296,10 @@ def write_loss_curve(history: list[list[float]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def _to_uint8_rgb(img: torch.Tensor) -> np.ndarray:
@@ -352,8 +329,7 @@ def write_sample_grid(rows: Sequence[Sequence[torch.Tensor]], path: Path, gap: i
     ok, png = cv2.imencode(".png", np.ascontiguousarray(grid[:, :, ::-1]))  # OpenCV wants BGR
     if not ok:
         raise DistillError(f"{path}: PNG encoding failed")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, png.tobytes())
+    atomic_write_bytes(path, png.tobytes())
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -485,7 +461,7 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
         ema_net = _ema_copy()
         save_student(out, ema_net, {**config, "step": step}, fp16=s.fp16)
         if history:
-            _atomic_write_text(out / "loss.json", json.dumps({"step": [h[0] for h in history],
+            atomic_write_text(out / "loss.json", json.dumps({"step": [h[0] for h in history],
                                                                "loss": [h[1] for h in history],
                                                                "lr": [h[2] for h in history]}) + "\n")
             write_loss_curve(history, out / "loss_curve.png")

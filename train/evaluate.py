@@ -30,7 +30,6 @@ import re
 import shlex
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +40,7 @@ from typing import Self
 import numpy as np
 import torch
 
+from nsdd_edge.atomic import atomic_save_npy, atomic_write_json
 from nsdd_edge.optics import OpticsError
 from train import metrics as M
 from train.data import DatasetError, LenslessDataset, read_recon_dir
@@ -439,10 +439,7 @@ def _save_image(root: Path, sample_id: str, x: np.ndarray) -> None:
     """``ID.npy`` (float32 CHW, atomic) and ``ID.png`` (8-bit view, :func:`train.solve.to_png8`)."""
     from train.solve import to_png8, write_png
 
-    tmp = root / f".{sample_id}.npy.tmp"
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(x, dtype=np.float32))
-    os.replace(tmp, root / f"{sample_id}.npy")
+    atomic_save_npy(root / f"{sample_id}.npy", np.ascontiguousarray(x, dtype=np.float32))
     write_png(root / f"{sample_id}.png", to_png8(x))
 
 
@@ -581,12 +578,7 @@ def _finite_or_none(obj):
 
 def _write_json(path: Path, obj) -> None:
     """Atomic strict-JSON write (temporary file + rename; non-finite numbers as ``null``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_finite_or_none(obj), f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, _finite_or_none(obj), indent=2, allow_nan=False)
 
 
 def _recon_dir_timing(path: Path, ids: Sequence[str]) -> dict:

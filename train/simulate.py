@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nsdd_edge.atomic import atomic_save_npy, atomic_write_text
 from nsdd_edge.optics import (
     IMAGE_SUFFIXES,
     LenslessGeometry,
@@ -119,19 +119,6 @@ def split_ids(ids: list[str], seed: int, test_fraction: float, n_test: int | Non
             "test": [i for k, i in enumerate(ids) if k in test]}
 
 
-def _save_npy_atomic(path: Path, a: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, a)
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------
 # The command
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +208,7 @@ def simulate(args: argparse.Namespace) -> dict:
         "channels": channels, "scene_size": int(args.size), "ground_truth_shape": [channels, *size],
         "sources": {}, "splits": {}, "skipped": [],
     }
-    _write_json_atomic(meta_path, meta)  # marks the directory as this (incomplete) dataset: resumable
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))  # marks the directory as this (incomplete) dataset: resumable
 
     done, skipped, sources = [], [], {}
     pending: list[tuple[int, str, np.ndarray]] = []
@@ -237,8 +224,8 @@ def simulate(args: argparse.Namespace) -> dict:
             g = torch.Generator().manual_seed(int(args.seed) + index)
             noise = torch.randn(y_clean.shape, generator=g, dtype=y_clean.dtype)
             y = (y_clean + float(args.noise_std) * noise).clamp(0.0, 1.0)
-            _save_npy_atomic(out / "ground_truth" / f"{sid}.npy", scene)
-            _save_npy_atomic(out / "measurements" / f"{sid}.npy", y.numpy().astype(np.float32))
+            atomic_save_npy(out / "ground_truth" / f"{sid}.npy", scene)
+            atomic_save_npy(out / "measurements" / f"{sid}.npy", y.numpy().astype(np.float32))
             done.append(sid)
         pending.clear()
 
@@ -264,7 +251,7 @@ def simulate(args: argparse.Namespace) -> dict:
         raise OpticsError(f"--images {args.images}: none of the {len(files)} files could be read")
     meta.update(complete=True, sources=dict(sorted(sources.items())), skipped=skipped,
                 splits=split_ids(done, args.seed, args.test_fraction, args.n_test), count=len(done))
-    _write_json_atomic(meta_path, meta)
+    atomic_write_text(meta_path, json.dumps(meta, indent=2))
     return meta
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nsdd_edge.atomic import atomic_save_npy, atomic_write_bytes, atomic_write_text
 from nsdd_edge.optics import OpticsError, array_hash, load_psf
 from train.data import DatasetError, LenslessDataset
 from train.physics import LenslessOperator
@@ -111,16 +111,7 @@ def write_png(path: Path, img8: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", bgr)
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
-
-
-def _save_npy(path: Path, a: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(a, dtype=np.float32))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.tobytes())
 
 
 def load_capture(args: argparse.Namespace) -> tuple[str, torch.Tensor, LenslessOperator, dict]:
@@ -241,21 +232,17 @@ def solve(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             cons = physics.consistency(x_hat.to(y.dtype), y).tolist()
         for i, x, c in zip(chunk, x_hat.float().cpu().numpy(), cons):
-            _save_npy(out / f"{i}.npy", x)
+            atomic_save_npy(out / f"{i}.npy", np.ascontiguousarray(x, dtype=np.float32))
             write_png(out / f"{i}.png", to_png8(x, normalize_max=real))
             record["images"][i] = {"consistency": float(c), "seconds": seconds / len(chunk),
                                    "nfe": int(getattr(solver, "nfe", 0))}
         bar.set_postfix(consistency=f"{float(np.mean(cons)):.4f}")
-        tmp = record_path.with_name("recon.json.tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, record_path)
+        atomic_write_text(record_path, json.dumps(record, indent=2))
     record["images"] = {i: record["images"][i] for i in ids}
     cons = [v["consistency"] for v in record["images"].values()]
     record["summary"] = {"n": len(cons), "mean_consistency": float(np.mean(cons)),
                          "mean_seconds": float(np.mean([v["seconds"] for v in record["images"].values()]))}
-    tmp = record_path.with_name("recon.json.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, record_path)
+    atomic_write_text(record_path, json.dumps(record, indent=2))
     return record
 
 

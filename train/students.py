@@ -33,7 +33,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nsdd_edge.atomic import atomic_write_bytes, atomic_write_json
 from train.physics import LenslessOperator, center_crop, center_pad
 from train.solvers.base import Solver, register
 
@@ -315,20 +315,6 @@ def build_student(config: dict, prior: Any | None = None) -> Student:
     return Student(net, config.get("objective", "nullspace"))
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_student(directory: str | os.PathLike, net: nn.Module, config: dict, *, fp16: bool = False) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (the ``g`` network's weights; fp16 to ship)."""
     from safetensors.torch import save
@@ -339,8 +325,8 @@ def save_student(directory: str | os.PathLike, net: nn.Module, config: dict, *, 
              for k, v in net.state_dict().items()}
     cfg = {**config, "weights": {"file": WEIGHTS_NAME, "dtype": "float16" if fp16 else "float32",
                                  "parameters": count_parameters(net)}}
-    _atomic_write_bytes(out / WEIGHTS_NAME, save(state, metadata={"format": STUDENT_FORMAT}))
-    _atomic_write_bytes(out / CONFIG_NAME, (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(out / WEIGHTS_NAME, save(state, metadata={"format": STUDENT_FORMAT}))
+    atomic_write_json(out / CONFIG_NAME, cfg, indent=2, sort_keys=True)
     return out
 
 

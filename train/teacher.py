@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nsdd_edge.atomic import atomic_write_bytes, atomic_write_json
 from nsdd_edge.optics import OpticsError, array_hash
 from train.data import DatasetError, LenslessDataset
 from train.prior.base import DiffusionPrior
@@ -82,25 +82,12 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _npy_bytes(a: np.ndarray) -> bytes:
     import io
 
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(a, dtype=np.float32), allow_pickle=False)
     return buf.getvalue()
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 # ---- shards --------------------------------------------------------------------------------------
@@ -196,7 +183,7 @@ def label_dataset(dataset: LenslessDataset, prior: DiffusionPrior, out: str | Pa
                 "settings": {**identity["settings"], "batch_size": batch_size, "shard_size": shard_size,
                              "limit": limit, "network_calls_per_image": solver.nfe},
                 "ids": list(ids), "seeds": dict(zip(ids, seeds)), "complete": False}
-    _write_json(manifest_path, manifest)
+    atomic_write_json(manifest_path, manifest)
 
     seed_of = dict(zip(ids, seeds))
     shards = [list(ids[k : k + shard_size]) for k in range(0, len(ids), shard_size)]
@@ -223,7 +210,7 @@ def label_dataset(dataset: LenslessDataset, prior: DiffusionPrior, out: str | Pa
                 consistency = physics.consistency(x_hat, y).tolist()
                 for i, x, c in zip(chunk, x_hat.detach().cpu().float().numpy(), consistency):
                     data = _npy_bytes(x)
-                    _atomic_write_bytes(out / f"{i}.npy", data)
+                    atomic_write_bytes(out / f"{i}.npy", data)
                     hashes[i] = hashlib.sha256(data).hexdigest()
                     if write_png:
                         from train.solve import to_png8
@@ -235,7 +222,7 @@ def label_dataset(dataset: LenslessDataset, prior: DiffusionPrior, out: str | Pa
                 batches_written += 1
                 if after_batch is not None:
                     after_batch(batches_written)
-            _write_json(_shard_record_path(out, k), {"ids": shard, "sha256": hashes, "images": stats})
+            atomic_write_json(_shard_record_path(out, k), {"ids": shard, "sha256": hashes, "images": stats})
     finally:
         bar.close()
 
@@ -244,9 +231,9 @@ def label_dataset(dataset: LenslessDataset, prior: DiffusionPrior, out: str | Pa
         record = json.loads(_shard_record_path(out, k).read_text())
         images.update({i: record.get("images", {}).get(i, {}) for i in shard})
     manifest["complete"] = True
-    _write_json(manifest_path, manifest)
+    atomic_write_json(manifest_path, manifest)
     cons = [v["consistency"] for v in images.values() if "consistency" in v]
-    _write_json(out / "recon.json", {
+    atomic_write_json(out / "recon.json", {
         "method": "ddnm", "settings": solver.settings(), "prior": str(prior_path) if prior_path else None,
         "source": {"data": str(dataset.root), "split": split, "psf_sha256": identity["dataset_psf_sha256"]},
         "physics": identity["physics"], "images": images,

@@ -16,13 +16,13 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from nsdd_edge.atomic import atomic_save_npy, atomic_write, atomic_write_bytes, atomic_write_text
 from nsdd_edge.bundle import BundleError, PreprocessConfig, load_bundle
 from nsdd_edge.optics import (
     OpticsError,
@@ -54,19 +54,6 @@ def white_level_of(frame: Frame, config: PreprocessConfig) -> float | None:
     if frame.data.dtype.kind == "u":
         return float(np.iinfo(frame.data.dtype).max)
     return None
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """``write(tmp_path)`` then rename over ``path`` (never leaves a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def psf_view(psf: np.ndarray, gamma: float = 0.5) -> np.ndarray:
@@ -204,22 +191,15 @@ def save_psf(out: Path, psf: np.ndarray, capture: np.ndarray, background: np.nda
     png = out.with_suffix(".png")
     meta = out.with_suffix(".json")
     raw = out.with_suffix(".capture.npz")
-    def write_capture(p: Path) -> None:
-        with p.open("wb") as f:
-            np.savez(f, capture=capture, background=background if background is not None else np.zeros(0))
-
-    def write_psf(p: Path) -> None:
-        with p.open("wb") as f:
-            np.save(f, np.ascontiguousarray(psf, dtype=np.float32))
-
-    _atomic_write(raw, write_capture)
+    atomic_write(raw, lambda f: np.savez(f, capture=capture,
+                                         background=background if background is not None else np.zeros(0)))
     view = psf_view(psf)
     ok, encoded = cv2.imencode(".png", view if view.ndim == 2 else view[:, :, ::-1])
     if not ok:
         raise CalibrationError(f"{png}: PNG encoding failed")
-    _atomic_write(png, lambda p: encoded.tofile(str(p)))
-    _atomic_write(meta, lambda p: p.write_text(json.dumps(info, indent=2, default=str)))
-    _atomic_write(out, write_psf)
+    atomic_write_bytes(png, encoded.tobytes())
+    atomic_write_text(meta, json.dumps(info, indent=2, default=str))
+    atomic_save_npy(out, np.ascontiguousarray(psf, dtype=np.float32))
     return [out, png, meta, raw]
 
 

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from nsdd_edge import atomic
+from nsdd_edge.atomic import atomic_write_bytes  # re-exported: train_prior and sampling import it from here
 from train.prior.base import DiffusionPrior, linear_alphas_cumprod
 from train.prior.unet import ADM_CLASS_NAME, CLASS_NAME, ADMConfig, ADMUNet, UNet, UNetConfig
 
@@ -86,25 +86,10 @@ def alphas_cumprod_from_schedule(schedule: dict, source: str | Path = "scheduler
                      "(linear, scaled_linear, squaredcos_cap_v2)")
 
 
-# ---- atomic file writes ---------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
+# ---- atomic file writes (the mechanism: nsdd_edge.atomic) -------------------------------------------
 def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """JSON with sorted keys, indent 2 and a final newline, written atomically (the prior's config files)."""
+    atomic.atomic_write_json(path, obj, indent=2, sort_keys=True)
 
 
 # ---- save ---------------------------------------------------------------------------------------------
