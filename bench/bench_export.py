@@ -25,12 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from export.graph import ReconstructionGraph  # noqa: E402
-from export.onnx_graph import export_graph  # noqa: E402
-from export.quantize import calibrate, emulated_psnr, make_session, psnr, to_fp16, to_int8  # noqa: E402
-from nsdd_edge.optics import load_psf  # noqa: E402
-from train.physics import LenslessOperator  # noqa: E402
-from train.students import build_edge_net, count_parameters, default_architecture  # noqa: E402
+from export.graph import ReconstructionGraph
+from export.onnx_graph import export_graph
+from export.quantize import calibrate, emulated_psnr, make_session, psnr, to_fp16, to_int8
+from nsdd_edge.optics import load_psf
+from train.physics import LenslessOperator
+from train.students import build_edge_net, count_parameters, default_architecture
 
 
 def smooth_measurements(psf: np.ndarray, size: int, count: int, lam: float) -> np.ndarray:

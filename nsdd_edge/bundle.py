@@ -66,7 +66,7 @@ class PreprocessConfig:
     scale: float = 1.0
 
     @staticmethod
-    def from_dict(d: dict | None) -> "PreprocessConfig":
+    def from_dict(d: dict | None) -> PreprocessConfig:
         d = dict(d or {})
         known = set(PreprocessConfig.__dataclass_fields__)
         unknown = set(d) - known

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -331,7 +332,7 @@ class LenslessGeometry:
     @staticmethod
     def make(model: Model, sensor_shape: Sequence[int], psf_shape: Sequence[int] | None = None,
              scene_shape: Sequence[int] | None = None,
-             conv_shape: Sequence[int] | None = None) -> "LenslessGeometry":
+             conv_shape: Sequence[int] | None = None) -> LenslessGeometry:
         sensor = (int(sensor_shape[0]), int(sensor_shape[1]))
         if model == "circular":
             if scene_shape is not None and tuple(scene_shape) != sensor:
@@ -357,7 +358,7 @@ class LenslessGeometry:
                 "scene_shape": list(self.scene_shape), "conv_shape": list(self.conv_shape)}
 
     @staticmethod
-    def from_dict(d: dict) -> "LenslessGeometry":
+    def from_dict(d: dict) -> LenslessGeometry:
         return LenslessGeometry.make(d["model"], d["sensor_shape"], scene_shape=d.get("scene_shape"),
                                      conv_shape=d.get("conv_shape"))
 
@@ -394,7 +395,7 @@ class WienerSpectra:
     R: np.ndarray = field(repr=False)
 
     @staticmethod
-    def from_psf(psf: np.ndarray, grid_shape: Sequence[int], lam: float) -> "WienerSpectra":
+    def from_psf(psf: np.ndarray, grid_shape: Sequence[int], lam: float) -> WienerSpectra:
         if not lam > 0:
             raise OpticsError(f"Wiener regularisation λ must be > 0, got {lam}")
         H = psf_transfer_function(psf, grid_shape)

@@ -16,8 +16,8 @@ Reconstruction directories hold ``ID.npy`` (float32 ``(C, H, W)``) and ``ID.png`
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch

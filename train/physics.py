@@ -7,7 +7,7 @@ A :class:`LenslessOperator` is the ``physics`` object every solver takes (deepin
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -71,7 +71,7 @@ class LenslessOperator(torch.nn.Module):
         self.register_buffer("_S", torch.from_numpy(np.ascontiguousarray(
             np.abs(self.spectra.half("H")))), persistent=False)
 
-    def to(self, *args, **kwargs) -> "LenslessOperator":
+    def to(self, *args, **kwargs) -> LenslessOperator:
         """Move to a device. A dtype is ignored on purpose: spectra stay complex128/float64 and are cast
         to each input's precision on use (``Module.to(float64)`` would drop their imaginary part)."""
         device, _dtype, non_blocking, _fmt = torch._C._nn._parse_to(*args, **kwargs)

@@ -7,7 +7,7 @@ A :class:`DiffusionPrior` wraps an ε-prediction network ``net(x_t, t) -> ε`` t
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -7,13 +7,13 @@ Methods register themselves so the command line and the evaluation report can bu
 
 from __future__ import annotations
 
-from typing import Callable, Type
+from collections.abc import Callable
 
 import torch
 
 from train.physics import LenslessOperator
 
-SOLVERS: dict[str, Type["Solver"]] = {}
+SOLVERS: dict[str, type[Solver]] = {}
 
 
 class Solver:
@@ -32,8 +32,8 @@ class Solver:
             v, (int, float, str, bool, type(None), list, tuple))}
 
 
-def register(name: str) -> Callable[[Type[Solver]], Type[Solver]]:
-    def deco(cls: Type[Solver]) -> Type[Solver]:
+def register(name: str) -> Callable[[type[Solver]], type[Solver]]:
+    def deco(cls: type[Solver]) -> type[Solver]:
         cls.name = name
         SOLVERS[name] = cls
         return cls
