@@ -1,7 +1,7 @@
 """Reconstruction methods behind one interface, ``solver(y, physics)``; see :mod:`train.solvers.base`."""
 
 from train import students  # noqa: F401  (registers "student")
-from train.solvers import (  # noqa: F401  (registers "ddnm", "diffpir", "dps")
+from train.solvers import (  # noqa: F401  (importing a method module registers it)
     admm,
     ddnm,
     diffpir,
