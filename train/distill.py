@@ -84,6 +84,7 @@ class DistillSettings:
     checkpoint_every: int = 500
     samples: int = 4
     split: str | None = None
+    limit: int | None = None
     model: str | None = None
     lam: float | None = None
     prior: str | None = None
@@ -118,7 +119,7 @@ class DistillSettings:
     def signature(self) -> dict:
         """Settings that must not change when resuming (``steps``, I/O and display may)."""
         keep = ("student", "objective", "loss", "lpips_weight", "batch", "lr", "weight_decay", "warmup",
-                "ema", "grad_clip", "split", "model", "lam", "architecture", "seed")
+                "ema", "grad_clip", "split", "limit", "model", "lam", "architecture", "seed")
         d = asdict(self)
         return {k: d[k] for k in keep}
 
@@ -378,6 +379,10 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
         raise DistillError(str(exc)) from exc
     physics = dataset.physics(model=s.model, lam=s.lam).to(device)
     ids, split = choose_ids(dataset, s.split)
+    if s.limit is not None:
+        if s.limit < 1:
+            raise DistillError(f"--limit must be at least 1, got {s.limit}")
+        ids = ids[: s.limit]  # the first N ids of the split, as `nsdd-train teacher --limit N` labels them
     data = TargetSet(dataset, s.targets, ids, physics.scene_shape)
     if physics.channels not in (1, data.channels):
         raise DistillError(f"{s.data}: PSF has {physics.channels} channels, measurements {data.channels}")
@@ -571,6 +576,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--samples", type=int, default=4, help="rows in the sample grids")
     p.add_argument("--split", default=None, help="dataset split to train on (default: train if present, else all)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="train on the first N ids of the split only (those `nsdd-train teacher --limit N` labelled)")
     p.add_argument("--model", choices=("circular", "crop"), default=None,
                    help="reconstruction operator model (default: dataset.json recon)")
     p.add_argument("--lam", type=float, default=None,
@@ -600,6 +607,7 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
         loss=args.loss, lpips_weight=args.lpips_weight, lpips_weights=args.lpips_weights, steps=args.steps,
         batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, ema=args.ema,
         grad_clip=args.grad_clip, checkpoint_every=args.checkpoint_every, samples=args.samples, split=args.split,
+        limit=args.limit,
         model=args.model, lam=args.lam, prior=args.prior, architecture=arch, seed=args.seed, device=args.device,
         amp=args.amp, fp16=args.fp16, progress=not args.quiet)
 
