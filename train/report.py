@@ -101,7 +101,7 @@ def save_grid(path: str | os.PathLike, ids: Sequence[str], measurements: Sequenc
 
 
 def save_lpips_vs_time(path: str | os.PathLike, metrics: Mapping[str, Mapping], dpi: int = 120) -> Path | None:
-    """Scatter of LPIPS (↓) against seconds per image (log axis), one labelled point per method.
+    """Scatter of LPIPS (↓) against seconds per image (log axis), one point per method (named in the legend).
 
     Methods without both numbers are left out; returns ``None`` when no method has both.
     """
@@ -115,15 +115,19 @@ def save_lpips_vs_time(path: str | os.PathLike, metrics: Mapping[str, Mapping], 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, t, d in pts:
-        ax.scatter([t], [d], s=50, zorder=3)
-        ax.annotate(name, (t, d), textcoords="offset points", xytext=(6, 5), fontsize=9)
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    markers = "osD^vP*Xh<>p"
+    for k, (name, t, d) in enumerate(pts):  # a legend, not labels at the points: close points never overlap
+        ax.scatter([t], [d], s=60, zorder=3, marker=markers[k % len(markers)], label=name)
     ax.set_xscale("log")
+    ds = [d for _, _, d in pts]
+    if min(ds) > 0 and max(ds) / min(ds) > 10:  # one poor method would squash the others on a linear axis
+        ax.set_yscale("log")
     ts = [t for _, t, _ in pts]
     ax.set_xlim(min(ts) / 3, max(ts) * 3)
     ax.set_xlabel("seconds per image (log scale)")
-    ax.set_ylabel("LPIPS ↓")
+    ax.set_ylabel("LPIPS ↓" + (" (log scale)" if ax.get_yscale() == "log" else ""))
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=9, frameon=False)
     ax.set_title("quality vs. speed")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
