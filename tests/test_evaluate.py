@@ -288,3 +288,30 @@ def test_real_data_without_ground_truth(tmp_path):
     assert m["consistency"] is not None and m["consistency"] < 1e-3 and m["n"] == 2
     grid = cv2.imread(str(out / "grid.png"))
     assert grid is not None and "–" in (out / "metrics.md").read_text()
+
+
+def test_retrained_student_in_the_same_directory_is_evaluated_again(circular_data, tmp_path):
+    """Cached reconstructions are keyed by the weights: new weights in the same directory are re-run."""
+    students = pytest.importorskip("train.students")
+    from train.data import LenslessDataset
+
+    physics = LenslessDataset(circular_data).physics()
+    cfg = students.make_config("edge", "nullspace", 3, physics, {"width": 4, "depth": 2, "max_width": 8, "blocks": 1})
+    sdir = tmp_path / "student"
+    out = tmp_path / "o"
+    args = ["evaluate", "--data", str(circular_data), "--methods", f"student:{sdir}", "--limit", "2",
+            "--no-lpips", "--out", str(out)]
+    recon = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        net = students.build_student(cfg).net
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.5 * torch.randn_like(p))  # weights that visibly change g (the head starts near zero)
+        students.save_student(sdir, net, cfg)
+        if seed == 1:  # the cached run is of other weights: refused, never silently reused
+            assert train_cli(args) != 0
+        assert train_cli(args + (["--overwrite"] if seed == 1 else [])) == 0
+        ids = LenslessDataset(circular_data).ids("test")[:2]
+        recon.append(np.stack([np.load(out / "recon" / "student" / f"{i}.npy") for i in ids]))
+    assert not np.allclose(recon[0], recon[1])

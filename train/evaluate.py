@@ -22,6 +22,7 @@ Runs of ``--methods`` are resumable: each image is written with its time and mem
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import json
 import os
@@ -41,6 +42,7 @@ import numpy as np
 import torch
 
 from nsdd_edge.atomic import atomic_save_npy, atomic_write_json
+from nsdd_edge.bundle import file_sha256
 from nsdd_edge.optics import OpticsError
 from train import metrics as M
 from train.data import DatasetError, LenslessDataset, read_recon_dir
@@ -646,7 +648,12 @@ def run_evaluation(cfg: EvaluationConfig) -> dict:
             key = {"method": src.spec, "path": str(src.path) if src.path else None, "settings": src.settings,
                    "prior": str(cfg.prior) if cfg.prior and (src.spec in DIFFUSION_METHODS or src.spec == "student")
                    else None, "dataset": str(cfg.data.resolve()), "device": cfg.device, "seed": cfg.seed,
-                   "physics": {**physics.geometry.to_dict(), "lam": physics.lam, "psf_sha256": physics.psf_hash}}
+                   "physics": {**physics.geometry.to_dict(), "lam": physics.lam, "psf_sha256": physics.psf_hash},
+                   # the weights themselves: a student or prior retrained in the same directory is a new method
+                   "weights_sha256": {
+                       "model": weights_sha256(src.path) if src.path else None,
+                       "prior": weights_sha256(cfg.prior) if cfg.prior and (
+                           src.spec in DIFFUSION_METHODS or src.spec == "student") else None}}
             if save_dir is not None and cfg.overwrite and (save_dir / RECON_RECORD).exists():
                 (save_dir / RECON_RECORD).unlink()
             run = run_method(solver, ds, ids, physics, cfg.device, cfg.seed, src.name, save_dir, key,
@@ -711,6 +718,27 @@ _ORDER = ("psnr", "ssim", "lpips", "consistency", "n", "seconds_per_image", "pea
 
 def _order(entry: dict) -> dict:
     return {**{k: entry.get(k) for k in _ORDER}, **{k: v for k, v in entry.items() if k not in _ORDER}}
+
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def weights_sha256(path: str | os.PathLike) -> str | None:
+    """SHA-256 over a model's weight files (a file, or a directory's weight files except training checkpoints)."""
+    p = Path(path)
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES
+                       and f.name != "checkpoint.pt")
+    else:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        h.update(file_sha256(f).encode())
+    return h.hexdigest()
 
 
 def _safe(name: str) -> str:
