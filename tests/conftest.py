@@ -35,6 +35,8 @@ def _seed():
 def shared() -> Path:
     """The ../shared directory (real PSFs, the DiffuserCam capture, faces, LPIPS weights)."""
     if not SHARED.is_dir():
+        if os.environ.get("NSDD_REQUIRE_SHARED"):  # CI: a missing data directory must fail, not skip
+            pytest.fail(f"../shared not found at {SHARED} (NSDD_REQUIRE_SHARED is set)")
         pytest.skip(f"../shared not found at {SHARED}")
     return SHARED
 
