@@ -40,6 +40,18 @@ CONV_OPS = ("Conv", "ConvTranspose")
 # ----------------------------------------------------------------------------------------------
 
 
+
+def _element_types(model: Any) -> tuple[dict[str, int], dict[str, Any]]:
+    """ONNX element type of every tensor (shape inference, initializers win) and the initializers by name."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    elem = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info)
+            + list(inferred.graph.input) + list(inferred.graph.output)}
+    inits = {i.name: i for i in model.graph.initializer}
+    elem.update({name: init.data_type for name, init in inits.items()})
+    return elem, inits
+
 def input_shape(model: Any) -> tuple[int | None, int, int, int]:
     """``(N or None, C, H, W)`` of the graph's input."""
     dims = model.graph.input[0].type.tensor_type.shape.dim
@@ -152,12 +164,7 @@ def student_to_fp16(model: Any) -> Any:
     if not student:
         raise ExportError("FP16 mode 'conv' needs a graph with a student (node names student/…); "
                           "this graph has none: use --fp16-mode all")
-    inferred = onnx.shape_inference.infer_shapes(out)
-    elem = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info)
-            + list(inferred.graph.input) + list(inferred.graph.output)}
-    inits = {i.name: i for i in g.initializer}
-    for i in g.initializer:
-        elem[i.name] = i.data_type
+    elem, inits = _element_types(out)
     produced_by_student = {o for n in student for o in n.output}
     student_ids = {id(n) for n in student}
     converted_inits: dict[str, str] = {}
@@ -224,7 +231,6 @@ def fp16_emulation(model: Any, mode: str = "all") -> Any:
     """
     import copy
 
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     out = copy.deepcopy(model)
@@ -232,12 +238,7 @@ def fp16_emulation(model: Any, mode: str = "all") -> Any:
     targets = [n for n in g.node if mode == "all" or n.name.startswith("student/")]
     if not targets:
         raise ExportError(f"no nodes to emulate in FP16 mode {mode!r}")
-    inferred = onnx.shape_inference.infer_shapes(out)
-    elem = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info)
-            + list(inferred.graph.input) + list(inferred.graph.output)}
-    inits = {i.name: i for i in g.initializer}
-    for i in g.initializer:
-        elem[i.name] = i.data_type
+    elem, inits = _element_types(out)
     target_ids = {id(n) for n in targets}
     produced = {o for n in targets for o in n.output}
     rounded: dict[str, str] = {}

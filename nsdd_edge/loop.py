@@ -28,13 +28,14 @@ from typing import Any
 
 import numpy as np
 
+from nsdd_edge.atomic import atomic_write_bytes
 from nsdd_edge.bundle import BundleError
 from nsdd_edge.engines import Engine
 from nsdd_edge.preprocess import FrameRejected
 from nsdd_edge.preview import Preview, compose
 from nsdd_edge.recorder import Recorder, RecorderError
 from nsdd_edge.sources import EndOfStream, SourceError, SourceStalled
-from nsdd_edge.telemetry import Telemetry, atomic_write_bytes
+from nsdd_edge.telemetry import Telemetry
 
 _END = object()
 

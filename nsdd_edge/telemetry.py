@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from nsdd_edge.atomic import atomic_write_bytes  # also imported from here by loop, bench and the tests
+from nsdd_edge.atomic import atomic_write_bytes
 
 STAGES = ("capture", "preprocess", "infer", "output", "record")
 COUNTERS = ("frames_in", "frames_out", "dropped", "rejected", "recorded", "source_faults", "reopens",

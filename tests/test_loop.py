@@ -19,7 +19,7 @@ from nsdd_edge.preprocess import Preprocessor
 from nsdd_edge.psf_sim import simulate_psf
 from nsdd_edge.recorder import Recorder, read_recorded_raw
 from nsdd_edge.sources import EndOfStream, Frame, SourceError, SourceStalled
-from nsdd_edge.telemetry import atomic_write_bytes
+from nsdd_edge.atomic import atomic_write_bytes
 
 SIZE = 24
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from nsdd_edge.recorder import DiskFull, Recorder, RecorderError, read_recorded_raw
-from nsdd_edge.telemetry import atomic_write_bytes
+from nsdd_edge.atomic import atomic_write_bytes
 
 
 def frames(rng):

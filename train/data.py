@@ -87,9 +87,12 @@ class LenslessDataset:
     def forward_geometry(self) -> LenslessGeometry:
         return LenslessGeometry.from_dict(self.meta["forward"])
 
-    def physics(self, model: str | None = None, lam: float | None = None,
-                dtype: torch.dtype = torch.float32) -> LenslessOperator:
-        """The reconstruction operator (``recon`` settings of dataset.json unless overridden)."""
+    def physics(self, model: str | None = None, lam: float | None = None) -> LenslessOperator:
+        """The reconstruction operator (``recon`` settings of dataset.json unless overridden).
+
+        Its spectra are float64/complex128 and follow each input's dtype, so one operator serves float32
+        and float64 alike.
+        """
         recon = dict(self.meta.get("recon", {}))
         fwd = self.meta["forward"]
         model = model or recon.get("model", fwd["model"])
@@ -102,7 +105,7 @@ class LenslessDataset:
                                   scene_shape=recon.get("scene_shape", fwd["scene_shape"]),
                                   conv_shape=recon.get("conv_shape", fwd["conv_shape"]),
                                   noise_std=self.meta.get("noise_std", 0.0))
-        return op  # spectra are float64/complex128 and cast to each input's dtype on use
+        return op
 
     def forward_physics(self) -> LenslessOperator:
         """The operator that produced the measurements (for simulation and physical consistency)."""

@@ -296,11 +296,9 @@ def write_loss_curve(history: list[list[float]], path: Path) -> None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    finally:
-        plt.close(fig)
+    from train.report import save_figure
+
+    save_figure(fig, path, dpi=100)
 
 
 def _to_uint8_rgb(img: torch.Tensor) -> np.ndarray:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nsdd_edge.atomic import atomic_write
+
 COLUMNS = (
     ("psnr", "PSNR (dB) ↑", "{:.2f}"),
     ("ssim", "SSIM ↑", "{:.4f}"),
@@ -30,6 +32,19 @@ COLUMNS = (
     ("n", "n", "{:d}"),
 )
 
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Lay out, write a matplotlib figure as PNG atomically, and close it (also when writing fails)."""
+    import matplotlib.pyplot as plt
+
+    out = Path(path)
+    try:
+        fig.tight_layout()
+        atomic_write(out, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    finally:
+        plt.close(fig)
+    return out
 
 def _fmt(value, fmt: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -92,12 +107,7 @@ def save_grid(path: str | os.PathLike, ids: Sequence[str], measurements: Sequenc
                 ax.set_title(cols[c], fontsize=9)
             if c == 0:
                 ax.set_ylabel(sample_id, fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi)
 
 
 def save_lpips_vs_time(path: str | os.PathLike, metrics: Mapping[str, Mapping], dpi: int = 120) -> Path | None:
@@ -130,12 +140,7 @@ def save_lpips_vs_time(path: str | os.PathLike, metrics: Mapping[str, Mapping], 
     ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=9, frameon=False)
     ax.set_title("quality vs. speed")
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
-    plt.close(fig)
-    return out
+    return save_figure(fig, path, dpi)
 
 
 def write_report(path: str | os.PathLike, metrics: Mapping[str, Mapping], machine: Mapping, command: str,

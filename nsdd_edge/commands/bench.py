@@ -121,11 +121,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from nsdd_edge.atomic import atomic_write_bytes
     from nsdd_edge.bundle import BundleError
     from nsdd_edge.commands.run import make_preprocessor, open_bundle, open_camera
     from nsdd_edge.engines import EngineError, select_engine
     from nsdd_edge.sources import SourceError
-    from nsdd_edge.telemetry import atomic_write_bytes
 
     if args.frames < 1:
         print(f"nsdd-edge bench: error: --frames {args.frames}: must be ≥ 1", file=sys.stderr)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from nsdd_edge import atomic
-from nsdd_edge.atomic import atomic_write_bytes  # re-exported: train_prior and sampling import it from here
+from nsdd_edge.atomic import atomic_write_bytes
 from train.prior.base import DiffusionPrior, linear_alphas_cumprod
 from train.prior.unet import ADM_CLASS_NAME, CLASS_NAME, ADMConfig, ADMUNet, UNet, UNetConfig
 

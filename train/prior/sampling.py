@@ -85,7 +85,7 @@ def save_png(path: str | Path, rgb: np.ndarray) -> Path:
     """Write an RGB uint8 array as PNG atomically."""
     import cv2
 
-    from train.prior.io import atomic_write_bytes
+    from nsdd_edge.atomic import atomic_write_bytes
 
     ok, encoded = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))
     if not ok:

@@ -36,12 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nsdd_edge.atomic import atomic_write_bytes
 from nsdd_edge.optics import IMAGE_SUFFIXES, OpticsError, center_pad, read_image01
 from train.prior.base import DiffusionPrior
 from train.prior.io import (
     PriorError,
     alphas_cumprod_from_schedule,
-    atomic_write_bytes,
     atomic_write_json,
     default_schedule,
     save_prior,
