@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 
 from train.physics import LenslessOperator, center_crop
 from train.prior.base import DiffusionPrior
-from train.solvers.base import Solver, register
+from train.solvers.base import register
 from train.solvers.diffusion_common import (
+    DiffusionSolver,
     alpha_bar,
     check_inputs,
     fourier_multiply,
@@ -52,7 +53,7 @@ from train.solvers.diffusion_common import (
 
 
 @register("ddnm")
-class DDNM(Solver):
+class DDNM(DiffusionSolver):
     """DDNM (noise-free) / DDNM+ (``σ_y > 0``) with optional RePaint time travel; see the module docstring.
 
     ``sigma_y``: measurement noise std in [0, 1] units (default: the operator's ``noise_std``).
@@ -66,24 +67,16 @@ class DDNM(Solver):
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         if sigma_y is not None and sigma_y < 0:
             raise ValueError(f"sigma_y must be >= 0, got {sigma_y}")
-        self._prior = prior
-        self.steps = int(steps)
+        super().__init__(prior, steps, seed, seeds, progress)
         self.eta = float(eta)
         self.sigma_y = sigma_y
         self.travel_length = int(travel_length)
         self.travel_repeat = int(travel_repeat)
-        self.seed = int(seed)
-        self.seeds = list(seeds) if seeds is not None else None
         self.null_cutoff = null_cutoff
         self.clip_x0 = bool(clip_x0)
-        self.progress = bool(progress)
         self._timesteps = uniform_timesteps(prior.num_train_timesteps, self.steps)[::-1]  # ascending
         self._schedule = repaint_schedule(self.steps, self.travel_length, self.travel_repeat)
         self.nfe = network_calls(self._schedule)
-
-    @property
-    def prior(self) -> DiffusionPrior:
-        return self._prior
 
     def _t(self, index: int) -> int:
         return -1 if index < 0 else self._timesteps[index]

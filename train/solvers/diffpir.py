@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from train.physics import LenslessOperator
 from train.prior.base import DiffusionPrior
-from train.solvers.base import Solver, register
+from train.solvers.base import register
 from train.solvers.diffusion_common import (
+    DiffusionSolver,
     alpha_bar,
     check_inputs,
     from_model_space,
@@ -44,7 +45,7 @@ from train.solvers.diffusion_common import (
 
 
 @register("diffpir")
-class DiffPIR(Solver):
+class DiffPIR(DiffusionSolver):
     """DiffPIR with the closed-form (circular) or CG (crop) data step; see the module docstring."""
 
     def __init__(self, prior: DiffusionPrior, steps: int = 100, lam: float = 7.0, zeta: float = 0.3,
@@ -54,16 +55,12 @@ class DiffPIR(Solver):
             raise ValueError(f"zeta must be in [0, 1], got {zeta}")
         if lam <= 0:
             raise ValueError(f"lam must be > 0, got {lam}")
-        self._prior = prior
-        self.steps = int(steps)
+        super().__init__(prior, steps, seed, seeds, progress)
         self.lam = float(lam)
         self.zeta = float(zeta)
         self.sigma_n = sigma_n
         self.sigma_n_floor = float(sigma_n_floor)
         self.cg_iters = int(cg_iters)
-        self.seed = int(seed)
-        self.seeds = list(seeds) if seeds is not None else None
-        self.progress = bool(progress)
         self._timesteps = quadratic_timesteps(prior.num_train_timesteps, self.steps)  # descending
         self.nfe = len(self._timesteps)
         #: the starting point x_T mapped to [0, 1] (diagnostics; set by each call)

@@ -20,6 +20,7 @@ import torch
 
 from train.physics import LenslessOperator, center_crop, center_pad
 from train.prior.base import DiffusionPrior
+from train.solvers.base import Solver
 
 
 # ---- [0, 1] <-> [−1, 1] -------------------------------------------------------------------------
@@ -153,3 +154,23 @@ def wiener_half_spectrum(physics: LenslessOperator, like: torch.Tensor) -> torch
     """``G = conj(H)/(|H|²+λ)`` on the rfft half grid, from the operator's (single) Wiener spectra."""
     G = torch.from_numpy(np.ascontiguousarray(physics.spectra.half("G")))
     return G.to(device=like.device, dtype=torch.complex128 if like.dtype == torch.float64 else torch.complex64)
+
+
+class DiffusionSolver(Solver):
+    """What DDNM+, DPS and DiffPIR share: the prior, the number of steps and per-sample seeds.
+
+    ``seed`` / ``seeds``: x_T and all noise of sample ``i`` come from ``seed + i`` (or ``seeds[i]``), so a
+    sample's result does not depend on the batch it is in.
+    """
+
+    def __init__(self, prior: DiffusionPrior, steps: int, seed: int = 0, seeds: Sequence[int] | None = None,
+                 progress: bool = False):
+        self._prior = prior
+        self.steps = int(steps)
+        self.seed = int(seed)
+        self.seeds = list(seeds) if seeds is not None else None
+        self.progress = bool(progress)
+
+    @property
+    def prior(self) -> DiffusionPrior:
+        return self._prior

@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from train.physics import LenslessOperator
 from train.prior.base import DiffusionPrior
-from train.solvers.base import Solver, register
+from train.solvers.base import register
 from train.solvers.diffusion_common import (
+    DiffusionSolver,
     alpha_bar,
     check_inputs,
     from_model_space,
@@ -34,19 +35,15 @@ from train.solvers.diffusion_common import (
 
 
 @register("dps")
-class DPS(Solver):
+class DPS(DiffusionSolver):
     """Diffusion posterior sampling; ``zeta`` is the step on the gradient of ``‖y − A x̂0‖``."""
 
     def __init__(self, prior: DiffusionPrior, steps: int = 1000, zeta: float = 0.3, seed: int = 0,
                  seeds: Sequence[int] | None = None, progress: bool = False):
         if zeta < 0:
             raise ValueError(f"zeta must be >= 0, got {zeta}")
-        self._prior = prior
-        self.steps = int(steps)
+        super().__init__(prior, steps, seed, seeds, progress)
         self.zeta = float(zeta)
-        self.seed = int(seed)
-        self.seeds = list(seeds) if seeds is not None else None
-        self.progress = bool(progress)
         self._timesteps = uniform_timesteps(prior.num_train_timesteps, self.steps)  # descending
         self.nfe = len(self._timesteps)
         #: the starting point x_T mapped to [0, 1] (diagnostics; set by each call)
