@@ -38,15 +38,12 @@ from train.solvers.base import register
 from train.solvers.diffusion_common import (
     DiffusionSolver,
     alpha_bar,
-    check_inputs,
     fourier_multiply,
     from_model_space,
-    make_generators,
     measurement_to_model_space,
     network_calls,
     randn_per_sample,
     repaint_schedule,
-    sample_seeds,
     uniform_timesteps,
     wiener_half_spectrum,
 )
@@ -85,14 +82,10 @@ class DDNM(DiffusionSolver):
     def __call__(self, y: torch.Tensor, physics: LenslessOperator,
                  seeds: Sequence[int] | None = None) -> torch.Tensor:
         prior = self._prior
-        check_inputs(y, physics, prior)
-        y = y.to(torch.float32)
+        y, gens, shape = self._prepare(y, physics, seeds)
         sigma = physics.noise_std if self.sigma_y is None else float(self.sigma_y)
         y_m, sigma_m = measurement_to_model_space(y, physics, sigma)
-        n, c = y.shape[:2]
-        gens = make_generators(sample_seeds(n, self.seed, seeds if seeds is not None else self.seeds))
-        scene = tuple(physics.scene_shape)
-        x = randn_per_sample(gens, (c,) + scene, y)
+        x = randn_per_sample(gens, shape, y)
         spectral = self._spectral_setup(physics, y) if sigma_m > 0 else None
 
         x0_hat = x
@@ -102,7 +95,7 @@ class DDNM(DiffusionSolver):
             t, t_next = self._t(i), self._t(j)
             ab_next = alpha_bar(prior, t_next)
             if j > i:  # time travel: re-noise the last corrected estimate at the earlier time
-                x = math.sqrt(ab_next) * x0_hat + math.sqrt(1 - ab_next) * randn_per_sample(gens, (c,) + scene, y)
+                x = math.sqrt(ab_next) * x0_hat + math.sqrt(1 - ab_next) * randn_per_sample(gens, shape, y)
                 continue
             ab_t = alpha_bar(prior, t)
             eps = prior.eps(x, t).to(y.dtype)
@@ -113,10 +106,10 @@ class DDNM(DiffusionSolver):
             a, sigma_t = math.sqrt(ab_next), math.sqrt(1 - ab_next)
             if spectral is None:  # DDNM: range-null replacement + DDIM
                 x0_hat = x0 - physics.A_dagger(physics.A(x0) - y_m)
-                z = randn_per_sample(gens, (c,) + scene, y)
+                z = randn_per_sample(gens, shape, y)
                 x = a * x0_hat + sigma_t * self.eta * z + sigma_t * math.sqrt(1 - self.eta ** 2) * eps
             else:
-                x0_hat, x = self._ddnm_plus_step(x0, eps, y_m, physics, spectral, a, sigma_t, sigma_m, gens, c)
+                x0_hat, x = self._ddnm_plus_step(x0, eps, y_m, physics, spectral, a, sigma_t, sigma_m, gens, shape[0])
         self.nfe = calls
         return from_model_space(x)
 

@@ -174,3 +174,11 @@ class DiffusionSolver(Solver):
     @property
     def prior(self) -> DiffusionPrior:
         return self._prior
+
+    def _prepare(self, y: torch.Tensor, physics: LenslessOperator, seeds: Sequence[int] | None
+                 ) -> tuple[torch.Tensor, list[torch.Generator], tuple[int, ...]]:
+        """Check the inputs; return ``y`` as float32, one generator per sample and the ``(C, *scene)`` shape."""
+        check_inputs(y, physics, self._prior)
+        y = y.to(torch.float32)
+        gens = make_generators(sample_seeds(y.shape[0], self.seed, seeds if seeds is not None else self.seeds))
+        return y, gens, (y.shape[1],) + tuple(physics.scene_shape)

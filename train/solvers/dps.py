@@ -24,12 +24,9 @@ from train.solvers.base import register
 from train.solvers.diffusion_common import (
     DiffusionSolver,
     alpha_bar,
-    check_inputs,
     from_model_space,
-    make_generators,
     measurement_to_model_space,
     randn_per_sample,
-    sample_seeds,
     uniform_timesteps,
 )
 
@@ -52,12 +49,8 @@ class DPS(DiffusionSolver):
     def __call__(self, y: torch.Tensor, physics: LenslessOperator,
                  seeds: Sequence[int] | None = None) -> torch.Tensor:
         prior = self._prior
-        check_inputs(y, physics, prior)
-        y = y.to(torch.float32)
+        y, gens, shape = self._prepare(y, physics, seeds)
         y_m, _ = measurement_to_model_space(y, physics)
-        n, c = y.shape[:2]
-        gens = make_generators(sample_seeds(n, self.seed, seeds if seeds is not None else self.seeds))
-        shape = (c,) + tuple(physics.scene_shape)
         x = randn_per_sample(gens, shape, y)
         self.last_start = from_model_space(x)
         ts = self._timesteps
