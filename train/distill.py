@@ -88,6 +88,7 @@ class DistillSettings:
     model: str | None = None
     lam: float | None = None
     prior: str | None = None
+    support: str = "auto"
     architecture: dict = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"
@@ -115,13 +116,41 @@ class DistillSettings:
             raise DistillError("--student paper needs --prior DIR (the pretrained diffusion prior to fine-tune)")
         if self.amp not in ("auto", "bf16", "off"):
             raise DistillError(f"--amp must be auto, bf16 or off, got {self.amp!r}")
+        parse_support(self.support)
 
     def signature(self) -> dict:
         """Settings that must not change when resuming (``steps``, I/O and display may)."""
         keep = ("student", "objective", "loss", "lpips_weight", "batch", "lr", "weight_decay", "warmup",
-                "ema", "grad_clip", "split", "limit", "model", "lam", "architecture", "seed")
+                "ema", "grad_clip", "split", "limit", "model", "lam", "support", "architecture", "seed")
         d = asdict(self)
         return {k: d[k] for k in keep}
+
+
+def parse_support(text: str) -> tuple[int, int] | str | None:
+    """``--support``: ``auto``, ``full`` (None) or ``H[xW]`` in pixels."""
+    if text in ("auto", "full"):
+        return text if text == "auto" else None
+    try:
+        sizes = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise DistillError(f"--support must be auto, full or H[xW] in pixels, got {text!r}")
+    return (sizes[0], sizes[-1])
+
+
+def resolve_support(text: str, dataset: LenslessDataset, physics: LenslessOperator) -> tuple[int, int] | None:
+    """The window ``g`` covers. ``auto``: the simulated scenes' size (dataset.json ``forward.scene_shape``)
+    when it is smaller than the reconstruction grid — the rest is the known black padding — else the whole grid."""
+    support = parse_support(text)
+    scene = tuple(physics.scene_shape)
+    if support == "auto":
+        fwd = tuple(dataset.forward_geometry.scene_shape)
+        smaller = fwd[0] <= scene[0] and fwd[1] <= scene[1] and fwd != scene
+        return fwd if smaller else None
+    if support is not None and (support[0] > scene[0] or support[1] > scene[1]):
+        raise DistillError(f"--support {support[0]}x{support[1]} is larger than the scene grid {scene[0]}x{scene[1]}")
+    return support  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,7 +427,9 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
         extra["prior"] = {"dir": str(Path(s.prior).resolve()) if s.prior else None,
                           "config": getattr(prior, "config", {}),
                           "image_size": getattr(prior, "image_size", None)}
-    config = make_config(s.student, s.objective, data.channels, physics, arch, **extra)  # type: ignore[arg-type]
+    support = resolve_support(s.support, dataset, physics)
+    config = make_config(s.student, s.objective, data.channels, physics, arch, support,  # type: ignore[arg-type]
+                         **extra)
 
     torch.manual_seed(s.seed)
     student = build_student(config, prior=prior).to(device)
@@ -472,7 +503,8 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
             y, t = data.batch(sample_ids)
             y, t = y.to(device), t.to(device)
             with torch.no_grad():
-                x_hat, x_dag = Student(ema_net, s.objective)(y, physics, return_parts=True)
+                x_hat, x_dag = Student(ema_net, s.objective, config.get("support_shape"))(
+                    y, physics, return_parts=True)
             view = measurement_view(y, physics.scene_shape)
             rows = [[view[i], x_dag[i], x_hat[i], t[i]] for i in range(len(sample_ids))]
             write_sample_grid(rows, out / "samples" / f"step_{step:07d}.png")
@@ -581,6 +613,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", type=float, default=None,
                    help="Wiener λ of the student's A† (default: dataset.json recon; try 1e-3 for noisy data)")
     p.add_argument("--prior", default=None, help="diffusion prior directory (paper student)")
+    p.add_argument("--support", default="auto",
+                   help="window of the scene grid the network fills (H[xW] px, centred; full: all of it; auto: the "
+                        "simulated scenes' size when it is smaller than the grid, the rest being their black padding)")
     p.add_argument("--t-fixed", type=int, default=None, help="paper student: timestep of the diffusion UNet")
     p.add_argument("--width", type=int, default=None, help="base channels of the (edge / g_φ) UNet")
     p.add_argument("--depth", type=int, default=None, help="number of ×2 downsamplings (input divisible by 2^depth)")
@@ -606,7 +641,7 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
         batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, ema=args.ema,
         grad_clip=args.grad_clip, checkpoint_every=args.checkpoint_every, samples=args.samples, split=args.split,
         limit=args.limit,
-        model=args.model, lam=args.lam, prior=args.prior, architecture=arch, seed=args.seed, device=args.device,
+        model=args.model, lam=args.lam, prior=args.prior, support=args.support, architecture=arch, seed=args.seed, device=args.device,
         amp=args.amp, fp16=args.fp16, progress=not args.quiet)
 
 

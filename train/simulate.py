@@ -12,7 +12,8 @@ it biases the noise slightly at dark pixels. The noise of image number ``i`` (it
 list) is drawn from ``torch.Generator().manual_seed(seed + i)``, so the output is byte-identical for the
 same arguments, and resuming an interrupted run (same ``--out``) gives the same files as an uninterrupted one.
 Reconstruction operators read the ``recon`` settings of dataset.json: ``{model: circular, lam}`` at sensor
-size by default, as the NSDD authors do.
+size by default, as the NSDD authors do; ``--recon-model crop`` reconstructs with the crop model itself, on
+the 2× grid (``--recon-support grid``) or on the known ``--size``² scene support (``scene``).
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="forward model that makes y (crop: the paper's; circular: scene padded to the sensor)")
     p.add_argument("--recon-model", choices=("circular", "crop"), default="circular",
                    help="operator the reconstruction methods use (recon.model in dataset.json)")
+    p.add_argument("--recon-support", choices=("grid", "scene"), default="grid",
+                   help="crop recon model only: reconstruct on the whole 2× convolution grid (grid: DiffuserCam "
+                        "convention, the scene's extent unknown) or on the known scene support (scene: --size², "
+                        "centred, as the scenes were simulated)")
     p.add_argument("--lam", type=float, default=1e-6, help="Wiener λ of the reconstruction operator")
     p.add_argument("--grayscale", action="store_true", help="one-channel scenes (BT.601 luma) and PSF")
     p.add_argument("--limit", type=int, default=None, help="use only the first N image files (sorted)")
@@ -162,8 +167,9 @@ def simulate(args: argparse.Namespace) -> dict:
             geometry = LenslessGeometry.make("circular", sensor, psf.shape[-2:])
         recon = {"model": args.recon_model, "lam": float(args.lam)}
         if args.recon_model == "crop":
-            # DiffuserCam convention: scene = conv = 2× sensor
-            recon.update(scene_shape=[2 * sensor[0], 2 * sensor[1]], conv_shape=[2 * sensor[0], 2 * sensor[1]])
+            # grid: DiffuserCam convention, scene = conv = 2× sensor; scene: the known support --size²
+            conv = [2 * sensor[0], 2 * sensor[1]]
+            recon.update(scene_shape=list(size) if args.recon_support == "scene" else conv, conv_shape=conv)
             LenslessOperator(psf, sensor, "crop", lam=args.lam, scene_shape=recon["scene_shape"],
                              conv_shape=recon["conv_shape"])
         else:

@@ -202,19 +202,28 @@ def count_parameters(net: nn.Module) -> int:
 class Student(nn.Module):
     """``x̂ = A†y + (I − A†A) g(y, A†y)`` (``nullspace``) or ``x̂ = g(y, A†y)`` (``full``).
 
+    ``support_shape``: the scenes occupy a known centred window of the scene grid (simulated scenes are
+    zero-padded to the sensor): ``g`` then runs on the centre crop of its inputs and is zero-padded back,
+    ``g = P_support g_net(C_support(y, A†y))``, which costs the network only the support's pixels.
+
     ``g`` may run under autocast (bf16 on a GPU); the physics (FFTs) always runs in float32.
     """
 
-    def __init__(self, net: nn.Module, objective: Objective = "nullspace"):
+    def __init__(self, net: nn.Module, objective: Objective = "nullspace",
+                 support_shape: Sequence[int] | None = None):
         super().__init__()
         if objective not in OBJECTIVES:
             raise StudentError(f"unknown objective {objective!r}; use {' or '.join(OBJECTIVES)}")
         self.net = net
         self.objective = objective
+        self.support_shape = tuple(int(v) for v in support_shape) if support_shape else None
 
     def forward(self, y: torch.Tensor, physics: LenslessOperator, return_parts: bool = False):
         inputs, x_dagger = student_inputs(y, physics)
-        g = self.net(inputs).float()
+        if self.support_shape is not None:  # g sees and fills only the scene's known support; black outside
+            g = center_pad(self.net(center_crop(inputs, self.support_shape)).float(), physics.scene_shape)
+        else:
+            g = self.net(inputs).float()
         with torch.autocast(device_type=y.device.type, enabled=False):
             x_hat = x_dagger + physics.null_project(g) if self.objective == "nullspace" else g
         return (x_hat, x_dagger) if return_parts else x_hat
@@ -281,12 +290,15 @@ def physics_record(physics: LenslessOperator) -> dict:
 
 
 def make_config(kind: str, objective: Objective, channels: int, physics: LenslessOperator,
-                architecture: dict | None = None, **extra: Any) -> dict:
-    """A student ``config.json`` (kind, architecture, objective, channels, sizes, PSF hash, geometry, λ)."""
+                architecture: dict | None = None, support_shape: Sequence[int] | None = None,
+                **extra: Any) -> dict:
+    """A student ``config.json`` (kind, architecture, objective, channels, sizes, support, PSF hash,
+    geometry, λ); ``support_shape`` None: ``g`` covers the whole scene grid."""
     arch = {**default_architecture(kind, objective), **(architecture or {})}
     cfg = {"format": STUDENT_FORMAT, "version": STUDENT_VERSION, "kind": kind, "objective": objective,
            "architecture": arch, "channels": int(channels), "in_channels": 2 * int(channels),
            "scene_shape": list(physics.scene_shape), "sensor_shape": list(physics.sensor_shape),
+           "support_shape": [int(v) for v in support_shape] if support_shape is not None else None,
            **physics_record(physics), "step": 0}
     cfg.update(extra)
     return cfg
@@ -308,11 +320,17 @@ def build_student(config: dict, prior: Any | None = None) -> Student:
     else:
         raise StudentError(f"unknown student kind {kind!r}; use {' or '.join(KINDS)}")
     multiple = net.multiple
-    h, w = config["scene_shape"]
+    support = config.get("support_shape")
+    scene = config["scene_shape"]
+    if support is not None and (len(support) != 2 or support[0] > scene[0] or support[1] > scene[1]
+                                or min(support) < 1):
+        raise StudentError(f"support_shape {support} must be two sizes within the scene {scene[0]}x{scene[1]}")
+    h, w = support if support is not None else scene
     if h % multiple or w % multiple:
-        raise StudentError(f"scene size {h}x{w} is not divisible by 2^depth = {multiple} "
-                           f"(depth {arch.get('depth')}); lower the depth or change the scene size")
-    return Student(net, config.get("objective", "nullspace"))
+        what = "support" if support is not None else "scene size"
+        raise StudentError(f"{what} {h}x{w} is not divisible by 2^depth = {multiple} "
+                           f"(depth {arch.get('depth')}); lower the depth or change the {what}")
+    return Student(net, config.get("objective", "nullspace"), support)
 
 
 def save_student(directory: str | os.PathLike, net: nn.Module, config: dict, *, fp16: bool = False) -> Path:

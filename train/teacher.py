@@ -156,8 +156,13 @@ def label_dataset(dataset: LenslessDataset, prior: DiffusionPrior, out: str | Pa
     identity = _identity(dataset, physics, prior_hash, split, solver, sigma)
 
     scene = tuple(physics.scene_shape)
-    if scene != (prior.image_size, prior.image_size):
-        print(f"nsdd-train teacher: note: the prior was built for {prior.image_size} px images; the operator's "
+    s = prior.image_size
+    if scene[0] > s and scene[1] > s:
+        print(f"nsdd-train teacher: the prior generates {s}x{s} scenes; on the {scene[0]}x{scene[1]} scene grid it "
+              "works on the centred support and the rest is known black (train.prior.base.SupportPrior)",
+              file=sys.stderr)
+    elif scene != (s, s):
+        print(f"nsdd-train teacher: note: the prior was built for {s} px images; the operator's "
               f"scene grid is {scene[0]}x{scene[1]} (a convolutional prior runs, but off its training size)",
               file=sys.stderr)
 

@@ -52,3 +52,56 @@ class DiffusionPrior(torch.nn.Module):
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters()) if isinstance(self.net, torch.nn.Module) else 0
+
+
+def _centre_slices(shape: tuple[int, int], inner: tuple[int, int]) -> tuple[slice, slice]:
+    """Slices of the centred ``inner`` window in ``shape`` (the offsets of ``center_crop``)."""
+    top, left = (shape[0] - inner[0]) // 2, (shape[1] - inner[1]) // 2
+    return slice(top, top + inner[0]), slice(left, left + inner[1])
+
+
+class SupportPrior(DiffusionPrior):
+    """A prior of ``s×s`` scenes used on a larger canvas whose outside is known: ``x0 = fill`` outside the
+    centred ``s×s`` support (the simulated scenes are zero-padded: ``fill = −1`` in model space).
+
+    The prior on the canvas is the product of the inner prior and a point mass outside, so the posterior
+    factorises: inside, ``ε = ε_θ(crop(x_t), t)``; outside, ``x0`` is known and
+    ``ε = (x_t − √ᾱ_t · fill) / √(1−ᾱ_t)`` exactly. The network runs only on the support.
+    """
+
+    def __init__(self, inner: DiffusionPrior, canvas_shape: tuple[int, int], fill: float = -1.0):
+        super().__init__(inner.net, inner.alphas_cumprod, inner.image_size, inner.channels, inner.config)
+        canvas = (int(canvas_shape[0]), int(canvas_shape[1]))
+        s = inner.image_size
+        if canvas[0] < s or canvas[1] < s:
+            raise ValueError(f"canvas {canvas} is smaller than the prior's {s}x{s} support")
+        self.inner = inner
+        self.canvas_shape = canvas
+        self.support_shape = (s, s)
+        self.fill = float(fill)
+        self._window = _centre_slices(canvas, self.support_shape)
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        if tuple(x_t.shape[-2:]) != self.canvas_shape:
+            raise ValueError(f"SupportPrior: x_t has size {tuple(x_t.shape[-2:])}, expected {self.canvas_shape}")
+        n = x_t.shape[0]
+        steps = t.expand(n) if torch.is_tensor(t) and t.ndim == 0 else (
+            t if torch.is_tensor(t) else torch.full((n,), int(t), dtype=torch.long))
+        a = self.alphas_cumprod.to(x_t.device)[steps.to(x_t.device)].to(x_t.dtype).view(n, 1, 1, 1)
+        outside = (x_t - a.sqrt() * self.fill) / (1 - a).sqrt()
+        rows, cols = self._window
+        inside = self.inner.eps(x_t[..., rows, cols], t).to(x_t.dtype)
+        mask = torch.zeros(self.canvas_shape, dtype=torch.bool, device=x_t.device)
+        mask[rows, cols] = True
+        padded = torch.zeros_like(x_t)
+        padded[..., rows, cols] = inside
+        return torch.where(mask, padded, outside)
+
+
+def prior_for_scene(prior: DiffusionPrior, scene_shape: tuple[int, int]) -> DiffusionPrior:
+    """The prior to use on a ``scene_shape`` canvas: itself, or a :class:`SupportPrior` when the prior's
+    images are smaller than the canvas (scenes on a known black surround, as the simulation pads them)."""
+    s = prior.image_size
+    if isinstance(prior, SupportPrior) or (scene_shape[0] <= s and scene_shape[1] <= s):
+        return prior
+    return SupportPrior(prior, scene_shape)

@@ -81,8 +81,7 @@ class DDNM(DiffusionSolver):
     @torch.no_grad()
     def __call__(self, y: torch.Tensor, physics: LenslessOperator,
                  seeds: Sequence[int] | None = None) -> torch.Tensor:
-        prior = self._prior
-        y, gens, shape = self._prepare(y, physics, seeds)
+        y, gens, shape, prior = self._prepare(y, physics, seeds)
         sigma = physics.noise_std if self.sigma_y is None else float(self.sigma_y)
         y_m, sigma_m = measurement_to_model_space(y, physics, sigma)
         x = randn_per_sample(gens, shape, y)

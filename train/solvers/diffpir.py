@@ -72,8 +72,7 @@ class DiffPIR(DiffusionSolver):
     @torch.no_grad()
     def __call__(self, y: torch.Tensor, physics: LenslessOperator,
                  seeds: Sequence[int] | None = None) -> torch.Tensor:
-        prior = self._prior
-        y, gens, shape = self._prepare(y, physics, seeds)
+        y, gens, shape, prior = self._prepare(y, physics, seeds)
         y_m, _ = measurement_to_model_space(y, physics)
         sigma_n = self.noise_level(physics)
         ts = self._timesteps

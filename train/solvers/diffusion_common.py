@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from train.physics import LenslessOperator, center_crop, center_pad
-from train.prior.base import DiffusionPrior
+from train.prior.base import DiffusionPrior, prior_for_scene
 from train.solvers.base import Solver
 
 
@@ -176,9 +176,12 @@ class DiffusionSolver(Solver):
         return self._prior
 
     def _prepare(self, y: torch.Tensor, physics: LenslessOperator, seeds: Sequence[int] | None
-                 ) -> tuple[torch.Tensor, list[torch.Generator], tuple[int, ...]]:
-        """Check the inputs; return ``y`` as float32, one generator per sample and the ``(C, *scene)`` shape."""
+                 ) -> tuple[torch.Tensor, list[torch.Generator], tuple[int, ...], DiffusionPrior]:
+        """Check the inputs; return ``y`` as float32, one generator per sample, the ``(C, *scene)`` shape and
+        the prior for that scene (:func:`~train.prior.base.prior_for_scene`: a prior of smaller images works
+        on their centred support, the rest of the scene known black)."""
         check_inputs(y, physics, self._prior)
         y = y.to(torch.float32)
         gens = make_generators(sample_seeds(y.shape[0], self.seed, seeds if seeds is not None else self.seeds))
-        return y, gens, (y.shape[1],) + tuple(physics.scene_shape)
+        prior = prior_for_scene(self._prior, tuple(physics.scene_shape))
+        return y, gens, (y.shape[1],) + tuple(physics.scene_shape), prior

@@ -48,8 +48,7 @@ class DPS(DiffusionSolver):
 
     def __call__(self, y: torch.Tensor, physics: LenslessOperator,
                  seeds: Sequence[int] | None = None) -> torch.Tensor:
-        prior = self._prior
-        y, gens, shape = self._prepare(y, physics, seeds)
+        y, gens, shape, prior = self._prepare(y, physics, seeds)
         y_m, _ = measurement_to_model_space(y, physics)
         x = randn_per_sample(gens, shape, y)
         self.last_start = from_model_space(x)
