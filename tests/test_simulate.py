@@ -188,3 +188,49 @@ def test_refuses_a_foreign_output_directory(images, psf_file, tmp_path, capsys):
     assert run("--images", images, "--psf", psf_file, "--size", 16, "--test-fraction", 1.5,
                "--out", tmp_path / "x") == 2
     assert "--test-fraction must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_odd_sensor_scene_lands_centred_on_it(images, tmp_path):
+    """Sensor 15×20 (odd height), scenes 8×8: a delta PSF must give y = the scene centre-padded to the sensor,
+    at the offsets every sensor-size reconstruction (centre crop, support windows) uses."""
+    from train.physics import center_pad
+    from train.simulate import centred_conv_shape
+
+    assert centred_conv_shape((75, 100), (64, 64)) == (151, 200)  # DiffuserCam ×16
+    assert centred_conv_shape((64, 64), (32, 32)) == (128, 128)  # even sizes: the usual 2× grid
+    assert centred_conv_shape((75, 100), (63, 63)) == (150, 200)
+    psf = np.zeros((15, 20), np.float32)
+    psf[7, 10] = 1.0  # the centre pixel (H // 2, W // 2): no shift
+    np.save(tmp_path / "delta.npy", psf)
+    out = tmp_path / "odd"
+    assert run("--images", images, "--psf", tmp_path / "delta.npy", "--size", 8, "--noise-std", 0,
+               "--recon-model", "crop", "--recon-support", "scene", "--out", out) == 0
+    ds = LenslessDataset(out)
+    assert ds.meta["forward"]["conv_shape"] == [31, 40] and ds.meta["recon"]["conv_shape"] == [31, 40]
+    for sid in ds.ids():
+        gt = torch.from_numpy(np.load(out / "ground_truth" / f"{sid}.npy"))
+        y = torch.from_numpy(ds.measurement(sid))
+        assert torch.allclose(y, center_pad(gt, (15, 20)), atol=1e-5)
+        assert torch.allclose(ds.physics().A(gt[None])[0], y, atol=1e-5)  # the recon crop model agrees
+
+
+def test_diffusercam_psf_background_non_square(shared, tmp_path):
+    """The real DiffuserCam PSF with its corner background removed at ×16 (75×100): the PSF nsdd-train solve
+    --capture uses for the same file, a non-square sensor and scenes centred on it."""
+    from nsdd_edge.optics import load_psf
+
+    psf_path = shared / "data/lensless/diffusercam/psf_sample.tif"
+    out = tmp_path / "dc"
+    assert run("--images", shared / "data/faces/utkface", "--psf", psf_path, "--psf-downsample", 16,
+               "--psf-background", "corner", "--size", 64, "--limit", 2, "--n-test", 1, "--out", out) == 0
+    ds = LenslessDataset(out)
+    want = load_psf(psf_path, background="corner", downsample=16)
+    assert ds.meta["psf"]["sha256"] == array_hash(want) and ds.meta["psf"]["background"] == "corner"
+    assert ds.meta["forward"] == {"model": "crop", "sensor_shape": [75, 100], "scene_shape": [64, 64],
+                                  "conv_shape": [151, 200]}
+    assert ds.measurement("000000").shape == (3, 75, 100)
+    op = ds.physics()
+    assert op.model == "circular" and op.scene_shape == (75, 100) and op.psf_hash == array_hash(want)
+    assert run("--images", shared / "data/faces/utkface", "--psf", psf_path, "--psf-downsample", 16,
+               "--size", 64, "--limit", 2, "--out", tmp_path / "raw") == 0
+    assert LenslessDataset(tmp_path / "raw").meta["psf"]["sha256"] != array_hash(want)  # background kept

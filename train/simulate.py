@@ -2,8 +2,9 @@
 
 Each scene is centre-cropped to a square, resized to ``--size`` (``cv2.INTER_AREA``) and scaled to [0, 1];
 the measurement is the crop model of :class:`train.physics.LenslessOperator` — the scene zero-padded
-to a convolution grid of 2× the sensor, convolved by FFT with the unit-sum PSF, centre-cropped to the
-sensor (= the PSF's size unless ``--sensor``) — plus Gaussian noise::
+to a convolution grid of 2× the sensor (+1 px on an axis with an odd sensor and an even scene, so that
+the scene lands centred on the sensor: :func:`centred_conv_shape`), convolved by FFT with the unit-sum
+PSF, centre-cropped to the sensor (= the PSF's size unless ``--sensor``) — plus Gaussian noise::
 
     y = clip(C F⁻¹[H · F(P x)] + n, 0, 1),   n ~ N(0, σ²), σ = --noise-std (on the [0, 1] scale)
 
@@ -53,6 +54,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sensor", type=int, nargs="+", default=None, metavar="N",
                    help="sensor size H [W] (unset: the PSF's size after --psf-downsample)")
     p.add_argument("--psf-downsample", type=int, default=1, help="box-downsample the PSF by this factor")
+    p.add_argument("--psf-background", choices=("none", "corner"), default="none",
+                   help="subtract a background from the PSF before downsampling (corner: the DiffuserCam corner "
+                        "mean, as nsdd-train solve --capture does for a real PSF and capture)")
     p.add_argument("--noise-std", type=float, default=0.005, help="Gaussian noise std on the [0, 1] scale")
     p.add_argument("--seed", type=int, default=0, help="noise seed (image i uses seed + i) and split seed")
     p.add_argument("--model", choices=("crop", "circular"), default="crop",
@@ -108,6 +112,28 @@ def prepare_scene(path: Path, size: int, channels: int) -> np.ndarray:
     return np.clip(x, 0.0, 1.0).astype(np.float32)
 
 
+def centred_conv_shape(sensor: tuple[int, int], scene: tuple[int, int]) -> tuple[int, int]:
+    """The crop model's convolution grid: 2× the sensor, or 2× + 1 on an axis where that is needed for the
+    scene to sit on the sensor where :func:`train.physics.center_pad` puts it.
+
+    The scene is centre-padded to the convolution grid and the sensor is its centre crop, so the scene's
+    offset on the sensor is ``(N − s) // 2 − (N − S) // 2`` (grid ``N``, sensor ``S``, scene ``s``). Every
+    reconstruction at sensor size (the circular operator, the evaluation's centre crop, a student's or a
+    prior's support window) expects ``(S − s) // 2``. With ``N = 2S`` the two differ by one pixel when
+    ``S`` is odd and ``s`` even (e.g. DiffuserCam ×16: sensor 75, scenes 64); ``N = 2S + 1`` fixes that and
+    changes nothing else (the grid still holds the whole linear convolution of scene and PSF).
+    """
+    def axis(big: int, small: int) -> int:
+        if small > big:  # scene larger than the sensor: no sensor-centred placement to match
+            return 2 * big
+        for n in (2 * big, 2 * big + 1):
+            if (n - small) // 2 - (n - big) // 2 == (big - small) // 2:
+                return n
+        raise AssertionError("unreachable: 2S or 2S + 1 always centres the scene")
+
+    return axis(sensor[0], scene[0]), axis(sensor[1], scene[1])
+
+
 def split_ids(ids: list[str], seed: int, test_fraction: float, n_test: int | None) -> dict[str, list[str]]:
     """Deterministic train/test split: a seeded permutation, the first ``n_test`` go to ``test``."""
     if n_test is None:
@@ -138,7 +164,8 @@ def simulate(args: argparse.Namespace) -> dict:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     files = list_images(args.images, args.limit)
-    psf = load_psf(args.psf, downsample=args.psf_downsample, grayscale=args.grayscale)
+    psf = load_psf(args.psf, background=args.psf_background, downsample=args.psf_downsample,
+                   grayscale=args.grayscale)
     channels = 1 if args.grayscale else 3
     if args.sensor is None:
         sensor = tuple(psf.shape[-2:])
@@ -160,7 +187,7 @@ def simulate(args: argparse.Namespace) -> dict:
     try:
         if args.model == "crop":
             geometry = LenslessGeometry.make("crop", sensor, psf.shape[-2:], scene_shape=size,
-                                             conv_shape=(2 * sensor[0], 2 * sensor[1]))
+                                             conv_shape=centred_conv_shape(sensor, size))
         else:
             if size[0] > sensor[0] or size[1] > sensor[1]:
                 raise OpticsError(f"--size {args.size} is larger than the sensor {sensor} (circular model)")
@@ -168,7 +195,7 @@ def simulate(args: argparse.Namespace) -> dict:
         recon = {"model": args.recon_model, "lam": float(args.lam)}
         if args.recon_model == "crop":
             # grid: DiffuserCam convention, scene = conv = 2× sensor; scene: the known support --size²
-            conv = [2 * sensor[0], 2 * sensor[1]]
+            conv = list(geometry.conv_shape) if args.model == "crop" else [2 * sensor[0], 2 * sensor[1]]
             recon.update(scene_shape=list(size) if args.recon_support == "scene" else conv, conv_shape=conv)
             LenslessOperator(psf, sensor, "crop", lam=args.lam, scene_shape=recon["scene_shape"],
                              conv_shape=recon["conv_shape"])
@@ -208,7 +235,8 @@ def simulate(args: argparse.Namespace) -> dict:
     meta = {
         "format": FORMAT, "version": 1, "complete": False, "settings": settings,
         "psf": {"file": "psf.npy", "sha256": array_hash(psf), "source": str(args.psf),
-                "downsample": int(args.psf_downsample), "shape": list(psf.shape)},
+                "downsample": int(args.psf_downsample), "background": args.psf_background,
+                "shape": list(psf.shape)},
         "forward": geometry.to_dict(), "recon": recon, "noise_std": float(args.noise_std),
         "noise": "gaussian on [0, 1], then clip to [0, 1]", "clip": [0.0, 1.0], "seed": int(args.seed),
         "channels": channels, "scene_size": int(args.size), "ground_truth_shape": [channels, *size],
