@@ -194,3 +194,37 @@ def test_diffusercam_admm_more_consistent_than_wiener(shared, tmp_path, capsys):
         assert record["physics"]["model"] == "crop" and record["physics"]["lam"] == 1e-4
     print(f"\nDiffuserCam ×8 consistency: Wiener {cons['wiener']:.5f}, ADMM {cons['admm']:.5f}")
     assert cons["admm"] < cons["wiener"]
+
+
+def test_diffusercam_capture_through_a_student(shared, tmp_path, capsys):
+    """``--method student:DIR`` on the real hand capture at ×16: the capture gets the PSF's preprocessing
+    (corner background, ×16 → 75×100), the operator is the student's own (circular at sensor size, its λ),
+    the monochrome capture feeds every channel of an RGB student; a PSF with other preprocessing is refused."""
+    from nsdd_edge.optics import load_psf
+    from train.students import build_student, make_config, save_student
+
+    d = shared / "data/lensless/diffusercam"
+    psf = load_psf(d / "psf_sample.tif", background="corner", downsample=16)  # as simulate --psf-background corner
+    op = LenslessOperator(psf, (75, 100), "circular", lam=1e-3)
+    cfg = make_config("edge", "nullspace", 3, op, {"width": 4, "depth": 3, "max_width": 8, "blocks": 1},
+                      support_shape=(64, 64))
+    torch.manual_seed(0)
+    student_dir = save_student(tmp_path / "student", build_student(cfg).net, cfg)
+    args = ("--capture", d / "rawdata_hand_sample.tif", "--psf", d / "psf_sample.tif", "--downsample", 16)
+    out = tmp_path / "hand"
+    assert solve("--method", f"student:{student_dir}", *args, "--out", out) == 0
+    x = np.load(out / "rawdata_hand_sample.npy")
+    assert x.shape == (3, 75, 100) and np.isfinite(x).all()
+    record = json.loads((out / "recon.json").read_text())
+    assert record["physics"] == {"model": "circular", "sensor_shape": [75, 100], "scene_shape": [75, 100],
+                                 "conv_shape": [75, 100], "lam": 1e-3}
+    assert record["source"]["capture_channels_repeated"] == 3 and record["images"]["rawdata_hand_sample"]["nfe"] == 1
+    # null-space student: its residual is (up to λ) the Wiener residual at the student's λ, whatever g does
+    assert solve("--method", "wiener", "--model", "circular", "--lam", 1e-3, *args, "--out", tmp_path / "w") == 0
+    wiener = json.loads((tmp_path / "w" / "recon.json").read_text())["images"]["rawdata_hand_sample"]["consistency"]
+    assert record["images"]["rawdata_hand_sample"]["consistency"] == pytest.approx(wiener, rel=0.2)
+    capsys.readouterr()
+    assert solve("--method", f"student:{student_dir}", *args, "--background", "none", "--out", tmp_path / "x") == 2
+    assert "trained for PSF sha256" in capsys.readouterr().err
+    assert solve("--method", f"student:{student_dir}", *args, "--model", "crop", "--out", tmp_path / "y") == 2
+    assert "trained for geometry" in capsys.readouterr().err

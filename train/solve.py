@@ -7,7 +7,11 @@ Two inputs, one output format (``ID.npy`` float32 ``(C, H, W)``, ``ID.png`` 8-bi
 - ``--capture FILE --psf FILE``: a real raw capture. PSF and capture go through the same preprocessing,
   :func:`nsdd_edge.optics.load_psf` (dark frame or DiffuserCam corner background → box downsample →
   normalise: the PSF to unit sum, the capture to unit max). Default model ``crop`` with
-  scene = conv = 2× sensor (DiffuserCam) and λ = 1e-4 (the prototype value).
+  scene = conv = 2× sensor (DiffuserCam) and λ = 1e-4 (the prototype value); for ``student:DIR`` the
+  operator the student was trained for (its geometry and λ, from its config.json).
+
+``--method student:DIR`` runs a student directory of ``nsdd-train distill`` (= ``--method student --set
+path=DIR``); it refuses a PSF (after the preprocessing above) or geometry other than its own.
 
 Each image's measurement consistency ``‖A x̂ − y‖ / ‖y‖`` is printed and stored in recon.json. Outputs
 already in ``--out`` from the same method and settings are kept (an interrupted run resumes).
@@ -31,12 +35,14 @@ from nsdd_edge.optics import OpticsError, array_hash, load_psf
 from train.data import DatasetError, LenslessDataset
 from train.physics import LenslessOperator
 from train.solvers import SOLVERS, make_solver
+from train.students import StudentError
 
 HELP = "reconstruct a dataset split or a real capture with a registered method (wiener, admm, ddnm, ...)"
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", required=True, help=f"registered method (now: {', '.join(sorted(SOLVERS))}, ...)")
+    p.add_argument("--method", required=True,
+                   help=f"registered method (now: {', '.join(sorted(SOLVERS))}, ...) or student:DIR")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="method setting (repeatable), e.g. --set iters=200 --set tau=1e-4")
     src = p.add_mutually_exclusive_group(required=True)
@@ -82,15 +88,21 @@ def parse_settings(items: list[str]) -> dict:
     return out
 
 
-def build_solver(method: str, settings: dict, prior_dir: Path | None):
-    """``make_solver(method, **settings, prior=load_prior(prior_dir))`` with clear errors."""
+def build_solver(method: str, settings: dict, prior_dir: Path | None, device: str = "cpu"):
+    """``make_solver(method, **settings, prior=load_prior(prior_dir))`` with clear errors;
+    ``student:DIR`` is ``make_solver("student", path=DIR)``."""
     kwargs = dict(settings)
+    if method.startswith("student:"):
+        method, kwargs["path"] = "student", method.split(":", 1)[1]
+        kwargs.setdefault("device", device)
     if prior_dir is not None:
         from train.prior.io import load_prior  # lazy: diffusion priors are optional for classical methods
 
         kwargs["prior"] = load_prior(prior_dir)
     try:
         return make_solver(method, **kwargs)
+    except StudentError as exc:
+        raise ValueError(f"--method {method}: {exc}") from None
     except TypeError as exc:
         raise ValueError(f"--method {method}: bad settings {sorted(kwargs)} ({exc})") from None
 
@@ -114,8 +126,12 @@ def write_png(path: Path, img8: np.ndarray) -> None:
     atomic_write_bytes(path, buf.tobytes())
 
 
-def load_capture(args: argparse.Namespace) -> tuple[str, torch.Tensor, LenslessOperator, dict]:
-    """Preprocess ``--capture`` and ``--psf`` identically (one code path) and build the operator."""
+def load_capture(args: argparse.Namespace, trained_for: dict | None = None
+                 ) -> tuple[str, torch.Tensor, LenslessOperator, dict]:
+    """Preprocess ``--capture`` and ``--psf`` identically (one code path) and build the operator.
+
+    ``trained_for``: a student's config; unless ``--model``/``--lam`` are given, the operator is then the
+    one the student was trained for (its recorded geometry, e.g. circular at sensor size, and its λ)."""
     if args.psf is None:
         raise OpticsError("--capture needs --psf FILE")
     background = args.background or ("none" if args.dark is not None else "corner")
@@ -136,13 +152,19 @@ def load_capture(args: argparse.Namespace) -> tuple[str, torch.Tensor, LenslessO
                           f"{psf.shape[-2:]} (after downsample ×{args.downsample}); they must come from the same sensor")
     if psf.shape[0] == 3 and y.shape[0] == 1:
         raise OpticsError(f"--capture {args.capture}: grayscale capture but an RGB PSF {args.psf}")
-    model = args.model or "crop"
-    lam = 1e-4 if args.lam is None else args.lam
-    sensor = y.shape[-2:]
-    if model == "crop":
-        op = LenslessOperator(psf, sensor, "crop", lam=lam)  # scene = conv = 2× sensor (DiffuserCam)
+    sensor = tuple(y.shape[-2:])
+    geo = (trained_for or {}).get("geometry")
+    if geo and args.model in (None, geo["model"]) and tuple(geo["sensor_shape"]) == sensor:
+        lam = float(trained_for.get("lam", 1e-4)) if args.lam is None else args.lam
+        op = LenslessOperator(psf, sensor, geo["model"], lam=lam, scene_shape=geo["scene_shape"],
+                              conv_shape=geo["conv_shape"])
     else:
-        op = LenslessOperator(psf, sensor, "circular", lam=lam)
+        model = args.model or "crop"
+        lam = 1e-4 if args.lam is None else args.lam
+        if model == "crop":
+            op = LenslessOperator(psf, sensor, "crop", lam=lam)  # scene = conv = 2× sensor (DiffuserCam)
+        else:
+            op = LenslessOperator(psf, sensor, "circular", lam=lam)
     info = {"capture": str(args.capture), "psf": str(args.psf), "psf_sha256": array_hash(psf),
             "dark": str(args.dark) if args.dark else None, "background": background,
             "downsample": args.downsample, "normalization": {"psf": "sum", "capture": "max"}}
@@ -153,7 +175,7 @@ def solve(args: argparse.Namespace) -> dict:
     settings = parse_settings(args.settings)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
-    solver = build_solver(args.method, settings, args.prior)
+    solver = build_solver(args.method, settings, args.prior, args.device)
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
@@ -167,7 +189,13 @@ def solve(args: argparse.Namespace) -> dict:
               "prior": str(args.prior) if args.prior else None, "images": {}}
 
     if args.capture is not None:
-        sid, y_all, physics, source = load_capture(args)
+        sid, y_all, physics, source = load_capture(args, getattr(solver, "config", None))
+        want = int(getattr(solver, "config", {}).get("channels") or y_all.shape[1])
+        if y_all.shape[1] == 1 and want > 1 and physics.channels == 1:
+            # a monochrome capture through a PSF shared by all channels is the measurement of the grey scene
+            # (R = G = B): every channel of a colour model sees the same y
+            y_all = y_all.repeat(1, want, 1, 1)
+            source["capture_channels_repeated"] = want
         ids = [sid]
         measurements = {sid: y_all}
         real = True
