@@ -9,11 +9,18 @@ A bundle is a directory::
 ``bundle.json``::
 
     {"format": "nsdd-edge-bundle", "version": 1, "name": str,
-     "geometry": LenslessGeometry.to_dict(), "lam": float, "channels": int,
+     "geometry": {**LenslessGeometry.to_dict(), "support_shape": [h, w]}, "lam": float, "channels": int,
      "psf": {"file": "psf.npy", "sha256": array_hash(psf)},
      "preprocess": PreprocessConfig fields,
      "models": {"onnx_fp32"|"onnx_fp16"|"onnx_int8"|"engine": {"file", "sha256", ...extra}},
      "provenance": {...}}
+
+``geometry.support_shape`` (optional; absent or null: the scenes fill the whole grid) is the centred
+window of the reconstruction grid that the scenes occupy — a student trained on small scenes zero-padded
+to the sensor-size grid (``train.students.Student`` ``support_shape``). With it, ``sim://`` renders its
+scenes at the support size and simulates them with the crop model on a 2× sensor convolution grid, as
+``nsdd-train simulate`` made the training data (:meth:`Bundle.sim_geometry`), and the preview/recorder
+show the support crop of the reconstruction (:meth:`Bundle.display_crop`).
 
 Loading checks the format, the PSF hash, every model file's SHA-256 and the geometry, and raises
 :class:`BundleError` naming the problem.
@@ -32,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from nsdd_edge.optics import LenslessGeometry, OpticsError, array_hash, check_psf, read_array
+from nsdd_edge.optics import LenslessGeometry, OpticsError, array_hash, center_crop, check_psf, read_array
 
 BUNDLE_FORMAT = "nsdd-edge-bundle"
 BUNDLE_VERSION = 1
@@ -75,6 +82,19 @@ class PreprocessConfig:
         return PreprocessConfig(**d)
 
 
+def parse_support(value: Any, grid: tuple[int, int], where: str = "support_shape") -> tuple[int, int] | None:
+    """``None`` or ``[h, w]``: two positive integers within the reconstruction grid, else :class:`BundleError`."""
+    if value is None:
+        return None
+    if (not isinstance(value, (list, tuple)) or len(value) != 2
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value)):
+        raise BundleError(f"{where}: expected null or two integers [height, width], got {value!r}")
+    h, w = int(value[0]), int(value[1])
+    if h < 1 or w < 1 or h > grid[0] or w > grid[1]:
+        raise BundleError(f"{where}: {[h, w]} must be positive and within the reconstruction grid {list(grid)}")
+    return h, w
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -96,10 +116,26 @@ class Bundle:
     preprocess: PreprocessConfig
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    support_shape: tuple[int, int] | None = None
 
     @property
     def psf_sha256(self) -> str:
         return array_hash(self.psf)
+
+    def sim_geometry(self) -> LenslessGeometry:
+        """The forward model ``sim://`` uses with this bundle: with a support, the crop model (scene = the
+        support, convolution grid 2× the sensor, as ``nsdd-train simulate``); without, the bundle's geometry."""
+        if self.support_shape is None:
+            return self.geometry
+        sensor = self.geometry.sensor_shape
+        return LenslessGeometry.make("crop", sensor, self.psf.shape[-2:], scene_shape=self.support_shape,
+                                     conv_shape=(2 * sensor[0], 2 * sensor[1]))
+
+    def display_crop(self, x: np.ndarray) -> np.ndarray:
+        """The centred support window of a reconstruction ``(…, H, W)`` (the whole image without a support)."""
+        if self.support_shape is None:
+            return x
+        return center_crop(x, self.support_shape)
 
     def model_path(self, kind: str) -> Path | None:
         """Path of model ``kind`` (``onnx_fp32``, ``onnx_fp16``, ``onnx_int8``, ``engine``) or None."""
@@ -151,6 +187,8 @@ def load_bundle(root: str | os.PathLike, *, verify_files: bool = True) -> Bundle
     channels = int(meta["channels"])
     if psf.shape[0] not in (1, channels):
         raise BundleError(f"{root}: PSF has {psf.shape[0]} channels, bundle says {channels}")
+    support = parse_support(meta["geometry"].get("support_shape") if isinstance(meta["geometry"], dict) else None,
+                            geometry.scene_shape, f"{meta_path}: geometry.support_shape")
     models = dict(meta.get("models", {}))
     if verify_files:
         for kind, m in models.items():
@@ -161,21 +199,26 @@ def load_bundle(root: str | os.PathLike, *, verify_files: bool = True) -> Bundle
                 raise BundleError(f"{root}: model {kind!r} file {m['file']} is corrupted (SHA-256 mismatch)")
     return Bundle(root=root, name=meta.get("name", root.name), geometry=geometry, lam=float(meta["lam"]),
                   channels=channels, psf=psf, preprocess=PreprocessConfig.from_dict(meta.get("preprocess")),
-                  models=models, provenance=dict(meta.get("provenance", {})))
+                  models=models, provenance=dict(meta.get("provenance", {})), support_shape=support)
 
 
 def write_bundle(out: str | os.PathLike, *, psf: np.ndarray, geometry: LenslessGeometry, lam: float,
                  channels: int, preprocess: PreprocessConfig | None = None,
                  models: dict[str, str | os.PathLike | dict] | None = None, name: str | None = None,
-                 provenance: dict | None = None, extra_files: dict[str, str | os.PathLike] | None = None) -> Bundle:
+                 provenance: dict | None = None, extra_files: dict[str, str | os.PathLike] | None = None,
+                 support_shape: tuple[int, int] | list[int] | None = None) -> Bundle:
     """Write a bundle atomically (build in a temporary sibling directory, then rename).
 
     ``models`` maps a kind to a source file path, or to a dict ``{"path": ..., **extra}`` whose extra
     keys (precision, TensorRT version, …) are recorded. ``extra_files`` (e.g. a background frame) are
-    copied under their given names.
+    copied under their given names. ``support_shape``: the scenes' centred window (``geometry.support_shape``).
     """
     out = Path(out)
     check_psf(psf, "bundle PSF")
+    support = parse_support(list(support_shape) if support_shape is not None else None, geometry.scene_shape)
+    geometry_record = geometry.to_dict()
+    if support is not None:
+        geometry_record["support_shape"] = list(support)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -194,7 +237,7 @@ def write_bundle(out: str | os.PathLike, *, psf: np.ndarray, geometry: LenslessG
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, tmp / rel)
         meta = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "name": name or out.name,
-                "geometry": geometry.to_dict(), "lam": float(lam), "channels": int(channels),
+                "geometry": geometry_record, "lam": float(lam), "channels": int(channels),
                 "psf": {"file": "psf.npy", "sha256": array_hash(psf)},
                 "preprocess": asdict(preprocess or PreprocessConfig()), "models": recorded,
                 "provenance": provenance or {}}

@@ -31,6 +31,7 @@ import numpy as np
 from nsdd_edge.atomic import atomic_write_bytes
 from nsdd_edge.bundle import BundleError
 from nsdd_edge.engines import Engine
+from nsdd_edge.optics import center_crop
 from nsdd_edge.preprocess import FrameRejected
 from nsdd_edge.preview import Preview, compose
 from nsdd_edge.recorder import Recorder, RecorderError
@@ -50,6 +51,8 @@ class LoopConfig:
 
     ``max_frames``: stop after this many frames (live: reconstructed + rejected; lossless: captured).
     ``max_reopen_attempts``: give up on a source after this many failed reopens in a row (None: never).
+    ``display_support``: the bundle's support window; the preview, the snapshot and the recorder's 8-bit view
+    show that centred crop of the reconstruction (the recorded ``.recon.npy`` stays the whole engine output).
     """
 
     max_frames: int | None = None
@@ -66,6 +69,7 @@ class LoopConfig:
     snapshot_path: Path | None = None
     backpressure_warn_ms: float = 100.0
     expected_input_shape: tuple[int, int, int] | None = None
+    display_support: tuple[int, int] | None = None  # preview/snapshot/recorder view: this centred crop of x̂
 
 
 class LatestSlot:
@@ -123,7 +127,8 @@ class ReconstructionLoop:
         self._processed = 0
         self._checked_shape = False
         self._last_warn = 0.0
-        self.last_pair: tuple[np.ndarray, np.ndarray] | None = None
+        self.last_pair: tuple[np.ndarray, np.ndarray] | None = None  # (y, shown x̂: the support crop)
+        self.last_truth: np.ndarray | None = None  # the sim:// scene of the last frame, if any
         self.last_preview: np.ndarray | None = None
         self.end_reason = "running"
         self.recording_stopped: str | None = None
@@ -256,10 +261,10 @@ class ReconstructionLoop:
                 return
             if not self._recorder_alive():
                 continue
-            index, raw, x, meta = item
+            index, raw, x, view, meta = item
             t0 = time.perf_counter()
             try:
-                self.recorder.record(index, raw, x, meta)
+                self.recorder.record(index, raw, x, meta, view=view)
             except Exception as exc:  # noqa: BLE001 - RecorderError, or a bug: either way recording stops, loudly
                 if not isinstance(exc, RecorderError):
                     exc = RecorderError(f"recorder failed on frame {index} ({type(exc).__name__}: {exc}); "
@@ -272,13 +277,21 @@ class ReconstructionLoop:
             tel.add_time("record", (time.perf_counter() - t0) * 1e3)
             tel.count("recorded")
 
-    def _to_recorder(self, frame, t_capture: float, x: np.ndarray | None, extra: dict) -> None:
+    def _to_recorder(self, frame, t_capture: float, x: np.ndarray | None, extra: dict,
+                     view: np.ndarray | None = None) -> None:
         if not self._recorder_alive():
             return
         index = int(getattr(frame, "index", self._captured))
         meta = {**self.frame_meta, "source_timestamp": getattr(frame, "timestamp", None),
                 "captured_at": t_capture, "source_meta": dict(getattr(frame, "meta", None) or {}), **extra}
-        self._put_blocking(self._record_q, (index, np.asarray(frame.data), x, meta), "recorder")
+        self._put_blocking(self._record_q, (index, np.asarray(frame.data), x, view, meta), "recorder")
+
+    def _shown(self, x: np.ndarray) -> np.ndarray:
+        """The part of the reconstruction that is displayed: the centred support window, if any."""
+        s = self.config.display_support
+        if s is None or tuple(x.shape[-2:]) == tuple(s) or s[0] > x.shape[-2] or s[1] > x.shape[-1]:
+            return x
+        return center_crop(x, s)
 
     # -- reconstruction (caller's thread) ----------------------------------------------------------
     def _process(self, item) -> None:
@@ -311,11 +324,13 @@ class ReconstructionLoop:
         tel.count("frames_out")
         self._processed += 1
         with tel.time("output"):
-            self.last_pair = (y, x)
+            shown = self._shown(x)
+            truth = getattr(frame, "truth", None)
+            self.last_pair, self.last_truth = (y, shown), truth
             if self.preview is not None:
-                self.last_preview = compose(y, x, tel.overlay_lines())
+                self.last_preview = compose(y, shown, tel.overlay_lines(), truth=truth)
                 self.preview.show(self.last_preview)
-            self._to_recorder(frame, t_capture, x, {})
+            self._to_recorder(frame, t_capture, x, {}, view=shown if shown is not x else None)
 
     def run(self) -> dict:
         """Run until ``max_frames``, end of stream, :meth:`request_stop` or a fatal error; returns the
@@ -373,7 +388,7 @@ class ReconstructionLoop:
         return tel.snapshot()
 
     def finish(self) -> None:
-        """Final outputs: stats JSON, snapshot PNG (last side-by-side frame)."""
+        """Final outputs: stats JSON, snapshot PNG (last side-by-side frame, with the sim truth if known)."""
         cfg, tel = self.config, self.telemetry
         tel.info["end_reason"] = self.end_reason
         if self.recorder is not None:
@@ -382,7 +397,7 @@ class ReconstructionLoop:
         if cfg.snapshot_path and self.last_pair is not None:
             import cv2
 
-            img = compose(*self.last_pair, tel.overlay_lines())
+            img = compose(*self.last_pair, tel.overlay_lines(), truth=self.last_truth)
             ok, buf = cv2.imencode(".png", img)
             if ok:
                 atomic_write_bytes(cfg.snapshot_path, buf.tobytes())

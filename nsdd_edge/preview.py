@@ -1,5 +1,5 @@
-"""Previews: the side-by-side frame (measurement | reconstruction + live figures), an OpenCV window and an
-MJPEG-over-HTTP server.
+"""Previews: the side-by-side frame (measurement | reconstruction [| ground truth of a simulated camera] +
+live figures), an OpenCV window and an MJPEG-over-HTTP server.
 
 HTTP routes: ``/`` (a small page), ``/stream.mjpg`` (``multipart/x-mixed-replace`` JPEG stream),
 ``/frame.jpg`` (latest frame), ``/stats.json`` (telemetry). Bound to 127.0.0.1 by default; on any
@@ -52,14 +52,19 @@ def to_display(img: np.ndarray, *, autoscale: bool) -> np.ndarray:
 
 
 def compose(measurement: np.ndarray, reconstruction: np.ndarray | None, lines: list[str] = (),
-            *, height: int = 256) -> np.ndarray:
-    """Side-by-side BGR uint8 image: measurement | reconstruction (each ``height`` pixels tall, nearest
-    scaling), with a text bar of ``lines`` underneath."""
+            *, height: int = 256, truth: np.ndarray | None = None) -> np.ndarray:
+    """Side-by-side BGR uint8 image: measurement | reconstruction [| ground truth] (each ``height`` pixels
+    tall, nearest scaling), with a text bar of ``lines`` underneath. ``truth``: the simulated scene (a
+    ``sim://`` frame's ``truth``), shown as a third panel."""
     import cv2
 
     panels = [to_display(measurement, autoscale=True)]
     panels.append(to_display(reconstruction, autoscale=False) if reconstruction is not None
                   else np.zeros_like(panels[0]))
+    labels = ["measurement y", "reconstruction"]
+    if truth is not None:
+        panels.append(to_display(truth, autoscale=False))
+        labels.append("ground truth (sim)")
     scaled = []
     for p in panels:
         h, w = p.shape[:2]
@@ -67,8 +72,7 @@ def compose(measurement: np.ndarray, reconstruction: np.ndarray | None, lines: l
         interp = cv2.INTER_NEAREST if height >= h else cv2.INTER_AREA
         scaled.append(cv2.resize(p, (new_w, height), interpolation=interp))
     gap = np.full((height, 4, 3), 40, np.uint8)
-    top = np.concatenate([scaled[0], gap, scaled[1]], axis=1)
-    labels = ("measurement y", "reconstruction")
+    top = np.concatenate([part for s in scaled for part in (gap, s)][1:], axis=1)
     x0 = 0
     for lab, s in zip(labels, scaled):
         (tw, th), _ = cv2.getTextSize(lab, cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)

@@ -7,7 +7,8 @@ recording continues the numbering after its last frame and writes ``session-K.js
 - ``NNNNNNNN.raw.png`` — integer raw data of ≤ 16 bits, shape (H, W) or (H, W, 3): 8/16-bit PNG, lossless
   (3-channel frames are RGB and stored in PNG's usual colour order); anything else (float, 32-bit, other
   layouts) ``NNNNNNNN.raw.npy``, bit-exact.
-- ``NNNNNNNN.recon.npy`` (float32 (C, H, W)) and ``NNNNNNNN.recon.png`` (8-bit view, clipped to [0, 1]).
+- ``NNNNNNNN.recon.npy`` (float32 (C, H, W), the whole engine output) and ``NNNNNNNN.recon.png`` (8-bit
+  view, clipped to [0, 1]; of the ``view`` given, e.g. the bundle's support window, else of the whole output).
 - ``NNNNNNNN.json`` — frame index, timestamps, source metadata, bundle hash, engine, file names.
 
 ``session.json`` describes the run. Each file is written to a temporary file in the same directory,
@@ -130,9 +131,11 @@ class Recorder:
             self.stopped_reason = f"cannot write {path} ({exc.strerror or exc}); recording stopped"
             raise RecorderError(self.stopped_reason) from exc
 
-    def record(self, index: int, raw: np.ndarray, recon: np.ndarray | None, meta: dict) -> list[str]:
+    def record(self, index: int, raw: np.ndarray, recon: np.ndarray | None, meta: dict,
+               view: np.ndarray | None = None) -> list[str]:
         """Write one frame (source frame ``index``): raw data, reconstruction (if any) and metadata, under
-        the next sequence number; returns the file names.
+        the next sequence number; returns the file names. ``view``: what the 8-bit PNG shows (default
+        ``recon``; the loop passes the support crop of a bundle with a support window).
 
         The metadata JSON is written last, so its presence means the frame's other files are complete.
         Raises :class:`DiskFull` / :class:`RecorderError` (and stops) when a file cannot be written.
@@ -152,11 +155,16 @@ class Recorder:
         if recon is not None:
             recon = np.asarray(recon, dtype=np.float32)
             self._write(f"{stem}.recon.npy", encode_npy(recon))
-            self._write(f"{stem}.recon.png", encode_png(to_view8(recon)))
+            self._write(f"{stem}.recon.png", encode_png(to_view8(recon if view is None else view)))
             files += [f"{stem}.recon.npy", f"{stem}.recon.png"]
+        recon_record = None
+        if recon is not None:
+            recon_record = {"file": files[1], "view": files[2]}
+            if view is not None:
+                recon_record["view_shape"] = list(np.shape(view))
         full = {"sequence": sequence, "frame_index": int(index), "recorded_at": time.time(), **meta,
                 "raw": {"file": files[0], "dtype": str(raw.dtype), "shape": list(raw.shape)},
-                "recon": {"file": files[1], "view": files[2]} if recon is not None else None}
+                "recon": recon_record}
         self._write(f"{stem}.json", (json.dumps(full, indent=2, default=_json_default) + "\n").encode())
         files.append(f"{stem}.json")
         self.recorded += 1

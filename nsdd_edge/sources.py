@@ -67,12 +67,14 @@ class EndOfStream(SourceError):
 class Frame:
     """One raw frame: ``data`` as the sensor gives it, ``index`` (frame counter of the source; gaps mean
     dropped frames), ``timestamp`` in seconds, ``meta`` (black_level, white_level, gain, bayer_pattern,
-    exposure_us, bit_depth, ...)."""
+    exposure_us, bit_depth, ...); ``truth``: the scene itself when the source knows it (``sim://``: float32
+    ``(C, *scene_shape)`` in [0, 1], for a ground-truth panel), else None."""
 
     data: np.ndarray
     index: int
     timestamp: float
     meta: dict[str, Any] = field(default_factory=dict)
+    truth: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,7 +351,10 @@ class SimCamera(FrameSource):
     clipped to ``bits`` bits, stored as uint16. Preprocessing with ``black_level`` and
     ``normalization: fixed, scale = gain`` (:meth:`matching_preprocess`) recovers ``y`` on the training
     scale. ``format``: ``rgb`` (H, W, 3), ``mono`` (H, W) or ``bayer`` (2H, 2W) mosaic of ``bayer=RGGB``.
-    Content is a deterministic function of ``(seed, index)``.
+    Content is a deterministic function of ``(seed, index)``. Each :class:`Frame` carries its scene as
+    ``truth``. With a crop ``geometry`` whose scene is smaller than the convolution grid (a bundle with a
+    ``support_shape``: :meth:`nsdd_edge.bundle.Bundle.sim_geometry`) the scene is rendered at that size and
+    zero-padded centrally by the forward model, as ``nsdd-train simulate`` makes training data.
     """
 
     scheme = "sim"
@@ -533,7 +538,10 @@ class SimCamera(FrameSource):
 
     def raw_frame(self, index: int) -> np.ndarray:
         """Raw uint16 counts of frame ``index`` (deterministic per ``(seed, index)``)."""
-        y = self.measurement(index)
+        return self._raw_from(self.measurement(index), index)
+
+    def _raw_from(self, y: np.ndarray, index: int) -> np.ndarray:
+        """Noise, gain, black level, rounding and clipping of the measurement ``y`` of frame ``index``."""
         rng = np.random.default_rng([self.seed, index])
         if self.format == "bayer":
             h, w = y.shape[-2:]
@@ -564,13 +572,14 @@ class SimCamera(FrameSource):
             stamp = self._pacer.wait_for(index, timeout)
         else:
             stamp = index / self.fps
-        data = self.raw_frame(index)
+        scene = self.scene(index)
+        data = self._raw_from(self._forward(scene), index)
         self._next_index = index + 1
         meta = {"source": "sim", "black_level": self.black_level, "white_level": self.white_level,
                 "gain": self.gain, "bit_depth": self.bits, "bayer_pattern": self.bayer_pattern,
                 "exposure_us": 1e6 / self.fps, "analogue_gain": 1.0, "scene": self.scene_kind,
                 "motion": self.motion, "seed": self.seed}
-        return Frame(data=data, index=index, timestamp=stamp, meta=meta)
+        return Frame(data=data, index=index, timestamp=stamp, meta=meta, truth=scene)
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()

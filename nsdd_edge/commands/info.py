@@ -48,7 +48,8 @@ def bundle_report(model: str | None) -> dict:
         path = b.root / m["file"]
         models[kind] = {**m, "size_bytes": path.stat().st_size}
     return {"path": str(b.root), "verified": True, "name": b.name, "bundle_sha256": bundle_sha256(b),
-            "geometry": b.geometry.to_dict(), "lam": b.lam, "channels": b.channels,
+            "geometry": b.geometry.to_dict(), "support_shape": list(b.support_shape) if b.support_shape else None,
+            "lam": b.lam, "channels": b.channels,
             "input_shape": list(b.input_shape), "psf_shape": list(b.psf.shape), "psf_sha256": b.psf_sha256,
             "preprocess": vars(b.preprocess), "models": models, "provenance": b.provenance}
 
@@ -86,7 +87,8 @@ def _print_text(r: dict) -> None:
         g = b["geometry"]
         print(f"  name          {b['name']}  (verified: PSF and model hashes match)")
         print(f"  geometry      {g['model']}, sensor {g['sensor_shape']}, scene {g['scene_shape']}, "
-              f"conv {g['conv_shape']}")
+              f"conv {g['conv_shape']}" + (f", scene support {b['support_shape']} (sim:// crop model, shown "
+                                            "cropped)" if b.get("support_shape") else ""))
         print(f"  input         {b['input_shape']}  λ={b['lam']:g}  PSF {b['psf_shape']} "
               f"sha256 {b['psf_sha256'][:16]}…")
         p = b["preprocess"]

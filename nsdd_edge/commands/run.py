@@ -45,9 +45,11 @@ def open_bundle(path: str | None) -> Bundle:
 
 
 def open_camera(uri: str, bundle: Bundle, **options: Any):
-    """``open_source`` with, for ``sim://``, the bundle's PSF, geometry and channels (unless the URI sets
-    them), so the simulated camera is the one the bundle was made for. A sim PSF given in the URI that
-    differs from the bundle's is refused (:class:`BundleError`)."""
+    """``open_source`` with, for ``sim://``, the bundle's PSF, forward model and channels (unless the URI
+    sets them), so the simulated camera is the one the bundle was made for: with a support window the scenes
+    are rendered at the support size and simulated with the crop model on a 2× sensor grid
+    (:meth:`Bundle.sim_geometry`). A sim PSF given in the URI that differs from the bundle's is refused
+    (:class:`BundleError`)."""
     from nsdd_edge.sources import open_source, parse_uri
 
     parsed = parse_uri(uri)
@@ -55,7 +57,7 @@ def open_camera(uri: str, bundle: Bundle, **options: Any):
         q = parsed.query
         if not {"psf", "size", "geometry"} & set(q):  # the URI chose its own optics: checked below
             options.setdefault("psf", bundle.psf)
-            options.setdefault("geometry", bundle.geometry)
+            options.setdefault("geometry", bundle.sim_geometry())
         if "channels" not in q and "format" not in q:
             options.setdefault("channels", bundle.channels)
     source = open_source(uri, **options)
@@ -168,8 +170,14 @@ def main(args: argparse.Namespace) -> int:
                            "engine_reason": choice.reason, "source": args.source})
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     print(f"nsdd-edge run: bundle {bundle.name} ({bundle.root}), sensor {bundle.geometry.sensor_shape}, "
-          f"{bundle.channels} channel(s)", file=sys.stderr)
+          f"{bundle.channels} channel(s)" + (f", scene support {bundle.support_shape} (shown: its centred crop)"
+                                             if bundle.support_shape else ""), file=sys.stderr)
     print(f"nsdd-edge run: engine {engine.describe()} — {choice.reason}", file=sys.stderr)
+    unused = [k for k in bundle.models if k.startswith("onnx_") or k == "engine"]
+    if choice.kind == "wiener" and unused and args.engine == "auto":
+        print(f"nsdd-edge run: note: the bundle's trained model ({', '.join(sorted(unused))}) is NOT used: no runtime "
+              "for it here; the numpy Wiener filter A†y runs instead. Install ONNX Runtime to use the student: "
+              "pip install 'nsdd-edge[onnxruntime]'", file=sys.stderr)
     print(f"nsdd-edge run: source {args.source}" + (f", {frames} frames" if frames else ", until Ctrl-C"),
           file=sys.stderr)
 
@@ -193,7 +201,7 @@ def main(args: argparse.Namespace) -> int:
         config = LoopConfig(max_frames=frames or None, stats_path=Path(args.stats) if args.stats else None,
                             snapshot_path=Path(args.snapshot) if args.snapshot else None,
                             console_interval=0.0 if args.quiet else 1.0, max_reopen_attempts=args.max_reconnects,
-                            expected_input_shape=bundle.input_shape)
+                            expected_input_shape=bundle.input_shape, display_support=bundle.support_shape)
         loop = ReconstructionLoop(source, preprocess, engine, config=config, preview=preview, recorder=recorder,
                                   telemetry=telemetry, frame_meta=frame_meta, log=log)
         holder["loop"] = loop
