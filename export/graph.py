@@ -1,7 +1,12 @@
 """The exported graph: measurement ``y`` → reconstruction ``x̂`` with the pseudo-inverse inside.
 
 ``x̂ = A†y + (I − A†A) g(cat(y, A†y))`` (objective ``nullspace``), ``g(cat(y, A†y))`` (``full``) or
-``A†y`` (Wiener-only graph, no student). Circular model at sensor size, so ``A†`` and ``I − A†A`` are
+``A†y`` (Wiener-only graph, no student). With a ``support_shape`` ``(h, w)`` (students trained on scenes
+that fill only a centred window of the sensor-size grid, ``train.students.Student``) the network runs on
+the centred crop of its stacked input (ONNX ``Slice``) and its output is zero-padded back (``Concat``
+with zeros):
+``g = P_support net(C_support(cat(y, A†y)))``, offsets ``top = (H − h) // 2``, ``left = (W − w) // 2`` as
+:func:`train.physics.center_crop` / ``center_pad``. Circular model at sensor size, so ``A†`` and ``I − A†A`` are
 the Fourier multipliers ``G = conj(H)/(|H|²+λ)`` and ``1 − R = 1 − |H|²/(|H|²+λ)`` taken from
 :class:`nsdd_edge.optics.WienerSpectra` (the same spectra as training; nothing is recomputed here).
 
@@ -44,13 +49,17 @@ class GraphSpec:
     channels: int
     objective: Objective
     dft: DftForm
+    support_shape: tuple[int, int] | None = None  # None: g covers the whole sensor-size grid
 
     def metadata(self) -> dict[str, str]:
         import json
 
-        return {"nsdd.psf_sha256": self.psf_sha256, "nsdd.lam": repr(float(self.lam)),
-                "nsdd.geometry": json.dumps(self.geometry.to_dict()), "nsdd.channels": str(self.channels),
-                "nsdd.objective": self.objective, "nsdd.dft": self.dft}
+        props = {"nsdd.psf_sha256": self.psf_sha256, "nsdd.lam": repr(float(self.lam)),
+                 "nsdd.geometry": json.dumps(self.geometry.to_dict()), "nsdd.channels": str(self.channels),
+                 "nsdd.objective": self.objective, "nsdd.dft": self.dft}
+        if self.support_shape is not None:
+            props["nsdd.support_shape"] = json.dumps(list(self.support_shape))
+        return props
 
     @staticmethod
     def from_metadata(props: dict[str, str]) -> GraphSpec:
@@ -60,10 +69,30 @@ class GraphSpec:
                                "nsdd.objective", "nsdd.dft") if k not in props]
         if missing:
             raise ExportError(f"model metadata lacks {missing} (not exported by nsdd-export onnx?)")
+        geometry = LenslessGeometry.from_dict(json.loads(props["nsdd.geometry"]))
+        support = None
+        if props.get("nsdd.support_shape") not in (None, "", "null"):
+            try:
+                support = check_support(json.loads(props["nsdd.support_shape"]), geometry.sensor_shape)
+            except (json.JSONDecodeError, ExportError) as exc:
+                raise ExportError(f"model metadata nsdd.support_shape={props['nsdd.support_shape']!r}: {exc}") from None
         return GraphSpec(psf_sha256=props["nsdd.psf_sha256"], lam=float(props["nsdd.lam"]),
-                         geometry=LenslessGeometry.from_dict(json.loads(props["nsdd.geometry"])),
-                         channels=int(props["nsdd.channels"]), objective=props["nsdd.objective"],  # type: ignore[arg-type]
-                         dft=props["nsdd.dft"])  # type: ignore[arg-type]
+                         geometry=geometry, channels=int(props["nsdd.channels"]),
+                         objective=props["nsdd.objective"], dft=props["nsdd.dft"],  # type: ignore[arg-type]
+                         support_shape=support)
+
+
+def check_support(support: object, grid: Sequence[int]) -> tuple[int, int] | None:
+    """``support`` as ``(h, w)`` (None stays None): two positive integers within ``grid``, else :class:`ExportError`."""
+    if support is None:
+        return None
+    if (not isinstance(support, (list, tuple)) or len(support) != 2
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in support)):
+        raise ExportError(f"support_shape must be two integers [h, w], got {support!r}")
+    h, w = int(support[0]), int(support[1])
+    if min(h, w) < 1 or h > grid[0] or w > grid[1]:
+        raise ExportError(f"support_shape {[h, w]} must be positive and within the sensor grid {list(grid)}")
+    return h, w
 
 
 class ReconstructionGraph(torch.nn.Module):
@@ -71,7 +100,7 @@ class ReconstructionGraph(torch.nn.Module):
 
     def __init__(self, psf: np.ndarray, sensor_shape: Sequence[int], lam: float, *,
                  net: torch.nn.Module | None = None, objective: Objective = "nullspace",
-                 dft: DftForm = "matmul", channels: int = 3):
+                 dft: DftForm = "matmul", channels: int = 3, support_shape: Sequence[int] | None = None):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ExportError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
@@ -85,7 +114,12 @@ class ReconstructionGraph(torch.nn.Module):
         if psf.shape[0] not in (1, channels):
             raise ExportError(f"PSF has {psf.shape[0]} channels; the graph has {channels}")
         spectra = WienerSpectra.from_psf(psf, geometry.conv_shape, lam)
-        self.spec = GraphSpec(array_hash(psf), float(lam), geometry, int(channels), objective, dft)
+        support = check_support(tuple(support_shape) if support_shape is not None else None, geometry.sensor_shape)
+        if support is not None and net is None:
+            raise ExportError("support_shape is the student network's window; the Wiener-only graph has none")
+        if support == geometry.sensor_shape:
+            support = None  # the whole grid: no crop/pad nodes
+        self.spec = GraphSpec(array_hash(psf), float(lam), geometry, int(channels), objective, dft, support)
         self.net = net
         self.height, self.width = geometry.sensor_shape
         self.wr = self.width // 2 + 1
@@ -120,25 +154,47 @@ class ReconstructionGraph(torch.nn.Module):
         """``(I − A†A) x = F⁻¹[(1 − R) · F(x)]``."""
         return self._filter(x, self.null_spec, real=True)
 
+    def student_g(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``g``: the network on the whole grid, or on the support window (Slice) zero-padded back (Concat)."""
+        assert self.net is not None
+        if self.spec.support_shape is None:
+            return self.net(inputs)
+        h, w = self.spec.support_shape
+        top, left = (self.height - h) // 2, (self.width - w) // 2
+        g = self.net(inputs[:, :, top : top + h, left : left + w])
+        # zero-pad by Concat with zeros: an ONNX Pad of opset 18 (what the exporter writes) has no
+        # version-converter adapter down to the default opset 17
+        n, c = g.shape[0], g.shape[1]
+        right, bottom = self.width - w - left, self.height - h - top
+        if left or right:
+            g = torch.cat([t for t in (g.new_zeros((n, c, h, left)), g, g.new_zeros((n, c, h, right))) if t.shape[-1]],
+                          dim=-1)
+        if top or bottom:
+            g = torch.cat([t for t in (g.new_zeros((n, c, top, self.width)), g,
+                                       g.new_zeros((n, c, bottom, self.width))) if t.shape[-2]], dim=-2)
+        return g
+
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         x_dagger = self.pseudo_inverse(y)
         if self.net is None:
             return x_dagger
-        g = self.net(torch.cat([y, x_dagger], dim=1))
+        g = self.student_g(torch.cat([y, x_dagger], dim=1))
         if self.spec.objective == "full":
             return g
         return x_dagger + self.null_project(g)
 
 
 def reference_reconstruction(psf: np.ndarray, y: torch.Tensor, lam: float, net: torch.nn.Module | None,
-                             objective: Objective) -> torch.Tensor:
-    """The same computation with :class:`train.physics.LenslessOperator` (the verification reference)."""
+                             objective: Objective, support_shape: Sequence[int] | None = None) -> torch.Tensor:
+    """The same computation by the training code (the verification reference): ``A†y`` of
+    :class:`train.physics.LenslessOperator`, or the :class:`train.students.Student` around ``net``
+    (with its ``support_shape`` window)."""
     from train.physics import LenslessOperator
 
     op = LenslessOperator(psf, tuple(y.shape[-2:]), "circular", lam=lam).to(y.device)
     with torch.no_grad():
-        x_dagger = op.A_dagger(y)
         if net is None or objective == "wiener":
-            return x_dagger
-        g = net(torch.cat([y, x_dagger], dim=1))
-        return g if objective == "full" else x_dagger + op.null_project(g)
+            return op.A_dagger(y)
+        from train.students import Student
+
+        return Student(net, objective, support_shape)(y, op)

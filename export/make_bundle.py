@@ -1,7 +1,8 @@
 """Assemble an edge bundle (``nsdd_edge.bundle.write_bundle``) from exported models and the PSF.
 
 Every ONNX file must come from ``nsdd-export onnx|quantize`` for the same PSF, λ, geometry and channels;
-the PSF given must hash to the models' PSF. The bundle records sizes, λ, preprocessing and provenance
+the PSF given must hash to the models' PSF. The bundle records sizes, λ, the student's support window
+(``geometry.support_shape``, from the models' ``nsdd.support_shape``), preprocessing and provenance
 (hashes, the student's configuration including its training data, package versions).
 """
 
@@ -48,13 +49,20 @@ def _same(a: GraphSpec, b: GraphSpec) -> list[str]:
         diffs.append(f"channels ({a.channels} vs {b.channels})")
     if a.objective != b.objective:
         diffs.append(f"objective ({a.objective} vs {b.objective})")
+    if a.support_shape != b.support_shape:
+        diffs.append(f"support window ({a.support_shape} vs {b.support_shape})")
     return diffs
 
 
 def make_bundle(onnx_files: list[str | Path], psf: Any, out: str | Path, *, engine: str | Path | None = None,
                 preprocess_json: str | Path | None = None, name: str | None = None,
-                psf_source: str | None = None) -> Any:
-    """Check the models against each other and the PSF, then write the bundle; returns the loaded Bundle."""
+                psf_source: str | None = None, preprocess: PreprocessConfig | None = None,
+                provenance_extra: dict | None = None) -> Any:
+    """Check the models against each other and the PSF, then write the bundle; returns the loaded Bundle.
+
+    The models' ``nsdd.support_shape`` becomes the bundle's ``geometry.support_shape``. ``preprocess``
+    (a :class:`PreprocessConfig`) may be given instead of ``preprocess_json``; ``provenance_extra`` is
+    merged into the recorded provenance."""
     if not onnx_files:
         raise ExportError("give at least one ONNX file (--onnx)")
     models: dict[str, dict] = {}
@@ -99,7 +107,9 @@ def make_bundle(onnx_files: list[str | Path], psf: Any, out: str | Path, *, engi
             raise ExportError(f"{plan}: built from a model for another PSF ({plan_psf[:12]}…)")
         models["engine"] = {"path": str(plan), "precision": record.get("precision"),
                             "tensorrt_version": record.get("tensorrt_version"), "gpu": record.get("gpu")}
-    preprocess = PreprocessConfig()
+    if preprocess is not None and preprocess_json is not None:
+        raise ExportError("give the preprocessing settings once (preprocess or preprocess_json)")
+    preprocess = preprocess or PreprocessConfig()
     extra_files: dict[str, str] = {}
     if preprocess_json is not None:
         pj = Path(preprocess_json)
@@ -135,11 +145,12 @@ def make_bundle(onnx_files: list[str | Path], psf: Any, out: str | Path, *, engi
         "models": {kind: {"source": m["path"], "sha256": file_sha256(m["path"])} for kind, m in models.items()},
         "student": {"dir": first_meta.get("nsdd.student"), "config": student_cfg, "training_data": training_data},
         "packages": package_versions(),
+        **(provenance_extra or {}),
     }
     try:
         return write_bundle(out, psf=psf, geometry=spec.geometry, lam=spec.lam, channels=spec.channels,
                             preprocess=preprocess, models=models, name=name, provenance=provenance,
-                            extra_files=extra_files)
+                            extra_files=extra_files, support_shape=spec.support_shape)
     except BundleError as exc:
         raise ExportError(str(exc)) from exc
 
@@ -163,5 +174,5 @@ def main(args: argparse.Namespace) -> int:
         print(f"nsdd-export bundle: {exc}", file=sys.stderr)
         return 2
     print(f"wrote bundle {bundle.root}: {bundle.geometry.sensor_shape} C={bundle.channels} λ={bundle.lam:g} "
-          f"models={sorted(bundle.models)}")
+          f"models={sorted(bundle.models)}" + (f" support={bundle.support_shape}" if bundle.support_shape else ""))
     return 0

@@ -2,7 +2,8 @@
 
 Nodes are named ``physics/…`` (DFT, spectra, projections) or ``student/…`` (the network ``g``) so that
 precision tools can treat the two parts differently. Metadata (``metadata_props``): PSF hash, λ,
-geometry, channels, objective, DFT form, precision.
+geometry, channels, objective, DFT form, precision and, for a student trained with a support window,
+``nsdd.support_shape`` (JSON ``[h, w]``; absent: the network covers the whole grid).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from export.graph import DFT_FORMS, ExportError, GraphSpec, ReconstructionGraph
+from export.graph import DFT_FORMS, ExportError, GraphSpec, ReconstructionGraph, check_support
 from nsdd_edge.atomic import atomic_write
 from nsdd_edge.optics import OpticsError, array_hash, load_psf
 
@@ -45,6 +46,7 @@ class StudentInfo:
     channels: int | None
     config: dict = field(default_factory=dict)
     model: str | None = None  # forward model of the training geometry (circular / crop)
+    support_shape: tuple[int, int] | None = None  # the centred window g runs on (None: the whole scene grid)
 
 
 def _config_dict(config: Any) -> dict:
@@ -86,11 +88,21 @@ def student_info(student: Any, source: str = "student") -> StudentInfo:
         raise ExportError(f"{source}: objective {objective!r} is not 'nullspace' or 'full'")
     lam = _first(cfg, "lam", "lambda")
     channels = _first(cfg, "channels", "out_channels")
+    inner = getattr(student, "student", None)  # StudentSolver.student is the train.students.Student
+    support = cfg.get("support_shape")
+    if support is None:
+        support = getattr(inner, "support_shape", None) or getattr(student, "support_shape", None)
+    try:
+        support = check_support(list(support) if support is not None else None,
+                                tuple(int(v) for v in sensor) if sensor is not None else (1 << 30, 1 << 30))
+    except ExportError as exc:
+        raise ExportError(f"{source}: {exc}") from None
     return StudentInfo(net=student.net, objective=objective,
                        psf_sha256=_first(cfg, "psf_sha256", "psf_hash") or _first(psf, "sha256"),
                        sensor_shape=tuple(int(v) for v in sensor) if sensor is not None else None,
                        lam=float(lam) if lam is not None else None,
-                       channels=int(channels) if channels is not None else None, config=cfg, model=model)
+                       channels=int(channels) if channels is not None else None, config=cfg, model=model,
+                       support_shape=support)
 
 
 def load_student_info(directory: str | Path) -> StudentInfo:
@@ -287,7 +299,7 @@ def build_from_args(args: argparse.Namespace) -> tuple[ReconstructionGraph, dict
     extra["nsdd.student_config"] = json.dumps(info.config, default=str)
     net = info.net.float().eval()
     return ReconstructionGraph(psf, size, lam, net=net, objective=info.objective,  # type: ignore[arg-type]
-                               dft=args.dft, channels=channels), extra
+                               dft=args.dft, channels=channels, support_shape=info.support_shape), extra
 
 
 def main(args: argparse.Namespace) -> int:
@@ -301,7 +313,7 @@ def main(args: argparse.Namespace) -> int:
     s = graph.spec
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): objective={s.objective} dft={s.dft} "
           f"size={s.geometry.sensor_shape} C={s.channels} λ={s.lam:g} batch={'dynamic' if batch is None else batch} "
-          f"psf={s.psf_sha256[:12]}")
+          f"psf={s.psf_sha256[:12]}" + (f" support={s.support_shape}" if s.support_shape else ""))
     return 0
 
 

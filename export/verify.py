@@ -1,8 +1,9 @@
 """Verify an exported graph: ONNX checker, TensorRT 10.3 operator check, ONNX Runtime vs torch,
 FP16/INT8 PSNR against FP32 and measurement consistency ``‖A x̂ − y‖ / ‖y‖`` per precision.
 
-The torch reference is the student's network with :class:`train.physics.LenslessOperator`
-(``A†y + (I − A†A) g``), i.e. the training-time computation, not the exported graph.
+The torch reference is the student's network in :class:`train.students.Student` with
+:class:`train.physics.LenslessOperator` (``A†y + (I − A†A) g``, ``g`` on the support window when the
+model's ``nsdd.support_shape`` says so), i.e. the training-time computation, not the exported graph.
 """
 
 from __future__ import annotations
@@ -96,11 +97,13 @@ def torch_fp16_emulation(psf: np.ndarray, spec: GraphSpec, net: Any, frames: np.
     with torch.no_grad():
         whole = ReconstructionGraph(psf, spec.geometry.sensor_shape, spec.lam,
                                     net=copy.deepcopy(net) if net is not None else None,
-                                    objective=spec.objective, channels=spec.channels).half()
+                                    objective=spec.objective, channels=spec.channels,
+                                    support_shape=spec.support_shape).half()
         out["whole_graph"] = psnr(reference, whole(y.half()).float().numpy())
         if net is not None:
             part = ReconstructionGraph(psf, spec.geometry.sensor_shape, spec.lam, net=_half_net(copy.deepcopy(net)),
-                                       objective=spec.objective, channels=spec.channels)
+                                       objective=spec.objective, channels=spec.channels,
+                                       support_shape=spec.support_shape)
             out["student_only"] = psnr(reference, part(y).numpy())
     return out
 
@@ -135,9 +138,14 @@ def verify(model_path: str | Path, data_dir: str | Path, args: argparse.Namespac
             raise ExportError(f"{model_path}: objective {spec.objective!r} needs --student DIR for the torch reference")
         info = load_student_info(args.student)
         check_student_matches(info, spec.psf_sha256, spec.geometry.sensor_shape, spec.lam, args.student)
+        if info.support_shape != spec.support_shape:
+            raise ExportError(f"{args.student}: student's support window {info.support_shape} is not the model's "
+                              f"{spec.support_shape} (nsdd.support_shape): exported from another student?")
         net = info.net.float().eval()
+    report["support_shape"] = list(spec.support_shape) if spec.support_shape else None
     with torch.no_grad():
-        reference = reference_reconstruction(psf, torch.from_numpy(frames), spec.lam, net, spec.objective).numpy()
+        reference = reference_reconstruction(psf, torch.from_numpy(frames), spec.lam, net, spec.objective,
+                                             spec.support_shape).numpy()
 
     outputs: dict[str, np.ndarray] = {}
     outputs["fp32"] = run_model(make_session(model_path), frames, batch)[0]
