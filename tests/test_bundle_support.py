@@ -64,14 +64,17 @@ def test_support_is_optional_recorded_and_checked(support_bundle, tmp_path):
     assert support_bundle.support_shape == SUPPORT
     meta = json.loads((support_bundle.root / "bundle.json").read_text())
     assert meta["geometry"]["support_shape"] == list(SUPPORT)
-    assert load_bundle(default_bundle_path()).support_shape is None  # bundles without the key: whole grid
+    plain = write_bundle(tmp_path / "plain", psf=support_bundle.psf, geometry=support_bundle.geometry, lam=LAM,
+                         channels=3)  # no support: no key (bundles written before it existed load the same)
+    assert "support_shape" not in json.loads((plain.root / "bundle.json").read_text())["geometry"]
+    assert plain.support_shape is None and plain.sim_geometry() == plain.geometry
     g = support_bundle.sim_geometry()
     assert (g.model, g.sensor_shape, g.scene_shape, g.conv_shape) == ("crop", SENSOR, SUPPORT, (256, 256))
     x = np.arange(3 * 128 * 128, dtype=np.float32).reshape(3, 128, 128)
     np.testing.assert_array_equal(support_bundle.display_crop(x), x[:, 32:96, 32:96])
 
     for bad in ([200, 64], [64], "64x64", [0, 64], [64.5, 64], [True, 64], {"h": 64}):
-        broken = tmp_path / f"b{len(list(tmp_path.iterdir()))}"
+        broken = tmp_path / f"broken{len(list(tmp_path.glob('broken*')))}"
         broken.mkdir()
         for f in support_bundle.root.iterdir():
             (broken / f.name).write_bytes(f.read_bytes())
