@@ -35,8 +35,8 @@ def test_walkthrough_from_faces_to_the_edge_loop(shared, tmp_path):
     assert train_main(["solve", "--method", "admm", "--set", "iters=5", "--data", str(ds), "--split", "test",
                        "--out", str(tmp_path / "admm")]) == 0
 
-    # 3. a (tiny) prior of the sensor-size domain: faces centred on the 64 px frame
-    assert train_main(["prior", "--images", str(ds), "--size", "32", "--pad-to", "64", "--base-channels", "8",
+    # 3. a (tiny) prior of the 32 px faces; the solvers use it on the scenes' centred window of the 64 px grid
+    assert train_main(["prior", "--images", str(ds), "--size", "32", "--base-channels", "8",
                        "--channel-mults", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "",
                        "--steps", "2", "--batch", "4", "--checkpoint-every", "2", "--sample-count", "1",
                        "--sample-steps", "2", "--no-progress", "--out", str(prior)]) == 0
@@ -53,6 +53,7 @@ def test_walkthrough_from_faces_to_the_edge_loop(shared, tmp_path):
                        "--max-width", "16", "--steps", "3", "--batch", "4", "--checkpoint-every", "3",
                        "--quiet", "--out", str(student)]) == 0
     assert (student / "model.safetensors").exists()
+    assert json.loads((student / "config.json").read_text())["support_shape"] == [32, 32]  # --support auto
 
     # 6. the evaluation report runs the methods itself
     out = tmp_path / "eval"
