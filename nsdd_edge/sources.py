@@ -343,7 +343,9 @@ def _procedural_canvas(shape: tuple[int, int], seed: int) -> np.ndarray:
 class SimCamera(FrameSource):
     """``sim://``: a lensless camera simulated from the bundle's PSF.
 
-    Frame ``k``: a scene ``x_k`` (procedural, or the user's images with ``images=DIR``; moving by
+    Frame ``k``: a scene ``x_k`` (procedural, or the user's images with ``images=DIR``: the sorted folder from
+    image ``start=N``, one every ``hold`` seconds, each centre-cropped square and resized like
+    ``nsdd-train simulate`` does — the whole image with ``motion=static``; moving by
     ``motion=pan|zoom|static``; ``scene=point`` for PSF calibration, ``scene=dark`` for dark frames)
     → ``y = C_sensor F⁻¹[H · F(P_conv x)]``
     with ``H = WienerSpectra.from_psf(psf, conv_shape, λ).H`` → shot noise ``Poisson(y·photons)/photons``
@@ -379,6 +381,7 @@ class SimCamera(FrameSource):
             raise ValueError(f"camera source {uri!r}: scene=images needs images=DIR")
         self.images_dir = Path(images).expanduser() if images else None
         self.hold = o.float("hold", 3.0, positive=True)
+        self.start = o.int("start", 0, minimum=0)
         self.black_level = o.float("black_level", 256.0, minimum=0.0)
         self.gain = o.float("gain", 3800.0, positive=True)
         self.bits = o.int("bits", 12, minimum=8)
@@ -440,7 +443,8 @@ class SimCamera(FrameSource):
             raise ValueError(f"camera source {uri!r}: {exc}") from None
         self._H_half = spectra.half("H").astype(np.complex64)
         self._canvas: np.ndarray | None = None
-        self._images: list[np.ndarray] = []
+        self._image_files: list[Path] = []
+        self._image_cache: dict[int, np.ndarray] = {}
         self._pacer = _Pacer(self.fps)
         self._next_index = 0
 
@@ -452,13 +456,11 @@ class SimCamera(FrameSource):
         if self.scene_kind == "shapes":
             self._canvas = _procedural_canvas(canvas_shape, self.seed)
         elif self.scene_kind == "images":
-            self._images = self._load_images(canvas_shape)
+            self._image_files = self._list_images()
         self._next_index = 0
         self._pacer.start()
 
-    def _load_images(self, canvas_shape: tuple[int, int]) -> list[np.ndarray]:
-        import cv2
-
+    def _list_images(self) -> list[Path]:
         d = self.images_dir
         assert d is not None
         if not d.is_dir():
@@ -466,16 +468,33 @@ class SimCamera(FrameSource):
         files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise SourceError(f"sim:// images={d}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-        out = []
-        for p in files:
+        if self.start >= len(files):
+            raise SourceError(f"sim:// start={self.start}: images={d} holds only {len(files)} images")
+        return files
+
+    def _image_canvas(self, number: int, canvas_shape: tuple[int, int]) -> np.ndarray:
+        """Image ``number`` of the sorted folder, centre-cropped to a square and resized (INTER_AREA) to the
+        canvas, as ``nsdd-train simulate`` prepares scenes; read on first use, a few kept in memory."""
+        import cv2
+
+        if not self._image_files:
+            self._image_files = self._list_images()
+        if number not in self._image_cache:
+            path = self._image_files[number]
             try:
-                img = np.moveaxis(read_image01(p), 0, -1)
+                img = np.moveaxis(read_image01(path), 0, -1)
             except OpticsError as exc:
                 raise SourceError(f"sim:// images: {exc}") from None
             if img.shape[-1] == 1:
                 img = np.repeat(img, 3, axis=-1)
-            out.append(cv2.resize(np.ascontiguousarray(img), canvas_shape[::-1], interpolation=cv2.INTER_AREA))
-        return out
+            h, w = img.shape[:2]
+            side = min(h, w)
+            img = img[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+            if len(self._image_cache) >= 8:
+                self._image_cache.pop(next(iter(self._image_cache)))
+            self._image_cache[number] = cv2.resize(np.ascontiguousarray(img), canvas_shape[::-1],
+                                                   interpolation=cv2.INTER_AREA)
+        return self._image_cache[number]
 
     def scene(self, index: int) -> np.ndarray:
         """The scene ``x`` of frame ``index``: float32 ``(C, *scene_shape)`` in [0, 1]."""
@@ -493,10 +512,12 @@ class SimCamera(FrameSource):
             if self._canvas is None:
                 self._canvas = _procedural_canvas((int(sh * 1.5), int(sw * 1.5)), self.seed)
             canvas = self._canvas
-        else:
-            if not self._images:
-                self._images = self._load_images((int(sh * 1.5), int(sw * 1.5)))
-            canvas = self._images[int(index / self.fps / self.hold) % len(self._images)]
+        else:  # static: the whole image fills the scene; pan / zoom: a 1.5x canvas leaves room to move
+            if not self._image_files:
+                self._image_files = self._list_images()
+            number = (self.start + int(index / self.fps / self.hold)) % len(self._image_files)
+            canvas_shape = (sh, sw) if self.motion == "static" else (int(sh * 1.5), int(sw * 1.5))
+            canvas = self._image_canvas(number, canvas_shape)
         t = index / self.fps
         ch, cw = canvas.shape[:2]
         zoom, dx, dy = 1.0, 0.0, 0.0

@@ -61,9 +61,9 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
-def student_psf(info, psf_file: Path | None, seed: int) -> tuple[np.ndarray, dict]:
+def student_psf(info, psf_file: Path | None, seed: int, fill: float = 0.8) -> tuple[np.ndarray, dict]:
     """The PSF the student was trained on: our simulated contour PSF at the student's sensor size (seed
-    ``seed``, unit sum), or ``psf_file``; it must hash to the student's ``psf_sha256``."""
+    ``seed``, aperture ``fill``, unit sum), or ``psf_file``; it must hash to the student's ``psf_sha256``."""
     from nsdd_edge.optics import array_hash, load_psf, normalize
 
     sensor = tuple(info.sensor_shape)
@@ -72,15 +72,15 @@ def student_psf(info, psf_file: Path | None, seed: int) -> tuple[np.ndarray, dic
             raise StudentBundleError(f"--psf {psf_file}: files under {SHARED} must not go into a bundle")
         psf, record = load_psf(psf_file), {"file": str(psf_file.resolve())}
     else:
-        psf = normalize(simulate_psf("contour", sensor, seed), "sum")
-        record = {"kind": "contour", "shape": [int(v) for v in psf.shape], "seed": seed,
+        psf = normalize(simulate_psf("contour", sensor, seed, fill=fill), "sum")
+        record = {"kind": "contour", "shape": [int(v) for v in psf.shape], "seed": seed, "fill": fill,
                   "made_by": "nsdd_edge.psf_sim.simulate_psf, normalised to sum 1"}
     got = array_hash(psf)
     if info.psf_sha256 is not None and got != info.psf_sha256:
-        what = f"--psf {psf_file}" if psf_file else f"simulate_psf('contour', {sensor}, seed={seed})"
+        what = f"--psf {psf_file}" if psf_file else f"simulate_psf('contour', {sensor}, seed={seed}, fill={fill})"
         raise StudentBundleError(f"the student was trained for PSF {info.psf_sha256[:12]}…, but {what} has hash "
                                  f"{got[:12]}…: train the student on the simulated contour PSF (or give --seed / "
-                                 "--psf of the PSF it was trained on)")
+                                 "--psf-fill / --psf of the PSF it was trained on)")
     return psf, {**record, "sha256": got}
 
 
@@ -145,7 +145,7 @@ def make_student_bundle(args: argparse.Namespace) -> int:
     info = load_student_info(student_dir)
     if info.sensor_shape is None or info.lam is None:
         raise StudentBundleError(f"{student_dir}: the student config gives no sensor size or λ")
-    psf, psf_record = student_psf(info, args.psf, args.seed)
+    psf, psf_record = student_psf(info, args.psf, args.seed, args.psf_fill)
     sensor, lam = tuple(info.sensor_shape), float(info.lam)
     check_student_matches(info, psf_record["sha256"], sensor, lam, str(student_dir))
     channels = int(info.channels or 3)
@@ -192,6 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "nsdd_edge/assets/default_bundle")
     ap.add_argument("--size", type=int, default=128, help="sensor size (Wiener-only; a student brings its own)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the simulated contour PSF")
+    ap.add_argument("--psf-fill", type=float, default=0.8,
+                    help="aperture of the simulated contour PSF, as a fraction of the sensor side (a student's "
+                         "PSF: the fill it was trained with; 0.5 keeps a 64 px scene's blur on a 128 px sensor)")
     ap.add_argument("--frames", type=int, default=6,
                     help="sim frames used to choose λ (Wiener-only) or to score the student (0: skip)")
     ap.add_argument("--student", type=Path, default=None, metavar="DIR",

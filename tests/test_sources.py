@@ -185,6 +185,11 @@ def test_sim_user_images(tmp_path, psf32):
     x0, x1 = src.scene(0), src.scene(1)
     np.testing.assert_allclose(x0[:, 10:20, 10:20].mean(axis=(1, 2)), [1, 0, 0], atol=1e-6)
     np.testing.assert_allclose(x1[:, 10:20, 10:20].mean(axis=(1, 2)), [0, 0, 1], atol=1e-6)
+    # start=N begins at the N-th image of the sorted folder
+    late = open_source(f"sim://?realtime=0&images={d}&hold=0.1&fps=10&motion=static&start=1", psf=psf32)
+    np.testing.assert_allclose(late.scene(0)[:, 10:20, 10:20].mean(axis=(1, 2)), [0, 0, 1], atol=1e-6)
+    with pytest.raises(SourceError, match="start=5"):
+        open_source(f"sim://?realtime=0&images={d}&start=5", psf=psf32).open()
     with pytest.raises(SourceError, match="not a directory"):
         open_source(f"sim://?images={tmp_path / 'missing'}", psf=psf32).open()
     (tmp_path / "empty").mkdir()
@@ -466,3 +471,19 @@ def test_frame_source_is_a_context_manager(psf32):
         assert src.read().index == 0
         assert src.describe()["open"]
     assert not src.describe()["open"]
+
+
+def test_sim_static_image_is_the_whole_image_resized_as_simulate_does(tmp_path, psf32):
+    """motion=static shows the whole (centre-square-cropped) picture, resized with INTER_AREA, like the
+    scenes of `nsdd-train simulate` — a student trained on those sees the same framing live."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    img = (rng.random((60, 80, 3)) * 255).astype(np.uint8)
+    cv2.imwrite(str(d / "a.png"), img)
+    src = open_source(f"sim://?realtime=0&images={d}&motion=static", psf=psf32)
+    x = src.scene(0)
+    sh, sw = src.geometry.scene_shape
+    square = img[:, 10:70, ::-1].astype(np.float32) / 255.0  # centre 60x60, BGR → RGB
+    want = np.moveaxis(cv2.resize(np.ascontiguousarray(square), (sw, sh), interpolation=cv2.INTER_AREA), -1, 0)
+    np.testing.assert_allclose(x, want, atol=1e-5)
