@@ -21,7 +21,7 @@ import pytest
 from nsdd_edge.bundle import BundleError, PreprocessConfig, load_bundle, write_bundle
 from nsdd_edge.cli import main as edge_main
 from nsdd_edge.commands.run import default_bundle_path, open_camera
-from nsdd_edge.optics import LenslessGeometry, array_hash
+from nsdd_edge.optics import LenslessGeometry, array_hash, normalize
 from nsdd_edge.preprocess import Preprocessor
 from nsdd_edge.preview import compose
 from nsdd_edge.psf_sim import simulate_psf
@@ -54,10 +54,15 @@ def _script():
     return module
 
 
-def test_shipped_bundle_psf_is_our_simulated_contour_psf(psf):
+def test_shipped_bundle_psf_is_our_simulated_contour_psf():
+    """The shipped PSF is recomputed bit for bit from its recorded recipe (never data from ../shared)."""
     b = load_bundle(default_bundle_path())
-    np.testing.assert_array_equal(b.psf, psf)
-    assert abs(float(psf.sum()) - 1.0) < 1e-6 and b.psf_sha256 == array_hash(psf)
+    recipe = json.loads((b.root / "bundle.json").read_text())["provenance"]["psf"]
+    assert recipe["kind"] == "contour"
+    ours = normalize(simulate_psf("contour", tuple(recipe["shape"][-2:]), recipe["seed"],
+                                  fill=recipe.get("fill", 0.8)), "sum")
+    np.testing.assert_array_equal(b.psf, ours)
+    assert abs(float(ours.sum()) - 1.0) < 1e-6 and b.psf_sha256 == array_hash(ours)
 
 
 def test_support_is_optional_recorded_and_checked(support_bundle, tmp_path):
