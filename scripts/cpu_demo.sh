@@ -9,7 +9,7 @@
 # auto`). This is what a 2-core CPU affords in about two hours; on a GPU raise PRIOR_STEPS, TEACHER_N,
 # TEACHER_STEPS and the student width. The first CPU report (docs/results-cpu.md: 32 px scenes on a 64 px
 # sensor, a prior trained on padded scenes, students over the whole grid) is
-#   RUNS=runs SIZE=32 PSF_DS=4 DATA=runs/faces32 PRIOR_PAD=64 SUPPORT=full REPORT=docs/results-cpu.md \
+#   RUNS=runs SIZE=32 PSF_DS=4 DATA=runs/faces32 PRIOR_PAD=64 PRIOR_STEPS=2500 SUPPORT=full REPORT=docs/results-cpu.md \
 #     TEACHER_DIR=runs/teacher scripts/cpu_demo.sh
 # Each stage resumes where it stopped when the script is run again.
 set -euo pipefail
