@@ -320,8 +320,12 @@ def conv_nodes(model: Any) -> list[Any]:
     return [n for n in model.graph.node if n.op_type in CONV_OPS]
 
 
-def calibrate(model: Any, frames: np.ndarray, batch: int | None) -> dict[str, float]:
-    """``max |x|`` of every convolution's activation input over ``frames`` (runs the FP32 model)."""
+CALIBRATION_METHODS = ("max", "percentile", "mse")
+HIST_BINS = 1 << 14  # |x| histogram of each activation over [0, max |x|] (percentile and mse)
+
+
+def _activation_probe(model: Any) -> tuple[Any, list[str]]:
+    """A copy of ``model`` that also outputs every convolution's (non-initializer) activation input."""
     import copy
 
     import onnx
@@ -333,15 +337,76 @@ def calibrate(model: Any, frames: np.ndarray, batch: int | None) -> dict[str, fl
     for name in names:
         if name not in existing:
             probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return probe, names
+
+
+def percentile_amax(hist: np.ndarray, top: float, percentile: float) -> float:
+    """The ``percentile``-th percentile of |x| from its histogram over ``[0, top]`` (upper bin edge)."""
+    total = float(hist.sum())
+    if total == 0 or top <= 0:
+        return 0.0
+    cdf = np.cumsum(hist) / total
+    k = int(np.searchsorted(cdf, percentile / 100.0, side="left"))
+    k = min(k, len(hist) - 1)
+    return float(min(top, (k + 1) * top / len(hist)))
+
+
+def mse_amax(hist: np.ndarray, top: float, candidates: int = 64, low: float = 0.3) -> tuple[float, np.ndarray]:
+    """The clip ``c`` in ``linspace(low·top, top, candidates)`` minimising the mean squared error of symmetric
+    int8 quantisation (scale ``c/127``, values beyond ``c`` clipped) of the histogrammed |x|; bin centres
+    stand for their values. Returns the clip and the error of every candidate."""
+    if top <= 0 or hist.sum() == 0:
+        return 0.0, np.zeros(candidates)
+    centres = (np.arange(len(hist)) + 0.5) * top / len(hist)
+    weights = hist / hist.sum()
+    clips = np.linspace(low * top, top, candidates)
+    errors = np.empty(candidates)
+    for k, c in enumerate(clips):
+        step = c / 127.0
+        q = np.clip(np.round(centres / step), 0, 127) * step
+        errors[k] = float(np.sum(weights * (centres - q) ** 2))
+    best = int(np.argmin(errors))  # first minimum: ties go to the smaller clip
+    return float(clips[best]), errors
+
+
+def calibrate(model: Any, frames: np.ndarray, batch: int | None, method: str = "max",
+              percentile: float = 99.99, mse_candidates: int = 64) -> dict[str, float]:
+    """Clip ``amax`` of every convolution's activation input over ``frames`` (runs the FP32 model).
+
+    ``max``: max |x|; ``percentile``: the ``percentile``-th percentile of |x|; ``mse``: the clip minimising
+    the int8 quantisation MSE (:func:`mse_amax`). The last two read a :data:`HIST_BINS`-bin histogram of
+    |x| over ``[0, max |x|]`` filled batch by batch (a second pass over ``frames``)."""
+    if method not in CALIBRATION_METHODS:
+        raise ExportError(f"unknown calibration {method!r}; use one of {', '.join(CALIBRATION_METHODS)}")
+    if not 0.0 < percentile <= 100.0:
+        raise ExportError(f"--percentile must be in (0, 100], got {percentile}")
+    probe, names = _activation_probe(model)
     session = make_session(probe)
-    outs = run_model(session, frames, batch, outputs=names)
-    return {name: float(np.abs(o).max()) for name, o in zip(names, outs)}
+    top = dict.fromkeys(names, 0.0)
+    for chunk, valid in batches(frames, batch):
+        for name, o in zip(names, run_model(session, chunk[:valid], batch, outputs=names)):
+            top[name] = max(top[name], float(np.abs(o).max()))
+    if method == "max":
+        return top
+    hists = {name: np.zeros(HIST_BINS, np.int64) for name in names}
+    for chunk, valid in batches(frames, batch):
+        for name, o in zip(names, run_model(session, chunk[:valid], batch, outputs=names)):
+            if top[name] > 0:
+                hists[name] += np.histogram(np.abs(o), bins=HIST_BINS, range=(0.0, top[name]))[0]
+    if method == "percentile":
+        return {name: percentile_amax(hists[name], top[name], percentile) for name in names}
+    return {name: mse_amax(hists[name], top[name], mse_candidates)[0] for name in names}
 
 
-def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel symmetric int8: ``scale_c = max|w_c| / 127``, ``q = round(w / scale_c)``."""
+def quantize_weight(w: np.ndarray, axis: int, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel symmetric int8: ``scale_c = max|w_c| / 127``, ``q = round(w / scale_c)``
+    (``per_channel=False``: one scale ``max|w| / 127`` for the tensor, returned as a scalar array)."""
     moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
     amax = np.abs(moved).max(axis=1)
+    if not per_channel:
+        a = float(np.abs(w).max())
+        scale = np.array(a / 127.0 if a > 0 else 1.0, np.float32)
+        return np.clip(np.round(w / scale), -127, 127).astype(np.int8), scale
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
@@ -349,7 +414,7 @@ def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
-def to_int8(model: Any, activation_amax: dict[str, float]) -> tuple[Any, dict]:
+def to_int8(model: Any, activation_amax: dict[str, float], per_channel_weights: bool = True) -> tuple[Any, dict]:
     """Insert Q/DQ on every convolution's activation input and weight (see the module docstring)."""
     import copy
 
@@ -384,12 +449,12 @@ def to_int8(model: Any, activation_amax: dict[str, float]) -> tuple[Any, dict]:
             dq_of_activation[x_name] = dq_out
         w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
         axis = 0 if node.op_type == "Conv" else 1
-        q, scale = quantize_weight(w, axis)
+        q, scale = quantize_weight(w, axis, per_channel_weights)
         qw, sw, zw = f"{w_name}/int8", f"{w_name}/scale", f"{w_name}/zero"
         g.initializer.extend([numpy_helper.from_array(q, qw), numpy_helper.from_array(scale, sw),
                               numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), zw)])
-        new_nodes.append(helper.make_node("DequantizeLinear", [qw, sw, zw], [f"{w_name}/dq"], axis=axis,
-                                          name=f"{node.name}/weight_dq"))
+        new_nodes.append(helper.make_node("DequantizeLinear", [qw, sw, zw], [f"{w_name}/dq"],
+                                          name=f"{node.name}/weight_dq", **({"axis": axis} if scale.ndim else {})))
         node.input[0] = dq_of_activation[x_name]
         node.input[1] = f"{w_name}/dq"
         new_nodes.append(node)
@@ -403,7 +468,8 @@ def to_int8(model: Any, activation_amax: dict[str, float]) -> tuple[Any, dict]:
     g.initializer.extend(keep)
     onnx.checker.check_model(out)
     info = {"quantized_convolutions": quantized, "skipped_convolutions": skipped,
-            "activation_tensors": len(dq_of_activation)}
+            "activation_tensors": len(dq_of_activation),
+            "weight_scales": "per-channel" if per_channel_weights else "per-tensor"}
     return out, info
 
 
@@ -433,7 +499,8 @@ def load_fp32(path: str | Path) -> Any:
 
 
 def quantize_file(src: str | Path, precision: str, out: str | Path, *, data: str | Path | None = None,
-                  fp16_mode: str = "auto", fp16_min_psnr: float = 60.0, calib_frames: int = 64) -> dict:
+                  fp16_mode: str = "auto", fp16_min_psnr: float = 60.0, calib_frames: int = 64,
+                  calibration: str = "max", percentile: float = 99.99) -> dict:
     """Write the ``precision`` version of ``src`` to ``out``; returns a report dict (also in metadata)."""
     model = load_fp32(src)
     batch, c, h, w = input_shape(model)
@@ -471,11 +538,13 @@ def quantize_file(src: str | Path, precision: str, out: str | Path, *, data: str
         if not conv_nodes(model):
             raise ExportError(f"{src}: has no convolutions; INT8 applies to the student's convolutions only "
                               "(the DFT/Wiener part stays FP32): use the FP32 or FP16 Wiener-only graph")
-        amax = calibrate(model, frames, batch)
+        amax = calibrate(model, frames, batch, calibration, percentile)
         result, info = to_int8(model, amax)
         report.update(info)
+        report["calibration"] = {"method": calibration, **({"percentile": percentile} if calibration == "percentile"
+                                                           else {})}
         report["psnr_vs_fp32_db"] = float(round(psnr(ref, run_model(make_session(result), frames, batch)[0]), 3))
-        _set_props(result, {**_props(model), "nsdd.precision": "int8"})
+        _set_props(result, {**_props(model), "nsdd.precision": "int8", "nsdd.int8_calibration": calibration})
     else:
         raise ExportError(f"unknown precision {precision!r}; use fp16 or int8")
     props = _props(result)
@@ -494,13 +563,18 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp16-min-psnr", type=float, default=60.0,
                    help="auto keeps the whole-FP16 graph when its PSNR vs FP32 reaches this (dB)")
     p.add_argument("--calib-frames", type=int, default=64, help="at most this many calibration measurements")
+    p.add_argument("--calibration", choices=CALIBRATION_METHODS, default="max",
+                   help="INT8 activation clip: max |x|, a percentile of |x|, or the clip minimising the "
+                        "quantisation MSE")
+    p.add_argument("--percentile", type=float, default=99.99, help="percentile of |x| for --calibration percentile")
     p.add_argument("--out", required=True, help="output .onnx file")
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         report = quantize_file(args.model, args.precision, args.out, data=args.data, fp16_mode=args.fp16_mode,
-                               fp16_min_psnr=args.fp16_min_psnr, calib_frames=args.calib_frames)
+                               fp16_min_psnr=args.fp16_min_psnr, calib_frames=args.calib_frames,
+                               calibration=args.calibration, percentile=args.percentile)
     except (ExportError, OpticsError) as exc:
         print(f"nsdd-export quantize: {exc}", file=sys.stderr)
         return 2

@@ -57,10 +57,11 @@ def test_fp16_conv_mode_keeps_the_physics_in_fp32(exported):
         to_fp16(wiener, "conv")
 
 
-def test_int8_quantizes_convolutions_only(export_env, exported, tmp_path):
+@pytest.mark.parametrize("calibration", ["max", "mse"])
+def test_int8_quantizes_convolutions_only(export_env, exported, tmp_path, calibration):
     out = tmp_path / "m8.onnx"
     assert _cli([str(exported["student"]), "--precision", "int8", "--data", str(export_env["data"]),
-                 "--out", str(out)]) == 0
+                 "--calibration", calibration, "--out", str(out)]) == 0
     model = onnx.load(str(out))
     onnx.checker.check_model(model)
     nodes = list(model.graph.node)
@@ -77,6 +78,8 @@ def test_int8_quantizes_convolutions_only(export_env, exported, tmp_path):
     report = json.loads(_props(out)["nsdd.quantize_report"])
     assert report["quantized_convolutions"] == len(convs) and report["skipped_convolutions"] == []
     assert report["psnr_vs_fp32_db"] > 25
+    assert report["calibration"]["method"] == calibration and report["weight_scales"] == "per-channel"
+    assert _props(out)["nsdd.int8_calibration"] == calibration
     assert unsupported_nodes(model) == []
 
 
@@ -145,3 +148,88 @@ def test_fp16_auto_choice_follows_the_measured_psnr(export_env, exported, tmp_pa
     assert report["fp16_mode"] == expected
     assert set(report["psnr_vs_fp32_db_ort_cpu_fp16_model"]) == {"all", "conv"}
     assert _props(tmp_path / "m.onnx")["nsdd.fp16_mode"] == expected
+
+
+def _tiny_conv_graph(seed=0):
+    """x (1, 1, 64, 64) → Conv 3x3 (4 ch) → Relu → Conv 3x3 (1 ch): two activation tensors to calibrate."""
+    from onnx import helper
+
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.normal(size=(1, 4, 3, 3)).astype(np.float32) * 0.3, "w2")
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"], pads=[1, 1, 1, 1], name="student/c1"),
+             helper.make_node("Relu", ["h"], ["r"], name="student/relu"),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1], name="student/c2")]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 64, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 64, 64])], [w1, w2])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _frames_with_one_outlier(count=16, seed=1):
+    rng = np.random.default_rng(seed)
+    frames = rng.uniform(-1, 1, size=(count, 1, 64, 64)).astype(np.float32)
+    frames[0, 0, 5, 5] = 12.0  # one value in 65536: max calibration spends its range on it
+    return frames
+
+
+def test_calibration_methods_give_finite_clips_below_max():
+    from export.quantize import calibrate
+
+    model, frames = _tiny_conv_graph(), _frames_with_one_outlier()
+    top = calibrate(model, frames, 1, "max")
+    assert set(top) == {"x", "r"} and top["x"] == pytest.approx(12.0)
+    for method in ("percentile", "mse"):
+        amax = calibrate(model, frames, 1, method)
+        assert set(amax) == set(top)
+        for name, a in amax.items():
+            assert np.isfinite(a) and 0 < a <= top[name] + 1e-6
+    assert calibrate(model, frames, 1, "percentile")["x"] < 2.0  # the outlier lies above the 99.99th percentile
+    assert calibrate(model, frames, 1, "mse")["x"] < 0.8 * 12.0
+    assert calibrate(model, frames, 1, "percentile", 100.0)["x"] == pytest.approx(12.0)
+    with pytest.raises(ValueError, match="unknown calibration"):
+        calibrate(model, frames, 1, "entropy")
+
+
+def test_mse_clip_minimises_the_quantisation_error():
+    from export.quantize import HIST_BINS, mse_amax
+
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.normal(size=100_000))
+    x[0] = 40.0  # one huge outlier
+    hist = np.histogram(x, bins=HIST_BINS, range=(0.0, 40.0))[0]
+    clip, errors = mse_amax(hist, 40.0, candidates=64)
+    assert errors.shape == (64,) and np.all(np.isfinite(errors)) and 0.3 * 40.0 <= clip < 0.75 * 40.0
+
+    def qerr(c):
+        s = c / 127.0
+        return float(np.mean((x - np.clip(np.round(x / s), 0, 127) * s) ** 2))
+
+    exact = [qerr(c) for c in np.linspace(0.3 * 40.0, 40.0, 64)]  # on the data, not on the histogram
+    assert qerr(clip) <= 1.05 * min(exact) and qerr(clip) < 0.75 * qerr(40.0)
+    assert mse_amax(np.zeros(HIST_BINS, np.int64), 0.0)[0] == 0.0
+
+
+def test_int8_with_percentile_or_mse_beats_max_clip_on_an_outlier():
+    from export.quantize import calibrate, make_session, psnr, run_model, to_int8
+
+    model, frames = _tiny_conv_graph(), _frames_with_one_outlier()
+    held_out = np.random.default_rng(7).uniform(-1, 1, size=(4, 1, 64, 64)).astype(np.float32)
+    ref = run_model(make_session(model, 1), held_out, 1)[0]
+    score = {}
+    for method in ("max", "percentile", "mse"):
+        q, info = to_int8(model, calibrate(model, frames, 1, method))
+        assert info["quantized_convolutions"] == 2
+        score[method] = psnr(ref, run_model(make_session(q, 1), held_out, 1)[0])
+    assert score["percentile"] > score["max"] + 3 and score["mse"] > score["max"] + 1, score
+
+
+def test_per_tensor_weight_scales_are_a_scalar_without_axis():
+    from export.quantize import calibrate, to_int8
+
+    model = _tiny_conv_graph()
+    q, info = to_int8(model, calibrate(model, _frames_with_one_outlier(4), 1), per_channel_weights=False)
+    assert info["weight_scales"] == "per-tensor"
+    dq = [n for n in q.graph.node if n.name.endswith("weight_dq")]
+    assert len(dq) == 2 and all(not n.attribute for n in dq)
+    scales = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    assert all(scales[n.input[1]].shape == () for n in dq)
