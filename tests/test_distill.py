@@ -280,3 +280,40 @@ def test_bf16_autocast_path(tmp_path):
     assert np.allclose(lb, lf, rtol=0.1)
     w = load_file(str(tmp_path / "bf16/model.safetensors"))
     assert all(v.dtype == torch.float32 for v in w.values())  # master weights stay float32
+
+
+def test_support_window_auto_full_explicit_and_refused(tmp_path):
+    """--support: auto takes the simulated scenes' size when smaller than the grid; the network then sees
+    only that window and the saved student records it; bad or too large windows are refused by name."""
+    from train.data import LenslessDataset
+    from train.distill import parse_support, resolve_support
+
+    data, targets = make_problem(tmp_path)
+    dataset = LenslessDataset(data)
+    physics = dataset.physics()
+    assert resolve_support("auto", dataset, physics) is None  # forward scene = grid: nothing to crop
+    meta = json.loads((data / "dataset.json").read_text())
+    meta["forward"] = {"model": "crop", "sensor_shape": [SIZE, SIZE], "scene_shape": [16, 16],
+                       "conv_shape": [2 * SIZE, 2 * SIZE]}  # scenes simulated at 16 px (crop model)
+    (data / "dataset.json").write_text(json.dumps(meta))
+    dataset = LenslessDataset(data)
+    assert resolve_support("auto", dataset, physics) == (16, 16)
+    assert resolve_support("full", dataset, physics) is None
+    assert resolve_support("8x12", dataset, physics) == (8, 12)
+    assert parse_support("24") == (24, 24)
+    for bad in ("0", "ax3", "1x2x3", ""):
+        with pytest.raises(DistillError, match="--support"):
+            parse_support(bad)
+    with pytest.raises(DistillError, match="larger than the scene grid"):
+        resolve_support("64", dataset, physics)
+
+    out = tmp_path / "student"
+    train_student(settings(data, targets, out, support="auto"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["support_shape"] == [16, 16]
+    solver = load_student(out)
+    seen = []
+    solver.net.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+    y = torch.from_numpy(np.stack([dataset.measurement(i) for i in dataset.ids("test")]))
+    x_hat = solver(y, dataset.physics(lam=cfg["lam"]))
+    assert seen == [(16, 16)] and x_hat.shape[-2:] == (SIZE, SIZE)
