@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from export.dft import MatmulRDFT2, complex_multiply_packed, pack_half_spectrum
+from nsdd_edge.bundle import BundleError, parse_support
 from nsdd_edge.optics import LenslessGeometry, WienerSpectra, array_hash
 
 Objective = Literal["nullspace", "full", "wiener"]
@@ -83,16 +84,12 @@ class GraphSpec:
 
 
 def check_support(support: object, grid: Sequence[int]) -> tuple[int, int] | None:
-    """``support`` as ``(h, w)`` (None stays None): two positive integers within ``grid``, else :class:`ExportError`."""
-    if support is None:
-        return None
-    if (not isinstance(support, (list, tuple)) or len(support) != 2
-            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in support)):
-        raise ExportError(f"support_shape must be two integers [h, w], got {support!r}")
-    h, w = int(support[0]), int(support[1])
-    if min(h, w) < 1 or h > grid[0] or w > grid[1]:
-        raise ExportError(f"support_shape {[h, w]} must be positive and within the sensor grid {list(grid)}")
-    return h, w
+    """``support`` as ``(h, w)`` (None stays None) by the bundle's rule
+    (:func:`nsdd_edge.bundle.parse_support`), its error as :class:`ExportError`."""
+    try:
+        return parse_support(support, (int(grid[0]), int(grid[1])))
+    except BundleError as exc:
+        raise ExportError(str(exc)) from None
 
 
 class ReconstructionGraph(torch.nn.Module):

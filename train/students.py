@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nsdd_edge.atomic import atomic_write_bytes, atomic_write_json
+from nsdd_edge.bundle import BundleError, parse_support
 from train.physics import LenslessOperator, center_crop, center_pad
 from train.solvers.base import Solver, register
 
@@ -320,11 +321,11 @@ def build_student(config: dict, prior: Any | None = None) -> Student:
     else:
         raise StudentError(f"unknown student kind {kind!r}; use {' or '.join(KINDS)}")
     multiple = net.multiple
-    support = config.get("support_shape")
     scene = config["scene_shape"]
-    if support is not None and (len(support) != 2 or support[0] > scene[0] or support[1] > scene[1]
-                                or min(support) < 1):
-        raise StudentError(f"support_shape {support} must be two sizes within the scene {scene[0]}x{scene[1]}")
+    try:  # the one rule for support windows (bundles and exported graphs use it too)
+        support = parse_support(config.get("support_shape"), (int(scene[0]), int(scene[1])))
+    except BundleError as exc:
+        raise StudentError(str(exc)) from None
     h, w = support if support is not None else scene
     if h % multiple or w % multiple:
         what = "support" if support is not None else "scene size"

@@ -88,14 +88,10 @@ class SupportPrior(DiffusionPrior):
         steps = t.expand(n) if torch.is_tensor(t) and t.ndim == 0 else (
             t if torch.is_tensor(t) else torch.full((n,), int(t), dtype=torch.long))
         a = self.alphas_cumprod.to(x_t.device)[steps.to(x_t.device)].to(x_t.dtype).view(n, 1, 1, 1)
-        outside = (x_t - a.sqrt() * self.fill) / (1 - a).sqrt()
+        eps = (x_t - a.sqrt() * self.fill) / (1 - a).sqrt()  # a fresh tensor: writing its window is safe
         rows, cols = self._window
-        inside = self.inner.eps(x_t[..., rows, cols], t).to(x_t.dtype)
-        mask = torch.zeros(self.canvas_shape, dtype=torch.bool, device=x_t.device)
-        mask[rows, cols] = True
-        padded = torch.zeros_like(x_t)
-        padded[..., rows, cols] = inside
-        return torch.where(mask, padded, outside)
+        eps[..., rows, cols] = self.inner.eps(x_t[..., rows, cols], t).to(x_t.dtype)
+        return eps
 
 
 def prior_for_scene(prior: DiffusionPrior, scene_shape: tuple[int, int]) -> DiffusionPrior:
