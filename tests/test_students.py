@@ -286,3 +286,37 @@ def test_default_edge_net_exports_to_onnx_and_matches_onnxruntime(tmp_path):
     with torch.no_grad():
         want = net(xt).numpy()
     assert np.abs(got - want).max() <= 1e-4
+
+
+def test_paper_student_with_the_real_unet_exports_as_one_graph(tmp_path, physics, measurement):
+    """The paper student (g_φ + the attention UNet of ``train.prior.unet``) inside the export graph: only
+    TensorRT-10 operators, and ONNX Runtime equals the torch student (with a support window)."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import onnx
+
+    from export.graph import ReconstructionGraph
+    from export.onnx_graph import export_graph
+    from export.trt_ops import unsupported_nodes
+    from train.prior.unet import UNet
+
+    torch.manual_seed(0)
+    unet = UNet(image_size=16, base_channels=8, channel_mults=[1, 2], num_res_blocks=1, attention_resolutions=[8],
+                dropout=0.0)
+    for p in unet.parameters():  # the zero-initialised output layers would hide the UNet from the check
+        torch.nn.init.normal_(p, std=0.05)
+    prior = DiffusionPrior(unet, linear_alphas_cumprod(1000), image_size=16)
+    cfg = make_config("paper", "nullspace", 3, physics, {**SMALL_EDGE, "t_fixed": 100}, support_shape=(16, 16))
+    student = build_student(cfg, prior=prior).eval()
+    graph = ReconstructionGraph(blur_psf(), physics.sensor_shape, physics.lam, net=student.net,
+                                objective="nullspace", dft="matmul", channels=3, support_shape=(16, 16))
+    path = export_graph(graph, tmp_path / "paper.onnx", batch=None)
+    model = onnx.load(str(path))
+    assert unsupported_nodes(model) == []
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: measurement.numpy()})
+    with torch.no_grad():
+        want = student(measurement, physics).numpy()
+    assert got.shape == want.shape == (2, 3, SIZE, SIZE)
+    assert np.abs(want).max() > 0.05  # the network's part is not negligible
+    assert np.abs(got - want).max() <= 1e-4
