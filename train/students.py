@@ -268,6 +268,23 @@ def build_paper_net(channels: int, arch: dict, prior: Any) -> PaperNet:
     return PaperNet(adapter, prior.net, t_fixed, _prior_alpha_bar(prior, t_fixed))
 
 
+def prior_architecture(config: dict) -> Any:
+    """The diffusion prior a paper student was built on, for its architecture and schedule: rebuilt from the
+    prior config recorded in the student's ``config.json`` (the fine-tuned weights are the student's own),
+    else loaded from the recorded prior directory."""
+    record = config.get("prior") or {}
+    if isinstance(record.get("config"), dict) and "architecture" in record["config"]:
+        from train.prior.io import PriorError, prior_from_config
+
+        try:
+            return prior_from_config(record["config"], "config.json 'prior'")
+        except PriorError as exc:
+            raise StudentError(f"paper student: {exc}") from None
+    if not record.get("dir"):
+        raise StudentError("a paper student needs a diffusion prior (pass prior= or set config['prior'])")
+    return load_prior_dir(record["dir"])
+
+
 def load_prior_dir(prior_dir: str | os.PathLike) -> Any:
     """The diffusion prior of a directory through :func:`train.prior.io.load_prior` (imported lazily)."""
     try:
@@ -313,10 +330,7 @@ def build_student(config: dict, prior: Any | None = None) -> Student:
         net: nn.Module = build_edge_net(ch, arch)
     elif kind == "paper":
         if prior is None:
-            prior_dir = config.get("prior", {}).get("dir")
-            if not prior_dir:
-                raise StudentError("a paper student needs a diffusion prior (pass prior= or set config['prior']['dir'])")
-            prior = load_prior_dir(prior_dir)
+            prior = prior_architecture(config)
         net = build_paper_net(ch, arch, prior)
     else:
         raise StudentError(f"unknown student kind {kind!r}; use {' or '.join(KINDS)}")

@@ -188,20 +188,46 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu",
     return prior.to(device=device).eval()  # ᾱ stays float64
 
 
+def prior_from_config(config: dict, source: str = "prior config") -> DiffusionPrior:
+    """An untrained :class:`DiffusionPrior` of the architecture and noise schedule a prior's config records
+    (``config.json`` of our format with its ``"scheduler"`` entry, as ``load_prior`` stores in ``.config``).
+
+    A paper student's ``model.safetensors`` holds the fine-tuned prior network, so the student needs only
+    this to be rebuilt: its directory does not depend on the prior directory it started from.
+    """
+    if config.get("_class_name") not in NETWORKS:
+        raise PriorError(f"{source}: _class_name {config.get('_class_name')!r} is not one of {sorted(NETWORKS)}")
+    if "architecture" not in config:
+        raise PriorError(f"{source}: missing 'architecture'")
+    if "scheduler" not in config:
+        raise PriorError(f"{source}: missing 'scheduler' (the noise schedule)")
+    net_cls, config_cls = NETWORKS[config["_class_name"]]
+    try:
+        net = net_cls(config_cls.from_dict(config["architecture"]))
+    except (TypeError, ValueError) as exc:
+        raise PriorError(f"{source}: {exc}") from exc
+    alphas_cumprod = alphas_cumprod_from_schedule(config["scheduler"], source)
+    arch = net.cfg
+    eps_net = EpsilonOnly(net, arch.in_channels) if arch.out_channels != arch.in_channels else net
+    return DiffusionPrior(eps_net, alphas_cumprod, image_size=arch.image_size, channels=arch.in_channels,
+                          config=dict(config))
+
+
 def _load_nsdd(path: Path, config: dict) -> DiffusionPrior:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if "architecture" not in config:
         raise PriorError(f"{path / CONFIG_NAME}: missing 'architecture'")
-    net_cls, config_cls = NETWORKS[config["_class_name"]]
-    try:
-        net = net_cls(config_cls.from_dict(config["architecture"]))
-    except (TypeError, ValueError) as exc:
-        raise PriorError(f"{path / CONFIG_NAME}: {exc}") from exc
     weights = path / WEIGHTS_NAME
     if not weights.exists():
         raise PriorError(f"{path}: missing {WEIGHTS_NAME} (the network weights)")
+    schedule_path = path / SCHEDULER_NAME
+    if not schedule_path.exists():
+        raise PriorError(f"{path}: missing {SCHEDULER_NAME} (the noise schedule)")
+    schedule = _read_json(schedule_path)
+    prior = prior_from_config({**config, "scheduler": schedule, "path": str(path)}, str(path / CONFIG_NAME))
+    net = prior.net.net if isinstance(prior.net, EpsilonOnly) else prior.net
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
@@ -214,15 +240,7 @@ def _load_nsdd(path: Path, config: dict) -> DiffusionPrior:
         raise PriorError(f"{weights}: weights do not match config.json's architecture "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]})")
     net.load_state_dict({k: v.float() for k, v in state.items()})
-    schedule_path = path / SCHEDULER_NAME
-    if not schedule_path.exists():
-        raise PriorError(f"{path}: missing {SCHEDULER_NAME} (the noise schedule)")
-    schedule = _read_json(schedule_path)
-    alphas_cumprod = alphas_cumprod_from_schedule(schedule, schedule_path)
-    arch = net.cfg
-    eps_net = EpsilonOnly(net, arch.in_channels) if arch.out_channels != arch.in_channels else net
-    return DiffusionPrior(eps_net, alphas_cumprod, image_size=arch.image_size, channels=arch.in_channels,
-                          config={**config, "scheduler": schedule, "path": str(path)})
+    return prior
 
 
 class EpsilonOnly(torch.nn.Module):
