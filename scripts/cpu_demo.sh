@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU-sized NSDD demo on real faces (UTKFace) through the real radial PSF, end to end:
-# simulate → prior → DDNM+ teacher → null-space student + `full` ablation → evaluation report.
+# simulate → prior → DDNM+ teacher → students (edge and paper, null-space + `full` ablation) → report.
 #
 # Defaults: 64 px scenes on a 128 px sensor (the radial PSF box-downsampled ×2), reconstructed at sensor
 # size with the circular model as the NSDD authors do. The prior is a 64 px face prior (no padding): the
@@ -23,6 +23,7 @@ PRIOR=${PRIOR:-$RUNS/prior${PRIOR_PAD:-$SIZE}}
 PRIOR_STEPS=${PRIOR_STEPS:-2000}
 TEACHER_N=${TEACHER_N:-512}; TEACHER_STEPS=${TEACHER_STEPS:-50}; TEACHER_DIR=${TEACHER_DIR:-$RUNS/teacher}
 STUDENT_STEPS=${STUDENT_STEPS:-2400}; STUDENT_LAM=${STUDENT_LAM:-1e-3}; SUPPORT=${SUPPORT:-auto}
+PAPER_STEPS=${PAPER_STEPS:-600}; PAPER_LPIPS=${PAPER_LPIPS:-0.1}   # paper student: g_φ + the fine-tuned prior
 EVAL_N=${EVAL_N:-30}; DPS_STEPS=${DPS_STEPS:-200}; THREADS=${THREADS:-2}
 REPORT=${REPORT:-docs/results.md}
 LPIPS=${LPIPS:-$SHARED/weights/lpips/lpips_alex_full_v0.1.pth}
@@ -50,13 +51,21 @@ if [[ $stage == all || $stage == distill ]]; then
       --out "$RUNS/student_$objective"
   done
 fi
+if [[ $stage == all || $stage == distill-paper ]]; then
+  for objective in nullspace full; do
+    nsdd-train distill --data "$DATA" --targets "$TEACHER_DIR" --limit "$TEACHER_N" --student paper --prior "$PRIOR" \
+      --objective "$objective" --lam "$STUDENT_LAM" --support "$SUPPORT" --lpips-weight "$PAPER_LPIPS" \
+      --lpips-weights "$LPIPS" --steps "$PAPER_STEPS" --batch 16 --warmup 50 --lr 2e-4 --checkpoint-every 100 \
+      --threads "$THREADS" --quiet --out "$RUNS/student_paper_$objective"
+  done
+fi
 if [[ $stage == all || $stage == evaluate ]]; then
   nsdd-train solve --method wiener --data "$DATA" --split test --limit "$EVAL_N" --lam "$STUDENT_LAM" \
     --out "$RUNS/recon/wiener_lam$STUDENT_LAM" --overwrite
   nsdd-train evaluate --data "$DATA" --split test --limit "$EVAL_N" \
     --recon "$RUNS/recon/wiener_lam$STUDENT_LAM" \
-    --methods "wiener,admm,dps,diffpir,ddnm,student:$RUNS/student_nullspace,student:$RUNS/student_full" \
-    --names "wiener (λ=$STUDENT_LAM),wiener (λ=1e-6),admm,dps,diffpir,ddnm+ (teacher),nsdd student,full ablation" \
+    --methods "wiener,admm,dps,diffpir,ddnm,student:$RUNS/student_paper_nullspace,student:$RUNS/student_paper_full,student:$RUNS/student_nullspace,student:$RUNS/student_full" \
+    --names "wiener (λ=$STUDENT_LAM),wiener (λ=1e-6),admm,dps,diffpir,ddnm+ (teacher),nsdd paper student,paper full ablation,nsdd edge student,edge full ablation" \
     --prior "$PRIOR" --set ddnm.steps="$TEACHER_STEPS" --set dps.steps="$DPS_STEPS" \
     --lpips-weights "$LPIPS" --out "$RUNS/eval" --report "$REPORT"
 fi

@@ -315,3 +315,24 @@ def test_retrained_student_in_the_same_directory_is_evaluated_again(circular_dat
         ids = LenslessDataset(circular_data).ids("test")[:2]
         recon.append(np.stack([np.load(out / "recon" / "student" / f"{i}.npy") for i in ids]))
     assert not np.allclose(recon[0], recon[1])
+
+
+def test_ground_truth_consistency_is_the_noise_floor(tmp_path):
+    """reference.json and the report give the ground truth's ‖A x − y‖/‖y‖: for circular data with added
+    noise n it is exactly ‖n‖/‖y‖; Wiener at a tiny λ fits the noise and scores below it."""
+    data = make_dataset(tmp_path / "noisy", n=3)
+    rng = np.random.default_rng(5)
+    ratios = []
+    for i in ("s001", "s002"):
+        y = np.load(data / "measurements" / f"{i}.npy")
+        n = (0.01 * rng.standard_normal(y.shape)).astype(np.float32)
+        np.save(data / "measurements" / f"{i}.npy", y + n)
+        ratios.append(np.linalg.norm(n) / np.linalg.norm(y + n))
+    out, report = tmp_path / "eval", tmp_path / "report.md"
+    rc = train_cli(["evaluate", "--data", str(data), "--methods", "wiener", "--no-lpips", "--out", str(out),
+                    "--report", str(report), "--device", "cpu"])
+    assert rc == 0
+    floor = json.loads((out / "reference.json").read_text())["ground_truth_consistency"]
+    assert floor == pytest.approx(float(np.mean(ratios)), rel=1e-3)
+    assert json.loads((out / "metrics.json").read_text())["wiener"]["consistency"] < 0.5 * floor
+    assert f"{floor:.3g}" in report.read_text()

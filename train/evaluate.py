@@ -13,7 +13,8 @@ PSNR / SSIM / LPIPS on the reconstruction clipped to [0, 1] and centre-cropped t
 full reconstruction with the dataset's reconstruction operator (:meth:`LenslessDataset.physics`).
 
 Outputs in ``--out``: ``metrics.json`` (``{method: {"psnr", "ssim", "lpips", "consistency", "n", …}}``),
-``metrics.md``, ``per_image.json``, ``grid.png``, ``lpips_vs_time.png`` (when methods were timed) and
+``metrics.md``, ``per_image.json``, ``reference.json`` (the ground truth's own consistency: the noise floor),
+``grid.png``, ``lpips_vs_time.png`` (when methods were timed) and
 ``recon/METHOD/ID.npy|png`` for the methods run here; ``--report FILE.md`` adds a self-contained report.
 Runs of ``--methods`` are resumable: each image is written with its time and memory as soon as it is done
 (``recon/METHOD/recon.json``) and a rerun with the same method, settings and data reuses them.
@@ -46,7 +47,7 @@ from nsdd_edge.bundle import file_sha256
 from nsdd_edge.optics import OpticsError
 from train import metrics as M
 from train.data import DatasetError, LenslessDataset, read_recon_dir
-from train.physics import LenslessOperator, center_crop
+from train.physics import LenslessOperator, center_crop, center_pad
 
 HELP = "score reconstructions (PSNR, SSIM, LPIPS, consistency, time, memory) and write tables, figures, a report"
 
@@ -561,6 +562,21 @@ def score(x_full: torch.Tensor, ids: Sequence[str], ds: LenslessDataset, physics
     return out
 
 
+def ground_truth_consistency(ds: LenslessDataset, ids: Sequence[str], physics: LenslessOperator) -> float | None:
+    """Mean ``‖A x − y‖ / ‖y‖`` of the ground truth ``x`` (zero-padded to the operator's grid): what a perfect
+    reconstruction scores, the noise floor plus the reconstruction operator's model error. A method below it
+    fits noise. ``None`` when a ground truth is missing or larger than the grid."""
+    if not ids or not all(ds.has_ground_truth(i) for i in ids):
+        return None
+    gt = torch.from_numpy(np.stack([ds.ground_truth(i) for i in ids]))
+    if gt.shape[-2] > physics.scene_shape[0] or gt.shape[-1] > physics.scene_shape[1]:
+        return None
+    y = ds.measurements(ids)
+    if gt.shape[1] != y.shape[1]:
+        return None
+    return float(M.consistency(center_pad(gt, physics.scene_shape), y, physics).mean())
+
+
 def _mean(values: Sequence[float] | None) -> float | None:
     if not values:
         return None
@@ -692,6 +708,10 @@ def run_evaluation(cfg: EvaluationConfig) -> dict:
 
     _write_json(cfg.out / "metrics.json", metrics)
     _write_json(cfg.out / "per_image.json", per_image)
+    floor = ground_truth_consistency(ds, ids, physics)
+    if floor is not None:
+        _write_json(cfg.out / "reference.json", {"ground_truth_consistency": floor})
+        print(f"ground truth: consistency {floor:.4g} (what a perfect reconstruction scores)", file=sys.stderr)
     table = metrics_table(metrics)
     (cfg.out / "metrics.md").write_text(f"# Metrics ({cfg.data}, split {cfg.split}, n = {len(ids)})\n\n" + table)
 
@@ -709,6 +729,9 @@ def run_evaluation(cfg: EvaluationConfig) -> dict:
         notes = []
         if not cfg.use_lpips:
             notes.append("LPIPS skipped (--no-lpips).")
+        if floor is not None:
+            notes.append(f"The ground truth itself scores ‖A x − y‖ / ‖y‖ = {floor:.3g} under the same operator (the "
+                         "noise floor plus the operator's model error): lower values fit noise.")
         write_report(cfg.report, metrics, machine, cfg.command, figures, str(cfg.data), cfg.split, len(ids), notes)
     return {"metrics": metrics, "table": table, "figures": figures, "ids": ids}
 
