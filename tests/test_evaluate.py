@@ -187,6 +187,13 @@ def test_no_lpips_limit_and_split_all(circular_data, tmp_path):
     m = json.loads((out / "metrics.json").read_text())["wiener"]
     assert m["n"] == 2 and m["lpips"] is None and m["psnr"] > 30
     assert not (out / "recon").exists()
+    # --skip: a subset disjoint from the first ids (to choose settings on), and a clear error past the end
+    rc = train_cli(["evaluate", "--data", str(circular_data), "--methods", "wiener", "--split", "all",
+                    "--skip", "2", "--limit", "1", "--no-lpips", "--no-save-recon", "--out", str(tmp_path / "v")])
+    assert rc == 0
+    assert json.loads((tmp_path / "v" / "per_image.json").read_text())["wiener"]["ids"] == ["s002"]
+    assert train_cli(["evaluate", "--data", str(circular_data), "--methods", "wiener", "--split", "test",
+                      "--skip", "3", "--no-lpips", "--out", str(tmp_path / "w")]) != 0
 
 
 def test_parse_settings_and_peak_memory():

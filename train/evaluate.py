@@ -73,6 +73,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="a method setting, e.g. admm.iters=50 (repeatable; values parsed as JSON when possible)")
     p.add_argument("--names", default="", help="display names, comma-separated: the --recon dirs, then the --methods")
     p.add_argument("--split", default="test", help="dataset split ('all': every measurement)")
+    p.add_argument("--skip", type=int, default=0,
+                   help="leave out the first N ids of the split (before --limit): a subset disjoint from a reported "
+                        "one, to choose settings on")
     p.add_argument("--limit", type=int, default=None, help="score only the first N ids of the split")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--report", default=None, help="also write a self-contained markdown report to FILE.md")
@@ -149,6 +152,7 @@ class EvaluationConfig:
     sources: list[Source]
     split: str = "test"
     limit: int | None = None
+    skip: int = 0
     prior: Path | None = None
     report: Path | None = None
     lpips_weights: str | None = None
@@ -200,10 +204,12 @@ class EvaluationConfig:
             raise EvaluationError(f"--methods {','.join(needs_prior)} need a diffusion prior: give --prior DIR")
         if args.limit is not None and args.limit < 1:
             raise EvaluationError(f"--limit must be ≥ 1, got {args.limit}")
+        if args.skip < 0:
+            raise EvaluationError(f"--skip must be ≥ 0, got {args.skip}")
         if args.grid_samples < 0:
             raise EvaluationError(f"--grid-samples must be ≥ 0, got {args.grid_samples}")
         return EvaluationConfig(
-            data=Path(args.data), out=Path(args.out), sources=sources, split=args.split, limit=args.limit,
+            data=Path(args.data), out=Path(args.out), sources=sources, split=args.split, limit=args.limit, skip=args.skip,
             prior=Path(args.prior) if args.prior else None, report=Path(args.report) if args.report else None,
             lpips_weights=args.lpips_weights, use_lpips=not args.no_lpips, device=resolve_device(args.device),
             grid_samples=args.grid_samples, save_recon=not args.no_save_recon, seed=args.seed,
@@ -219,7 +225,8 @@ def command_line(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
         return shlex.join(["nsdd-train", *argv[1:]])
     parts = ["nsdd-train", "evaluate", "--data", str(args.data), "--out", str(args.out)]
     for flag, value in (("--recon", args.recon), ("--methods", args.methods), ("--prior", args.prior),
-                        ("--names", args.names), ("--split", args.split), ("--limit", args.limit),
+                        ("--names", args.names), ("--split", args.split), ("--skip", args.skip or None),
+                        ("--limit", args.limit),
                         ("--report", args.report), ("--lpips-weights", args.lpips_weights),
                         ("--device", args.device), ("--grid-samples", args.grid_samples), ("--seed", args.seed)):
         if value not in (None, ""):
@@ -634,10 +641,13 @@ def run_evaluation(cfg: EvaluationConfig) -> dict:
 
     ds = LenslessDataset(cfg.data)
     ids = ds.ids(cfg.split)
+    total = len(ids)
+    ids = ids[cfg.skip:]
     if cfg.limit is not None:
         ids = ids[: cfg.limit]
     if not ids:
-        raise EvaluationError(f"{cfg.data}: split {cfg.split!r} is empty")
+        raise EvaluationError(f"{cfg.data}: split {cfg.split!r} is empty" if not total else
+                              f"{cfg.data}: --skip {cfg.skip} leaves none of the split's {total} ids")
     if cfg.use_lpips:  # fail before any long run when the weights are missing
         from train.lpips import LPIPSWeightsError, get_lpips
 
