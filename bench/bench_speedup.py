@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,17 +44,17 @@ def median_ms(times: list[float]) -> float:
     return statistics.median(times) * 1e3
 
 
-def onnx_session(student_dir: Path, psf: np.ndarray, threads: int, tmp: Path):
-    """ONNX Runtime session of the student's whole reconstruction graph (y → x̂), batch 1."""
+def onnx_session(solver, source: str, psf: np.ndarray, threads: int, out: Path):
+    """ONNX Runtime session of a loaded student's whole reconstruction graph (y → x̂), batch 1."""
     from export.graph import ReconstructionGraph
-    from export.onnx_graph import export_graph, load_student_info
+    from export.onnx_graph import export_graph, student_info
     from export.quantize import make_session
 
-    info = load_student_info(student_dir)
+    info = student_info(solver, source)
     graph = ReconstructionGraph(psf, info.sensor_shape, float(info.lam), net=info.net.float().eval(),
                                 objective=info.objective, dft="matmul", channels=int(info.channels or 3),
                                 support_shape=info.support_shape)
-    path = export_graph(graph, tmp / f"{student_dir.name}.onnx", batch=1)
+    path = export_graph(graph, out, batch=1)
     return make_session(path, threads=threads)
 
 
@@ -80,19 +81,18 @@ def main() -> int:
     physics = ds.physics()
     load = os.getloadavg()[0]
 
-    students = {}
-    for d in args.student:
-        solver = load_student(d)
-        solver.check_physics(physics)
-        students[Path(d).name] = solver
-    variants: dict[str, callable] = {}
+    students: dict[str, object] = {}  # display name (the directory's name, made unique) → StudentSolver
+    for k, d in enumerate(args.student):
+        name = Path(d).name if Path(d).name not in students else f"{Path(d).name} #{k + 1}"
+        students[name] = load_student(d)
+        students[name].check_physics(physics)
+    variants: dict[str, Callable] = {}
     for name, solver in students.items():
         variants[f"{name} (torch)"] = lambda y, s=solver: s(y, physics)
     tmp_dir = tempfile.TemporaryDirectory()
     if not args.no_onnx:
-        for name in students:
-            sess = onnx_session(Path(args.student[list(students).index(name)]), ds.psf, args.threads,
-                                Path(tmp_dir.name))
+        for k, ((name, solver), d) in enumerate(zip(students.items(), args.student, strict=True)):
+            sess = onnx_session(solver, d, ds.psf, args.threads, Path(tmp_dir.name) / f"student{k}.onnx")
             input_name = sess.get_inputs()[0].name
             variants[f"{name} (ONNX Runtime)"] = lambda y, s=sess, n=input_name: s.run(None, {n: y.numpy()})[0]
 

@@ -188,7 +188,8 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu",
     return prior.to(device=device).eval()  # ᾱ stays float64
 
 
-def prior_from_config(config: dict, source: str = "prior config") -> DiffusionPrior:
+def prior_from_config(config: dict, source: str = "prior config", schedule_source: str | Path | None = None
+                      ) -> DiffusionPrior:
     """An untrained :class:`DiffusionPrior` of the architecture and noise schedule a prior's config records
     (``config.json`` of our format with its ``"scheduler"`` entry, as ``load_prior`` stores in ``.config``).
 
@@ -206,7 +207,7 @@ def prior_from_config(config: dict, source: str = "prior config") -> DiffusionPr
         net = net_cls(config_cls.from_dict(config["architecture"]))
     except (TypeError, ValueError) as exc:
         raise PriorError(f"{source}: {exc}") from exc
-    alphas_cumprod = alphas_cumprod_from_schedule(config["scheduler"], source)
+    alphas_cumprod = alphas_cumprod_from_schedule(config["scheduler"], schedule_source or f"{source} 'scheduler'")
     arch = net.cfg
     eps_net = EpsilonOnly(net, arch.in_channels) if arch.out_channels != arch.in_channels else net
     return DiffusionPrior(eps_net, alphas_cumprod, image_size=arch.image_size, channels=arch.in_channels,
@@ -226,7 +227,8 @@ def _load_nsdd(path: Path, config: dict) -> DiffusionPrior:
     if not schedule_path.exists():
         raise PriorError(f"{path}: missing {SCHEDULER_NAME} (the noise schedule)")
     schedule = _read_json(schedule_path)
-    prior = prior_from_config({**config, "scheduler": schedule, "path": str(path)}, str(path / CONFIG_NAME))
+    prior = prior_from_config({**config, "scheduler": schedule, "path": str(path)}, str(path / CONFIG_NAME),
+                              schedule_path)
     net = prior.net.net if isinstance(prior.net, EpsilonOnly) else prior.net
     try:
         state = load_file(str(weights))
