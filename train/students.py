@@ -271,13 +271,15 @@ def build_paper_net(channels: int, arch: dict, prior: Any) -> PaperNet:
 def prior_architecture(config: dict) -> Any:
     """The diffusion prior a paper student was built on, for its architecture and schedule: rebuilt from the
     prior config recorded in the student's ``config.json`` (the fine-tuned weights are the student's own),
-    else loaded from the recorded prior directory."""
+    else (a diffusers or older record) loaded from the recorded prior directory."""
     record = config.get("prior") or {}
-    if isinstance(record.get("config"), dict) and "architecture" in record["config"]:
-        from train.prior.io import PriorError, prior_from_config
+    recorded = record.get("config") if isinstance(record.get("config"), dict) else {}
+    from train.prior.io import NETWORKS, PriorError, prior_from_config
+
+    if recorded.get("_class_name") in NETWORKS and {"architecture", "scheduler"} <= set(recorded):
 
         try:
-            return prior_from_config(record["config"], "config.json 'prior'")
+            return prior_from_config(recorded, "config.json 'prior'")
         except PriorError as exc:
             raise StudentError(f"paper student: {exc}") from None
     if not record.get("dir"):
