@@ -424,12 +424,11 @@ def calibrate(model: Any, frames: np.ndarray, batch: int | None, method: str = "
 def quantize_weight(w: np.ndarray, axis: int, per_channel: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel symmetric int8: ``scale_c = max|w_c| / 127``, ``q = round(w / scale_c)``
     (``per_channel=False``: one scale ``max|w| / 127`` for the tensor, returned as a scalar array)."""
-    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    amax = np.abs(moved).max(axis=1)
     if not per_channel:
         a = float(np.abs(w).max())
         scale = np.array(a / 127.0 if a > 0 else 1.0, np.float32)
         return np.clip(np.round(w / scale), -127, 127).astype(np.int8), scale
+    amax = np.abs(np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)).max(axis=1)
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
     shape = [1] * w.ndim
     shape[axis] = -1
