@@ -438,3 +438,40 @@ class WienerFilter:
         if g.model == "crop":
             x = center_crop(x, g.scene_shape)
         return x
+
+
+def wiener_residual(psf: np.ndarray, geometry: LenslessGeometry, y: np.ndarray, lam: float) -> float:
+    """RMS of the Wiener fit's residual ``y − A A†_λ y`` per pixel (``A A†_λ = C F⁻¹[R_λ F(P ·)]``)."""
+    spectra = WienerSpectra.from_psf(psf, geometry.conv_shape, lam)
+    R = spectra.half("R")
+    y = np.asarray(y, dtype=np.float64)
+    yp = center_pad(y, geometry.conv_shape) if geometry.model == "crop" else y
+    fit = np.fft.irfft2(np.fft.rfft2(yp, axes=(-2, -1)) * R, s=geometry.conv_shape, axes=(-2, -1))
+    if geometry.model == "crop":
+        fit = center_crop(fit, geometry.sensor_shape)
+    return float(np.sqrt(np.mean((y - fit) ** 2)))
+
+
+def discrepancy_lambda(psf: np.ndarray, geometry: LenslessGeometry, y: np.ndarray, sigma: float, *,
+                       tau: float = 1.0, bounds: tuple[float, float] = (1e-9, 1e2), iterations: int = 48) -> float:
+    """Morozov's discrepancy principle: the Wiener λ whose residual matches the noise,
+    ``rms(y − A A†_λ y) = τ σ`` (bisection in log λ; the residual grows with λ). No ground truth is used:
+    only measurements ``y`` (``(C, H, W)`` or a batch) and the noise level σ (same units as ``y``).
+
+    Raises :class:`OpticsError` if σ ≤ 0 or the noise level is outside what λ in ``bounds`` can reach.
+    """
+    if not (sigma > 0 and np.isfinite(sigma)):
+        raise OpticsError(f"discrepancy principle: the noise level σ must be > 0, got {sigma}")
+    target = tau * float(sigma)
+    lo, hi = np.log10(bounds[0]), np.log10(bounds[1])
+    r_lo, r_hi = (wiener_residual(psf, geometry, y, 10.0 ** v) for v in (lo, hi))
+    if not r_lo <= target <= r_hi:
+        raise OpticsError(f"discrepancy principle: the residual spans {r_lo:.3g}–{r_hi:.3g} for λ in "
+                          f"{bounds}, the noise level τσ = {target:.3g} is outside it")
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if wiener_residual(psf, geometry, y, 10.0 ** mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return float(10.0 ** (0.5 * (lo + hi)))

@@ -95,6 +95,8 @@ class DistillSettings:
     amp: str = "auto"
     fp16: bool = False
     progress: bool = True
+    time_budget: float | None = None  # seconds for this invocation: sizes `steps` from the measured step rate
+    preload: bool = False  # hold every (y, target) pair in memory (on the training device)
 
     def validate(self) -> None:
         if self.student not in KINDS:
@@ -114,6 +116,8 @@ class DistillSettings:
             raise DistillError(f"--lpips-weight must be >= 0, got {self.lpips_weight}")
         if self.student == "paper" and not self.prior:
             raise DistillError("--student paper needs --prior DIR (the pretrained diffusion prior to fine-tune)")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise DistillError(f"--time-budget must be > 0 minutes, got {self.time_budget / 60:g}")
         if self.amp not in ("auto", "bf16", "off"):
             raise DistillError(f"--amp must be auto, bf16 or off, got {self.amp!r}")
         parse_support(self.support)
@@ -219,7 +223,16 @@ class TargetSet:
         except OpticsError as exc:
             raise DistillError(f"teacher target {sample_id}: {exc}") from exc
 
+    def preload(self, device: torch.device) -> None:
+        """Read every pair once and keep them as two tensors on ``device``; :meth:`batch` then indexes them."""
+        self._row = {i: k for k, i in enumerate(self.ids)}
+        self._y = torch.from_numpy(np.stack([self.measurement(i) for i in self.ids])).to(device)
+        self._t = torch.from_numpy(np.stack([self.target(i) for i in self.ids])).to(device)
+
     def batch(self, ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if getattr(self, "_row", None) is not None:
+            rows = torch.as_tensor([self._row[i] for i in ids], device=self._y.device)
+            return self._y[rows], self._t[rows]
         y = np.stack([self.measurement(i) for i in ids])
         t = np.stack([self.target(i) for i in ids])
         if y.shape[1:] != (self.channels,) + y.shape[2:] or t.shape[1:] != (self.channels,) + t.shape[2:]:
@@ -530,6 +543,13 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
         except ValueError:  # not the main thread: signals keep their default behaviour
             pass
 
+    if s.preload:
+        data.preload(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    deadline = time.monotonic() + s.time_budget if s.time_budget else None
+    probe: tuple[int, float] | None = None  # (step, time) where the step-rate measurement started
+    start_step = step
     bar = None
     try:
         from tqdm import tqdm
@@ -538,6 +558,21 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
                    dynamic_ncols=True)
         net.train()
         while step < s.steps:
+            if deadline is not None:  # size the run to the time budget from the measured step rate
+                now = time.monotonic()
+                if probe is None and step >= start_step + 3:  # skip the first (warm-up) steps
+                    probe = (step, now)
+                elif probe is not None and step == probe[0] + 10:
+                    rate = (step - probe[0]) / max(now - probe[1], 1e-9)
+                    fit = step + int(0.97 * rate * max(deadline - now, 0.0))
+                    if fit < s.steps:
+                        s.steps = max(fit, step + 1)
+                        bar.total = s.steps
+                        if s.progress:
+                            print(f"\ntime budget: {rate:.2f} steps/s, training to step {s.steps}", file=sys.stderr)
+                if now >= deadline and step > start_step:
+                    s.steps = step  # out of time: end here (the checkpoint below saves this step)
+                    break
             batch_ids = [data.ids[i] for i in order.next()]
             y, target = data.batch(batch_ids)
             y, target = y.to(device, non_blocking=True), target.to(device, non_blocking=True)
@@ -622,16 +657,26 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-width", type=int, default=None, help="channel cap per level")
     p.add_argument("--blocks", type=int, default=None, help="3×3 convolutions per level")
     p.add_argument("--activation", choices=("relu", "leaky_relu", "silu"), default=None)
+    p.add_argument("--unshuffle", type=int, default=None,
+                   help="lean student: run the UNet at 1/r resolution on r² times the channels (pixel-unshuffle)")
+    p.add_argument("--separable", action=argparse.BooleanOptionalAction, default=None,
+                   help="lean student: depthwise-separable 3×3 convolutions")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help="bf16 autocast of the network (auto: on GPUs); FFTs stay float32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--fp16", action="store_true", help="save model.safetensors in float16 (for shipping)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="fit the run into this many minutes: after a few steps the step rate is measured and "
+                        "--steps lowered to what fits (the learning-rate schedule follows)")
+    p.add_argument("--preload", action="store_true",
+                   help="read all measurements and targets once and keep them in memory (on the GPU when training there)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def settings_from_args(args: argparse.Namespace) -> DistillSettings:
-    arch = {k: getattr(args, k) for k in ("width", "depth", "max_width", "blocks", "activation")
+    arch = {k: getattr(args, k) for k in ("width", "depth", "max_width", "blocks", "activation", "unshuffle",
+                                          "separable")
             if getattr(args, k) is not None}
     if args.t_fixed is not None:
         arch["t_fixed"] = args.t_fixed
@@ -642,7 +687,8 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
         grad_clip=args.grad_clip, checkpoint_every=args.checkpoint_every, samples=args.samples, split=args.split,
         limit=args.limit,
         model=args.model, lam=args.lam, prior=args.prior, support=args.support, architecture=arch, seed=args.seed, device=args.device,
-        amp=args.amp, fp16=args.fp16, progress=not args.quiet)
+        amp=args.amp, fp16=args.fp16, progress=not args.quiet,
+        time_budget=None if args.time_budget is None else 60.0 * args.time_budget, preload=args.preload)
 
 
 def main(args: argparse.Namespace) -> int:

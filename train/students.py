@@ -98,13 +98,18 @@ def _act(name: str) -> nn.Module:
 
 
 class _ConvBlock(nn.Sequential):
-    """``n`` × (3×3 conv → activation); the first conv may have stride 2 (downsampling)."""
+    """``n`` × (3×3 conv → activation); the first conv may have stride 2 (downsampling). ``separable``: each
+    3×3 conv is depthwise (one filter per channel) followed by a 1×1 pointwise conv (≈ 9/c_out of the cost)."""
 
-    def __init__(self, c_in: int, c_out: int, n: int, activation: str, stride: int = 1):
+    def __init__(self, c_in: int, c_out: int, n: int, activation: str, stride: int = 1, separable: bool = False):
         layers: list[nn.Module] = []
         for k in range(n):
-            layers += [nn.Conv2d(c_in if k == 0 else c_out, c_out, 3, stride=stride if k == 0 else 1, padding=1),
-                       _act(activation)]
+            ci, st = (c_in if k == 0 else c_out), (stride if k == 0 else 1)
+            if separable:
+                layers += [nn.Conv2d(ci, ci, 3, stride=st, padding=1, groups=ci), nn.Conv2d(ci, c_out, 1)]
+            else:
+                layers += [nn.Conv2d(ci, c_out, 3, stride=st, padding=1)]
+            layers.append(_act(activation))
         super().__init__(*layers)
 
 
@@ -115,41 +120,50 @@ class EdgeUNet(nn.Module):
     stride-2 3×3 convolutions, the decoder upsamples ×2 (nearest Resize), concatenates the skip and
     applies ``blocks`` 3×3 convolutions; a 1×1 convolution gives the output. With ``skip_input`` the
     last ``C_out`` input channels (``A†y``) are added to the output: ``g = A†y + head(…)``.
+
+    Lean variants (for a latency budget): ``unshuffle = r`` runs the whole UNet at ``1/r`` resolution on
+    ``r²``× the channels (pixel-unshuffle in, pixel-shuffle out: ONNX SpaceToDepth/DepthToSpace or
+    Reshape/Transpose), ``separable`` makes every 3×3 convolution depthwise + 1×1.
     """
 
     def __init__(self, in_channels: int, out_channels: int, width: int = 32, depth: int = 4,
-                 max_width: int = 192, blocks: int = 2, activation: str = "silu", skip_input: bool = False):
+                 max_width: int = 192, blocks: int = 2, activation: str = "silu", skip_input: bool = False,
+                 unshuffle: int = 1, separable: bool = False):
         super().__init__()
-        if depth < 0 or width < 1 or blocks < 1:
-            raise StudentError(f"EdgeUNet: need depth >= 0, width >= 1, blocks >= 1 (got {depth}, {width}, {blocks})")
+        if depth < 0 or width < 1 or blocks < 1 or unshuffle < 1:
+            raise StudentError(f"EdgeUNet: need depth >= 0, width >= 1, blocks >= 1, unshuffle >= 1 "
+                               f"(got {depth}, {width}, {blocks}, {unshuffle})")
         if skip_input and in_channels < out_channels:
             raise StudentError("EdgeUNet: skip_input needs in_channels >= out_channels")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.depth, self.skip_input = int(depth), bool(skip_input)
+        self.unshuffle = int(unshuffle)
+        r2 = self.unshuffle ** 2
         widths = [min(width * 2 ** k, max_width) for k in range(depth + 1)]
-        self.stem = _ConvBlock(in_channels, widths[0], blocks, activation)
-        self.down = nn.ModuleList(_ConvBlock(widths[k], widths[k + 1], blocks, activation, stride=2)
-                                  for k in range(depth))
-        self.up = nn.ModuleList(_ConvBlock(widths[k + 1] + widths[k], widths[k], blocks, activation)
-                                for k in reversed(range(depth)))
-        self.head = nn.Conv2d(widths[0], out_channels, 1)
+        self.stem = _ConvBlock(in_channels * r2, widths[0], blocks, activation, separable=False)
+        self.down = nn.ModuleList(_ConvBlock(widths[k], widths[k + 1], blocks, activation, stride=2,
+                                             separable=separable) for k in range(depth))
+        self.up = nn.ModuleList(_ConvBlock(widths[k + 1] + widths[k], widths[k], blocks, activation,
+                                           separable=separable) for k in reversed(range(depth)))
+        self.head = nn.Conv2d(widths[0], out_channels * r2, 1)
 
     @property
     def multiple(self) -> int:
-        """Input sides must be multiples of ``2**depth``."""
-        return 2 ** self.depth
+        """Input sides must be multiples of ``2**depth · unshuffle``."""
+        return 2 ** self.depth * self.unshuffle
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise StudentError(f"EdgeUNet expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         h, w = x.shape[-2:]
         if h % self.multiple or w % self.multiple:
-            raise StudentError(f"EdgeUNet of depth {self.depth}: input size {h}x{w} is not divisible by "
-                               f"2^{self.depth} = {self.multiple}; use a scene size that is, or a smaller depth")
+            raise StudentError(f"EdgeUNet of depth {self.depth} (unshuffle {self.unshuffle}): input size {h}x{w} is "
+                               f"not divisible by {self.multiple}; use a scene size that is, or a smaller depth")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        skips = [self.stem(x)]
+        r = self.unshuffle
+        skips = [self.stem(F.pixel_unshuffle(x, r) if r > 1 else x)]
         for block in self.down:
             skips.append(block(skips[-1]))
         h = skips.pop()
@@ -157,6 +171,8 @@ class EdgeUNet(nn.Module):
             h = F.interpolate(h, scale_factor=2.0, mode="nearest")
             h = block(torch.cat([h, skips.pop()], dim=1))
         out = self.head(h)
+        if r > 1:
+            out = F.pixel_shuffle(out, r)
         if self.skip_input:
             out = out + x[:, self.in_channels - self.out_channels:]
         return out
@@ -241,7 +257,7 @@ def default_architecture(kind: str, objective: Objective) -> dict:
 
 
 def _edge_kwargs(arch: dict) -> dict:
-    keys = ("width", "depth", "max_width", "blocks", "activation", "skip_input")
+    keys = ("width", "depth", "max_width", "blocks", "activation", "skip_input", "unshuffle", "separable")
     return {k: arch[k] for k in keys if k in arch}
 
 

@@ -123,6 +123,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", help="with --no-resume: start over, replacing the checkpoint")
     g.add_argument("--max-steps-this-run", type=int, default=None,
                    help="stop (with a checkpoint) after this many steps in this invocation; run again to continue")
+    g.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                   help="stop (with a checkpoint, exit 0) after this many minutes of training in this invocation; "
+                        "run again to continue")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
@@ -212,8 +215,16 @@ def batch_indices(position: int, batch: int, n: int, seed: int) -> list[int]:
     return out
 
 
-def make_batch(images: np.ndarray, index: list[int], pad_to: int | None) -> torch.Tensor:
-    """Scenes ``images[index]`` in [0, 1], zero-padded centrally to ``pad_to``², mapped to [−1, 1]: ``2x − 1``."""
+def make_batch(images: np.ndarray | torch.Tensor, index: list[int], pad_to: int | None) -> torch.Tensor:
+    """Scenes ``images[index]`` in [0, 1], zero-padded centrally to ``pad_to``², mapped to [−1, 1]: ``2x − 1``.
+    ``images`` may be a tensor already on the training device (then the batch stays there)."""
+    if isinstance(images, torch.Tensor):
+        from train.physics import center_pad as center_pad_t
+
+        x0 = images[torch.as_tensor(index, device=images.device)].float()
+        if pad_to:
+            x0 = center_pad_t(x0, (pad_to, pad_to))
+        return x0 * 2.0 - 1.0
     x0 = images[index].astype(np.float32)
     if pad_to:
         x0 = center_pad(x0, (pad_to, pad_to))
@@ -235,20 +246,56 @@ def resolve_device(name: str) -> torch.device:
 
 def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
                    generator: torch.Generator, use_bf16: bool = False) -> torch.Tensor:
-    """``‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖²`` (mean) with random horizontal flips of ``x0`` (CPU tensor in
-    [−1, 1]), ``t ~ U{0..T−1}`` and ``ε ~ N(0, I)`` drawn from ``generator`` (CPU) on the device of ``alphas_cumprod``."""
+    """``‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖²`` (mean) with random horizontal flips of ``x0`` (in [−1, 1]),
+    ``t ~ U{0..T−1}`` and ``ε ~ N(0, I)`` drawn from ``generator`` on its own device (the training device on a
+    GPU, so no noise is copied from the CPU); the model runs on the device of ``alphas_cumprod``."""
     n = x0.shape[0]
-    flip = torch.rand(n, generator=generator) < 0.5
-    x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-    t = torch.randint(0, len(alphas_cumprod), (n,), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator)
+    gdev = generator.device
+    flip = torch.rand(n, generator=generator, device=gdev) < 0.5
+    t = torch.randint(0, len(alphas_cumprod), (n,), generator=generator, device=gdev)
+    noise = torch.randn(tuple(x0.shape), generator=generator, device=gdev)
     device = alphas_cumprod.device
-    x0, t, noise = x0.to(device), t.to(device), noise.to(device)
+    x0, flip, t, noise = x0.to(device), flip.to(device), t.to(device), noise.to(device)
+    x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
     a = alphas_cumprod[t].float()[:, None, None, None]
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
         pred = model(x_t, t)
     return F.mse_loss(pred.float(), noise)
+
+
+HELDOUT_TIMESTEPS = (50, 250, 500)
+
+
+@torch.no_grad()
+def heldout_denoising_loss(net: torch.nn.Module, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
+                           timesteps: tuple[int, ...] = HELDOUT_TIMESTEPS, seed: int = 0,
+                           batch_size: int = 64) -> dict[str, float]:
+    """A fixed, ground-truth-free check of a prior: ``‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖²`` on held-out scenes
+    ``x0`` (in [−1, 1], never trained on) at fixed ``t`` with fixed noise (``seed``, drawn on the CPU so every
+    device scores the same problem). Lower is better; comparable across checkpoints of one data set.
+    Returns ``{"t50": …, "t250": …, "t500": …, "mean": …}``."""
+    device = alphas_cumprod.device
+    was_training = net.training
+    net.eval()
+    out: dict[str, float] = {}
+    for t in timesteps:
+        g = torch.Generator().manual_seed(int(seed) + int(t))
+        total, count = 0.0, 0
+        for k in range(0, x0.shape[0], batch_size):
+            xb = x0[k:k + batch_size].float()
+            noise = torch.randn(tuple(xb.shape), generator=g)
+            xb, noise = xb.to(device), noise.to(device)
+            a = alphas_cumprod[int(t)].float()
+            x_t = a.sqrt() * xb + (1 - a).sqrt() * noise
+            pred = net(x_t, torch.full((xb.shape[0],), int(t), device=device, dtype=torch.long))
+            pred = pred.sample if hasattr(pred, "sample") else pred
+            total += float(F.mse_loss(pred.float(), noise, reduction="sum"))
+            count += noise.numel()
+        out[f"t{t}"] = total / max(count, 1)
+    out["mean"] = float(np.mean([out[f"t{t}"] for t in timesteps]))
+    net.train(was_training)
+    return out
 
 
 @torch.no_grad()
@@ -331,6 +378,8 @@ def _validate(args: argparse.Namespace, settings: dict) -> None:
         problems.append("--steps must be >= 0")
     if args.checkpoint_every < 1:
         problems.append("--checkpoint-every must be >= 1")
+    if getattr(args, "time_limit", None) is not None and not args.time_limit > 0:
+        problems.append("--time-limit must be > 0 minutes")
     if args.max_steps_this_run is not None and args.max_steps_this_run < 1:
         problems.append("--max-steps-this-run must be >= 1")
     if not 0.0 <= settings["ema"] < 1.0:
@@ -411,7 +460,7 @@ def _train(args: argparse.Namespace) -> int:
     ema.load_state_dict(model.state_dict())
     ema.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)  # noise is drawn on the training device
     step, position = 0, 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
@@ -419,13 +468,23 @@ def _train(args: argparse.Namespace) -> int:
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, position = int(checkpoint["step"]), int(checkpoint["position"])
         torch.set_rng_state(checkpoint["rng"]["torch"])
-        generator.set_state(checkpoint["rng"]["generator"])
+        try:
+            generator.set_state(checkpoint["rng"]["generator"])
+        except (RuntimeError, ValueError):  # the checkpoint was written on another kind of device
+            print(f"resume: the noise generator state is from another device; continuing with a fresh "
+                  f"{device.type} stream seeded by (seed, step)", file=sys.stderr)
+            generator.manual_seed(seed * 1_000_003 + step)
         if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
         if checkpoint.get("images", {}).get("digest") != digest:
             print(f"resume: the image set changed since the checkpoint ({checkpoint['images'].get('count')} -> "
                   f"{n_images} images): the data order differs from the original run", file=sys.stderr)
         print(f"resumed from {checkpoint_path} at step {step}")
+    if device.type == "cuda":  # keep the (float16) scenes on the GPU: no host copy per step
+        images = torch.from_numpy(images).to(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     print(f"UNet: {model.num_parameters:,} parameters, input {arch.in_channels}x{arch.image_size}x{arch.image_size}, "
           f"device {device}{' (bf16 autocast)' if use_bf16 else ''}")
     abar = alphas_cumprod.to(device=device, dtype=torch.float32)
@@ -488,8 +547,18 @@ def _train(args: argparse.Namespace) -> int:
     model.train()
     bar = tqdm(total=args.steps, initial=step, desc="prior", disable=not progress, dynamic_ncols=True)
     written_at = step
+    time_limit = getattr(args, "time_limit", None)
+    deadline = time.monotonic() + 60.0 * time_limit if time_limit else None
+    timed_out = False
     try:
         while step < last_step and stop["signal"] is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                timed_out = True
+                if losses:  # log the steps since the last entry
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": step, "loss": float(np.mean(losses)), "lr": lr,
+                                            "time": time.time()}) + "\n")
+                break
             x0 = make_batch(images, batch_indices(position, batch, n_images, seed), settings["pad_to"])
             lr = settings["lr"] * min(1.0, (step + 1) / max(1, settings["warmup"]))
             for group in optimizer.param_groups:
@@ -533,7 +602,10 @@ def _train(args: argparse.Namespace) -> int:
     if stop["signal"] is not None:
         print(f"stopped by {stop['signal']} at step {step}; checkpoint in {checkpoint_path} (run again to resume)")
         return 130
-    if step < args.steps:
+    if timed_out:
+        print(f"paused at step {step}/{args.steps} (--time-limit {time_limit:g} min); run the same command "
+              "again to continue")
+    elif step < args.steps:
         print(f"paused at step {step}/{args.steps} (--max-steps-this-run); run the same command again to continue")
     else:
         print(f"done: {step} steps; prior in {out} (load with train.prior.io.load_prior)")

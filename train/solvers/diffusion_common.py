@@ -4,8 +4,10 @@
   ``y' = A x' = 2y − A·1`` and ``σ_y' = 2σ_y``; outputs are mapped back with ``x = (x' + 1) / 2``.
 - Timestep schedules over the prior's training schedule (DDIM uniform, DiffPIR quadratic, RePaint
   time travel) and ``ᾱ_t`` with the convention ``ᾱ_{−1} = 1`` (the step after ``t = 0``).
-- Seeded noise per sample: every sample owns a ``torch.Generator`` seeded by its own seed, so x_T and
-  every later noise draw of a sample do not depend on which other samples share its batch.
+- Seeded noise per sample: every sample owns a ``torch.Generator`` seeded by its own seed, on the
+  solver's device (noise is drawn where it is used, never on the CPU and copied), so x_T and every later
+  noise draw of a sample do not depend on which other samples share its batch. Same seeds give the
+  same samples on one device; a CPU and a GPU draw different (equally valid) noise.
 - Per-frequency multipliers on the scene grid (exact for the circular model, pad → filter → crop on
   the convolution grid for the crop model).
 """
@@ -117,14 +119,15 @@ def sample_seeds(n: int, seed: int = 0, seeds: Sequence[int] | None = None) -> l
     return [int(seed) + i for i in range(n)]
 
 
-def make_generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per sample."""
-    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+def make_generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """One generator per sample, on ``device`` (the device the noise is used on)."""
+    return [torch.Generator(device=torch.device(device)).manual_seed(int(s)) for s in seeds]
 
 
 def randn_per_sample(generators: Sequence[torch.Generator], shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """``(N, *shape)`` standard normal noise, row ``i`` drawn from generator ``i`` (batch-independent)."""
-    rows = [torch.randn(tuple(shape), generator=g, dtype=torch.float32) for g in generators]
+    """``(N, *shape)`` standard normal noise, row ``i`` drawn from generator ``i`` (batch-independent), drawn on
+    the generators' device (the solver's) and cast to ``like``'s dtype."""
+    rows = [torch.randn(tuple(shape), generator=g, dtype=torch.float32, device=g.device) for g in generators]
     return torch.stack(rows).to(device=like.device, dtype=like.dtype)
 
 
@@ -182,6 +185,7 @@ class DiffusionSolver(Solver):
         on their centred support, the rest of the scene known black)."""
         check_inputs(y, physics, self._prior)
         y = y.to(torch.float32)
-        gens = make_generators(sample_seeds(y.shape[0], self.seed, seeds if seeds is not None else self.seeds))
+        gens = make_generators(sample_seeds(y.shape[0], self.seed, seeds if seeds is not None else self.seeds),
+                               y.device)
         prior = prior_for_scene(self._prior, tuple(physics.scene_shape))
         return y, gens, (y.shape[1],) + tuple(physics.scene_shape), prior
