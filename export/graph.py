@@ -28,7 +28,7 @@ import torch
 
 from export.dft import MatmulRDFT2, complex_multiply_packed, pack_half_spectrum
 from nsdd_edge.bundle import BundleError, parse_support
-from nsdd_edge.optics import LenslessGeometry, WienerSpectra, array_hash
+from nsdd_edge.optics import LenslessGeometry, OpticsError, WienerSpectra, array_hash
 
 Objective = Literal["nullspace", "full", "wiener"]
 DftForm = Literal["matmul", "onnx"]
@@ -51,13 +51,14 @@ class GraphSpec:
     objective: Objective
     dft: DftForm
     support_shape: tuple[int, int] | None = None  # None: g covers the whole sensor-size grid
+    projector: str = "tikhonov"  # the pseudo-inverse kind (nsdd_edge.optics.WienerSpectra)
 
     def metadata(self) -> dict[str, str]:
         import json
 
         props = {"nsdd.psf_sha256": self.psf_sha256, "nsdd.lam": repr(float(self.lam)),
                  "nsdd.geometry": json.dumps(self.geometry.to_dict()), "nsdd.channels": str(self.channels),
-                 "nsdd.objective": self.objective, "nsdd.dft": self.dft}
+                 "nsdd.objective": self.objective, "nsdd.dft": self.dft, "nsdd.projector": self.projector}
         if self.support_shape is not None:
             props["nsdd.support_shape"] = json.dumps(list(self.support_shape))
         return props
@@ -80,7 +81,7 @@ class GraphSpec:
         return GraphSpec(psf_sha256=props["nsdd.psf_sha256"], lam=float(props["nsdd.lam"]),
                          geometry=geometry, channels=int(props["nsdd.channels"]),
                          objective=props["nsdd.objective"], dft=props["nsdd.dft"],  # type: ignore[arg-type]
-                         support_shape=support)
+                         support_shape=support, projector=props.get("nsdd.projector", "tikhonov"))
 
 
 def check_support(support: object, grid: Sequence[int]) -> tuple[int, int] | None:
@@ -97,7 +98,8 @@ class ReconstructionGraph(torch.nn.Module):
 
     def __init__(self, psf: np.ndarray, sensor_shape: Sequence[int], lam: float, *,
                  net: torch.nn.Module | None = None, objective: Objective = "nullspace",
-                 dft: DftForm = "matmul", channels: int = 3, support_shape: Sequence[int] | None = None):
+                 dft: DftForm = "matmul", channels: int = 3, support_shape: Sequence[int] | None = None,
+                 projector: str = "tikhonov"):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ExportError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
@@ -110,13 +112,17 @@ class ReconstructionGraph(torch.nn.Module):
         geometry = LenslessGeometry.make("circular", sensor_shape, psf.shape[-2:])
         if psf.shape[0] not in (1, channels):
             raise ExportError(f"PSF has {psf.shape[0]} channels; the graph has {channels}")
-        spectra = WienerSpectra.from_psf(psf, geometry.conv_shape, lam)
+        try:
+            spectra = WienerSpectra.from_psf(psf, geometry.conv_shape, lam, projector)  # type: ignore[arg-type]
+        except OpticsError as exc:
+            raise ExportError(str(exc)) from None
         support = check_support(tuple(support_shape) if support_shape is not None else None, geometry.sensor_shape)
         if support is not None and net is None:
             raise ExportError("support_shape is the student network's window; the Wiener-only graph has none")
         if support == geometry.sensor_shape:
             support = None  # the whole grid: no crop/pad nodes
-        self.spec = GraphSpec(array_hash(psf), float(lam), geometry, int(channels), objective, dft, support)
+        self.spec = GraphSpec(array_hash(psf), float(lam), geometry, int(channels), objective, dft, support,
+                              spectra.projector)
         self.net = net
         self.height, self.width = geometry.sensor_shape
         self.wr = self.width // 2 + 1
@@ -182,13 +188,14 @@ class ReconstructionGraph(torch.nn.Module):
 
 
 def reference_reconstruction(psf: np.ndarray, y: torch.Tensor, lam: float, net: torch.nn.Module | None,
-                             objective: Objective, support_shape: Sequence[int] | None = None) -> torch.Tensor:
+                             objective: Objective, support_shape: Sequence[int] | None = None,
+                             projector: str = "tikhonov") -> torch.Tensor:
     """The same computation by the training code (the verification reference): ``A†y`` of
     :class:`train.physics.LenslessOperator`, or the :class:`train.students.Student` around ``net``
     (with its ``support_shape`` window)."""
     from train.physics import LenslessOperator
 
-    op = LenslessOperator(psf, tuple(y.shape[-2:]), "circular", lam=lam).to(y.device)
+    op = LenslessOperator(psf, tuple(y.shape[-2:]), "circular", lam=lam, projector=projector).to(y.device)
     with torch.no_grad():
         if net is None or objective == "wiener":
             return op.A_dagger(y)

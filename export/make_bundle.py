@@ -47,6 +47,8 @@ def _same(a: GraphSpec, b: GraphSpec) -> list[str]:
         diffs.append(f"geometry ({a.geometry.sensor_shape} vs {b.geometry.sensor_shape})")
     if a.channels != b.channels:
         diffs.append(f"channels ({a.channels} vs {b.channels})")
+    if a.projector != b.projector:
+        diffs.append(f"pseudo-inverse ({a.projector} vs {b.projector})")
     if a.objective != b.objective:
         diffs.append(f"objective ({a.objective} vs {b.objective})")
     if a.support_shape != b.support_shape:
@@ -150,7 +152,7 @@ def make_bundle(onnx_files: list[str | Path], psf: Any, out: str | Path, *, engi
     try:
         return write_bundle(out, psf=psf, geometry=spec.geometry, lam=spec.lam, channels=spec.channels,
                             preprocess=preprocess, models=models, name=name, provenance=provenance,
-                            extra_files=extra_files, support_shape=spec.support_shape)
+                            extra_files=extra_files, support_shape=spec.support_shape, projector=spec.projector)
     except BundleError as exc:
         raise ExportError(str(exc)) from exc
 

@@ -47,6 +47,7 @@ class StudentInfo:
     config: dict = field(default_factory=dict)
     model: str | None = None  # forward model of the training geometry (circular / crop)
     support_shape: tuple[int, int] | None = None  # the centred window g runs on (None: the whole scene grid)
+    projector: str = "tikhonov"  # the student's pseudo-inverse kind
 
 
 def _config_dict(config: Any) -> dict:
@@ -102,7 +103,7 @@ def student_info(student: Any, source: str = "student") -> StudentInfo:
                        sensor_shape=tuple(int(v) for v in sensor) if sensor is not None else None,
                        lam=float(lam) if lam is not None else None,
                        channels=int(channels) if channels is not None else None, config=cfg, model=model,
-                       support_shape=support)
+                       support_shape=support, projector=str(cfg.get("projector", "tikhonov")))
 
 
 def load_student_info(directory: str | Path) -> StudentInfo:
@@ -299,7 +300,8 @@ def build_from_args(args: argparse.Namespace) -> tuple[ReconstructionGraph, dict
     extra["nsdd.student_config"] = json.dumps(info.config, default=str)
     net = info.net.float().eval()
     return ReconstructionGraph(psf, size, lam, net=net, objective=info.objective,  # type: ignore[arg-type]
-                               dft=args.dft, channels=channels, support_shape=info.support_shape), extra
+                               dft=args.dft, channels=channels, support_shape=info.support_shape,
+                               projector=info.projector), extra
 
 
 def main(args: argparse.Namespace) -> int:

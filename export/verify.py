@@ -58,7 +58,7 @@ def consistency(psf: np.ndarray, spec: GraphSpec, y: np.ndarray, x_hat: np.ndarr
 
     from train.physics import LenslessOperator
 
-    op = LenslessOperator(psf, spec.geometry.sensor_shape, "circular", lam=spec.lam)
+    op = LenslessOperator(psf, spec.geometry.sensor_shape, "circular", lam=spec.lam, projector=spec.projector)
     with torch.no_grad():
         return float(op.consistency(torch.from_numpy(np.ascontiguousarray(x_hat, dtype=np.float32)),
                                     torch.from_numpy(y)).mean())
@@ -98,12 +98,12 @@ def torch_fp16_emulation(psf: np.ndarray, spec: GraphSpec, net: Any, frames: np.
         whole = ReconstructionGraph(psf, spec.geometry.sensor_shape, spec.lam,
                                     net=copy.deepcopy(net) if net is not None else None,
                                     objective=spec.objective, channels=spec.channels,
-                                    support_shape=spec.support_shape).half()
+                                    support_shape=spec.support_shape, projector=spec.projector).half()
         out["whole_graph"] = psnr(reference, whole(y.half()).float().numpy())
         if net is not None:
             part = ReconstructionGraph(psf, spec.geometry.sensor_shape, spec.lam, net=_half_net(copy.deepcopy(net)),
                                        objective=spec.objective, channels=spec.channels,
-                                       support_shape=spec.support_shape)
+                                       support_shape=spec.support_shape, projector=spec.projector)
             out["student_only"] = psnr(reference, part(y).numpy())
     return out
 
@@ -145,7 +145,7 @@ def verify(model_path: str | Path, data_dir: str | Path, args: argparse.Namespac
     report["support_shape"] = list(spec.support_shape) if spec.support_shape else None
     with torch.no_grad():
         reference = reference_reconstruction(psf, torch.from_numpy(frames), spec.lam, net, spec.objective,
-                                             spec.support_shape).numpy()
+                                             spec.support_shape, spec.projector).numpy()
 
     outputs: dict[str, np.ndarray] = {}
     outputs["fp32"] = run_model(make_session(model_path), frames, batch)[0]

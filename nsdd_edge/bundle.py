@@ -39,7 +39,15 @@ from typing import Any
 
 import numpy as np
 
-from nsdd_edge.optics import LenslessGeometry, OpticsError, array_hash, center_crop, check_psf, read_array
+from nsdd_edge.optics import (
+    PROJECTORS,
+    LenslessGeometry,
+    OpticsError,
+    array_hash,
+    center_crop,
+    check_psf,
+    read_array,
+)
 
 BUNDLE_FORMAT = "nsdd-edge-bundle"
 BUNDLE_VERSION = 1
@@ -117,6 +125,7 @@ class Bundle:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     support_shape: tuple[int, int] | None = None
+    projector: str = "tikhonov"  # the pseudo-inverse kind of A† (nsdd_edge.optics.WienerSpectra)
 
     @property
     def psf_sha256(self) -> str:
@@ -189,6 +198,9 @@ def load_bundle(root: str | os.PathLike, *, verify_files: bool = True) -> Bundle
         raise BundleError(f"{root}: PSF has {psf.shape[0]} channels, bundle says {channels}")
     support = parse_support(meta["geometry"].get("support_shape") if isinstance(meta["geometry"], dict) else None,
                             geometry.scene_shape, f"{meta_path}: geometry.support_shape")
+    projector = meta.get("projector", "tikhonov")
+    if projector not in PROJECTORS:
+        raise BundleError(f"{meta_path}: projector {projector!r} is not one of {', '.join(PROJECTORS)}")
     models = dict(meta.get("models", {}))
     if verify_files:
         for kind, m in models.items():
@@ -199,14 +211,15 @@ def load_bundle(root: str | os.PathLike, *, verify_files: bool = True) -> Bundle
                 raise BundleError(f"{root}: model {kind!r} file {m['file']} is corrupted (SHA-256 mismatch)")
     return Bundle(root=root, name=meta.get("name", root.name), geometry=geometry, lam=float(meta["lam"]),
                   channels=channels, psf=psf, preprocess=PreprocessConfig.from_dict(meta.get("preprocess")),
-                  models=models, provenance=dict(meta.get("provenance", {})), support_shape=support)
+                  models=models, provenance=dict(meta.get("provenance", {})), support_shape=support,
+                  projector=projector)
 
 
 def write_bundle(out: str | os.PathLike, *, psf: np.ndarray, geometry: LenslessGeometry, lam: float,
                  channels: int, preprocess: PreprocessConfig | None = None,
                  models: dict[str, str | os.PathLike | dict] | None = None, name: str | None = None,
                  provenance: dict | None = None, extra_files: dict[str, str | os.PathLike] | None = None,
-                 support_shape: tuple[int, int] | list[int] | None = None) -> Bundle:
+                 support_shape: tuple[int, int] | list[int] | None = None, projector: str = "tikhonov") -> Bundle:
     """Write a bundle atomically (build in a temporary sibling directory, then rename).
 
     ``models`` maps a kind to a source file path, or to a dict ``{"path": ..., **extra}`` whose extra
@@ -237,7 +250,7 @@ def write_bundle(out: str | os.PathLike, *, psf: np.ndarray, geometry: LenslessG
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, tmp / rel)
         meta = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "name": name or out.name,
-                "geometry": geometry_record, "lam": float(lam), "channels": int(channels),
+                "geometry": geometry_record, "lam": float(lam), "projector": projector, "channels": int(channels),
                 "psf": {"file": "psf.npy", "sha256": array_hash(psf)},
                 "preprocess": asdict(preprocess or PreprocessConfig()), "models": recorded,
                 "provenance": provenance or {}}

@@ -62,7 +62,7 @@ class NumpyWienerEngine(Engine):
 
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
-        self.filter = WienerFilter(bundle.psf, bundle.geometry, bundle.lam)
+        self.filter = WienerFilter(bundle.psf, bundle.geometry, bundle.lam, bundle.projector)
         self.input_shape = bundle.input_shape
 
     def infer(self, y: np.ndarray) -> np.ndarray:

@@ -381,26 +381,49 @@ def psf_transfer_function(psf: np.ndarray, grid_shape: Sequence[int]) -> np.ndar
     return np.fft.fft2(np.roll(placed, shift, axis=(-2, -1)), axes=(-2, -1))
 
 
+PROJECTORS = ("tikhonov", "truncated")
+Projector = Literal["tikhonov", "truncated"]
+
+
+def check_projector(projector: str) -> str:
+    if projector not in PROJECTORS:
+        raise OpticsError(f"unknown pseudo-inverse {projector!r}; use {' or '.join(PROJECTORS)}")
+    return projector
+
+
 @dataclass(frozen=True)
 class WienerSpectra:
-    """Per-frequency multipliers on the convolution grid.
+    """Per-frequency multipliers on the convolution grid: the pseudo-inverse ``A†`` and ``A†A``.
 
-    ``H`` transfer function, ``G = conj(H) / (|H|² + λ)`` (Wiener/Tikhonov pseudo-inverse),
-    ``R = |H|² / (|H|² + λ)`` (``A†A`` for the circular model; ``I − A†A`` is ``1 − R``).
+    ``tikhonov`` (Wiener): ``G = conj(H) / (|H|² + λ)``, ``R = |H|² / (|H|² + λ)``. ``R`` is not idempotent, so
+    ``I − A†A`` (the multiplier ``λ / (|H|² + λ)``) is not a projector: a null-space student still changes
+    ``A x̂`` wherever ``λ`` is not negligible against ``|H|²``.
+    ``truncated`` (truncated SVD, threshold ``τ = √λ``): ``G = conj(H) / |H|²`` where ``|H| > τ``, else 0, and
+    ``R = 1[|H| > τ]``: ``A†A`` is idempotent and ``I − A†A`` an exact projector onto the frequencies below τ.
+    The multipliers are exact for the circular model; for the crop model they act on the convolution grid.
     """
 
     H: np.ndarray
     lam: float
     G: np.ndarray = field(repr=False)
     R: np.ndarray = field(repr=False)
+    projector: str = "tikhonov"
 
     @staticmethod
-    def from_psf(psf: np.ndarray, grid_shape: Sequence[int], lam: float) -> WienerSpectra:
-        if not lam > 0:
-            raise OpticsError(f"Wiener regularisation λ must be > 0, got {lam}")
+    def from_psf(psf: np.ndarray, grid_shape: Sequence[int], lam: float,
+                 projector: Projector = "tikhonov") -> WienerSpectra:
+        if not (lam > 0 and np.isfinite(lam)):
+            raise OpticsError(f"Wiener regularisation λ must be finite and > 0, got {lam}")
+        check_projector(projector)
         H = psf_transfer_function(psf, grid_shape)
         power = np.abs(H) ** 2
-        return WienerSpectra(H=H, lam=float(lam), G=np.conj(H) / (power + lam), R=power / (power + lam))
+        if projector == "tikhonov":
+            G, R = np.conj(H) / (power + lam), power / (power + lam)
+        else:
+            keep = power > lam
+            G = np.where(keep, np.conj(H) / np.where(keep, power, 1.0), 0.0)
+            R = keep.astype(np.float64)
+        return WienerSpectra(H=H, lam=float(lam), G=G, R=R, projector=projector)
 
     @property
     def singular_values(self) -> np.ndarray:
@@ -420,9 +443,9 @@ class WienerFilter:
     ``C`` equal to the PSF's channels or the PSF shared (``C_psf = 1``).
     """
 
-    def __init__(self, psf: np.ndarray, geometry: LenslessGeometry, lam: float):
+    def __init__(self, psf: np.ndarray, geometry: LenslessGeometry, lam: float, projector: Projector = "tikhonov"):
         self.geometry = geometry
-        self.spectra = WienerSpectra.from_psf(psf, geometry.conv_shape, lam)
+        self.spectra = WienerSpectra.from_psf(psf, geometry.conv_shape, lam, projector)
         self._G_half = self.spectra.half("G").astype(np.complex64)
 
     def __call__(self, y: np.ndarray) -> np.ndarray:

@@ -213,7 +213,12 @@ def test_paper_student_distills_with_a_tiny_prior(tmp_path):
     summary = train_student(settings(data, targets, tmp_path / "p", student="paper", prior="unused-in-test",
                                      architecture={**SMALL, "t_fixed": 20}, steps=3), prior=prior)
     assert summary["step"] == 3
-    assert any(not torch.equal(before[k], v) for k, v in prior.net.state_dict().items())  # fine-tuned
+    # the student fine-tuned its own copy of g_θ; the prior it started from is unchanged
+    assert all(torch.equal(before[k], v) for k, v in prior.net.state_dict().items())
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "p/model.safetensors"))
+    assert any(not torch.equal(before[k].float(), saved[f"prior_net.{k}"].float()) for k in before)  # fine-tuned
     cfg = json.loads((tmp_path / "p/config.json").read_text())
     assert cfg["kind"] == "paper" and cfg["architecture"]["t_fixed"] == 20
     solver = load_student(tmp_path / "p", prior=tiny_prior())

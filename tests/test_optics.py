@@ -276,7 +276,7 @@ def test_transfer_function_and_wiener_spectra(rng):
     np.testing.assert_allclose(s.G, np.conj(s.H) / (np.abs(s.H) ** 2 + 1e-3))
     np.testing.assert_allclose(s.R, np.abs(s.G * s.H))
     assert s.half("G").shape == (1, 16, 9)
-    with pytest.raises(OpticsError, match="λ must be > 0"):
+    with pytest.raises(OpticsError, match="λ must be finite and > 0"):
         WienerSpectra.from_psf(psf, (16, 16), 0.0)
 
 

@@ -258,11 +258,32 @@ def test_paper_student_uses_and_finetunes_the_prior(physics, measurement):
     prior = tiny_prior()
     student = make_student("paper", "nullspace", physics)
     student = build_student(make_config("paper", "nullspace", 3, physics, {**SMALL_EDGE, "t_fixed": 100}), prior=prior)
-    assert student.net.prior_net is prior.net
+    # the student fine-tunes its own copy of g_θ: it starts from the prior's weights, and the prior is never changed
+    assert student.net.prior_net is not prior.net
+    for a, b in zip(student.net.prior_net.parameters(), prior.net.parameters()):
+        assert torch.equal(a, b)
     assert math.isclose(student.net.alpha_bar, float(prior.alphas_cumprod[100]))
     x_hat = student(measurement, physics)
     x_hat.square().mean().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in prior.net.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.net.prior_net.parameters())
+    assert all(p.grad is None for p in prior.net.parameters())
+
+
+def test_loading_a_paper_student_leaves_the_given_prior_untouched(tmp_path, physics, measurement):
+    """evaluate passes one cached prior to every method: a paper student loaded with it must not write its
+    fine-tuned weights into it (DDNM+ after the student would otherwise run the student's UNet)."""
+    prior = tiny_prior()
+    student = make_student("paper", "nullspace", physics)
+    with torch.no_grad():
+        for p in student.net.prior_net.parameters():  # a "fine-tuned" g_θ that differs from the prior
+            p.add_(0.5)
+    cfg = make_config("paper", "nullspace", 3, physics, SMALL_EDGE)
+    save_student(tmp_path / "s", student.net, cfg)
+    before = {k: v.clone() for k, v in prior.net.state_dict().items()}
+    loaded = load_student(tmp_path / "s", prior=prior)
+    assert all(torch.equal(before[k], v) for k, v in prior.net.state_dict().items())
+    for a, b in zip(loaded.net.prior_net.parameters(), student.net.prior_net.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_default_edge_net_exports_to_onnx_and_matches_onnxruntime(tmp_path):

@@ -87,7 +87,8 @@ class LenslessDataset:
     def forward_geometry(self) -> LenslessGeometry:
         return LenslessGeometry.from_dict(self.meta["forward"])
 
-    def physics(self, model: str | None = None, lam: float | None = None) -> LenslessOperator:
+    def physics(self, model: str | None = None, lam: float | None = None,
+                projector: str = "tikhonov") -> LenslessOperator:
         """The reconstruction operator (``recon`` settings of dataset.json unless overridden).
 
         Its spectra are float64/complex128 and follow each input's dtype, so one operator serves float32
@@ -99,13 +100,32 @@ class LenslessDataset:
         lam = float(lam if lam is not None else recon.get("lam", 1e-6))
         sensor = fwd["sensor_shape"]
         if model == "circular":
-            op = LenslessOperator(self.psf, sensor, "circular", lam=lam, noise_std=self.meta.get("noise_std", 0.0))
+            op = LenslessOperator(self.psf, sensor, "circular", lam=lam, noise_std=self.meta.get("noise_std", 0.0),
+                                  projector=projector)
         else:
             op = LenslessOperator(self.psf, sensor, "crop", lam=lam,
                                   scene_shape=recon.get("scene_shape", fwd["scene_shape"]),
                                   conv_shape=recon.get("conv_shape", fwd["conv_shape"]),
-                                  noise_std=self.meta.get("noise_std", 0.0))
+                                  noise_std=self.meta.get("noise_std", 0.0), projector=projector)
         return op
+
+    def discrepancy_lambda(self, ids: Sequence[str], limit: int = 64, tau: float = 1.0) -> float:
+        """The reconstruction operator's λ by the discrepancy principle (no ground truth): the λ whose Wiener
+        residual ``rms(y − A A†_λ y)`` equals ``τ σ`` on the measurements ``ids[:limit]``, σ the data set's noise
+        level (:func:`nsdd_edge.optics.discrepancy_lambda`)."""
+        from nsdd_edge.optics import discrepancy_lambda
+
+        sigma = float(self.meta.get("noise_std") or 0.0)
+        if not sigma > 0:
+            raise DatasetError(f"{self.root}: dataset.json gives no noise level (noise_std), which the discrepancy "
+                               "principle needs; give λ explicitly")
+        if not ids:
+            raise DatasetError(f"{self.root}: no measurements to choose λ on")
+        y = np.stack([self.measurement(i) for i in list(ids)[:limit]])
+        try:
+            return discrepancy_lambda(self.psf, self.physics().geometry, y, sigma, tau=tau)
+        except OpticsError as exc:
+            raise DatasetError(f"{self.root}: {exc}") from None
 
     def forward_physics(self) -> LenslessOperator:
         """The operator that produced the measurements (for simulation and physical consistency)."""

@@ -86,7 +86,8 @@ class DistillSettings:
     split: str | None = None
     limit: int | None = None
     model: str | None = None
-    lam: float | None = None
+    lam: float | str | None = None  # a number, "discrepancy" (resolved on the training measurements) or the dataset's
+    projector: str = "tikhonov"
     prior: str | None = None
     support: str = "auto"
     architecture: dict = field(default_factory=dict)
@@ -118,6 +119,8 @@ class DistillSettings:
             raise DistillError("--student paper needs --prior DIR (the pretrained diffusion prior to fine-tune)")
         if self.time_budget is not None and not self.time_budget > 0:
             raise DistillError(f"--time-budget must be > 0 minutes, got {self.time_budget / 60:g}")
+        if self.projector not in ("tikhonov", "truncated"):
+            raise DistillError(f"--projector must be tikhonov or truncated, got {self.projector!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise DistillError(f"--amp must be auto, bf16 or off, got {self.amp!r}")
         parse_support(self.support)
@@ -125,7 +128,7 @@ class DistillSettings:
     def signature(self) -> dict:
         """Settings that must not change when resuming (``steps``, I/O and display may)."""
         keep = ("student", "objective", "loss", "lpips_weight", "batch", "lr", "weight_decay", "warmup",
-                "ema", "grad_clip", "split", "limit", "model", "lam", "support", "architecture", "seed")
+                "ema", "grad_clip", "split", "limit", "model", "lam", "projector", "support", "architecture", "seed")
         d = asdict(self)
         return {k: d[k] for k in keep}
 
@@ -417,12 +420,21 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
         dataset = LenslessDataset(s.data)
     except DatasetError as exc:
         raise DistillError(str(exc)) from exc
-    physics = dataset.physics(model=s.model, lam=s.lam).to(device)
     ids, split = choose_ids(dataset, s.split)
     if s.limit is not None:
         if s.limit < 1:
             raise DistillError(f"--limit must be at least 1, got {s.limit}")
         ids = ids[: s.limit]  # the first N ids of the split, as `nsdd-train teacher --limit N` labels them
+    lam_rule = "given" if s.lam is not None else "dataset recon.lam"
+    if s.lam == "discrepancy":  # no ground truth: the λ whose Wiener residual matches the noise level
+        try:
+            s.lam = dataset.discrepancy_lambda(ids)
+        except DatasetError as exc:
+            raise DistillError(f"--lam discrepancy: {exc}") from exc
+        lam_rule = "discrepancy principle on the first 64 training measurements"
+        if s.progress:
+            print(f"λ = {s.lam:.4g} (discrepancy principle)", file=sys.stderr)
+    physics = dataset.physics(model=s.model, lam=s.lam, projector=s.projector).to(device)
     data = TargetSet(dataset, s.targets, ids, physics.scene_shape)
     if physics.channels not in (1, data.channels):
         raise DistillError(f"{s.data}: PSF has {physics.channels} channels, measurements {data.channels}")
@@ -433,7 +445,7 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
         "data": str(Path(s.data).resolve()), "targets": str(Path(s.targets).resolve()), "split": split,
         "num_samples": len(data.ids), "ids_sha256": ids_hash, "teacher": data.teacher,
         "objective": s.objective, "loss": s.loss, "lpips_weight": s.lpips_weight, "steps": s.steps,
-        "batch": s.batch, "lr": s.lr, "ema": s.ema, "seed": s.seed, "weights_from": "ema"}}
+        "batch": s.batch, "lr": s.lr, "ema": s.ema, "seed": s.seed, "weights_from": "ema", "lam_rule": lam_rule}}
     if s.student == "paper":
         if prior is None:
             prior = load_prior_dir(s.prior)  # type: ignore[arg-type]
@@ -645,8 +657,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="train on the first N ids of the split only (those `nsdd-train teacher --limit N` labelled)")
     p.add_argument("--model", choices=("circular", "crop"), default=None,
                    help="reconstruction operator model (default: dataset.json recon)")
-    p.add_argument("--lam", type=float, default=None,
-                   help="Wiener λ of the student's A† (default: dataset.json recon; try 1e-3 for noisy data)")
+    p.add_argument("--lam", type=lam_value, default=None,
+                   help="λ of the student's A†: a number, or 'discrepancy' (the λ whose Wiener residual matches the "
+                        "data set's noise level, no ground truth); default: dataset.json recon.lam")
+    p.add_argument("--projector", choices=("tikhonov", "truncated"), default="tikhonov",
+                   help="the student's pseudo-inverse: tikhonov A† = conj(H)/(|H|²+λ), or truncated A† = conj(H)/|H|² "
+                        "where |H| > √λ (then I − A†A is an exact projector)")
     p.add_argument("--prior", default=None, help="diffusion prior directory (paper student)")
     p.add_argument("--support", default="auto",
                    help="window of the scene grid the network fills (H[xW] px, centred; full: all of it; auto: the "
@@ -674,6 +690,19 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def lam_value(text: str) -> float | str:
+    """``--lam``: a positive number or ``discrepancy``."""
+    if text == "discrepancy":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'discrepancy', got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"λ must be finite and > 0, got {text}")
+    return value
+
+
 def settings_from_args(args: argparse.Namespace) -> DistillSettings:
     arch = {k: getattr(args, k) for k in ("width", "depth", "max_width", "blocks", "activation", "unshuffle",
                                           "separable")
@@ -686,7 +715,7 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
         batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, ema=args.ema,
         grad_clip=args.grad_clip, checkpoint_every=args.checkpoint_every, samples=args.samples, split=args.split,
         limit=args.limit,
-        model=args.model, lam=args.lam, prior=args.prior, support=args.support, architecture=arch, seed=args.seed, device=args.device,
+        model=args.model, lam=args.lam, projector=args.projector, prior=args.prior, support=args.support, architecture=arch, seed=args.seed, device=args.device,
         amp=args.amp, fp16=args.fp16, progress=not args.quiet,
         time_budget=None if args.time_budget is None else 60.0 * args.time_budget, preload=args.preload)
 

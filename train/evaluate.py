@@ -9,8 +9,19 @@ Sources of reconstructions:
 
 Scores per method (means over the images, per-image values in ``per_image.json``):
 PSNR / SSIM / LPIPS on the reconstruction clipped to [0, 1] and centre-cropped to the ground truth's size
-(the scene sits in the centre of the sensor-size reconstruction); consistency ``‖A x̂ − y‖ / ‖y‖`` of the
-full reconstruction with the dataset's reconstruction operator (:meth:`LenslessDataset.physics`).
+(the scene sits in the centre of the sensor-size reconstruction), or, with ``--against DIR``, against
+reference reconstructions such as held-out teacher labels (a ground-truth-free score to choose settings on).
+Consistency ``‖A x̂ − y‖ / ‖y‖`` twice: ``consistency`` under the **forward operator that made y**
+(:meth:`LenslessDataset.forward_physics`, e.g. the crop model on the scene grid; x̂ centre-cropped or padded
+to that grid) — the main column — and ``consistency_recon`` under the reconstruction operator the methods
+use (:meth:`LenslessDataset.physics`, e.g. circular at sensor size). The ground truth's own values under
+both (``reference.json``) are the noise floor.
+
+Timing protocol (every table): one untimed warm-up call, then each image alone (batch 1), the median of
+the per-image times, with the torch thread count stated (``--threads``). ``--recon`` directories carry
+``nsdd-train solve``'s times only when solve ran by the same protocol (``--batch-size 1``).
+Wiener without a ``--set wiener.lam=…`` uses the λ of the discrepancy principle on the scored measurements
+(no ground truth), and the report says which.
 
 Outputs in ``--out``: ``metrics.json`` (``{method: {"psnr", "ssim", "lpips", "consistency", "n", …}}``),
 ``metrics.md``, ``per_image.json``, ``reference.json`` (the ground truth's own consistency: the noise floor),
@@ -89,9 +100,19 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="recompute --methods even where OUT/recon/METHOD holds an earlier run")
     p.add_argument("--seed", type=int, default=0, help="torch seed before each image (stochastic methods)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for every method (stated in the report; default: torch's choice)")
+    p.add_argument("--against", default=None, metavar="DIR",
+                   help="score PSNR/SSIM/LPIPS against the reconstructions ID.npy in DIR (e.g. held-out teacher "
+                        "labels) instead of the ground truth: a ground-truth-free score to choose settings on")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            print("nsdd-train evaluate: error: --threads must be ≥ 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     try:
         config = EvaluationConfig.from_args(args)
         result = run_evaluation(config)
@@ -163,6 +184,7 @@ class EvaluationConfig:
     seed: int = 0
     overwrite: bool = False
     command: str = ""
+    against: Path | None = None
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> EvaluationConfig:
@@ -213,8 +235,16 @@ class EvaluationConfig:
             prior=Path(args.prior) if args.prior else None, report=Path(args.report) if args.report else None,
             lpips_weights=args.lpips_weights, use_lpips=not args.no_lpips, device=resolve_device(args.device),
             grid_samples=args.grid_samples, save_recon=not args.no_save_recon, seed=args.seed,
-            overwrite=args.overwrite,
+            overwrite=args.overwrite, against=_against_dir(getattr(args, "against", None)),
             command=command_line(args))
+
+
+def _against_dir(text: str | None) -> Path | None:
+    if not text:
+        return None
+    if not Path(text).is_dir():
+        raise EvaluationError(f"--against {text}: not a directory")
+    return Path(text)
 
 
 def command_line(args: argparse.Namespace, argv: Sequence[str] | None = None) -> str:
@@ -228,7 +258,8 @@ def command_line(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
                         ("--names", args.names), ("--split", args.split), ("--skip", args.skip or None),
                         ("--limit", args.limit),
                         ("--report", args.report), ("--lpips-weights", args.lpips_weights),
-                        ("--device", args.device), ("--grid-samples", args.grid_samples), ("--seed", args.seed)):
+                        ("--device", args.device), ("--grid-samples", args.grid_samples), ("--seed", args.seed),
+                        ("--threads", getattr(args, "threads", None)), ("--against", getattr(args, "against", None))):
         if value not in (None, ""):
             parts += [flag, str(value)]
     for item in args.settings:
@@ -539,29 +570,44 @@ def run_method(solver: Callable, ds: LenslessDataset, ids: Sequence[str], physic
 # ----------------------------------------------------------------------------------------------
 
 
+def fit_to_scene(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``x`` centre-cropped or zero-padded per axis to ``shape`` (the forward operator's scene grid)."""
+    from train.students import fit_to_grid
+
+    return fit_to_grid(x, shape)
+
+
 def score(x_full: torch.Tensor, ids: Sequence[str], ds: LenslessDataset, physics: LenslessOperator,
-          use_lpips: bool, lpips_weights: str | None, device: str, name: str) -> dict[str, list]:
-    """Per-image PSNR, SSIM, LPIPS (on the clipped centre crop) and consistency (on the full x̂)."""
+          use_lpips: bool, lpips_weights: str | None, device: str, name: str,
+          reference: torch.Tensor | None = None) -> dict[str, list]:
+    """Per-image PSNR, SSIM, LPIPS (on the clipped centre crop, against the ground truth or ``reference``) and
+    consistency under the forward operator (``consistency``) and the reconstruction operator
+    (``consistency_recon``)."""
     if tuple(x_full.shape[-2:]) != physics.scene_shape:
         raise EvaluationError(f"{name}: reconstructions are {tuple(x_full.shape[-2:])}, the dataset's "
                               f"reconstruction operator works on {physics.scene_shape} ({physics.model} model)")
     y = ds.measurements(ids)
     if x_full.shape[1] != y.shape[1]:
         raise EvaluationError(f"{name}: reconstructions have {x_full.shape[1]} channels, measurements {y.shape[1]}")
-    cons = M.consistency(x_full.to(device), y.to(device), physics).cpu()
-    out: dict[str, list] = {"consistency": [float(v) for v in cons]}
-    if not all(ds.has_ground_truth(i) for i in ids):
-        missing = [i for i in ids if not ds.has_ground_truth(i)]
-        if len(missing) < len(ids):
-            raise EvaluationError(f"{ds.root}: ground truth missing for {len(missing)} of {len(ids)} ids "
-                                  f"(first: {missing[:3]}); image metrics need all of them")
-        return out  # real captures: consistency only
-    gt = torch.from_numpy(np.stack([ds.ground_truth(i) for i in ids]))
-    gh, gw = gt.shape[-2:]
+    forward = ds.forward_physics().to(device)
+    cons = M.consistency(fit_to_scene(x_full, forward.scene_shape).to(device), y.to(device), forward).cpu()
+    cons_recon = M.consistency(x_full.to(device), y.to(device), physics).cpu()
+    out: dict[str, list] = {"consistency": [float(v) for v in cons],
+                            "consistency_recon": [float(v) for v in cons_recon]}
+    if reference is None:
+        if not all(ds.has_ground_truth(i) for i in ids):
+            missing = [i for i in ids if not ds.has_ground_truth(i)]
+            if len(missing) < len(ids):
+                raise EvaluationError(f"{ds.root}: ground truth missing for {len(missing)} of {len(ids)} ids "
+                                      f"(first: {missing[:3]}); image metrics need all of them")
+            return out  # real captures: consistency only
+        reference = torch.from_numpy(np.stack([ds.ground_truth(i) for i in ids]))
+    gh, gw = reference.shape[-2:]
     if x_full.shape[-2] < gh or x_full.shape[-1] < gw:
-        raise EvaluationError(f"{name}: reconstructions {tuple(x_full.shape[-2:])} are smaller than the ground "
-                              f"truth {(gh, gw)}")
+        raise EvaluationError(f"{name}: reconstructions {tuple(x_full.shape[-2:])} are smaller than the reference "
+                              f"{(gh, gw)}")
     x = center_crop(x_full, (gh, gw)).clamp(0, 1)
+    gt = reference.clamp(0, 1)
     out["psnr"] = [float(v) for v in M.psnr(x, gt)]
     out["ssim"] = [float(v) for v in M.ssim(x, gt)]
     if use_lpips:
@@ -569,19 +615,32 @@ def score(x_full: torch.Tensor, ids: Sequence[str], ds: LenslessDataset, physics
     return out
 
 
-def ground_truth_consistency(ds: LenslessDataset, ids: Sequence[str], physics: LenslessOperator) -> float | None:
-    """Mean ``‖A x − y‖ / ‖y‖`` of the ground truth ``x`` (zero-padded to the operator's grid): what a perfect
-    reconstruction scores, the noise floor plus the reconstruction operator's model error. A method below it
-    fits noise. ``None`` when a ground truth is missing or larger than the grid."""
+def against_reference(ds: LenslessDataset, ids: Sequence[str], directory: Path) -> torch.Tensor:
+    """Reference reconstructions ``DIR/ID.npy`` cut to the ground truth's size (or the forward scene grid)."""
+    ref = read_recon_dir(directory, ids)
+    shape = (ds.ground_truth(ids[0]).shape[-2:] if ds.has_ground_truth(ids[0])
+             else tuple(ds.forward_physics().scene_shape))
+    return fit_to_scene(ref, shape)
+
+
+def ground_truth_consistency(ds: LenslessDataset, ids: Sequence[str], physics: LenslessOperator) -> dict | None:
+    """Mean ``‖A x − y‖ / ‖y‖`` of the ground truth ``x`` under the forward operator (``forward``: the noise
+    floor, what a perfect reconstruction scores) and under the reconstruction operator (``recon``: the noise
+    floor plus that operator's model error; ``None`` when x does not fit its grid). A method below the floor
+    fits noise. ``None`` when a ground truth is missing."""
     if not ids or not all(ds.has_ground_truth(i) for i in ids):
         return None
     gt = torch.from_numpy(np.stack([ds.ground_truth(i) for i in ids]))
-    if gt.shape[-2] > physics.scene_shape[0] or gt.shape[-1] > physics.scene_shape[1]:
-        return None
     y = ds.measurements(ids)
     if gt.shape[1] != y.shape[1]:
         return None
-    return float(M.consistency(center_pad(gt, physics.scene_shape), y, physics).mean())
+    device = physics.singular_values().device
+    gt, y = gt.to(device), y.to(device)
+    forward = ds.forward_physics().to(device)
+    out = {"forward": float(M.consistency(fit_to_scene(gt, forward.scene_shape), y, forward).mean()), "recon": None}
+    if gt.shape[-2] <= physics.scene_shape[0] and gt.shape[-1] <= physics.scene_shape[1]:
+        out["recon"] = float(M.consistency(center_pad(gt, physics.scene_shape), y, physics).mean())
+    return out
 
 
 def _mean(values: Sequence[float] | None) -> float | None:
@@ -609,7 +668,8 @@ def _write_json(path: Path, obj) -> None:
 def _recon_dir_timing(path: Path, ids: Sequence[str]) -> dict:
     """Method, settings and time per image recorded by ``nsdd-train solve`` in ``recon.json`` (if any).
 
-    ``solve`` stores ``images[ID].seconds`` (batch time / batch size, no warm-up): their median over ``ids``.
+    ``solve`` stores ``images[ID].seconds``; they are used (their median over ``ids``) only when solve timed by
+    this command's protocol (``timing.protocol == "batch-1"``: warm-up, then one image per call).
     """
     meta_path = path / RECON_RECORD
     if not meta_path.exists():
@@ -621,6 +681,11 @@ def _recon_dir_timing(path: Path, ids: Sequence[str]) -> dict:
     out = {k: meta[k] for k in ("method", "settings") if k in meta}
     images = meta.get("images", {})
     secs = [images[i]["seconds"] for i in ids if isinstance(images.get(i), dict) and "seconds" in images[i]]
+    timing = meta.get("timing") or {}
+    if timing.get("protocol") != "batch-1":
+        out["seconds_note"] = (f"{meta_path}: timed with batch size {timing.get('batch_size', '?')} without the "
+                               "batch-1 protocol; not shown (rerun solve with --batch-size 1)")
+        secs = []
     if len(secs) == len(ids):
         out["seconds_per_image"] = float(statistics.median(secs))
         out["seconds_source"] = f"{meta_path} (nsdd-train solve)"
@@ -658,6 +723,17 @@ def run_evaluation(cfg: EvaluationConfig) -> dict:
     physics = ds.physics().to(cfg.device)
     machine = machine_info(cfg.device)
     cfg.out.mkdir(parents=True, exist_ok=True)
+    reference = against_reference(ds, ids, cfg.against) if cfg.against is not None else None
+    notes: list[str] = []
+    for src in cfg.sources:  # Wiener's λ without ground truth unless given: the discrepancy principle
+        if src.kind == "method" and src.spec == "wiener" and "lam" not in src.settings:
+            try:
+                src.settings["lam"] = ds.discrepancy_lambda(ids)
+            except DatasetError as exc:
+                notes.append(f"{src.name}: the data set's λ = {physics.lam:g} ({exc}).")
+                continue
+            notes.append(f"{src.name}: λ = {src.settings['lam']:.3g} by the discrepancy principle "
+                         f"(rms(y − A A†y) = σ = {ds.meta.get('noise_std')} on the scored measurements).")
 
     metrics: dict[str, dict] = {}
     per_image: dict[str, dict] = {}
@@ -700,8 +776,8 @@ def run_evaluation(cfg: EvaluationConfig) -> dict:
             if save_dir is not None:
                 entry["recon_dir"] = str(save_dir)
                 entry["resumed_images"] = run.resumed
-        scores = score(x, ids, ds, physics, cfg.use_lpips, cfg.lpips_weights, cfg.device, src.name)
-        for key in ("psnr", "ssim", "lpips", "consistency"):
+        scores = score(x, ids, ds, physics, cfg.use_lpips, cfg.lpips_weights, cfg.device, src.name, reference)
+        for key in ("psnr", "ssim", "lpips", "consistency", "consistency_recon"):
             entry[key] = _mean(scores.get(key))
             if scores.get(key):
                 entry[f"{key}_std"] = float(np.std(scores[key]))
@@ -720,8 +796,11 @@ def run_evaluation(cfg: EvaluationConfig) -> dict:
     _write_json(cfg.out / "per_image.json", per_image)
     floor = ground_truth_consistency(ds, ids, physics)
     if floor is not None:
-        _write_json(cfg.out / "reference.json", {"ground_truth_consistency": floor})
-        print(f"ground truth: consistency {floor:.4g} (what a perfect reconstruction scores)", file=sys.stderr)
+        _write_json(cfg.out / "reference.json", {"ground_truth_consistency": floor["forward"],
+                                                 "ground_truth_consistency_recon": floor["recon"]})
+        print(f"ground truth: consistency {floor['forward']:.4g} under the forward operator"
+              + (f", {floor['recon']:.4g} under the reconstruction operator" if floor["recon"] is not None else "")
+              + " (what a perfect reconstruction scores)", file=sys.stderr)
     table = metrics_table(metrics)
     (cfg.out / "metrics.md").write_text(f"# Metrics ({cfg.data}, split {cfg.split}, n = {len(ids)})\n\n" + table)
 
@@ -736,17 +815,26 @@ def run_evaluation(cfg: EvaluationConfig) -> dict:
                                                       [ds.measurement(i) for i in rows], shown, gts)
     figures["LPIPS vs. time"] = save_lpips_vs_time(cfg.out / "lpips_vs_time.png", metrics)
     if cfg.report is not None:
-        notes = []
+        notes.insert(0, "Timing: one untimed warm-up call, then every image alone (batch 1); the median per image, "
+                        f"{machine.get('torch_threads')} torch thread(s) on {machine.get('device')}.")
+        notes.insert(1, "Consistency ‖Ax̂ − y‖/‖y‖ is scored under the forward operator that made y (x̂ cut to its "
+                        "scene grid) and, in the second column, under the reconstruction operator the methods use.")
+        if cfg.against is not None:
+            notes.append(f"PSNR, SSIM and LPIPS are scored against the reconstructions in {cfg.against} (no ground "
+                         "truth).")
         if not cfg.use_lpips:
             notes.append("LPIPS skipped (--no-lpips).")
         if floor is not None:
-            notes.append(f"The ground truth itself scores ‖A x − y‖ / ‖y‖ = {floor:.3g} under the same operator (the "
-                         "noise floor plus the operator's model error): lower values fit noise.")
+            notes.append(f"The ground truth itself scores ‖A x − y‖ / ‖y‖ = {floor['forward']:.3g} under the forward "
+                         "operator (the noise floor)"
+                         + (f" and {floor['recon']:.3g} under the reconstruction operator (the noise floor plus its "
+                            "model error)" if floor["recon"] is not None else "")
+                         + ": lower values fit noise.")
         write_report(cfg.report, metrics, machine, cfg.command, figures, str(cfg.data), cfg.split, len(ids), notes)
     return {"metrics": metrics, "table": table, "figures": figures, "ids": ids}
 
 
-_ORDER = ("psnr", "ssim", "lpips", "consistency", "n", "seconds_per_image", "peak_mem_mb")
+_ORDER = ("psnr", "ssim", "lpips", "consistency", "consistency_recon", "n", "seconds_per_image", "peak_mem_mb")
 
 
 def _order(entry: dict) -> dict:

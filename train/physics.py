@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nsdd_edge.optics import LenslessGeometry, Model, WienerSpectra, array_hash
+from nsdd_edge.optics import LenslessGeometry, Model, Projector, WienerSpectra, array_hash
 
 
 def _center_offsets(small: Sequence[int], big: Sequence[int]) -> tuple[int, int]:
@@ -41,8 +41,9 @@ def center_crop(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 class LenslessOperator(torch.nn.Module):
     """``y = A x + n`` for a lensless camera.
 
-    ``circular``: ``A x = F⁻¹[H · F(x)]`` on the sensor grid; ``A† = F⁻¹[conj(H)/(|H|²+λ)]`` is exact up
-    to λ and ``I − A†A`` is the multiplier ``λ/(|H|²+λ)``.
+    ``circular``: ``A x = F⁻¹[H · F(x)]`` on the sensor grid. ``projector="tikhonov"`` (default):
+    ``A† = F⁻¹[conj(H)/(|H|²+λ)]`` and ``I − A†A`` is the multiplier ``λ/(|H|²+λ)`` (not a projector);
+    ``"truncated"``: ``A† = F⁻¹[conj(H)/|H|²]`` on ``|H| > √λ`` and 0 below, ``I − A†A`` an exact projector.
     ``crop``: ``A x = C F⁻¹[H · F(P x)]`` (zero-pad ``P`` to the convolution grid, centre crop ``C`` to
     the sensor); ``Aᵀ y = Pᵀ F⁻¹[conj(H) · F(Cᵀ y)]``; ``A†`` is the Wiener filter on the convolution
     grid applied to ``Cᵀ y`` (an approximation: ``A†A`` is then not a projector).
@@ -52,15 +53,17 @@ class LenslessOperator(torch.nn.Module):
 
     def __init__(self, psf: np.ndarray | torch.Tensor, sensor_shape: Sequence[int] | None = None,
                  model: Model = "circular", lam: float = 1e-6, scene_shape: Sequence[int] | None = None,
-                 conv_shape: Sequence[int] | None = None, noise_std: float = 0.0):
+                 conv_shape: Sequence[int] | None = None, noise_std: float = 0.0,
+                 projector: Projector = "tikhonov"):
         super().__init__()
         psf_np = psf.detach().cpu().numpy() if isinstance(psf, torch.Tensor) else np.asarray(psf)
         if psf_np.ndim == 2:
             psf_np = psf_np[None]
         sensor = tuple(sensor_shape) if sensor_shape is not None else psf_np.shape[-2:]
         self.geometry = LenslessGeometry.make(model, sensor, psf_np.shape[-2:], scene_shape, conv_shape)
-        self.spectra = WienerSpectra.from_psf(psf_np, self.geometry.conv_shape, lam)
+        self.spectra = WienerSpectra.from_psf(psf_np, self.geometry.conv_shape, lam, projector)
         self.lam = float(lam)
+        self.projector = self.spectra.projector
         self.noise_std = float(noise_std)
         self.psf_hash = array_hash(psf_np)
         self.channels = psf_np.shape[0]
@@ -116,13 +119,14 @@ class LenslessOperator(torch.nn.Module):
             raise ValueError(f"{what} has spatial size {tuple(t.shape[-2:])}, expected {shape} "
                              f"({self.model} model)")
 
-    def with_lam(self, lam: float) -> LenslessOperator:
-        """The same PSF, geometry and noise level with another Wiener λ (on the same device)."""
-        if float(lam) == self.lam:
+    def with_lam(self, lam: float, projector: Projector | None = None) -> LenslessOperator:
+        """The same PSF, geometry and noise level with another λ (and pseudo-inverse kind), on the same device."""
+        projector = projector or self.projector
+        if float(lam) == self.lam and projector == self.projector:
             return self
         g = self.geometry
         op = LenslessOperator(self._psf_np, g.sensor_shape, g.model, lam=lam, scene_shape=g.scene_shape,
-                              conv_shape=g.conv_shape, noise_std=self.noise_std)
+                              conv_shape=g.conv_shape, noise_std=self.noise_std, projector=projector)
         return op.to(device=self._H.device)
 
     # ---- operators ------------------------------------------------------------------------
@@ -139,13 +143,14 @@ class LenslessOperator(torch.nn.Module):
         return center_crop(x, self.scene_shape)
 
     def A_dagger(self, y: torch.Tensor) -> torch.Tensor:
-        """Wiener/Tikhonov pseudo-inverse ``A†y = Pᵀ F⁻¹[conj(H) F(Cᵀ y) / (|H|² + λ)]``."""
+        """Pseudo-inverse ``A†y = Pᵀ F⁻¹[G F(Cᵀ y)]``: Tikhonov ``G = conj(H)/(|H|² + λ)`` or truncated
+        ``G = conj(H)/|H|²`` on ``|H| > √λ`` (:class:`nsdd_edge.optics.WienerSpectra`)."""
         self._check(y, self.sensor_shape, "measurement y")
         x = self._filter(center_pad(y, self.conv_shape), "G")
         return center_crop(x, self.scene_shape)
 
     def range_project(self, x: torch.Tensor) -> torch.Tensor:
-        """``A†A x`` (for ``circular`` the multiplier ``R = |H|²/(|H|²+λ)``)."""
+        """``A†A x`` (for ``circular`` the multiplier ``R``: ``|H|²/(|H|²+λ)``, or ``1[|H| > √λ]`` truncated)."""
         if self.model == "circular":
             self._check(x, self.scene_shape, "scene x")
             X = torch.fft.rfft2(x, dim=(-2, -1))
@@ -154,7 +159,8 @@ class LenslessOperator(torch.nn.Module):
         return self.A_dagger(self.A(x))
 
     def null_project(self, x: torch.Tensor) -> torch.Tensor:
-        """Null-space projector ``(I − A†A) x``."""
+        """``(I − A†A) x``: an exact projector for the truncated pseudo-inverse (circular model); for Tikhonov the
+        multiplier ``λ/(|H|²+λ)``, which is not idempotent."""
         return x - self.range_project(x)
 
     def range_null_combine(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

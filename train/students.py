@@ -3,11 +3,17 @@
 A student takes ``(y, A†y)`` stacked on channels (``2C`` inputs) and a network ``g`` maps them to ``C``
 channels. Two objectives:
 
-- ``nullspace`` (NSDD): ``x̂ = A†y + (I − A†A) g(y, A†y)``. The range part comes from the measurement
-  alone, so on the circular model ``‖A x̂ − y‖`` equals the Wiener residual whatever ``g`` does.
+- ``nullspace`` (NSDD): ``x̂ = A†y + (I − A†A) g(y, A†y)``. The range part comes from the measurement.
+  With the **truncated** pseudo-inverse (``projector="truncated"``, circular model) ``I − A†A`` is an exact
+  projector: ``A x̂`` does not depend on ``g`` on the kept frequencies, and ``‖A x̂ − y‖`` equals the truncated
+  Wiener residual plus what ``g`` puts on the frequencies below the threshold (where ``|H| ≤ √λ``). With the
+  **Tikhonov** pseudo-inverse (default) ``I − A†A = λ/(|H|²+λ)`` is not a projector, so ``g`` changes
+  ``A x̂`` on every frequency where λ is not negligible against ``|H|²`` — for a large λ that is most of
+  them, and the null-space and ``full`` students then differ little.
 - ``full`` (ablation): ``x̂ = g(y, A†y)``.
 
-``A†`` and ``I − A†A`` are :meth:`train.physics.LenslessOperator.A_dagger` and ``null_project``.
+``A†`` and ``I − A†A`` are :meth:`train.physics.LenslessOperator.A_dagger` and ``null_project``; the kind of
+pseudo-inverse and λ are part of the student (``config.json``: ``projector``, ``lam``).
 
 Grids: ``A†y`` lives on the scene grid. For the circular model ``y`` has the same size; for the crop
 model ``y`` (sensor grid) is centre zero-padded and/or centre-cropped per axis to the scene grid
@@ -30,6 +36,7 @@ A trained student is a directory (diffusers-like ``save_pretrained`` layout): ``
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -157,8 +164,9 @@ class EdgeUNet(nn.Module):
             raise StudentError(f"EdgeUNet expects (N, {self.in_channels}, H, W), got {tuple(x.shape)}")
         h, w = x.shape[-2:]
         if h % self.multiple or w % self.multiple:
-            raise StudentError(f"EdgeUNet of depth {self.depth} (unshuffle {self.unshuffle}): input size {h}x{w} is "
-                               f"not divisible by {self.multiple}; use a scene size that is, or a smaller depth")
+            factor = f"2^{self.depth}" + (f" · {self.unshuffle} (unshuffle)" if self.unshuffle > 1 else "")
+            raise StudentError(f"EdgeUNet of depth {self.depth}: input size {h}x{w} is not divisible by "
+                               f"{factor} = {self.multiple}; use a scene size that is, or a smaller depth")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -281,7 +289,9 @@ def build_paper_net(channels: int, arch: dict, prior: Any) -> PaperNet:
         raise StudentError(f"the diffusion prior works on {prior_channels} channels, the data has {channels}")
     adapter = EdgeUNet(2 * channels, channels, **{**_edge_kwargs(arch), "skip_input": True})
     t_fixed = int(arch.get("t_fixed", 50))
-    return PaperNet(adapter, prior.net, t_fixed, _prior_alpha_bar(prior, t_fixed))
+    # the student owns a copy of g_θ: fine-tuning it (or loading a student's weights into it) must never
+    # change the prior it came from (which a caller may go on using, e.g. for the DDNM+ teacher)
+    return PaperNet(adapter, copy.deepcopy(prior.net), t_fixed, _prior_alpha_bar(prior, t_fixed))
 
 
 def prior_architecture(config: dict) -> Any:
@@ -322,7 +332,8 @@ def load_prior_dir(prior_dir: str | os.PathLike) -> Any:
 
 def physics_record(physics: LenslessOperator) -> dict:
     """What a student records about the operator it was trained for."""
-    return {"psf_sha256": physics.psf_hash, "geometry": physics.geometry.to_dict(), "lam": physics.lam}
+    return {"psf_sha256": physics.psf_hash, "geometry": physics.geometry.to_dict(), "lam": physics.lam,
+            "projector": physics.projector}
 
 
 def make_config(kind: str, objective: Objective, channels: int, physics: LenslessOperator,
@@ -481,11 +492,14 @@ class StudentSolver(Solver):
             raise StudentError(f"{where} works on {ch} channels, the PSF has {physics.channels}")
 
     def student_physics(self, physics: LenslessOperator) -> LenslessOperator:
-        """``physics`` with the student's own Wiener λ: ``A†`` and ``I − A†A`` are part of the student."""
+        """``physics`` with the student's own λ and pseudo-inverse kind: ``A†`` and ``I − A†A`` are part of the
+        student (students written before the choice existed used Tikhonov)."""
         lam = self.config.get("lam")
-        if lam is None or math.isclose(float(lam), physics.lam, rel_tol=1e-9):
+        projector = self.config.get("projector", "tikhonov")
+        same_lam = lam is None or math.isclose(float(lam), physics.lam, rel_tol=1e-9)
+        if same_lam and projector == physics.projector:
             return physics
-        return physics.with_lam(float(lam))
+        return physics.with_lam(physics.lam if lam is None else float(lam), projector)
 
     @torch.no_grad()
     def __call__(self, y: torch.Tensor, physics: LenslessOperator) -> torch.Tensor:

@@ -63,6 +63,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="label only the first N ids of the split")
     p.add_argument("--device", default="cpu", help="torch device for the prior and the operator")
     p.add_argument("--no-png", action="store_true", help="do not write the 8-bit ID.png views")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; the same count gives byte-identical targets)")
 
 
 # ---- hashing and atomic files --------------------------------------------------------------------
@@ -247,6 +249,11 @@ def label_dataset(dataset: LenslessDataset, prior: DiffusionPrior, out: str | Pa
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        if args.threads < 1:
+            print("nsdd-train teacher: error: --threads must be ≥ 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     try:
         dataset = LenslessDataset(args.data)
         try:

@@ -44,6 +44,25 @@ class DiffusionPrior(torch.nn.Module):
         out = self.net(x_t, t)
         return out.sample if hasattr(out, "sample") else out
 
+    @property
+    def learns_variance(self) -> bool:
+        """Whether the network also predicts its variance (guided-diffusion ``learn_sigma``, ADM priors)."""
+        return hasattr(self.net, "full_output")
+
+    def eps_and_variance(self, x_t: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``ε_θ(x_t, t)`` and, for a network that learns its variance, the interpolation fraction
+        ``f = (v + 1) / 2`` of guided-diffusion's ``learned_range``: ``log σ_t² = f log β_t + (1 − f) log β̃_t``
+        (``None`` for an ε-only network)."""
+        if not self.learns_variance:
+            return self.eps(x_t, t), None
+        if not torch.is_tensor(t):
+            t = torch.full((x_t.shape[0],), int(t), device=x_t.device, dtype=torch.long)
+        elif t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        out = self.net.full_output(x_t, t)
+        c = self.channels
+        return out[:, :c], (out[:, c:2 * c] + 1.0) / 2.0
+
     def x0_from_eps(self, x_t: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
         """``x0|t = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t``."""
         a = self.alphas_cumprod[t].to(x_t.dtype)
@@ -81,7 +100,8 @@ class SupportPrior(DiffusionPrior):
         self.fill = float(fill)
         self._window = _centre_slices(canvas, self.support_shape)
 
-    def eps(self, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    def _canvas_eps(self, x_t: torch.Tensor, t: torch.Tensor | int, inner_eps) -> torch.Tensor:
+        """ε on the canvas: the exact ε of the known surround, ``inner_eps(window)`` on the support."""
         if tuple(x_t.shape[-2:]) != self.canvas_shape:
             raise ValueError(f"SupportPrior: x_t has size {tuple(x_t.shape[-2:])}, expected {self.canvas_shape}")
         n = x_t.shape[0]
@@ -90,8 +110,28 @@ class SupportPrior(DiffusionPrior):
         a = self.alphas_cumprod.to(x_t.device)[steps.to(x_t.device)].to(x_t.dtype).view(n, 1, 1, 1)
         eps = (x_t - a.sqrt() * self.fill) / (1 - a).sqrt()  # a fresh tensor: writing its window is safe
         rows, cols = self._window
-        eps[..., rows, cols] = self.inner.eps(x_t[..., rows, cols], t).to(x_t.dtype)
+        eps[..., rows, cols] = inner_eps(x_t[..., rows, cols]).to(x_t.dtype)
         return eps
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        return self._canvas_eps(x_t, t, lambda window: self.inner.eps(window, t))
+
+    def eps_and_variance(self, x_t: torch.Tensor, t: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As :meth:`eps`; the variance fraction is the network's on the support and 0 (the posterior
+        variance β̃_t) on the known surround."""
+        if not self.learns_variance:
+            return self.eps(x_t, t), None
+        inner: dict = {}
+
+        def run(window: torch.Tensor) -> torch.Tensor:
+            inner["eps"], inner["frac"] = self.inner.eps_and_variance(window, t)
+            return inner["eps"]
+
+        eps = self._canvas_eps(x_t, t, run)
+        frac = torch.zeros_like(x_t)
+        rows, cols = self._window
+        frac[..., rows, cols] = inner["frac"].to(x_t.dtype)
+        return eps, frac
 
 
 def prior_for_scene(prior: DiffusionPrior, scene_shape: tuple[int, int]) -> DiffusionPrior:

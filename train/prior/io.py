@@ -253,10 +253,13 @@ class EpsilonOnly(torch.nn.Module):
         self.net = net
         self.channels = channels
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def full_output(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Every output channel: ε, then the variance interpolation ``v`` in [−1, 1] (``learned_range``)."""
         out = self.net(x, t)
-        out = out.sample if hasattr(out, "sample") else out
-        return out[:, : self.channels]
+        return out.sample if hasattr(out, "sample") else out
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.full_output(x, t)[:, : self.channels]
 
 
 def _load_diffusers(path: Path, config: dict) -> DiffusionPrior:

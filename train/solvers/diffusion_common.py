@@ -51,6 +51,16 @@ def uniform_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     return [int(np.floor(k * skip)) for k in range(steps)][::-1]
 
 
+def respaced_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
+    """Descending timesteps as guided-diffusion's ``space_timesteps(T, [steps])`` (what the DPS reference uses):
+    ``round(k (T−1)/(steps−1))``, so the first step is ``t = T − 1`` for any step count (1000/200 → 999, 994, …, 0)."""
+    _check_steps(num_train_timesteps, steps)
+    if steps == 1:
+        return [num_train_timesteps - 1]
+    stride = (num_train_timesteps - 1) / (steps - 1)
+    return sorted({int(round(k * stride)) for k in range(steps)}, reverse=True)
+
+
 def quadratic_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     """DiffPIR's 'quad' schedule, descending: ``s_k = ⌊√(k T²/(steps−1))⌋`` (last −1), ``t_k = T−1−s_k``.
 
