@@ -61,9 +61,12 @@ class BundleError(ValueError):
 class PreprocessConfig:
     """Raw frame → measurement ``y``; the same settings prepare training data and live frames.
 
-    Order: black level → Bayer (``demosaic``: ``bin2x2`` or ``bilinear``) → background frame
-    subtraction → box downsample → crop ``[top, left, height, width]`` → flip → channel order →
-    normalisation (``max``: divide by the frame's max; ``fixed``: divide by ``scale``; ``none``).
+    Order: ``raw_crop`` ``[top, left, height, width]`` in raw-frame pixels (the full-resolution crop of a lab's
+    recipe) → black level → Bayer (``demosaic``: ``bin2x2`` or ``bilinear``) → background frame subtraction →
+    box downsample → crop ``[top, left, height, width]`` (downsampled pixels) → flip → channel order →
+    normalisation (``max``: divide by the frame's max; ``fixed``: divide by ``scale``; ``none``) → exposure
+    (with ``reference_exposure_us``: ``y ← y · reference / exposure`` of the frame, so a 2 ms and a 15 ms
+    capture of one scene give the same ``y`` scale).
     """
 
     black_level: float = 0.0
@@ -79,6 +82,8 @@ class PreprocessConfig:
     grayscale: bool = False
     normalization: str = "max"
     scale: float = 1.0
+    raw_crop: list[int] | None = None
+    reference_exposure_us: float | None = None
 
     @staticmethod
     def from_dict(d: dict | None) -> PreprocessConfig:

@@ -2,16 +2,22 @@
 
 Order (the one documented on :class:`nsdd_edge.bundle.PreprocessConfig`)::
 
-    y = normalise( grayscale( channels( flip( crop( box_downsample( bayer(raw) − black − background ))))))
+    y = exposure( normalise( grayscale( channels( flip( crop( box_downsample(
+            bayer(raw_crop(raw)) − black − background )))))))
 
 - ``bayer``: ``bin2x2`` averages each 2×2 Bayer cell into one RGB pixel (R, mean of the two G, B; half
   resolution), ``bilinear`` is OpenCV's bilinear demosaic (full resolution). Frames without a
   ``bayer_pattern`` are mono ``(H, W)`` or RGB ``(H, W, 3)``.
 - ``background_file`` (in the bundle) is a dark frame in raw counts with the same shape as the raw
   frames; it goes through the same black-level and Bayer steps once, at the first frame.
+- ``raw_crop`` cuts the raw frame at full resolution before anything else (a background frame is cut the
+  same way; for a Bayer mosaic the crop must start on an even row and column).
 - Normalisation: ``max`` divides by the frame's maximum, ``fixed`` by ``scale`` (e.g. the camera gain in
   counts per unit of ``y``), ``none`` keeps counts. Negative values (noise below the black level) are
   kept, so the noise stays zero-mean as in the simulated training data.
+- Exposure: with ``reference_exposure_us`` set, ``y`` is scaled by ``reference / exposure_us`` of the frame
+  (``Frame.meta["exposure_us"]``, or the ``…_NNNNus`` of a capture's file name), so captures at different
+  exposures share one physical scale; a frame whose exposure is unknown is taken at the reference.
 
 Frames that cannot be processed (wrong dtype or shape, NaN/Inf, all dark under ``max``) raise
 :class:`FrameRejected` (a ``ValueError``) with the reason, so the real-time loop can count and skip them.
@@ -23,12 +29,13 @@ The same code prepares training data from real captures: :func:`preprocess_captu
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 from nsdd_edge.bundle import PreprocessConfig
-from nsdd_edge.optics import OpticsError, box_downsample, read_array
+from nsdd_edge.optics import IMAGE_SUFFIXES, OpticsError, box_downsample, read_array
 
 BAYER_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
 DEMOSAIC_METHODS = ("bin2x2", "bilinear")
@@ -108,8 +115,19 @@ class Preprocessor:
             raise ValueError(f"preprocess: normalization 'fixed' needs scale > 0, got {c.scale}")
         if int(c.downsample) != c.downsample or c.downsample < 1:
             raise ValueError(f"preprocess: downsample must be a positive integer, got {c.downsample}")
-        if c.crop is not None and (len(c.crop) != 4 or min(c.crop[2:]) < 1 or min(c.crop[:2]) < 0):
-            raise ValueError(f"preprocess: crop must be [top, left, height, width] with positive size, got {c.crop}")
+        for name in ("crop", "raw_crop"):
+            box = getattr(c, name)
+            if box is not None and (not isinstance(box, (list, tuple)) or len(box) != 4
+                                    or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                               for v in box) or min(box[2:]) < 1 or min(box[:2]) < 0):
+                raise ValueError(f"preprocess: {name} must be [top, left, height, width] (integers, positive size), "
+                                 f"got {box}")
+        if c.raw_crop is not None and self.pattern is not None and (c.raw_crop[0] % 2 or c.raw_crop[1] % 2
+                                                                     or c.raw_crop[2] % 2 or c.raw_crop[3] % 2):
+            raise ValueError(f"preprocess: raw_crop {list(c.raw_crop)} must be even-aligned on a Bayer mosaic")
+        if c.reference_exposure_us is not None and not (np.isfinite(c.reference_exposure_us)
+                                                         and c.reference_exposure_us > 0):
+            raise ValueError(f"preprocess: reference_exposure_us must be > 0, got {c.reference_exposure_us}")
         order = c.channel_order.upper()
         if sorted(order) != ["B", "G", "R"]:
             raise ValueError(f"preprocess: channel_order {c.channel_order!r} must be a permutation of RGB")
@@ -155,6 +173,7 @@ class Preprocessor:
             if raw_like.shape != shape and not (len(shape) == 3 and shape[2] == 1 and raw_like.shape == shape[:2]):
                 raise ValueError(f"preprocess: background frame {self.background_path} has shape {raw_like.shape}, "
                                  f"the camera's raw frames are {shape}")
+            raw_like = self._raw_crop(raw_like)
             if self.pattern is not None and self.config.demosaic == "bilinear":
                 raw_like = np.clip(np.rint(raw_like), 0, 65535).astype(np.uint16)  # OpenCV demosaics integers only
             self._background = self._sensor_rgb(raw_like, out=None).copy()
@@ -163,9 +182,21 @@ class Preprocessor:
             raise ValueError(f"preprocess: frames of shape {shape} leave nothing after the configured steps")
         self._raw_shape = shape  # only once the settings are known to fit frames of this shape
 
+    def _raw_crop(self, raw: np.ndarray) -> np.ndarray:
+        if self.config.raw_crop is None:
+            return raw
+        top, left, h, w = (int(v) for v in self.config.raw_crop)
+        return raw[top : top + h, left : left + w]
+
     def output_shape(self, raw_shape: tuple[int, ...]) -> tuple[int, int, int]:
         """``(C, H, W)`` of ``y`` for raw frames of ``raw_shape``; ValueError if the settings do not fit."""
         c = self.config
+        if c.raw_crop is not None:
+            top, left, h, w = (int(v) for v in c.raw_crop)
+            if top + h > raw_shape[0] or left + w > raw_shape[1]:
+                raise ValueError(f"preprocess: raw_crop {list(c.raw_crop)} does not fit raw frames of "
+                                 f"{raw_shape[0]}x{raw_shape[1]}")
+            raw_shape = (h, w, *raw_shape[2:])
         if self.pattern is not None:
             ch = 3
             h, w = (raw_shape[0] // 2, raw_shape[1] // 2) if c.demosaic == "bin2x2" else raw_shape[:2]
@@ -218,9 +249,9 @@ class Preprocessor:
             raise FrameRejected(f"frame holds {int((~np.isfinite(frame)).sum())} NaN/Inf values")
         return frame
 
-    def __call__(self, frame: np.ndarray) -> np.ndarray:
+    def __call__(self, frame: np.ndarray, exposure_us: float | None = None) -> np.ndarray:
         c = self.config
-        raw = self.validate(frame)
+        raw = self._raw_crop(self.validate(frame))
         if raw.ndim == 3 and raw.shape[2] == 1:
             raw = raw[..., 0]
         if c.white_level is not None:
@@ -254,16 +285,34 @@ class Preprocessor:
             y *= np.float32(1.0 / peak)
         elif c.normalization == "fixed":
             y *= np.float32(1.0 / c.scale)
+        if c.reference_exposure_us is not None and exposure_us is not None:
+            if not (np.isfinite(exposure_us) and exposure_us > 0):
+                raise FrameRejected(f"frame exposure {exposure_us} µs is not a positive number")
+            y *= np.float32(c.reference_exposure_us / float(exposure_us))
         return y
 
 
+_EXPOSURE_IN_NAME = re.compile(r"(?<![0-9])([0-9]+(?:\.[0-9]+)?)\s*us(?![a-z])", re.IGNORECASE)
+
+
+def exposure_from_name(path: str | os.PathLike) -> float | None:
+    """The exposure a capture's file name states, in µs (``face_00000_15000us.tiff`` → 15000.0), else None."""
+    p = Path(path)
+    stem = p.name[: -len(p.suffix)] if p.suffix.lower() in (*IMAGE_SUFFIXES, ".npy", ".npz") else p.name
+    found = _EXPOSURE_IN_NAME.findall(stem)
+    return float(found[-1]) if found else None
+
+
 def preprocess_capture(path: str | os.PathLike, config: PreprocessConfig,
-                       bundle_root: str | os.PathLike | None = None) -> np.ndarray:
-    """Prepare a saved raw capture (``.npy``/``.npz``/PNG/TIFF in raw counts) exactly like a live frame."""
+                       bundle_root: str | os.PathLike | None = None, exposure_us: float | None = None) -> np.ndarray:
+    """Prepare a saved raw capture (``.npy``/``.npz``/PNG/TIFF in raw counts) exactly like a live frame; the
+    exposure is ``exposure_us`` or the one the file name states (:func:`exposure_from_name`)."""
     a = read_array(path)  # float32 (C, H, W), native units
     raw = a[0] if a.shape[0] == 1 else np.moveaxis(a, 0, -1)
+    if exposure_us is None:
+        exposure_us = exposure_from_name(path)
     try:
-        return Preprocessor(config, bundle_root)(raw)
+        return Preprocessor(config, bundle_root)(raw, exposure_us=exposure_us)
     except FrameRejected as exc:
         raise FrameRejected(f"{path}: {exc}") from None
     except ValueError as exc:
