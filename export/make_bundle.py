@@ -56,6 +56,43 @@ def _same(a: GraphSpec, b: GraphSpec) -> list[str]:
     return diffs
 
 
+def _preprocess_settings(value: str | Path) -> tuple[Path, dict, Path | None]:
+    """``--preprocess``: a JSON file of PreprocessConfig fields, an inline JSON object, or a camera profile
+    (its directory or ``camera.json``; its ``preprocess`` section is used and the profile is embedded).
+    Returns (the path errors name, the settings, the profile directory or None)."""
+    text = str(value)
+    if text.lstrip().startswith("{"):
+        try:
+            settings = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ExportError(f"--preprocess: inline JSON is invalid ({exc})") from None
+        if not isinstance(settings, dict):
+            raise ExportError("--preprocess: inline JSON must be an object of PreprocessConfig fields")
+        return Path.cwd() / "--preprocess", settings, None
+    path = Path(text)
+    if path.is_dir():
+        path = path / "camera.json"
+    try:
+        settings = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{path}: no such preprocessing file or camera profile") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{path}: invalid JSON ({exc})") from exc
+    if not isinstance(settings, dict):
+        raise ExportError(f"{path}: expected a JSON object")
+    if settings.get("format") == "nsdd-camera-profile":
+        from nsdd_edge.camera import ProfileError, load_profile
+
+        try:
+            profile = load_profile(path)
+        except ProfileError as exc:
+            raise ExportError(str(exc)) from None
+        from dataclasses import asdict
+
+        return path, asdict(profile.preprocess), path.parent
+    return path, settings, None
+
+
 def make_bundle(onnx_files: list[str | Path], psf: Any, out: str | Path, *, engine: str | Path | None = None,
                 preprocess_json: str | Path | None = None, name: str | None = None,
                 psf_source: str | None = None, preprocess: PreprocessConfig | None = None,
@@ -114,17 +151,14 @@ def make_bundle(onnx_files: list[str | Path], psf: Any, out: str | Path, *, engi
     preprocess = preprocess or PreprocessConfig()
     extra_files: dict[str, str] = {}
     if preprocess_json is not None:
-        pj = Path(preprocess_json)
-        try:
-            settings = json.loads(pj.read_text())
-        except FileNotFoundError:
-            raise ExportError(f"{pj}: no such preprocessing file") from None
-        except json.JSONDecodeError as exc:
-            raise ExportError(f"{pj}: invalid JSON ({exc})") from exc
+        pj, settings, profile_dir = _preprocess_settings(preprocess_json)
         try:
             preprocess = PreprocessConfig.from_dict(settings)
         except (BundleError, TypeError) as exc:
             raise ExportError(f"{pj}: {exc}") from exc
+        if profile_dir is not None:  # the bundle embeds the camera profile it was made for
+            extra_files["camera/camera.json"] = str(profile_dir / "camera.json")
+            extra_files["camera/psf.npy"] = str(profile_dir / "psf.npy")
         if preprocess.background_file:
             bg = (pj.parent / preprocess.background_file).resolve()
             if not bg.exists():
@@ -161,7 +195,12 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx", required=True, help="ONNX file(s), comma-separated (FP32, FP16, INT8)")
     p.add_argument("--engine", metavar="PLAN", help="TensorRT plan from nsdd-export engine")
     add_psf_arguments(p)
-    p.add_argument("--preprocess", metavar="JSON", help="PreprocessConfig settings (nsdd_edge.bundle)")
+    p.add_argument("--preprocess", metavar="JSON|PROFILE",
+                   help="raw frame → y settings: a JSON file or an inline JSON object of PreprocessConfig fields "
+                        "(black_level, white_level, bayer_pattern, demosaic, background_file, raw_crop, downsample, "
+                        "crop, flip_vertical, flip_horizontal, channel_order, grayscale, normalization, scale, "
+                        "reference_exposure_us; see nsdd_edge.bundle.PreprocessConfig), or a camera profile "
+                        "(directory or camera.json from nsdd-edge calibrate), which the bundle then embeds")
     p.add_argument("--name", help="bundle name (default: the output directory's name)")
     p.add_argument("--out", required=True, help="bundle directory (replaced atomically)")
 

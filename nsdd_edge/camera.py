@@ -10,8 +10,8 @@ training, export and the runtime use the same numbers (one implementation, numpy
              "recipe": {...}},                       than the sensor; how it was cut from the PSF image
      "geometry": LenslessGeometry fields,           the forward model that makes y (usually ``crop``: the
                                                      scene on a grid of sensor + PSF, convolved, cropped)
-     "recon": {"lam": float, "lam_rule": str,       the reconstruction operator: circular at sensor size
-               "projector": str},                    with the PSF's centre (the NSDD authors' choice)
+     "recon": {"lam": float, "lam_rule": str,       λ and pseudo-inverse kind of the reconstruction
+               "projector": str},                    operator, which is the forward model itself
      "support": {"shape": [h, w], "taper": px} | null,   where scenes sit in the reconstruction
      "noise": {"read_std": σ_r, "shot_gain": g, "rule": str},   var(y) = σ_r² + g · max(y, 0)
      "signal": {"p50", "p99", "p999", "max", "n"},  statistics of real y (for simulate --profile)
@@ -258,13 +258,11 @@ class CameraProfile:
     def channels(self) -> int:
         return 1 if self.preprocess.grayscale else 3
 
-    def recon_psf(self) -> np.ndarray:
-        """The PSF of the reconstruction operator: its centre at sensor size, unit sum (circular model)."""
+    def circular_psf(self) -> np.ndarray:
+        """The PSF's centre at sensor size, unit sum: the circular model's PSF (a coarse approximation when
+        the PSF is as large as the sensor; the profile's own operator is :attr:`geometry`)."""
         psf = fit_to(self.psf, self.sensor_shape)
         return (psf / psf.sum(axis=(-2, -1), keepdims=True)).astype(np.float32)
-
-    def recon_geometry(self) -> LenslessGeometry:
-        return LenslessGeometry.make("circular", self.sensor_shape)
 
     # -- raw → y --------------------------------------------------------------------------------
     def preprocessor(self):
@@ -398,9 +396,9 @@ def profile_from_dict(d: Any, root: Path | None = None, psf: np.ndarray | None =
     if d.get("support") is not None:
         s = _dict(d["support"], "support")
         shape = _shape(s.get("shape"), "support.shape")
-        if shape[0] > geometry.sensor_shape[0] or shape[1] > geometry.sensor_shape[1]:
-            raise ProfileError(f"support.shape {list(shape)} is larger than the reconstruction grid "
-                               f"{list(geometry.sensor_shape)}")
+        if shape[0] > geometry.scene_shape[0] or shape[1] > geometry.scene_shape[1]:
+            raise ProfileError(f"support.shape {list(shape)} is larger than the scene grid "
+                               f"{list(geometry.scene_shape)}")
         taper = s.get("taper", 0)
         if not isinstance(taper, int) or isinstance(taper, bool) or not 0 <= taper <= min(shape) // 2:
             raise ProfileError(f"support.taper: expected an integer in 0..{min(shape) // 2}, got {taper!r}")

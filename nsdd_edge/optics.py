@@ -242,10 +242,12 @@ def normalize(img: np.ndarray, mode: NormalizeMode = "sum") -> np.ndarray:
     if mode == "none":
         return img
     if mode == "sum":
-        s = img.sum(axis=(-2, -1), keepdims=True)
+        s = img.sum(axis=(-2, -1), keepdims=True, dtype=np.float64)
         if np.any(s <= 0):
             raise OpticsError("cannot normalise to unit sum: a channel sums to zero or less")
-        return img / s
+        if np.all(np.abs(s - 1.0) <= 1e-6):  # already unit sum: keep the exact bits (and so the PSF's hash)
+            return img
+        return (img / s).astype(np.float32)
     if mode == "l2":
         n = float(np.linalg.norm(img))
         if n == 0:

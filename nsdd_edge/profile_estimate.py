@@ -142,7 +142,7 @@ def profile_from_captures(psf_image: str | os.PathLike, captures: str | os.PathL
         except (OpticsError, ValueError) as exc:
             raise ProfileError(f"capture {exc}") from None
     ref_files = [f for f, e in zip(files, exposures) if e == reference] if reference is not None else files
-    scale = float(np.percentile(np.concatenate([counts[f].ravel() for f in ref_files]), 99.9))
+    scale = float(np.median([np.percentile(counts[f], 99.0) for f in ref_files]))  # robust to saturated captures
     if not scale > 0:
         raise ProfileError("the captures are dark after the crop (99.9th percentile ≤ 0): nothing to calibrate on")
     preprocess = PreprocessConfig(**{**base.__dict__, "normalization": "fixed", "scale": scale,
@@ -162,10 +162,9 @@ def profile_from_captures(psf_image: str | os.PathLike, captures: str | os.PathL
                                         "box": centred_box((cy, cx), (psf_side, psf_side)),
                                         "downsample": int(downsample), "dark_level": level_rule})
     sigma = float(np.median([noise.std(np.median(y)) for y in ref_ys]))
-    recon_psf, recon_geo = profile.recon_psf(), profile.recon_geometry()
     stack = np.stack(ref_ys)
     try:
-        lam = discrepancy_lambda(recon_psf, recon_geo, stack, sigma)
+        lam = discrepancy_lambda(psf, geometry, stack, sigma)
         lam_rule = f"discrepancy principle: rms(y − A A†y) = σ = {sigma:.3g} on {len(ref_ys)} captures"
     except OpticsError as exc:
         lam, lam_rule = 1e-3, f"1e-3 (the discrepancy principle found no λ: {exc})"
@@ -173,12 +172,14 @@ def profile_from_captures(psf_image: str | os.PathLike, captures: str | os.PathL
     say(f"λ = {lam:.3g} ({lam_rule})")
 
     # where the scenes are: the centred window holding most of the Wiener reconstructions' contrast
-    wiener = WienerFilter(recon_psf, recon_geo, lam)
+    wiener = WienerFilter(psf, geometry, lam)
     x = np.stack([wiener(y) for y in ref_ys])
     h, w = scene_extent(x, energy)
-    taper = max(2, min(h, w) // 8) if (h, w) != recon_geo.sensor_shape else 0
-    profile.support = None if (h, w) == recon_geo.sensor_shape else SupportWindow((h, w), taper)
-    say(f"scene extent: {h}x{w} of {sensor}x{sensor} ({energy:.0%} of the reconstructions' contrast), taper {taper}")
+    grid = geometry.scene_shape
+    taper = max(2, min(h, w) // 8) if (h, w) != grid else 0
+    profile.support = None if (h, w) == grid else SupportWindow((h, w), taper)
+    say(f"scene extent: {h}x{w} of the {grid[0]}x{grid[1]} scene grid ({energy:.0%} of the Wiener "
+        f"reconstructions' contrast), taper {taper}")
     report = {"center": [cy, cx], "crop": box, "downsample": downsample, "psf_side": psf_side,
               "conv": conv, "scale": scale, "reference_exposure_us": reference, "noise": noise.__dict__,
               "sigma": sigma, "lam": lam, "lam_rule": lam_rule, "support": [h, w], "taper": taper,

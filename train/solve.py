@@ -4,11 +4,16 @@ Two inputs, one output format (``ID.npy`` float32 ``(C, H, W)``, ``ID.png`` 8-bi
 
 - ``--data DIR [--split test] [--limit N]``: a dataset of :mod:`train.data`; the operator is the dataset's
   ``recon`` setting (``--model``/``--lam`` override it).
-- ``--capture FILE --psf FILE``: a real raw capture. PSF and capture go through the same preprocessing,
+- ``--capture FILE|FOLDER|GLOB --profile DIR``: real captures through a camera profile (``nsdd-edge
+  calibrate``): the runtime's preprocessing (full-resolution crop, binning, fixed scale, exposure
+  normalisation), the profile's PSF, forward operator, λ and noise model.
+- ``--capture … --psf FILE``: without a profile, PSF and captures go through the same loader,
   :func:`nsdd_edge.optics.load_psf` (dark frame or DiffuserCam corner background → box downsample →
-  normalise: the PSF to unit sum, the capture to unit max). Default model ``crop`` with
+  normalise: the PSF to unit sum, each capture to unit max). Default model ``crop`` with
   scene = conv = 2× sensor (DiffuserCam) and λ = 1e-4 (the prototype value); for ``student:DIR`` the
   operator the student was trained for (its geometry and λ, from its config.json).
+  Output names are the capture stems (``PARENT__STEM`` where stems collide); the diffusion solvers assume
+  the noise σ of ``--noise-std``, the profile, or an estimate from the captures.
 
 ``--method student:DIR`` runs a student directory of ``nsdd-train distill`` (= ``--method student --set
 path=DIR``); it refuses a PSF (after the preprocessing above) or geometry other than its own.
@@ -31,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from nsdd_edge.atomic import atomic_save_npy, atomic_write_bytes, atomic_write_text
-from nsdd_edge.optics import OpticsError, array_hash, load_psf
+from nsdd_edge.optics import OpticsError, array_hash, fit_to, load_psf
 from train.data import DatasetError, LenslessDataset
 from train.physics import LenslessOperator
 from train.solvers import SOLVERS, make_solver
@@ -47,10 +52,16 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="method setting (repeatable), e.g. --set iters=200 --set tau=1e-4")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, help="dataset directory (nsdd-train simulate)")
-    src.add_argument("--capture", type=Path, help="raw capture file (.npy/.npz/.png/.tif)")
+    src.add_argument("--capture", help="raw capture: a file (.npy/.npz/.png/.tif), a folder of them, or a quoted glob")
     p.add_argument("--split", default="test", help="dataset split ('all' for every sample)")
     p.add_argument("--limit", type=int, default=None, help="reconstruct only the first N samples")
-    p.add_argument("--psf", type=Path, help="PSF file for --capture")
+    p.add_argument("--psf", type=Path, help="PSF file for --capture (without --profile)")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="camera profile (nsdd-edge calibrate) for --capture: its preprocessing, PSF, operator, λ and "
+                        "noise model")
+    p.add_argument("--noise-std", type=float, default=None,
+                   help="noise σ of the captures in y units for the diffusion solvers (default: the profile's noise "
+                        "model, else estimated from the captures)")
     p.add_argument("--dark", type=Path, default=None, help="dark frame subtracted from PSF and capture")
     p.add_argument("--background", choices=("corner", "none"), default=None,
                    help="background subtraction without a dark frame (unset: corner for --capture)")
@@ -128,49 +139,102 @@ def write_png(path: Path, img8: np.ndarray) -> None:
     atomic_write_bytes(path, buf.tobytes())
 
 
-def load_capture(args: argparse.Namespace, trained_for: dict | None = None
-                 ) -> tuple[str, torch.Tensor, LenslessOperator, dict]:
-    """Preprocess ``--capture`` and ``--psf`` identically (one code path) and build the operator.
+def capture_ids(files: list[Path]) -> list[str]:
+    """Output names for capture files: the file stem, or ``PARENT__STEM`` where stems collide (captures with
+    the same name in different folders never overwrite each other)."""
+    stems = [f.stem for f in files]
+    ids = [f"{f.parent.name}__{f.stem}" if stems.count(f.stem) > 1 else f.stem for f in files]
+    if len(set(ids)) != len(ids):  # same parent names too: fall back to numbered names
+        ids = [f"{k:04d}__{f.stem}" for k, f in enumerate(files)]
+    return ids
 
-    ``trained_for``: a student's config; unless ``--model``/``--lam`` are given, the operator is then the
-    one the student was trained for (its recorded geometry, e.g. circular at sensor size, and its λ)."""
-    if args.psf is None:
-        raise OpticsError("--capture needs --psf FILE")
-    background = args.background or ("none" if args.dark is not None else "corner")
-    common = {"dark": args.dark, "background": background, "downsample": args.downsample}
+
+def load_capture(args: argparse.Namespace, trained_for: dict | None = None
+                 ) -> tuple[list[str], torch.Tensor, LenslessOperator, dict]:
+    """Measurements ``y`` of ``--capture`` (a file, folder or glob) and the operator to reconstruct them with.
+
+    With ``--profile``: the camera profile's preprocessing (the runtime's code path, exposure-normalised), its
+    PSF, forward geometry, λ and noise model. Without: ``--psf`` and the captures through the same loader
+    (dark frame or background, box downsample; the PSF to unit sum, each capture to unit max), the crop
+    model with scene = conv = 2× sensor. ``trained_for``: a student's config; its geometry and λ are used
+    when they fit. The noise σ the diffusion solvers assume: ``--noise-std``, else the profile's model at the
+    captures' median level, else an estimate from the captures themselves (Immerkær; no ground truth)."""
+    from nsdd_edge.camera import ProfileError, list_captures, load_profile, noise_std_immerkaer
+
     try:
-        psf = load_psf(args.psf, normalization="sum", **common)
-    except OpticsError as exc:
-        raise OpticsError(f"--psf {exc}") from None
-    try:
-        y = load_psf(args.capture, normalization="max", **common)  # the PSF's code path, unit max
-    except OpticsError as exc:
-        if "all zero" in str(exc):
-            raise OpticsError(f"--capture {args.capture}: the capture is all zero after background "
-                              f"subtraction ({'dark frame' if args.dark else background})") from None
+        files = list_captures(args.capture)
+    except ProfileError as exc:
         raise OpticsError(f"--capture {exc}") from None
-    if psf.shape[-2:] != y.shape[-2:]:
-        raise OpticsError(f"--capture {args.capture}: size {y.shape[-2:]} differs from --psf {args.psf} "
-                          f"{psf.shape[-2:]} (after downsample ×{args.downsample}); they must come from the same sensor")
-    if psf.shape[0] == 3 and y.shape[0] == 1:
-        raise OpticsError(f"--capture {args.capture}: grayscale capture but an RGB PSF {args.psf}")
-    sensor = tuple(y.shape[-2:])
+    ids = capture_ids(files)
+    if args.profile is not None:
+        if args.psf is not None or args.dark is not None or args.background is not None:
+            raise OpticsError("--profile brings its own PSF, dark frame and background; drop --psf/--dark/--background")
+        try:
+            profile = load_profile(args.profile)
+            ys = [profile.measurement(f) for f in files]
+        except ProfileError as exc:
+            raise OpticsError(f"--profile {exc}") from None
+        psf, g = profile.psf, profile.geometry
+        sigma = float(np.median([profile.noise.std(np.median(y)) for y in ys]))
+        lam = profile.lam if args.lam is None else args.lam
+        info = {"profile": str(args.profile), "profile_name": profile.name, "psf_sha256": array_hash(psf),
+                "noise_rule": "camera profile"}
+        geometry = (g.model, g.sensor_shape, g.scene_shape, g.conv_shape)
+    else:
+        if args.psf is None:
+            raise OpticsError("--capture needs --psf FILE or --profile DIR")
+        background = args.background or ("none" if args.dark is not None else "corner")
+        common = {"dark": args.dark, "background": background, "downsample": args.downsample}
+        try:
+            psf = load_psf(args.psf, normalization="sum", **common)
+        except OpticsError as exc:
+            raise OpticsError(f"--psf {exc}") from None
+        ys = []
+        for f in files:
+            try:
+                ys.append(load_psf(f, normalization="max", **common))  # the PSF's code path, unit max
+            except OpticsError as exc:
+                if "all zero" in str(exc):
+                    raise OpticsError(f"--capture {f}: the capture is all zero after background subtraction "
+                                      f"({'dark frame' if args.dark else background})") from None
+                raise OpticsError(f"--capture {exc}") from None
+        sigma = float(np.median([noise_std_immerkaer(y) for y in ys]))
+        lam = 1e-4 if args.lam is None else args.lam
+        info = {"psf": str(args.psf), "psf_sha256": array_hash(psf), "dark": str(args.dark) if args.dark else None,
+                "background": background, "downsample": args.downsample,
+                "normalization": {"psf": "sum", "capture": "max"}, "noise_rule": "Immerkær estimate on the captures"}
+        sensor = tuple(ys[0].shape[-2:])
+        model = args.model or "crop"
+        geometry = (model, sensor, None, None)
+    for f, y in zip(files, ys):
+        if y.shape != ys[0].shape:
+            raise OpticsError(f"--capture {f}: y is {tuple(y.shape)}, {files[0]} gave {tuple(ys[0].shape)}; "
+                              "captures of one run must come from the same camera settings")
+        if psf.shape[0] == 3 and y.shape[0] == 1:
+            raise OpticsError(f"--capture {f}: grayscale capture but an RGB PSF")
+    sensor = tuple(ys[0].shape[-2:])
+    if args.profile is None and psf.shape[-2:] != sensor:
+        raise OpticsError(f"--capture {files[0]}: size {sensor} differs from --psf {args.psf} {psf.shape[-2:]} "
+                          f"(after downsample ×{args.downsample}); they must come from the same sensor")
+    noise = float(args.noise_std) if args.noise_std is not None else sigma
     geo = (trained_for or {}).get("geometry")
     if geo and args.model in (None, geo["model"]) and tuple(geo["sensor_shape"]) == sensor:
-        lam = float(trained_for.get("lam", 1e-4)) if args.lam is None else args.lam
+        lam = float(trained_for.get("lam", lam)) if args.lam is None else args.lam
         op = LenslessOperator(psf, sensor, geo["model"], lam=lam, scene_shape=geo["scene_shape"],
-                              conv_shape=geo["conv_shape"])
+                              conv_shape=geo["conv_shape"], noise_std=noise)
     else:
-        model = args.model or "crop"
-        lam = 1e-4 if args.lam is None else args.lam
-        if model == "crop":
-            op = LenslessOperator(psf, sensor, "crop", lam=lam)  # scene = conv = 2× sensor (DiffuserCam)
+        model, _, scene, conv = geometry
+        if args.model is not None and args.profile is not None and args.model != model:
+            scene = conv = None
+            model = args.model
+        if model == "crop":  # profile: its grids; else scene = conv = 2× sensor (DiffuserCam)
+            op = LenslessOperator(psf, sensor, "crop", lam=lam, scene_shape=scene, conv_shape=conv, noise_std=noise)
         else:
-            op = LenslessOperator(psf, sensor, "circular", lam=lam)
-    info = {"capture": str(args.capture), "psf": str(args.psf), "psf_sha256": array_hash(psf),
-            "dark": str(args.dark) if args.dark else None, "background": background,
-            "downsample": args.downsample, "normalization": {"psf": "sum", "capture": "max"}}
-    return args.capture.stem, torch.from_numpy(y)[None], op, info
+            op = LenslessOperator(psf if psf.shape[-2] <= sensor[0] and psf.shape[-1] <= sensor[1]
+                                  else fit_to(psf, sensor) / fit_to(psf, sensor).sum(), sensor, "circular", lam=lam,
+                                  noise_std=noise)
+    info.update(capture=[str(f) for f in files], noise_std=noise, lam=op.lam)
+    return ids, torch.from_numpy(np.stack(ys)), op, info
 
 
 def solve(args: argparse.Namespace) -> dict:
@@ -193,15 +257,14 @@ def solve(args: argparse.Namespace) -> dict:
               "warmup": True, "threads": torch.get_num_threads(), "device": str(args.device)}
 
     if args.capture is not None:
-        sid, y_all, physics, source = load_capture(args, getattr(solver, "config", None))
+        ids, y_all, physics, source = load_capture(args, getattr(solver, "config", None))
         want = int(getattr(solver, "config", {}).get("channels") or y_all.shape[1])
         if y_all.shape[1] == 1 and want > 1 and physics.channels == 1:
             # a monochrome capture through a PSF shared by all channels is the measurement of the grey scene
             # (R = G = B): every channel of a colour model sees the same y
             y_all = y_all.repeat(1, want, 1, 1)
             source["capture_channels_repeated"] = want
-        ids = [sid]
-        measurements = {sid: y_all}
+        measurements = {i: y_all[k : k + 1] for k, i in enumerate(ids)}
         real = True
     else:
         if args.psf is not None or args.dark is not None:

@@ -204,7 +204,17 @@ def save_psf(out: Path, psf: np.ndarray, capture: np.ndarray, background: np.nda
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", required=True, help="camera URI looking at a point source (see nsdd-edge info)")
+    p.add_argument("--source", default=None, help="camera URI looking at a point source (see nsdd-edge info)")
+    f = p.add_argument_group("from files: a camera profile (camera.json) from a PSF image and real captures")
+    f.add_argument("--psf-image", type=Path, default=None,
+                   help="a PSF image from the camera (same sensor and resolution as the captures); with --captures "
+                        "writes a camera profile directory to --out instead of a PSF file")
+    f.add_argument("--captures", default=None, help="folder, glob or file of real captures (…_NNNNus in a name "
+                                                     "gives its exposure)")
+    f.add_argument("--sensor", type=int, default=128, help="side of the measurement grid y, in pixels (default: 128)")
+    f.add_argument("--name", default=None, help="profile name (default: the captures folder's name)")
+    f.add_argument("--psf-center", type=float, nargs=2, metavar=("ROW", "COL"), default=None,
+                   help="the PSF pattern's centre in the PSF image (default: found by point symmetry or centroid)")
     p.add_argument("--frames", type=int, default=32, help="frames to average with the point source on")
     bg = p.add_mutually_exclusive_group()
     bg.add_argument("--background-frames", type=int, default=0,
@@ -226,11 +236,25 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="smallest accepted PSF peak as a fraction of the sensor range")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for each frame")
     p.add_argument("--no-prompt", action="store_true", help="do not wait for Enter between dark and lit frames")
-    p.add_argument("--out", type=Path, required=True, help="PSF file to write (.npy)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="PSF file to write (.npy); with --psf-image: the camera profile directory")
 
 
 def main(args: argparse.Namespace) -> int:
     prog = "nsdd-edge calibrate"
+    if (args.psf_image is None) == (args.source is None):
+        print(f"{prog}: give --source URI (a live point source) or --psf-image FILE --captures FOLDER", file=sys.stderr)
+        return 2
+    if args.psf_image is not None:
+        if args.captures is None:
+            print(f"{prog}: --psf-image needs --captures FOLDER|GLOB", file=sys.stderr)
+            return 2
+        if args.sensor < 8 or (args.downsample is not None and args.downsample < 1):
+            print(f"{prog}: --sensor must be ≥ 8 and --downsample ≥ 1", file=sys.stderr)
+            return 2
+        from nsdd_edge.commands.calibrate_profile import run
+
+        return run(args)
     if args.out.suffix.lower() != ".npy":
         print(f"{prog}: --out {args.out}: the PSF is written as .npy", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ from train.solvers import (  # noqa: F401  (importing a method module registers 
     ddnm,
     diffpir,
     dps,
+    fista,
     wiener,
 )
 from train.solvers.base import SOLVERS, Solver, make_solver, register

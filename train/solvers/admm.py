@@ -15,11 +15,15 @@ the PSF and ``Ψ`` circular forward differences (anisotropic TV). Splitting ``v 
     ξ += μ₁(Hx − v);  η += μ₂(Ψx − u);  ρ += μ₃(x − w)
 
 The spectra are the operator's (``physics._spec('H')``). ``μ₂, μ₃`` are given relative to ``max|H|²``
-and ``τ`` relative to ``max|H|`` so the settings do not depend on how the PSF is normalised (with the
-project's unit-sum PSFs ``max|H| = |H(0)| = 1`` and they are used as given). The DiffuserCam tutorial's
+and ``τ`` relative to ``max|H| · mean|y|`` (``tau_scale="data"``, the default) so the settings depend neither
+on how the PSF is normalised nor on the measurement's intensity scale: the data term grows with the square
+of y's scale and the TV term linearly, so a fixed τ over-smooths dim data and under-smooths bright data
+(``tau_scale="fixed"``: relative to ``max|H|`` only, the earlier convention). The DiffuserCam tutorial's
 values (μ₁ ~ 1e-6, μ₂ ~ 1e-5, μ₃ ~ 4e-5, τ ~ 1e-4) are for an L2-normalised PSF, whose max|H| is in the
-hundreds; the defaults here (μ₁ = 1, μ₂ = μ₃ = 1e-2, τ = 2e-4, 100 iterations) were chosen on simulated
-faces (radial PSF) and the real DiffuserCam capture at ×4/×8 (docs/diffusercam.md).
+hundreds; the defaults here (μ₁ = 1, μ₂ = μ₃ = 1e-2, τ = 4.6e-4 · mean|y|, 100 iterations) reproduce the
+earlier fixed τ = 2e-4 on the real DiffuserCam hand at ×8 (mean|y| = 0.43, docs/diffusercam.md) and give the
+dimmer simulated radial-PSF faces (mean|y| ≈ 0.13) a 3.3× smaller τ, where the fixed value made small-PSF
+reconstructions blocky.
 For the circular model ``C`` is the identity; when the scene grid is smaller than the convolution grid,
 the non-negativity step also zeroes ``w`` outside the scene (support constraint).
 """
@@ -56,7 +60,7 @@ class ADMM(Solver):
     """TV + non-negativity ADMM (DiffuserCam splitting), crop-aware, batched, per-channel PSFs."""
 
     def __init__(self, iters: int = 100, mu1: float = 1.0, mu2: float = 1e-2, mu3: float = 1e-2,
-                 tau: float = 2e-4, nonneg: bool = True, clip: bool = False):
+                 tau: float = 4.6e-4, nonneg: bool = True, clip: bool = False, tau_scale: str = "data"):
         if int(iters) < 1:
             raise ValueError(f"admm: iters must be ≥ 1, got {iters}")
         for key, val in (("mu1", mu1), ("mu2", mu2), ("mu3", mu3)):
@@ -68,6 +72,9 @@ class ADMM(Solver):
         self.mu1, self.mu2, self.mu3, self.tau = float(mu1), float(mu2), float(mu3), float(tau)
         self.nonneg = bool(nonneg)
         self.clip = bool(clip)
+        if tau_scale not in ("data", "fixed"):
+            raise ValueError(f"admm: tau_scale must be 'data' or 'fixed', got {tau_scale!r}")
+        self.tau_scale = tau_scale
 
     @torch.no_grad()
     def __call__(self, y: torch.Tensor, physics: LenslessOperator) -> torch.Tensor:
@@ -78,6 +85,8 @@ class ADMM(Solver):
         scale = float(physics._spec("S", y).max())
         mu1, mu2, mu3 = self.mu1, self.mu2 * scale**2, self.mu3 * scale**2
         tau = self.tau * scale
+        if self.tau_scale == "data":  # per sample: τ · max|H| · mean|y|
+            tau = tau * y.abs().mean(dim=(-3, -2, -1), keepdim=True).unsqueeze(-3)
         denom = mu1 * H.abs() ** 2 + mu2 * _tv_spectrum(conv, y) + mu3
 
         def conv_H(x: torch.Tensor, conj: bool = False) -> torch.Tensor:
