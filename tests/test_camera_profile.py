@@ -260,3 +260,22 @@ def test_profile_to_dict_is_json(profile_dir):
     profile = load_profile(profile_dir[0])
     assert isinstance(profile, CameraProfile)
     json.dumps(profile.to_dict())
+
+
+def test_simulate_through_a_profile_matches_its_signal_level(profile_dir, tmp_path, shared):
+    from train.cli import main as train_main
+
+    faces = shared / "data" / "faces" / "utkface"
+    out = tmp_path / "sim"
+    rc = train_main(["simulate", "--images", str(faces), "--profile", str(profile_dir[0]), "--size", "16",
+                     "--limit", "6", "--n-test", "2", "--out", str(out)])
+    assert rc == 0
+    meta = json.loads((out / "dataset.json").read_text())
+    profile = load_profile(profile_dir[0])
+    assert meta["forward"]["sensor_shape"] == list(profile.sensor_shape)
+    assert meta["noise_model"]["read_std"] == pytest.approx(profile.noise.read_std)
+    match = meta["profile_match"]
+    assert match["simulated"]["p99"] == pytest.approx(profile.signal["p99"], rel=0.1)
+    y = np.load(out / "measurements" / f"{meta['splits']['train'][0]}.npy")
+    assert y.shape == (3, *profile.sensor_shape) and y.min() >= 0
+    assert train_main(["simulate", "--images", str(faces), "--out", str(tmp_path / "x")]) == 2  # no PSF, no profile

@@ -48,7 +48,8 @@ LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as cv2
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", required=True, type=Path, help="folder of scene images (png/jpg/tif/bmp)")
-    p.add_argument("--psf", required=True, type=Path, help="PSF file (.npy/.npz/.png/.tif), normalised to sum 1")
+    p.add_argument("--psf", type=Path, default=None, help="PSF file (.npy/.npz/.png/.tif), normalised to sum 1 "
+                                                          "(or --profile)")
     p.add_argument("--out", required=True, type=Path, help="output dataset directory")
     p.add_argument("--size", type=int, default=128, help="scene size (square) in pixels")
     p.add_argument("--sensor", type=int, nargs="+", default=None, metavar="N",
@@ -58,6 +59,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="subtract a background from the PSF before downsampling (corner: the DiffuserCam corner "
                         "mean, as nsdd-train solve --capture does for a real PSF and capture)")
     p.add_argument("--noise-std", type=float, default=0.005, help="Gaussian noise std on the [0, 1] scale")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="camera profile (nsdd-edge calibrate): its PSF, sensor and Poisson–Gaussian noise model, and "
+                        "scenes scaled so the simulated y's 99th percentile matches the real captures' (replaces "
+                        "--psf, --psf-downsample, --sensor and --noise-std); the match is printed and recorded")
     p.add_argument("--seed", type=int, default=0, help="noise seed (image i uses seed + i) and split seed")
     p.add_argument("--model", choices=("crop", "circular"), default="crop",
                    help="forward model that makes y (crop: the paper's; circular: scene padded to the sensor)")
@@ -164,8 +169,26 @@ def simulate(args: argparse.Namespace) -> dict:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be ≥ 1, got {args.batch_size}")
     files = list_images(args.images, args.limit)
-    psf = load_psf(args.psf, background=args.psf_background, downsample=args.psf_downsample,
-                   grayscale=args.grayscale)
+    profile = None
+    if getattr(args, "profile", None) is not None:
+        from nsdd_edge.camera import ProfileError, load_profile
+
+        if args.psf is not None:
+            raise ValueError("--profile brings its own PSF: drop --psf")
+        try:
+            profile = load_profile(args.profile)
+        except ProfileError as exc:
+            raise OpticsError(f"--profile {exc}") from None
+        psf = profile.psf.mean(axis=0, keepdims=True) if args.grayscale and profile.psf.shape[0] == 3 else profile.psf
+        args.sensor = list(profile.sensor_shape)
+        args.psf = Path(args.profile) / "psf.npy"
+        args.noise_std = float(profile.noise.read_std)
+        args.recon_model = "crop"  # the profile's operator: the crop model (its PSF may be larger than the sensor)
+    elif args.psf is None:
+        raise ValueError("give --psf FILE or --profile DIR")
+    else:
+        psf = load_psf(args.psf, background=args.psf_background, downsample=args.psf_downsample,
+                       grayscale=args.grayscale)
     channels = 1 if args.grayscale else 3
     if args.sensor is None:
         sensor = tuple(psf.shape[-2:])
@@ -208,6 +231,8 @@ def simulate(args: argparse.Namespace) -> dict:
 
     ids = [f"{k:06d}" for k in range(len(files))]
     out: Path = args.out
+    if profile is not None:
+        recon["lam"] = float(profile.lam)
     settings = {"psf_sha256": array_hash(psf), "forward": geometry.to_dict(), "recon": recon,
                 "noise_std": float(args.noise_std), "seed": int(args.seed), "channels": channels,
                 "scene_size": int(args.size), "images": str(args.images.resolve()), "n_files": len(files)}
@@ -238,6 +263,7 @@ def simulate(args: argparse.Namespace) -> dict:
                 "downsample": int(args.psf_downsample), "background": args.psf_background,
                 "shape": list(psf.shape)},
         "forward": geometry.to_dict(), "recon": recon, "noise_std": float(args.noise_std),
+        "noise_model": None if profile is None else {**profile.noise.__dict__, "profile": str(args.profile)},
         "noise": "gaussian on [0, 1], then clip to [0, 1]", "clip": [0.0, 1.0], "seed": int(args.seed),
         "channels": channels, "scene_size": int(args.size), "ground_truth_shape": [channels, *size],
         "sources": {}, "splits": {}, "skipped": [],
@@ -245,6 +271,7 @@ def simulate(args: argparse.Namespace) -> dict:
     atomic_write_text(meta_path, json.dumps(meta, indent=2))  # marks the directory as this (incomplete) dataset: resumable
 
     done, skipped, sources = [], [], {}
+    levels: dict[str, float] = {}
     pending: list[tuple[int, str, np.ndarray]] = []
 
     def flush() -> None:
@@ -257,7 +284,15 @@ def simulate(args: argparse.Namespace) -> dict:
         for (index, sid, scene), y_clean in zip(pending, clean):
             g = torch.Generator().manual_seed(int(args.seed) + index)
             noise = torch.randn(y_clean.shape, generator=g, dtype=y_clean.dtype)
-            y = (y_clean + float(args.noise_std) * noise).clamp(0.0, 1.0)
+            if profile is None:
+                y = (y_clean + float(args.noise_std) * noise).clamp(0.0, 1.0)
+            else:  # the camera's signal level and Poisson–Gaussian noise: var = σ_r² + g·y
+                level = float(profile.signal.get("p99", 1.0)) / max(float(torch.quantile(y_clean, 0.99)), 1e-12)
+                scene = (scene * level).astype(np.float32)
+                y_clean = y_clean * level
+                std = torch.sqrt(profile.noise.read_std ** 2 + profile.noise.shot_gain * y_clean.clamp_min(0))
+                y = (y_clean + std * noise).clamp_min(0.0)
+                levels[sid] = level
             atomic_save_npy(out / "ground_truth" / f"{sid}.npy", scene)
             atomic_save_npy(out / "measurements" / f"{sid}.npy", y.numpy().astype(np.float32))
             done.append(sid)
@@ -285,6 +320,15 @@ def simulate(args: argparse.Namespace) -> dict:
         raise OpticsError(f"--images {args.images}: none of the {len(files)} files could be read")
     meta.update(complete=True, sources=dict(sorted(sources.items())), skipped=skipped,
                 splits=split_ids(done, args.seed, args.test_fraction, args.n_test), count=len(done))
+    if profile is not None:  # how well the simulated y matches the real captures (no ground truth involved)
+        from nsdd_edge.camera import noise_std_immerkaer, signal_stats
+
+        probe = [np.load(out / "measurements" / f"{i}.npy") for i in done[:64]]
+        meta["profile_match"] = {"real": profile.signal, "simulated": signal_stats(probe),
+                                 "noise_real": profile.noise.__dict__,
+                                 "noise_simulated_immerkaer": float(np.median([noise_std_immerkaer(y) for y in probe])),
+                                 "scene_levels": {"min": min(levels.values(), default=None),
+                                                  "max": max(levels.values(), default=None)}}
     atomic_write_text(meta_path, json.dumps(meta, indent=2))
     return meta
 
@@ -297,6 +341,11 @@ def main(args: argparse.Namespace) -> int:
     except (OpticsError, ValueError) as exc:
         print(f"nsdd-train simulate: error: {exc}", file=sys.stderr)
         return 2
+    if meta.get("profile_match"):
+        m = meta["profile_match"]
+        print("profile match (real vs simulated y): " + ", ".join(
+            f"{k} {m['real'].get(k, float('nan')):.3g} vs {m['simulated'][k]:.3g}" for k in ("p50", "p99", "max"))
+            + f"; noise σ (Immerkær) {m['noise_real']['read_std']:.3g} vs {m['noise_simulated_immerkaer']:.3g}")
     g = meta["forward"]
     print(f"wrote {meta['count']} samples to {args.out} (train {len(meta['splits']['train'])}, "
           f"test {len(meta['splits']['test'])}); forward {g['model']}: scene {g['scene_shape']}, "

@@ -203,6 +203,18 @@ def save_psf(out: Path, psf: np.ndarray, capture: np.ndarray, background: np.nda
     return [out, png, meta, raw]
 
 
+def _black_level(text: str) -> float | str:
+    if text == "corner":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of counts or 'corner', got {text!r}") from None
+    if not (value >= 0 and np.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"the black level must be ≥ 0, got {text}")
+    return value
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source", default=None, help="camera URI looking at a point source (see nsdd-edge info)")
     f = p.add_argument_group("from files: a camera profile (camera.json) from a PSF image and real captures")
@@ -229,7 +241,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="move the PSF's intensity centroid (or peak) to the array centre")
     p.add_argument("--bayer", choices=BAYER_PATTERNS, default=None, help="Bayer pattern (default: frame metadata)")
     p.add_argument("--demosaic", choices=DEMOSAIC_METHODS, default=None)
-    p.add_argument("--black-level", type=float, default=None, help="default: frame metadata")
+    p.add_argument("--black-level", type=_black_level, default=None,
+                   help="raw counts to subtract (default: frame metadata; 0 for --psf-image); with --psf-image also "
+                        "'corner': the mean of the first capture's [5:15, 5:15] corner (DiffuserCam convention)")
     p.add_argument("--grayscale", action="store_true", help="average the colour channels into one PSF")
     p.add_argument("--max-saturated", type=float, default=1e-5, help="largest allowed fraction of saturated pixels")
     p.add_argument("--min-signal", type=float, default=0.02,
@@ -255,6 +269,10 @@ def main(args: argparse.Namespace) -> int:
         from nsdd_edge.commands.calibrate_profile import run
 
         return run(args)
+    if args.black_level == "corner":
+        print(f"{prog}: --black-level corner is for --psf-image (a live calibration reads the level from the frame "
+              "metadata or takes a number)", file=sys.stderr)
+        return 2
     if args.out.suffix.lower() != ".npy":
         print(f"{prog}: --out {args.out}: the PSF is written as .npy", file=sys.stderr)
         return 2

@@ -56,11 +56,22 @@ def run(args: argparse.Namespace) -> int:
         print(f"{prog}: --out {out}: with --psf-image the output is a profile directory, not a .npy file",
               file=sys.stderr)
         return 2
+    black = args.black_level or 0.0
+    if black == "corner":
+        from nsdd_edge.camera import list_captures
+        from nsdd_edge.optics import corner_background, read_array
+
+        try:
+            black = float(corner_background(read_array(list_captures(args.captures)[0])).mean())
+        except (ProfileError, ValueError) as exc:
+            print(f"{prog}: --black-level corner: {exc}", file=sys.stderr)
+            return 1
+        print(f"{prog}: black level {black:.1f} counts (corner mean of the first capture)", file=sys.stderr)
     try:
         profile, report = profile_from_captures(
             args.psf_image, args.captures, sensor=args.sensor, name=args.name, downsample=args.downsample,
             grayscale=args.grayscale, center=args.psf_center if args.psf_center else "auto",
-            dark=args.background, black_level=args.black_level or 0.0,
+            dark=args.background, black_level=black,
             progress=lambda m: print(f"{prog}: {m}", file=sys.stderr))
         path = profile.save(out)
     except ProfileError as exc:
