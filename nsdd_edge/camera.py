@@ -192,11 +192,15 @@ def noise_std_immerkaer(y: np.ndarray) -> float:
         y = y[None]
     if min(y.shape[-2:]) < 3:
         raise ProfileError(f"noise estimate: image {y.shape} is too small")
-    n = (y[:, :-2, :-2] - 2 * y[:, :-2, 1:-1] + y[:, :-2, 2:]
-         - 2 * y[:, 1:-1, :-2] + 4 * y[:, 1:-1, 1:-1] - 2 * y[:, 1:-1, 2:]
-         + y[:, 2:, :-2] - 2 * y[:, 2:, 1:-1] + y[:, 2:, 2:])
-    per_channel = math.sqrt(math.pi / 2) * np.abs(n).mean(axis=(-2, -1)) / 6.0
+    per_channel = math.sqrt(math.pi / 2) * _laplacian_abs(y).mean(axis=(-2, -1)) / 6.0
     return float(np.median(per_channel))
+
+
+def _laplacian_abs(y: np.ndarray) -> np.ndarray:
+    """``|y * N|`` for Immerkær's kernel ``N = [[1, −2, 1], [−2, 4, −2], [1, −2, 1]]`` (valid part, per channel)."""
+    return np.abs(y[..., :-2, :-2] - 2 * y[..., :-2, 1:-1] + y[..., :-2, 2:]
+                  - 2 * y[..., 1:-1, :-2] + 4 * y[..., 1:-1, 1:-1] - 2 * y[..., 1:-1, 2:]
+                  + y[..., 2:, :-2] - 2 * y[..., 2:, 1:-1] + y[..., 2:, 2:])
 
 
 def fit_noise_model(ys: list[np.ndarray], block: int = 8) -> NoiseModel:
@@ -205,16 +209,19 @@ def fit_noise_model(ys: list[np.ndarray], block: int = 8) -> NoiseModel:
     means, variances = [], []
     for y in ys:
         y = np.asarray(y, dtype=np.float64)
-        C, H, W = y.shape
-        for c in range(C):
-            for r in range(0, H - block + 1, block):
-                for q in range(0, W - block + 1, block):
-                    tile = y[c, r : r + block, q : q + block]
-                    means.append(tile.mean())
-                    variances.append(noise_std_immerkaer(tile[None]) ** 2)
-    m, v = np.asarray(means), np.asarray(variances)
-    if m.size < 4:
+        lap = _laplacian_abs(y)  # (C, H − 2, W − 2), centred on y[1:-1, 1:-1]
+        C, h, w = lap.shape
+        nb_r, nb_c = h // block, w // block
+        if nb_r == 0 or nb_c == 0:
+            continue
+        tiles = lap[:, : nb_r * block, : nb_c * block].reshape(C, nb_r, block, nb_c, block)
+        sigma = math.sqrt(math.pi / 2) * tiles.mean(axis=(2, 4)) / 6.0
+        inner = y[:, 1 : 1 + nb_r * block, 1 : 1 + nb_c * block].reshape(C, nb_r, block, nb_c, block)
+        means.append(inner.mean(axis=(2, 4)).ravel())
+        variances.append((sigma ** 2).ravel())
+    if not means or sum(m.size for m in means) < 4:
         raise ProfileError("noise model: the captures are too small to estimate it")
+    m, v = np.concatenate(means), np.concatenate(variances)
     A = np.stack([np.ones_like(m), np.maximum(m, 0)], axis=1)
     (a, b), *_ = np.linalg.lstsq(A, v, rcond=None)
     if b < 0 or a < 0:  # no measurable signal dependence: a constant noise level

@@ -13,6 +13,7 @@ COMMANDS = {
     "prior": "train.prior.train_prior",
     "teacher": "train.teacher",
     "distill": "train.distill",
+    "fit": "train.fit",
 }
 
 

@@ -1,0 +1,244 @@
+"""``nsdd-train fit``: from a camera profile, scene images, a prior and real captures to a live bundle.
+
+One resumable command, stage by stage (a stage whose output is complete is skipped on a rerun)::
+
+    simulate  scenes through the profile (its PSF, sensor, noise model, signal level)     OUT/data
+    teacher   DDNM+ labels of the training split, as many as the budget allows             OUT/teacher
+    distill   the student (paper by default) on those labels, time-boxed                   OUT/student
+    export    student + the profile's pseudo-inverse as one ONNX graph, verified           OUT/model.onnx
+    bundle    the graph, the profile's preprocessing and the profile itself               OUT/bundle
+    report    the real captures through Wiener, FISTA, the teacher and the student, side by
+              side, with ‖A x̂ − y‖/‖y‖ under the profile's forward operator                OUT/report.md, .png
+
+``--budget-minutes B`` sizes the work for the machine it runs on: the teacher's label count comes from its
+measured rate, the student's steps from its measured step rate; each stage gets a share of the time left.
+Every stage prints its wall time; ``OUT/fit.json`` records them. No ground truth is read (the simulated
+scenes' ground truth is only used by ``nsdd-train evaluate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nsdd_edge.atomic import atomic_write_text
+from nsdd_edge.camera import ProfileError, list_captures, load_profile
+
+HELP = "fit a real camera: profile + scenes + prior + captures → simulate, teacher, student, export, bundle, report"
+
+# share of the time left when each stage starts
+SHARES = {"simulate": 0.08, "teacher": 0.45, "distill": 0.80, "report": 1.0}
+
+
+class FitError(ValueError):
+    """A fit that cannot go on; the message names the stage and the problem."""
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", required=True, type=Path, help="camera profile directory (nsdd-edge calibrate)")
+    p.add_argument("--images", required=True, type=Path, help="folder of scene images to simulate (e.g. faces)")
+    p.add_argument("--prior", required=True, type=Path, help="diffusion prior directory (the teacher, and the paper "
+                                                             "student's UNet)")
+    p.add_argument("--captures", required=True, help="real captures (folder or glob) for the final report")
+    p.add_argument("--out", required=True, type=Path, help="output directory (resumes)")
+    p.add_argument("--budget-minutes", type=float, default=45.0, help="wall time for the whole fit")
+    p.add_argument("--student", choices=("paper", "edge"), default="paper", help="student kind (default: paper)")
+    p.add_argument("--scene-size", type=int, default=None,
+                   help="simulated scene side in px (default: the prior's image size)")
+    p.add_argument("--images-limit", type=int, default=2000, help="simulate at most this many scenes")
+    p.add_argument("--teacher-steps", type=int, default=50, help="DDIM steps of the DDNM+ teacher")
+    p.add_argument("--lam", default="discrepancy",
+                   help="λ of the student's pseudo-inverse: a number or 'discrepancy' (default)")
+    p.add_argument("--lpips-weights", default=None, help="LPIPS-Alex weights (student loss term 0.1 when given)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+class Stages:
+    """Wall-time bookkeeping: ``budget()`` is a share of what is left; ``done()`` records a stage's time."""
+
+    def __init__(self, minutes: float, record: Path):
+        self.t0 = time.monotonic()
+        self.total = 60.0 * minutes
+        self.record = record
+        self.times: dict[str, float] = json.loads(record.read_text()).get("stages", {}) if record.exists() else {}
+
+    def left(self) -> float:
+        return max(self.total - (time.monotonic() - self.t0), 1.0)
+
+    def budget(self, stage: str) -> float:
+        return max(SHARES[stage] * self.left(), 1.0)
+
+    def done(self, stage: str, started: float, **extra) -> None:
+        self.times[stage] = round(time.monotonic() - started, 1)
+        print(f"[fit] {stage}: {self.times[stage]:.0f} s (budget left {self.left() / 60:.1f} min)", flush=True)
+        record = json.loads(self.record.read_text()) if self.record.exists() else {}
+        record.setdefault("stages", {}).update(self.times)
+        record.setdefault("details", {}).setdefault(stage, {}).update(extra)
+        atomic_write_text(self.record, json.dumps(record, indent=2) + "\n")
+
+
+def _complete(path: Path, key: str = "complete") -> bool:
+    try:
+        return bool(json.loads(path.read_text()).get(key))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def run_fit(args: argparse.Namespace) -> dict:
+    from train.cli import main as train_main
+    from train.data import LenslessDataset
+    from train.distill import DistillSettings, train_student
+    from train.prior.io import load_prior
+    from train.teacher import label_dataset
+
+    try:
+        profile = load_profile(args.profile)
+    except ProfileError as exc:
+        raise FitError(f"--profile {exc}") from None
+    captures = list_captures(args.captures)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(args.budget_minutes, out / "fit.json")
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
+        "cpu" if args.device == "auto" else args.device)
+    prior = load_prior(args.prior, device=device)
+    size = args.scene_size or prior.image_size
+
+    # 1. simulate through the profile
+    data = out / "data"
+    t = time.monotonic()
+    if not _complete(data / "dataset.json"):
+        rc = train_main(["simulate", "--images", str(args.images), "--profile", str(args.profile), "--size", str(size),
+                         "--limit", str(args.images_limit), "--n-test", str(min(32, args.images_limit // 10)),
+                         "--out", str(data), *(["--threads", str(args.threads)] if args.threads else [])])
+        if rc != 0:
+            raise FitError("simulate failed (see above)")
+    ds = LenslessDataset(data)
+    stages.done("simulate", t, samples=len(ds.ids("train")), profile_match=ds.meta.get("profile_match"))
+
+    # 2. teacher: the rate on the first batch sizes the label count
+    t = time.monotonic()
+    budget = stages.budget("teacher")
+    batch = 8
+    common = dict(steps=args.teacher_steps, batch_size=batch, shard_size=batch, device=device, progress=True,
+                  prior_path=args.prior, write_png=False)
+    teacher_dir = out / "teacher"
+    label_dataset(ds, prior, teacher_dir, split="train", limit=batch, **common)
+    manifest = json.loads((teacher_dir / "teacher.json").read_text())
+    per_image = np.median([v.get("seconds", 0) for v in json.loads((teacher_dir / "recon.json").read_text())
+                           ["images"].values()]) or 1.0
+    n_labels = int(min(len(ds.ids("train")), max(batch, (budget - (time.monotonic() - t)) / per_image)))
+    n_labels = max(batch, n_labels // batch * batch)
+    n_labels = max(n_labels, len(manifest.get("ids", [])))
+    label_dataset(ds, prior, teacher_dir, split="train", limit=n_labels, **common)
+    stages.done("teacher", t, labels=n_labels, seconds_per_image=float(per_image), steps=args.teacher_steps)
+
+    # 3. student, time-boxed
+    t = time.monotonic()
+    student_dir = out / "student"
+    lam = args.lam if args.lam == "discrepancy" else float(args.lam)
+    settings = DistillSettings(
+        data=str(data), targets=str(teacher_dir), out=str(student_dir), student=args.student,
+        prior=str(args.prior) if args.student == "paper" else None, lam=lam, limit=n_labels, model="crop"
+        if profile.geometry.model == "crop" else None, lpips_weight=0.1 if args.lpips_weights else 0.0,
+        lpips_weights=args.lpips_weights, steps=100_000, batch=8, lr=2e-4 if args.student == "paper" else 5e-4,
+        warmup=20, checkpoint_every=100, samples=4, device=device, fp16=False, progress=True, preload=True,
+        time_budget=stages.budget("distill"),
+        architecture={} if args.student == "paper" else {"width": 16, "depth": 3, "max_width": 128})
+    summary = train_student(settings)
+    stages.done("distill", t, steps=summary["step"], parameters=summary["parameters"])
+
+    # 4. export, verify, bundle (the profile's preprocessing, the profile embedded)
+    t = time.monotonic()
+    from export.cli import main as export_main
+
+    onnx = out / "model.onnx"
+    psf_file = data / "psf.npy"
+    if export_main(["onnx", "--student", str(student_dir), "--psf", str(psf_file), "--psf-normalization", "none",
+                    "--out", str(onnx)]) != 0:
+        raise FitError("export failed (see above)")
+    if export_main(["verify", str(onnx), "--data", str(data), "--student", str(student_dir), "--json",
+                    str(out / "verify.json"), "--limit", "4", "--no-quantize"]) != 0:
+        raise FitError("verify failed (see above)")
+    bundle = out / "bundle"
+    if export_main(["bundle", "--onnx", str(onnx), "--psf", str(psf_file), "--psf-normalization", "none",
+                    "--preprocess", str(args.profile), "--name", f"{profile.name}-{args.student}",
+                    "--out", str(bundle)]) != 0:
+        raise FitError("bundle failed (see above)")
+    stages.done("export", t)
+
+    # 5. the report on the real captures
+    t = time.monotonic()
+    report = fit_report(profile, captures, prior, student_dir, out, args.teacher_steps, device)
+    stages.done("report", t, consistency=report["consistency"])
+    return json.loads((out / "fit.json").read_text())
+
+
+def fit_report(profile, captures: list[Path], prior, student_dir: Path, out: Path, teacher_steps: int,
+               device: str) -> dict:
+    """Wiener, FISTA, DDNM+ and the student on every real capture: a picture and a consistency table."""
+    import cv2
+
+    from train.physics import LenslessOperator, center_crop
+    from train.solvers.ddnm import DDNM
+    from train.solvers.fista import FISTA
+    from train.students import load_student
+
+    g = profile.geometry
+    sigma = float(np.median([profile.noise.std(np.median(profile.measurement(c))) for c in captures[:4]]))
+    op = LenslessOperator(profile.psf, g.sensor_shape, g.model, lam=profile.lam, scene_shape=g.scene_shape,
+                          conv_shape=g.conv_shape, noise_std=sigma).to(device)
+    student = load_student(student_dir, device=device)
+    sop = LenslessOperator(profile.psf, g.sensor_shape, g.model, lam=float(student.config["lam"]),
+                           scene_shape=tuple(student.config["scene_shape"]),
+                           conv_shape=tuple(student.config["geometry"]["conv_shape"]), noise_std=sigma).to(device)
+    methods = {"Wiener": lambda y: op.A_dagger(y), "FISTA": lambda y: FISTA(iters=300)(y, op),
+               "DDNM+ teacher": lambda y: DDNM(prior, steps=teacher_steps)(y, sop),
+               "student": lambda y: student(y, sop)}
+    rows, table = [], {m: [] for m in methods}
+    window = profile.support.shape if profile.support else tuple(student.config.get("support_shape") or g.scene_shape)
+    for path in captures:
+        y = torch.from_numpy(profile.measurement(path))[None].to(device)
+        tiles = []
+        for name, fn in methods.items():
+            with torch.no_grad():
+                x = fn(y)
+            physics = sop if name in ("DDNM+ teacher", "student") else op
+            table[name].append(float(physics.consistency(x, y)))
+            v = center_crop(x, window)[0].clamp_min(0).cpu().numpy()
+            v = np.clip(v / max(float(np.percentile(v, 99.5)), 1e-12), 0, 1)
+            v = np.moveaxis(np.repeat(v, 3, 0) if v.shape[0] == 1 else v, 0, -1)
+            tiles.append(cv2.resize((v * 255).astype(np.uint8), (160, 160), interpolation=cv2.INTER_AREA))
+        rows.append(np.concatenate(tiles, axis=1))
+    grid = np.concatenate(rows, axis=0)
+    cv2.imwrite(str(out / "report.png"), grid[..., ::-1])
+    means = {k: float(np.mean(v)) for k, v in table.items()}
+    lines = [f"# Fit report: {profile.name}", "", f"Columns: {', '.join(methods)}; rows: "
+             + ", ".join(p.name for p in captures), "", "![reconstructions](report.png)", "",
+             "| method | mean ‖Ax̂ − y‖/‖y‖ |", "|---|---:|"] + [f"| {k} | {v:.4f} |" for k, v in means.items()]
+    atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+    return {"consistency": means, "per_capture": table}
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.budget_minutes > 0:
+        print("nsdd-train fit: error: --budget-minutes must be > 0", file=sys.stderr)
+        return 2
+    try:
+        record = run_fit(args)
+    except (FitError, ProfileError, ValueError) as exc:
+        print(f"nsdd-train fit: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"nsdd-train fit: bundle in {args.out / 'bundle'}; report {args.out / 'report.md'}; stages "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in record["stages"].items()))
+    return 0
+
