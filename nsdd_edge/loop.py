@@ -69,6 +69,7 @@ class LoopConfig:
     snapshot_path: Path | None = None
     backpressure_warn_ms: float = 100.0
     expected_input_shape: tuple[int, int, int] | None = None
+    consistency_every: int = 30  # frames between two ‖A x̂ − y‖/‖y‖ checks (0: never)
     display_support: tuple[int, int] | None = None  # preview/snapshot/recorder view: this centred crop of x̂
 
 
@@ -109,8 +110,10 @@ class ReconstructionLoop:
     def __init__(self, source, preprocess: Callable[[np.ndarray], np.ndarray], engine: Engine, *,
                  config: LoopConfig | None = None, preview: Preview | None = None,
                  recorder: Recorder | None = None, telemetry: Telemetry | None = None,
-                 frame_meta: dict | None = None, log: Callable[[str], None] | None = None):
+                 frame_meta: dict | None = None, log: Callable[[str], None] | None = None,
+                 consistency: Callable[[np.ndarray, np.ndarray], float] | None = None):
         self.source, self.preprocess, self.engine = source, preprocess, engine
+        self.consistency = consistency  # (x̂, y) -> ‖A x̂ − y‖/‖y‖ with the bundle's forward model
         self.config = config or LoopConfig()
         self.preview, self.recorder = preview, recorder
         self.telemetry = telemetry or Telemetry()
@@ -323,6 +326,10 @@ class ReconstructionLoop:
             x = self.engine.infer(y[None])[0]
         tel.count("frames_out")
         self._processed += 1
+        every = cfg.consistency_every
+        if self.consistency is not None and every and (self._processed - 1) % every == 0:
+            with tel.time("consistency"):
+                tel.gauge("consistency", self.consistency(x, y), every_frames=every)
         with tel.time("output"):
             shown = self._shown(x)
             truth = getattr(frame, "truth", None)

@@ -478,7 +478,7 @@ def wiener_residual(psf: np.ndarray, geometry: LenslessGeometry, y: np.ndarray, 
 
 
 def discrepancy_lambda(psf: np.ndarray, geometry: LenslessGeometry, y: np.ndarray, sigma: float, *,
-                       tau: float = 1.0, bounds: tuple[float, float] = (1e-9, 1e2), iterations: int = 48) -> float:
+                       tau: float = 1.0, bounds: tuple[float, float] = (1e-9, 1e2), iterations: int = 32) -> float:
     """Morozov's discrepancy principle: the Wiener λ whose residual matches the noise,
     ``rms(y − A A†_λ y) = τ σ`` (bisection in log λ; the residual grows with λ). No ground truth is used:
     only measurements ``y`` (``(C, H, W)`` or a batch) and the noise level σ (same units as ``y``).
@@ -500,3 +500,30 @@ def discrepancy_lambda(psf: np.ndarray, geometry: LenslessGeometry, y: np.ndarra
         else:
             hi = mid
     return float(10.0 ** (0.5 * (lo + hi)))
+
+
+class ForwardModel:
+    """Numpy ``A x = C F⁻¹[H · F(P x)]`` for either model (``P`` zero-pads the scene to the convolution grid, ``C``
+    crops the sensor; identities for ``circular``), and the consistency ``‖A x − y‖ / ‖y‖`` the runtime reports
+    as a live sign that the PSF still fits."""
+
+    def __init__(self, psf: np.ndarray, geometry: LenslessGeometry):
+        self.geometry = geometry
+        H = psf_transfer_function(psf, geometry.conv_shape)
+        self._H_half = H[..., : H.shape[-1] // 2 + 1].astype(np.complex64)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        g = self.geometry
+        x = np.asarray(x, dtype=np.float32)
+        if tuple(x.shape[-2:]) != g.scene_shape:
+            raise OpticsError(f"scene of spatial size {tuple(x.shape[-2:])} does not match the model's scene grid "
+                              f"{g.scene_shape}")
+        xp = center_pad(x, g.conv_shape) if g.scene_shape != g.conv_shape else x
+        y = np.fft.irfft2(np.fft.rfft2(xp, axes=(-2, -1)) * self._H_half, s=g.conv_shape, axes=(-2, -1))
+        return center_crop(y, g.sensor_shape).astype(np.float32) if g.sensor_shape != g.conv_shape \
+            else y.astype(np.float32)
+
+    def consistency(self, x: np.ndarray, y: np.ndarray) -> float:
+        """``‖A x − y‖ / ‖y‖`` over the whole array."""
+        r = float(np.linalg.norm(self(x) - y))
+        return r / max(float(np.linalg.norm(y)), 1e-12)

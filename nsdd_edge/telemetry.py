@@ -20,7 +20,7 @@ import numpy as np
 
 from nsdd_edge.atomic import atomic_write_bytes
 
-STAGES = ("capture", "preprocess", "infer", "output", "record")
+STAGES = ("capture", "preprocess", "infer", "output", "record", "consistency")
 COUNTERS = ("frames_in", "frames_out", "dropped", "rejected", "recorded", "source_faults", "reopens",
             "backpressure_waits")
 
@@ -60,6 +60,7 @@ class Telemetry:
         self.blocked_ms = 0.0
         self.events: deque[dict] = deque(maxlen=50)
         self.info: dict = {}
+        self.gauges: dict[str, dict] = {}  # sampled values (e.g. consistency every N frames): last, mean, count
 
     # -- reporting ---------------------------------------------------------------------------------
     def add_time(self, stage: str, ms: float) -> None:
@@ -84,6 +85,15 @@ class Telemetry:
         with self._lock:
             self.counters["backpressure_waits"] += 1
             self.blocked_ms += ms
+
+    def gauge(self, name: str, value: float, **extra) -> None:
+        """Record a sampled value: its last value, running mean and count (plus ``extra`` fields)."""
+        with self._lock:
+            g = self.gauges.setdefault(name, {"last": None, "mean": 0.0, "count": 0})
+            g["count"] += 1
+            g["mean"] += (float(value) - g["mean"]) / g["count"]
+            g["last"] = float(value)
+            g.update(extra)
 
     def event(self, kind: str, message: str) -> None:
         """Remember a notable event (fault, reopen, warning) with its time."""
@@ -116,11 +126,12 @@ class Telemetry:
             counters = dict(self.counters)
             events = list(self.events)
             blocked = self.blocked_ms
+            gauges = {k: dict(v) for k, v in self.gauges.items()}
         return {"elapsed_s": round(elapsed, 3), "started": self.started_wall,
                 "fps": round(counters["frames_out"] / elapsed, 3) if elapsed > 0 else 0.0,
                 "recent_fps": round(self.recent_fps(), 3), **counters,
                 "backpressure_blocked_ms": round(blocked, 3), "stages": stages, "events": events,
-                "info": dict(self.info)}
+                "info": dict(self.info), **gauges}
 
     def line(self) -> str:
         """One console line: FPS, counters and mean ms per stage."""

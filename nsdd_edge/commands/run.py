@@ -202,8 +202,12 @@ def main(args: argparse.Namespace) -> int:
                             snapshot_path=Path(args.snapshot) if args.snapshot else None,
                             console_interval=0.0 if args.quiet else 1.0, max_reopen_attempts=args.max_reconnects,
                             expected_input_shape=bundle.input_shape, display_support=bundle.support_shape)
+        from nsdd_edge.optics import ForwardModel
+
+        forward = ForwardModel(bundle.psf, bundle.geometry)
         loop = ReconstructionLoop(source, preprocess, engine, config=config, preview=preview, recorder=recorder,
-                                  telemetry=telemetry, frame_meta=frame_meta, log=log)
+                                  telemetry=telemetry, frame_meta=frame_meta, log=log,
+                                  consistency=forward.consistency)
         holder["loop"] = loop
         with stop_on_signals(loop.request_stop):
             summary = loop.run()
