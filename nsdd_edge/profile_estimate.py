@@ -45,6 +45,16 @@ def _even(n: int) -> int:
     return n + (n % 2)
 
 
+def _white_level(path: Path) -> float | None:
+    """The saturation level of an integer image file (its dtype's maximum), else None (.npy floats)."""
+    from nsdd_edge.optics import IMAGE_SUFFIXES, read_image_native
+
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return None
+    raw = read_image_native(path)
+    return float(np.iinfo(raw.dtype).max) if np.issubdtype(raw.dtype, np.integer) else None
+
+
 def scene_extent(x: np.ndarray, energy: float = 0.9, multiple: int = 16) -> tuple[int, int]:
     """The smallest centred square (side a multiple of ``multiple``) holding ``energy`` of the contrast
     ``|x − median(x)|`` summed over channels and images ``(N, C, H, W)``."""
@@ -127,8 +137,10 @@ def profile_from_captures(psf_image: str | os.PathLike, captures: str | os.PathL
     background_file = None
     if dark_frame is not None:
         background_file = "dark.npy"
+    white = _white_level(files[0])
     base = PreprocessConfig(black_level=float(black_level), raw_crop=box, downsample=int(downsample),
-                            grayscale=grayscale, normalization="none", background_file=background_file)
+                            grayscale=grayscale, normalization="none", background_file=background_file,
+                            white_level=white)
     root = None
     if dark_frame is not None:
         import tempfile
@@ -136,11 +148,19 @@ def profile_from_captures(psf_image: str | os.PathLike, captures: str | os.PathL
         root = Path(tempfile.mkdtemp(prefix="nsdd-profile-"))
         np.save(root / "dark.npy", dark_frame.astype(np.float32))
     counts = {}  # counts above black (and dark), binned; no scale yet
+    saturated: dict[str, float] = {}
     for f in files:
         try:
             counts[f] = preprocess_capture(f, base, root)
         except (OpticsError, ValueError) as exc:
             raise ProfileError(f"capture {exc}") from None
+        if white is not None:
+            raw = read_array(f)
+            saturated[str(f)] = float(np.mean(raw[:, box[0]:box[0] + box[2], box[1]:box[1] + box[3]] >= white))
+    for f, frac in saturated.items():
+        if frac > 0.01:
+            say(f"warning: {Path(f).name}: {frac:.0%} of the cropped raw pixels are saturated (≥ {white:g}); its y "
+                "is too dark and its reconstruction unreliable — use a shorter exposure")
     ref_files = [f for f, e in zip(files, exposures) if e == reference] if reference is not None else files
     scale = float(np.median([np.percentile(counts[f], 99.0) for f in ref_files]))  # robust to saturated captures
     if not scale > 0:
@@ -183,7 +203,7 @@ def profile_from_captures(psf_image: str | os.PathLike, captures: str | os.PathL
     report = {"center": [cy, cx], "crop": box, "downsample": downsample, "psf_side": psf_side,
               "conv": conv, "scale": scale, "reference_exposure_us": reference, "noise": noise.__dict__,
               "sigma": sigma, "lam": lam, "lam_rule": lam_rule, "support": [h, w], "taper": taper,
-              "captures": [str(f) for f in files], "exposures_us": exposures, "wiener": x,
+              "captures": [str(f) for f in files], "exposures_us": exposures, "wiener": x, "saturated": saturated,
               "y": {str(f): ys[f] for f in files}}
     return profile, report
 
