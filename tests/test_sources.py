@@ -197,6 +197,26 @@ def test_sim_user_images(tmp_path, psf32):
         open_source(f"sim://?images={tmp_path / 'empty'}", psf=psf32).open()
 
 
+def test_sim_static_shows_one_image_for_the_whole_run_unless_hold_is_given(tmp_path, psf32):
+    """issue 16: motion=static keeps image `start` however late the frame (the picture must not depend on
+    machine speed); an explicit hold= cycles; pan/zoom cycle every 3 s by default."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name, bgr in (("a", (0, 0, 255)), ("b", (255, 0, 0)), ("c", (0, 255, 0))):
+        cv2.imwrite(str(d / f"{name}.png"), np.full((40, 50, 3), bgr, np.uint8))
+    static = open_source(f"sim://?realtime=0&images={d}&motion=static&start=1&fps=30", psf=psf32)
+    assert static.describe()["hold_s"] is None
+    for index in (0, 89, 90, 10_000, 1_000_000):  # 0 s, 3 s, 5.6 min, 9 h at 30 fps
+        assert static.image_number(index) == 1
+        np.testing.assert_allclose(static.scene(index)[:, 10:20, 10:20].mean(axis=(1, 2)), [0, 0, 1], atol=1e-6)
+    cycling = open_source(f"sim://?realtime=0&images={d}&motion=static&start=1&fps=30&hold=3", psf=psf32)
+    assert [cycling.image_number(i) for i in (0, 89, 90, 180, 270)] == [1, 1, 2, 0, 1]
+    panning = open_source(f"sim://?realtime=0&images={d}&motion=pan&fps=30", psf=psf32)
+    assert panning.describe()["hold_s"] == 3.0 and [panning.image_number(i) for i in (0, 90)] == [0, 1]
+    with pytest.raises(ValueError, match="hold"):
+        open_source(f"sim://?images={d}&motion=static&hold=0", psf=psf32)
+
+
 # ------------------------------------------------------------------------------------------------
 # file://
 # ------------------------------------------------------------------------------------------------
