@@ -363,6 +363,69 @@ def test_unpack_raw_formats_with_row_padding():
         unpack_raw(np.zeros(10, np.uint8), w, h, "u16")
 
 
+def _msb(px: np.ndarray, bits: int) -> np.ndarray:
+    """How the Jetson VI / Pi 5 store ``bits``-bit values: in the high bits, the low bits repeating the top ones."""
+    shift = 16 - bits
+    return ((px << shift) | (px >> (bits - shift))).astype(np.uint16)
+
+
+@pytest.mark.parametrize("bits", [10, 12])
+def test_unpack_raw_msb_aligned_words(bits):
+    """issue 14 #6: RAW10/12 MSB-aligned in 16-bit words (Tegra VI) unpack to the sensor's counts, not ×16–×64;
+    reading such a frame as LSB-aligned is refused with the fix in the message."""
+    rng = np.random.default_rng(bits)
+    px = rng.integers(0, 2 ** bits, size=(6, 8), dtype=np.uint16)
+    px[0, 0] = 2 ** bits - 1
+    buf = _msb(px, bits).astype("<u2").view(np.uint8)
+    np.testing.assert_array_equal(unpack_raw(buf, 8, 6, "u16", bits=bits, align="msb"), px)
+    with pytest.raises(SourceError, match="align=msb"):
+        unpack_raw(buf, 8, 6, "u16", bits=bits, align="lsb")
+    lsb = px.astype("<u2").view(np.uint8)
+    np.testing.assert_array_equal(unpack_raw(lsb, 8, 6, "u16", bits=bits, align="lsb"), px)
+    with pytest.raises(ValueError, match="alignment"):
+        unpack_raw(lsb, 8, 6, "u16", bits=bits, align="middle")
+
+
+def test_v4l2_raw_alignment_is_msb_on_a_jetson(monkeypatch):
+    import nsdd_edge.sources.capture as capture
+
+    monkeypatch.setattr(capture, "is_tegra", lambda: True)
+    assert open_source("v4l2:///dev/video0?pixelformat=RG12").align == "msb"
+    assert open_source("v4l2:///dev/video0?pixelformat=RG12&align=lsb").align == "lsb"
+    monkeypatch.setattr(capture, "is_tegra", lambda: False)
+    src = open_source("v4l2:///dev/video0?pixelformat=RG10")
+    assert src.align == "lsb" and src.describe()["alignment"] == "lsb"
+    with pytest.raises(ValueError, match="align"):
+        open_source("v4l2:///dev/video0?pixelformat=RG10&align=up")
+
+
+@pytest.fixture
+def fake_picamera2(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "fakes"))
+    monkeypatch.delitem(sys.modules, "picamera2", raising=False)
+    import picamera2
+
+    yield picamera2
+    sys.modules.pop("picamera2", None)
+
+
+def test_picamera2_pi4_and_pi5_give_the_same_12_bit_counts(fake_picamera2):
+    """issue 14 #11: a Pi 5 (SBGGR16, MSB-aligned) must deliver what a Pi 4 (SBGGR12) delivers, so a bundle
+    calibrated on one works on the other: same counts, bit depth, white and black level."""
+    frames = {}
+    for board in ("pi4", "pi5"):
+        fake_picamera2.BOARD = board
+        with open_source("picamera2://0?size=64x48&bits=12") as cam:
+            frames[board] = [cam.read(timeout=1.0) for _ in range(2)]
+    for f4, f5 in zip(frames["pi4"], frames["pi5"]):
+        np.testing.assert_array_equal(f4.data, fake_picamera2.counts(f4.index))
+        np.testing.assert_array_equal(f5.data, f4.data)
+        for key in ("bit_depth", "white_level", "black_level", "bayer_pattern"):
+            assert f5.meta[key] == f4.meta[key], key
+    assert frames["pi4"][0].meta["black_level"] == 256.0 and frames["pi4"][0].meta["white_level"] == 4095.0
+    assert frames["pi5"][0].meta["alignment"] == "msb" and frames["pi4"][0].meta["alignment"] == "lsb"
+
+
 def test_libcamera_raw_format_names():
     assert parse_libcamera_raw_format("SBGGR12") == ("BGGR", 12, False)
     assert parse_libcamera_raw_format("SRGGB10_CSI2P") == ("RGGB", 10, True)

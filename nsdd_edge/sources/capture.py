@@ -17,7 +17,7 @@ from nsdd_edge.sources.base import (
     SourceStalled,
     _Options,
 )
-from nsdd_edge.sources.raw import V4L2_RAW_FORMATS, unpack_raw
+from nsdd_edge.sources.raw import ALIGNMENTS, V4L2_RAW_FORMATS, is_tegra, unpack_raw
 
 
 def _gstreamer_available() -> bool:
@@ -133,7 +133,9 @@ class CsiSource(_CaptureSource):
 class V4l2Source(_CaptureSource):
     """``v4l2:///dev/videoN``: a V4L2 camera. With ``pixelformat=`` a raw Bayer fourcc (``RG10``, ``BG12``,
     ``pRAA``, ...) the driver's buffer is read unconverted (CAP_PROP_CONVERT_RGB off) and unpacked to
-    uint16 counts; otherwise frames are RGB uint8. Options ``size=WxH``, ``fps=``, ``black_level=``."""
+    uint16 counts (:func:`~nsdd_edge.sources.raw.unpack_raw`); otherwise frames are RGB uint8. Options
+    ``size=WxH``, ``fps=``, ``black_level=``, ``align=auto|msb|lsb``: where RAW10/12 sit in 16-bit words —
+    ``auto`` is ``msb`` on a Jetson (the Tegra VI writes them MSB-aligned) and ``lsb`` elsewhere."""
 
     scheme = "v4l2"
 
@@ -152,6 +154,8 @@ class V4l2Source(_CaptureSource):
         self.size = o.size("size")
         self.fps = o.float("fps", None, positive=True)
         self.black_level = o.float("black_level", None, minimum=0.0)
+        align = o.str("align", "auto", ("auto", *ALIGNMENTS))
+        self.align = ("msb" if is_tegra() else "lsb") if align == "auto" else align
         options.finish()
         self.frame_rate = self.fps
         self.is_live = True
@@ -185,9 +189,9 @@ class V4l2Source(_CaptureSource):
         meta: dict[str, Any] = {"source": "v4l2", "device": self.device}
         if self.pixelformat:
             pattern, bits, packing = V4L2_RAW_FORMATS[self.pixelformat]
-            data = unpack_raw(img, self._width, self._height, packing)
+            data = unpack_raw(img, self._width, self._height, packing, bits=bits, align=self.align)
             meta.update({"bayer_pattern": pattern, "bit_depth": bits, "white_level": float(2 ** bits - 1),
-                         "pixelformat": self.pixelformat.strip()})
+                         "pixelformat": self.pixelformat.strip(), "alignment": self.align})
         else:
             data = np.ascontiguousarray(img[:, :, ::-1]) if img.ndim == 3 else img
             meta.update({"bayer_pattern": None, "bit_depth": 8, "white_level": 255.0})
@@ -199,5 +203,6 @@ class V4l2Source(_CaptureSource):
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
-        d.update({"kind": "V4L2 camera", "device": self.device, "pixelformat": self.pixelformat})
+        d.update({"kind": "V4L2 camera", "device": self.device, "pixelformat": self.pixelformat,
+                  "alignment": self.align})
         return d
