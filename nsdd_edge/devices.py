@@ -63,9 +63,9 @@ def jetson_row(l4t: str) -> dict[str, Any]:
     return best
 
 
-def detect_jetson(release_file: str | Path = NV_TEGRA_RELEASE) -> tuple[str, dict[str, Any]]:
-    """``(l4t, row)`` of this Jetson; :class:`DeviceError` if it is none or unsupported."""
-    path = Path(release_file)
+def detect_jetson(release_file: str | Path | None = None) -> tuple[str, dict[str, Any]]:
+    """``(l4t, row)`` of this Jetson (``/etc/nv_tegra_release``); :class:`DeviceError` if none or unsupported."""
+    path = Path(release_file or NV_TEGRA_RELEASE)
     try:
         text = path.read_text()
     except OSError:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv[:1] == ["jetson"] and len(argv) <= 2:
         try:
-            l4t, row = detect_jetson(argv[1] if len(argv) == 2 else NV_TEGRA_RELEASE)
+            l4t, row = detect_jetson(argv[1] if len(argv) == 2 else None)
         except DeviceError as exc:
             print(exc, file=sys.stderr)
             return 1

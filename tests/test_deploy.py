@@ -108,6 +108,20 @@ def test_jetson_setup_refuses_unsupported_systems(tmp_path, release, message):
     assert r.returncode == 1 and message in r.stderr, r.stderr
 
 
+def test_info_shows_the_jetpack_row_on_a_jetson(tmp_path, monkeypatch):
+    import nsdd_edge.devices as devices
+    import nsdd_edge.trt_runner as trt_runner
+    from nsdd_edge.commands.info import versions
+
+    release = tmp_path / "nv_tegra_release"
+    release.write_text("# R36 (release), REVISION: 4.3, GCID: 1, BOARD: generic, EABI: aarch64, DATE: 2025\n")
+    monkeypatch.setattr(devices, "NV_TEGRA_RELEASE", release)
+    monkeypatch.setattr(trt_runner, "is_jetson", lambda: True)
+    assert versions()["jetpack"] == "6.2 (L4T R36.4.3; expects TensorRT 10.3, CUDA 12.6)"
+    release.write_text("# R36 (release), REVISION: 3.0, GCID: 1, BOARD: generic, EABI: aarch64, DATE: 2024\n")
+    assert versions()["jetpack"].startswith("unsupported: L4T R36.3.0 is JetPack 6.0 with TensorRT 8.6.2")
+
+
 def test_jetson_setup_rejects_bad_options():
     r = subprocess.run(["bash", str(DEPLOY / "jetson/setup.sh"), "--precision", "fp8"], check=False,
                        capture_output=True, text=True)

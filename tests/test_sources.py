@@ -312,6 +312,115 @@ def test_csi_without_gstreamer_is_a_clear_error():
         open_source("csi://0").open()
 
 
+# nvarguscamerasrc's properties as `gst-inspect-1.0 nvarguscamerasrc` lists them on JetPack 6 (from review of
+# NVIDIA's Argus camera documentation; not inspectable here)
+NVARGUS_PROPERTIES = {"sensor-id", "sensor-mode", "wbmode", "saturation", "exposuretimerange", "gainrange",
+                      "ispdigitalgainrange", "tnr-mode", "tnr-strength", "ee-mode", "ee-strength", "aeantibanding",
+                      "exposurecompensation", "aelock", "awblock", "timeout", "silent", "bufapi-version"}
+
+
+def test_csi_pipeline_locks_the_isp():
+    """issue 14 #7: AE/AWB locked, exposure and analogue gain fixed, ISP digital gain 1, TNR and edge enhancement
+    off, anti-banding off; every property is one nvarguscamerasrc has and every quoted range is balanced."""
+    import shlex
+
+    csi = open_source("csi://0?exposure_us=8000&gain=2&fps=30")
+    pipe = csi.pipeline()
+    src = pipe.split(" ! ")[0]
+    props = dict(tok.split("=", 1) for tok in shlex.split(src)[1:])
+    assert set(props) <= NVARGUS_PROPERTIES, set(props) - NVARGUS_PROPERTIES
+    assert props["aelock"] == props["awblock"] == "true" and props["wbmode"] == "0"
+    assert props["exposuretimerange"] == "8000000 8000000" and props["gainrange"] == "2 2"
+    assert props["ispdigitalgainrange"] == "1 1" and props["tnr-mode"] == "0" and props["ee-mode"] == "0"
+    assert props["aeantibanding"] == "0" and props["sensor-id"] == "0"
+    assert csi.describe()["raw"] is False and "v4l2" in csi.describe()["note"]
+    with pytest.raises(ValueError, match="longer than a frame"):
+        open_source("csi://0?exposure_us=50000&fps=30")
+    with pytest.raises(ValueError, match="linearize"):
+        open_source("csi://0?linearize=gamma22")
+
+
+class _BlockingCapture:
+    """A cv2.VideoCapture stand-in whose read() blocks until released by the test (a stalled camera driver).
+    It records reads running at once and a release() that lands while a read is inside (both crash OpenCV)."""
+
+    def __init__(self):
+        self.unblock = threading.Event()
+        self.lock = threading.Lock()
+        self.reading = 0
+        self.reads_started = 0
+        self.max_concurrent = 0
+        self.released = 0
+        self.released_during_read = False
+        self.value = 0
+
+    def read(self):
+        with self.lock:
+            self.reading += 1
+            self.reads_started += 1
+            self.max_concurrent = max(self.max_concurrent, self.reading)
+        self.unblock.wait(10.0)
+        with self.lock:
+            self.reading -= 1
+            self.value += 40
+        return True, np.full((4, 4, 3), self.value, np.uint8)
+
+    def release(self):
+        with self.lock:
+            self.released += 1
+            self.released_during_read |= self.reading > 0
+
+
+def _opened(uri: str, cap) -> object:
+    src = open_source(uri)
+    src._cap, src._is_open = cap, True
+    return src
+
+
+def test_capture_stall_never_reads_twice_or_releases_under_a_read():
+    """issue 14 #8: after a timed-out read, the next read waits for the same pending read (no second read on the
+    VideoCapture), close() does not release the capture under the blocked read, and the reading thread releases
+    it once the driver returns."""
+    cap = _BlockingCapture()
+    src = _opened("v4l2:///dev/video0", cap)
+    for _ in range(3):
+        with pytest.raises(SourceStalled):
+            src.read(timeout=0.05)
+    assert cap.reads_started == 1 and cap.max_concurrent == 1
+    src.close()
+    assert cap.released == 0
+    cap.unblock.set()
+    deadline = time.monotonic() + 5.0
+    while cap.released == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cap.released == 1 and not cap.released_during_read
+
+
+def test_capture_recovers_the_pending_frame_and_linearises_csi():
+    """A stalled read that completes later delivers its frame; csi:// frames are linearised (sRGB decoding) and
+    say they are not raw."""
+    cap = _BlockingCapture()
+    src = _opened("csi://0", cap)
+    with pytest.raises(SourceStalled):
+        src.read(timeout=0.05)
+    cap.unblock.set()
+    frame = src.read(timeout=5.0)
+    assert cap.reads_started == 1 and frame.index == 0 and frame.data.dtype == np.uint16
+    v = 40 / 255.0
+    assert frame.data[0, 0, 0] == round(65535 * ((v + 0.055) / 1.055) ** 2.4)
+    assert frame.meta["raw"] is False and frame.meta["linearization"] == "srgb" and frame.meta["white_level"] == 65535
+    src.close()
+    assert cap.released == 1 and not cap.released_during_read
+    from nsdd_edge.sources.capture import SRGB_TO_LINEAR_U16
+
+    assert SRGB_TO_LINEAR_U16[0] == 0 and SRGB_TO_LINEAR_U16[255] == 65535 and np.all(np.diff(SRGB_TO_LINEAR_U16) > 0)
+    plain = _opened("csi://0?linearize=none", _BlockingCapture())
+    plain._cap.unblock.set()
+    f = plain.read(timeout=5.0)
+    assert f.data.dtype == np.uint8 and f.meta["white_level"] == 255.0 and f.meta["linearization"] == "none"
+    plain.close()
+
+
 def test_v4l2_missing_device_is_a_clear_error():
     with pytest.raises(SourceError, match="/dev/video_nsdd_missing"):
         open_source("v4l2:///dev/video_nsdd_missing").open()
