@@ -383,7 +383,12 @@ def test_service_arguments_are_accepted_by_the_commands():
 
     p = argparse.ArgumentParser()
     serve_camera.configure_parser(p)
-    args = p.parse_args(["--source", pi["NSDD_CAMERA_SOURCE"], "--bind", pi["NSDD_CAMERA_BIND"]])
-    assert serve_camera.parse_bind(args.bind) == ("0.0.0.0", 5000)
+    args = p.parse_args(["--source", pi["NSDD_CAMERA_SOURCE"], "--bind", pi["NSDD_CAMERA_BIND"],
+                         *shlex.split(pi["NSDD_CAMERA_EXTRA_ARGS"])])
+    assert serve_camera.parse_bind(args.bind) == ("0.0.0.0", 5000) and args.model is None
+    example = next(line for line in (DEPLOY / "pi/nsdd-camera.env").read_text().splitlines()
+                   if line.startswith("#   NSDD_CAMERA_EXTRA_ARGS="))
+    assert p.parse_args(["--source", "sim://", *shlex.split(example.split("=", 1)[1])]).model
+    assert "$NSDD_CAMERA_EXTRA_ARGS" in (DEPLOY / "pi/nsdd-camera.service").read_text()
     cam = open_source(args.source)  # parsed and validated, not opened
     assert isinstance(cam, PiCamera2Source) and cam.size == (2028, 1520) and cam.bits == 12

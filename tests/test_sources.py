@@ -603,6 +603,73 @@ def test_tcp_round_trip_through_serve_camera(served_stack):
     assert server.frames_sent == 4 and server.clients_served == 2
 
 
+def test_serve_camera_bins_and_crops_with_the_bundles_preprocessing(psf32):
+    """issue 14 #12: with the bundle's preprocessing on the capture host the client receives y (float32),
+    bit-identical to preprocessing the raw frame itself, in a fraction of the bytes; a client whose bundle
+    preprocesses differently refuses it, and a frame the host's preprocessing refuses arrives raw."""
+    from nsdd_edge.bundle import PreprocessConfig
+    from nsdd_edge.preprocess import Preprocessor, ProfileMismatch
+
+    uri = "sim://?realtime=0&format=bayer&bayer=GBRG&seed=2&frames=6"
+    camera = open_source(uri, psf=psf32)
+    config = PreprocessConfig(**{**camera.matching_preprocess(), "downsample": 2, "crop": [2, 2, 12, 12]})
+    host_pre = Preprocessor(config)
+    server = CameraServer(camera, "127.0.0.1", 0, log=lambda msg: None, preprocess=host_pre, bundle_name="b")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_s": 0.05}, daemon=True)
+    thread.start()
+    reference = open_source(uri, psf=psf32)
+    try:
+        client = open_source(f"tcp://127.0.0.1:{server.address[1]}")
+        client_pre = Preprocessor(config)
+        for _ in range(2):
+            frame = client.read(timeout=5)
+            raw = reference.read()
+            assert frame.data.dtype == np.float32 and frame.data.shape == (3, 12, 12) and raw.data.shape == (64, 64)
+            assert frame.meta["preprocessed"]["digest"] == client_pre.digest
+            assert frame.meta["preprocessed"]["raw_shape"] == [64, 64] and frame.meta["bit_depth"] == 12
+            np.testing.assert_array_equal(client_pre(frame.data, frame.meta), Preprocessor(config)(raw.data, raw.meta))
+            assert frame.data.nbytes * 4 < raw.data.nbytes
+        assert client.describe()["remote"]["preprocess"] == {"bundle": "b", "digest": host_pre.digest}
+        other = Preprocessor(PreprocessConfig(**{**vars(config), "crop": None}))
+        with pytest.raises(ProfileMismatch, match="other settings"):
+            other(frame.data, frame.meta)
+        host_pre.config = PreprocessConfig(**{**vars(config), "white_level": 65535.0})  # host now refuses the profile
+        host_pre._checked_profile = None
+        sent_raw = client.read(timeout=5)
+        assert sent_raw.data.dtype == np.uint16 and "preprocessed" not in sent_raw.meta
+        client.close()
+    finally:
+        server.shutdown()
+        thread.join(5)
+        camera.close()
+
+
+def test_serve_camera_model_errors_are_named(tmp_path, capsys):
+    from nsdd_edge.cli import main
+
+    assert main(["serve-camera", "--source", "sim://", "--bind", "127.0.0.1:0", "--model", str(tmp_path / "nope")]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_bench_tcp_reports_bytes_and_ceilings(capsys):
+    """bench/bench_tcp.py: the HQ raw frame is ~6.2 MB (≤ 19 fps on 1 GbE, ~1 fps at 50 Mbit/s); binned and
+    cropped for a 128² bundle it is ~0.2 MB."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_tcp", ROOT / "bench" / "bench_tcp.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    raw = np.zeros(bench.HQ_SIZE, np.uint16)
+    nbytes = bench.message_bytes(raw, bench.PI_META)
+    assert raw.nbytes < nbytes < raw.nbytes + 2000
+    assert 18.5 < bench.fps_ceiling(nbytes, 1e9) < 19.5 and 0.9 < bench.fps_ceiling(nbytes, 50e6) < 1.0
+    assert bench.main(["--repeats", "1"]) == 0
+    rows = {line.split("  ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    line128 = next(v for k, v in rows.items() if "128" in k)
+    assert "3x128x128" in line128 and "197,160" in line128
+    assert any("sent raw (y larger)" in k for k in rows)
+
+
 def test_tcp_refuses_a_wrong_token(served_stack):
     _, server = served_stack
     with pytest.raises(SourceError, match="authentication failed"):
