@@ -392,3 +392,20 @@ def test_service_arguments_are_accepted_by_the_commands():
     assert "$NSDD_CAMERA_EXTRA_ARGS" in (DEPLOY / "pi/nsdd-camera.service").read_text()
     cam = open_source(args.source)  # parsed and validated, not opened
     assert isinstance(cam, PiCamera2Source) and cam.size == (2028, 1520) and cam.bits == 12
+
+
+def test_devices_doc_holds_the_version_table_and_a_check_per_issue_item():
+    """docs/DEVICES.md: the version tables are the data's (generated, not retyped), each of issue 14's twelve
+    items has a manual check, and every test it names exists."""
+    import re
+
+    from nsdd_edge.devices import markdown_tables
+
+    doc = (ROOT / "docs/DEVICES.md").read_text()
+    table = doc.split("<!-- device-versions:begin -->\n", 1)[1].split("<!-- device-versions:end -->", 1)[0]
+    assert table == markdown_tables()
+    checks = doc.split("## Manual checks on the hardware", 1)[1]
+    assert [int(n) for n in re.findall(r"^ ?(\d+)\. \*\*", checks, flags=re.M)] == list(range(1, 13))
+    named = set(re.findall(r"`(test_[a-z0-9_]+)`", doc))
+    defined = {m for f in (ROOT / "tests").glob("test_*.py") for m in re.findall(r"^def (test_\w+)", f.read_text(), re.M)}
+    assert named and named <= defined, named - defined
