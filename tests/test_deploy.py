@@ -409,3 +409,24 @@ def test_devices_doc_holds_the_version_table_and_a_check_per_issue_item():
     named = set(re.findall(r"`(test_[a-z0-9_]+)`", doc))
     defined = {m for f in (ROOT / "tests").glob("test_*.py") for m in re.findall(r"^def (test_\w+)", f.read_text(), re.M)}
     assert named and named <= defined, named - defined
+
+
+def test_bench_flops_counts_conv_and_matmul(tmp_path):
+    """bench/bench_flops.py (the FLOPs behind DEVICES.md's frame-time estimates) on a two-node graph."""
+    import importlib.util
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])
+    w = numpy_helper.from_array(np.zeros((4, 1, 3, 3), np.float32), "w")
+    m = numpy_helper.from_array(np.zeros((8, 8), np.float32), "m")
+    nodes = [helper.make_node("MatMul", ["x", "m"], ["t"], name="physics/dft"),
+             helper.make_node("Conv", ["t", "w"], ["y"], name="student/conv", pads=[1, 1, 1, 1])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w, m]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "g.onnx"))
+    spec = importlib.util.spec_from_file_location("bench_flops", ROOT / "bench" / "bench_flops.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.graph_flops(tmp_path / "g.onnx") == {"physics": 2 * 64 * 8, "student": 2 * 4 * 64 * 9}
