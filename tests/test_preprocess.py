@@ -255,3 +255,16 @@ def test_run_refuses_a_camera_the_bundle_was_not_calibrated_for(tmp_path, capsys
                "--stats", str(tmp_path / "s.json"), "--snapshot", ""])
     err = capsys.readouterr().err
     assert rc == 2 and "×16" in err and "black level is 4096" in err
+
+
+def test_frame_meta_supplies_the_exposure_and_a_positional_number_is_refused():
+    """The loop passes each frame's meta: with reference_exposure_us the exposure comes from meta (a 20 ms frame
+    of a 10 ms reference is halved); exposure_us= still overrides it."""
+    config = PreprocessConfig(normalization="fixed", scale=1.0, reference_exposure_us=10000.0)
+    raw = np.full((4, 4), 100.0, np.float32)
+    assert Preprocessor(config)(raw, {"exposure_us": 20000})[0, 0, 0] == pytest.approx(50.0)
+    assert Preprocessor(config)(raw, {"exposure_us": 20000}, exposure_us=5000)[0, 0, 0] == pytest.approx(200.0)
+    with pytest.raises(FrameRejected, match="exposure_us"):
+        Preprocessor(config)(raw, {"exposure_us": "fast"})
+    with pytest.raises(TypeError, match="exposure_us="):
+        Preprocessor(config)(raw, 20000.0)
