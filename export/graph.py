@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from export.dft import MatmulRDFT2, complex_multiply_packed, pack_half_spectrum
+from export.errors import ExportError
 from nsdd_edge.bundle import BundleError, parse_support
 from nsdd_edge.optics import LenslessGeometry, OpticsError, WienerSpectra, array_hash
 
@@ -34,10 +35,6 @@ Objective = Literal["nullspace", "full", "wiener"]
 DftForm = Literal["matmul", "onnx"]
 OBJECTIVES = ("nullspace", "full", "wiener")
 DFT_FORMS = ("matmul", "onnx")
-
-
-class ExportError(ValueError):
-    """An export request that cannot be honoured (mismatched student, bad size, bad model file)."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ Loading checks the format, the PSF hash, every model file's SHA-256 and the geom
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from nsdd_edge.atomic import atomic_write, atomic_write_json
 from nsdd_edge.optics import (
     PROJECTORS,
     LenslessGeometry,
@@ -225,11 +227,15 @@ def write_bundle(out: str | os.PathLike, *, psf: np.ndarray, geometry: LenslessG
                  models: dict[str, str | os.PathLike | dict] | None = None, name: str | None = None,
                  provenance: dict | None = None, extra_files: dict[str, str | os.PathLike] | None = None,
                  support_shape: tuple[int, int] | list[int] | None = None, projector: str = "tikhonov") -> Bundle:
-    """Write a bundle atomically (build in a temporary sibling directory, then rename).
+    """Write a bundle atomically: build it in a temporary sibling directory, then rename.
 
     ``models`` maps a kind to a source file path, or to a dict ``{"path": ..., **extra}`` whose extra
     keys (precision, TensorRT version, …) are recorded. ``extra_files`` (e.g. a background frame) are
     copied under their given names. ``support_shape``: the scenes' centred window (``geometry.support_shape``).
+
+    An existing bundle that cannot be renamed — its parent is not writable (``/bundle`` in a container) or it
+    is a mount point (a bind mount: ``EBUSY``) — is rewritten in place instead (:func:`_install_into`): the
+    files are staged inside the bundle, then each is replaced atomically, ``bundle.json`` last.
     """
     out = Path(out)
     check_psf(psf, "bundle PSF")
@@ -237,8 +243,7 @@ def write_bundle(out: str | os.PathLike, *, psf: np.ndarray, geometry: LenslessG
     geometry_record = geometry.to_dict()
     if support is not None:
         geometry_record["support_shape"] = list(support)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp, in_place = _staging_dir(out)
     try:
         tmp.chmod(0o755)  # mkdtemp creates 0700; a bundle is meant to be read by the service user
         np.save(tmp / "psf.npy", np.ascontiguousarray(psf, dtype=np.float32))
@@ -260,16 +265,113 @@ def write_bundle(out: str | os.PathLike, *, psf: np.ndarray, geometry: LenslessG
                 "preprocess": asdict(preprocess or PreprocessConfig()), "models": recorded,
                 "provenance": provenance or {}}
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
+        if in_place:
+            _install_into(tmp, out)
+        elif out.exists():
             old = out.with_name(f".{out.name}.old")
             if old.exists():
                 shutil.rmtree(old)
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
+            try:
+                out.rename(old)
+            except OSError as exc:
+                if exc.errno not in _CANNOT_RENAME:
+                    raise
+                _install_into(tmp, out)  # a mount point (EBUSY) or a directory we may write into but not move
+            else:
+                tmp.rename(out)
+                shutil.rmtree(old)
         else:
             tmp.rename(out)
-    except BaseException:
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return load_bundle(out)
+
+
+# rename(2) errors of a directory that can still be written into: a mount point, another file system,
+# a parent we may not modify
+_CANNOT_RENAME = {errno.EBUSY, errno.EXDEV, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _staging_dir(out: Path) -> tuple[Path, bool]:
+    """A temporary directory to build the bundle in: a sibling of ``out`` (then renamed), or, when the parent
+    is not writable and ``out`` exists, inside ``out`` itself (then installed in place); ``(dir, in_place)``."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent)), False
+    except OSError as exc:
+        if not out.is_dir() or exc.errno not in _CANNOT_RENAME:
+            raise BundleError(f"{out}: cannot write the bundle: {exc.strerror or exc} "
+                              f"(its parent {out.parent} is not writable and the bundle does not exist yet)") from None
+    return Path(tempfile.mkdtemp(prefix=".staging.", dir=out)), True
+
+
+def _install_into(stage: Path, out: Path) -> None:
+    """Replace ``out``'s files by ``stage``'s, each atomically (copy to a temporary file beside it, rename);
+    ``bundle.json`` last, then the files only the old ``bundle.json`` named are removed. Never writes outside
+    ``out``: works on a bind-mounted bundle and with a read-only parent."""
+    old_files = _bundle_files(out)
+    files = sorted(p for p in stage.rglob("*") if p.is_file() and p.name != "bundle.json")
+    for src in [*files, stage / "bundle.json"]:
+        rel = src.relative_to(stage)
+        _copy_atomic(src, out / rel)
+    new_files = _bundle_files(out)
+    for rel in old_files - new_files:
+        (out / rel).unlink(missing_ok=True)
+
+
+def _copy_atomic(src: Path, dest: Path) -> None:
+    """Copy ``src`` to ``dest`` through a temporary file beside ``dest`` (works across file systems)."""
+    with open(src, "rb") as f_in:
+        atomic_write(dest, lambda f_out: shutil.copyfileobj(f_in, f_out))
+
+
+def _bundle_files(root: Path) -> set[str]:
+    """Files a bundle's ``bundle.json`` names (PSF, models with their ONNX ``.data``, background frame)."""
+    try:
+        meta = json.loads((root / "bundle.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    names = {str(meta.get("psf", {}).get("file", "psf.npy"))}
+    for m in (meta.get("models") or {}).values():
+        names |= {str(m["file"]), str(m["file"]) + ".data"}
+    background = (meta.get("preprocess") or {}).get("background_file")
+    if background:
+        names.add(str(background))
+    return names
+
+
+def register_model(root: str | os.PathLike, kind: str, path: str | os.PathLike, *, file_name: str | None = None,
+                   **info: Any) -> Bundle:
+    """Add or replace model ``kind`` (e.g. ``engine``) of the existing bundle ``root``, in place.
+
+    The file is copied into the bundle as ``file_name`` (default: its own name; moved when it already lies in
+    the bundle), then ``bundle.json`` is rewritten atomically with only ``models[kind]`` changed — every other
+    field (``geometry.support_shape``, provenance, fields newer than this runtime) is kept as it was. If the
+    name is taken by another file, a content-addressed ``STEM.SHA12.SUFFIX`` is used, so a crash at any point
+    leaves a consistent bundle. Nothing is written outside ``root`` (bind mounts, read-only parents)."""
+    root = Path(root)
+    load_bundle(root)  # verify what we are about to extend
+    src = Path(path)
+    if not src.is_file():
+        raise BundleError(f"{src}: no such model file to register in {root}")
+    meta_path = root / "bundle.json"
+    meta = json.loads(meta_path.read_text())
+    models = dict(meta.get("models") or {})
+    sha = file_sha256(src)
+    name = file_name or src.name
+    dest = root / name
+    if dest.exists() and dest.resolve() != src.resolve():
+        stem, dot, suffix = name.partition(".")
+        name = f"{stem}.{sha[:12]}{dot}{suffix}"
+        dest = root / name
+    if src.resolve().parent == root.resolve():
+        os.replace(src, dest)
+    elif dest.resolve() != src.resolve():
+        _copy_atomic(src, dest)
+    previous = models.get(kind, {}).get("file")
+    models[kind] = {"file": name, "sha256": sha, **info}
+    meta["models"] = models
+    atomic_write_json(meta_path, meta)
+    if previous and previous != name and previous not in {m["file"] for m in models.values()}:
+        (root / previous).unlink(missing_ok=True)
+    return load_bundle(root)

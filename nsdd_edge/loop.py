@@ -11,12 +11,15 @@ fill and the capture thread *blocks* (back-pressure; counted and warned about), 
 Faults: a source that raises, stalls (:class:`~nsdd_edge.sources.SourceStalled`) or disconnects is closed
 and reopened with exponential back-off while the loop keeps running; :class:`~nsdd_edge.sources.EndOfStream`
 ends the run. Frames the preprocessor rejects (NaN, wrong size, …) are counted as ``rejected`` (and still
-recorded raw when recording). :meth:`ReconstructionLoop.request_stop` (SIGINT/SIGTERM) stops capture,
+recorded raw when recording). A preprocessor that takes ``meta`` (:class:`nsdd_edge.preprocess.Preprocessor`)
+gets each frame's metadata, so a camera whose frames do not fit the bundle's profile (bit depth, Bayer order,
+black level) stops the run at the first frame with the reason (:class:`~nsdd_edge.preprocess.ProfileMismatch`). :meth:`ReconstructionLoop.request_stop` (SIGINT/SIGTERM) stops capture,
 drains what was captured, flushes the recorder and closes everything.
 """
 
 from __future__ import annotations
 
+import inspect
 import queue
 import sys
 import threading
@@ -103,8 +106,9 @@ class LatestSlot:
 class ReconstructionLoop:
     """Run ``source`` → ``preprocess`` → ``engine`` → preview / recorder; see the module docstring.
 
-    ``preprocess(raw) -> y (C, H, W) float32`` raises ``FrameRejected`` for bad frames. ``frame_meta`` is
-    added to every recorded frame's metadata (bundle hash, engine, …).
+    ``preprocess(raw[, meta]) -> y (C, H, W) float32`` raises ``FrameRejected`` for bad frames (and, given the
+    frame's ``meta``, ``ProfileMismatch`` for a camera the bundle was not made for). ``frame_meta`` is added to
+    every recorded frame's metadata (bundle hash, engine, …).
     """
 
     def __init__(self, source, preprocess: Callable[[np.ndarray], np.ndarray], engine: Engine, *,
@@ -114,6 +118,10 @@ class ReconstructionLoop:
                  consistency: Callable[[np.ndarray, np.ndarray], float] | None = None):
         self.source, self.preprocess, self.engine = source, preprocess, engine
         self.consistency = consistency  # (x̂, y) -> ‖A x̂ − y‖/‖y‖ with the bundle's forward model
+        try:
+            self._preprocess_takes_meta = "meta" in inspect.signature(preprocess).parameters
+        except (TypeError, ValueError):  # a builtin without a signature
+            self._preprocess_takes_meta = False
         self.config = config or LoopConfig()
         self.preview, self.recorder = preview, recorder
         self.telemetry = telemetry or Telemetry()
@@ -302,7 +310,11 @@ class ReconstructionLoop:
         tel, cfg = self.telemetry, self.config
         t0 = time.perf_counter()
         try:
-            y = np.asarray(self.preprocess(frame.data), dtype=np.float32)
+            if self._preprocess_takes_meta:
+                y = self.preprocess(frame.data, meta=getattr(frame, "meta", None))
+            else:
+                y = self.preprocess(frame.data)
+            y = np.asarray(y, dtype=np.float32)
             if not np.all(np.isfinite(y)):
                 raise FrameRejected(f"frame {getattr(frame, 'index', '?')}: measurement has NaN/Inf values")
             expected = cfg.expected_input_shape

@@ -21,6 +21,13 @@ Order (the one documented on :class:`nsdd_edge.bundle.PreprocessConfig`)::
 
 Frames that cannot be processed (wrong dtype or shape, NaN/Inf, all dark under ``max``) raise
 :class:`FrameRejected` (a ``ValueError``) with the reason, so the real-time loop can count and skip them.
+
+The camera profile: given a frame's ``meta`` (``Preprocessor(config)(raw, meta)``), its bit depth / white level,
+Bayer order and black level are checked against the bundle's (:meth:`Preprocessor.check_profile`); a mismatch
+— e.g. a bundle calibrated on a Pi 4 (12-bit, white 4095) fed 16-bit words (×16) — raises
+:class:`ProfileMismatch` (a :class:`~nsdd_edge.bundle.BundleError`): no frame of that camera mode can be right.
+A frame a capture host already preprocessed with the same settings (``serve-camera --model``: meta
+``preprocessed.digest`` = :func:`preprocess_digest`) is taken as ``y`` as is; with other settings it is refused.
 Settings that cannot fit the camera's frames at all (a crop outside the image, a background frame of
 another shape) raise a plain ``ValueError`` at the first frame: no later frame could pass either.
 The same code prepares training data from real captures: :func:`preprocess_capture`.
@@ -28,13 +35,18 @@ The same code prepares training data from real captures: :func:`preprocess_captu
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from nsdd_edge.bundle import PreprocessConfig
+from nsdd_edge.bundle import BundleError, PreprocessConfig, file_sha256
 from nsdd_edge.optics import IMAGE_SUFFIXES, OpticsError, box_downsample, read_array
 
 BAYER_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
@@ -44,6 +56,18 @@ NORMALIZATIONS = ("max", "fixed", "none")
 
 class FrameRejected(ValueError):
     """A frame the preprocessor cannot use; the message says why."""
+
+
+class ProfileMismatch(BundleError):
+    """The camera's frames are not those the bundle was calibrated for (bit depth, Bayer order, black level, or
+    a capture host's preprocessing); the message names both sides."""
+
+
+def preprocess_digest(config: PreprocessConfig, background: str | os.PathLike | None = None) -> str:
+    """SHA-256 of the preprocessing settings (canonical JSON) and the background frame's bytes: two
+    preprocessors with the same digest turn the same raw frame into the same ``y``."""
+    record = {"config": asdict(config), "background_sha256": file_sha256(background) if background else None}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def bayer_offsets(pattern: str) -> dict[str, list[tuple[int, int]]]:
@@ -145,6 +169,8 @@ class Preprocessor:
                 self._background_raw = read_array(self.background_path)
             except OpticsError as exc:
                 raise ValueError(f"preprocess: background frame: {exc}") from None
+        self.digest = preprocess_digest(c, self.background_path)
+        self._checked_profile: tuple | None = None
         self._raw_shape: tuple[int, ...] | None = tuple(expected_shape) if expected_shape else None
         self._background: np.ndarray | None = None
         self._bin_out: np.ndarray | None = None
@@ -249,7 +275,78 @@ class Preprocessor:
             raise FrameRejected(f"frame holds {int((~np.isfinite(frame)).sum())} NaN/Inf values")
         return frame
 
-    def __call__(self, frame: np.ndarray, exposure_us: float | None = None) -> np.ndarray:
+    def check_profile(self, meta: Mapping[str, Any]) -> None:
+        """Compare a frame's ``meta`` with the bundle's profile; :class:`ProfileMismatch` naming both.
+
+        White level (``white_level``, else ``2**bit_depth − 1``) against ``config.white_level``; Bayer order;
+        black level (within 5 %, at least 1 count; skipped when a background frame holds the offset). Keys the
+        frame or the bundle does not give are not checked. A profile that passed once is not re-checked."""
+        key = tuple(meta.get(k) for k in ("white_level", "bit_depth", "bayer_pattern", "black_level"))
+        if key == self._checked_profile:
+            return
+        c = self.config
+        problems = []
+        white = meta.get("white_level")
+        if white is None and meta.get("bit_depth"):
+            white = 2.0 ** int(meta["bit_depth"]) - 1
+        if white is not None and c.white_level is not None and abs(float(white) - float(c.white_level)) > 0.5:
+            ratio = (float(white) + 1) / (float(c.white_level) + 1)
+            problems.append(f"the camera's white level is {float(white):g} ({meta.get('bit_depth', '?')}-bit) but the "
+                            f"bundle was calibrated for {float(c.white_level):g}"
+                            + (f": every value would be ×{ratio:g}" if ratio > 1 else f": every value ×{ratio:.3g}"))
+        if "bayer_pattern" in meta:
+            theirs = str(meta["bayer_pattern"]).upper() if meta["bayer_pattern"] else None
+            if theirs != self.pattern:
+                problems.append(f"the camera's Bayer order is {theirs or 'none (RGB/mono)'} but the bundle expects "
+                                f"{self.pattern or 'none (RGB/mono)'}")
+        black = meta.get("black_level")
+        if black is not None and not c.background_file:
+            tolerance = max(1.0, 0.05 * max(float(black), float(c.black_level)))
+            if abs(float(black) - float(c.black_level)) > tolerance:
+                problems.append(f"the camera's black level is {float(black):g} but the bundle subtracts "
+                                f"{float(c.black_level):g}")
+        if problems:
+            raise ProfileMismatch("frames do not match the bundle's camera profile: " + "; ".join(problems)
+                                  + ". Use a bundle calibrated for this camera mode (nsdd-edge calibrate), or set "
+                                  "preprocess.white_level / bayer_pattern / black_level in its bundle.json")
+        self._checked_profile = key
+
+    def _already_preprocessed(self, frame: Any, meta: Mapping[str, Any]) -> np.ndarray | None:
+        """``y`` of a frame a capture host preprocessed with these settings; None for a raw frame."""
+        done = meta.get("preprocessed")
+        if not done:
+            return None
+        digest = done.get("digest") if isinstance(done, Mapping) else None
+        if digest != self.digest:
+            raise ProfileMismatch(f"the capture host preprocesses frames with other settings (digest "
+                                  f"{str(digest)[:12]}…, bundle {done.get('bundle') if isinstance(done, Mapping) else '?'})"
+                                  f" than this bundle ({self.digest[:12]}…): run serve-camera --model with the same "
+                                  "bundle, or without --model to send raw frames")
+        y = np.asarray(frame)
+        if y.ndim != 3 or y.dtype != np.float32:
+            raise FrameRejected(f"a preprocessed frame must be float32 (C, H, W), got {y.dtype} {y.shape}")
+        if not np.isfinite(y).all():
+            raise FrameRejected(f"preprocessed frame holds {int((~np.isfinite(y)).sum())} NaN/Inf values")
+        return np.array(y, dtype=np.float32, order="C", copy=True)
+
+    def __call__(self, frame: np.ndarray, meta: Mapping[str, Any] | None = None,
+                 exposure_us: float | None = None) -> np.ndarray:
+        """``y`` of one raw frame. With the frame's ``meta`` the camera profile is checked first, a frame
+        preprocessed by a capture host with the same settings is passed through, and the exposure defaults to
+        ``meta["exposure_us"]``; ``exposure_us`` (keyword) overrides it."""
+        if meta is not None and not isinstance(meta, Mapping):
+            raise TypeError(f"Preprocessor: meta must be a mapping (the frame's metadata), got {type(meta).__name__}; "
+                            "pass the exposure as exposure_us=")
+        if meta:
+            y = self._already_preprocessed(frame, meta)
+            if y is not None:
+                return y
+            self.check_profile(meta)
+            if exposure_us is None and meta.get("exposure_us") is not None:
+                try:
+                    exposure_us = float(meta["exposure_us"])
+                except (TypeError, ValueError):
+                    raise FrameRejected(f"frame meta exposure_us={meta['exposure_us']!r} is not a number") from None
         c = self.config
         raw = self._raw_crop(self.validate(frame))
         if raw.ndim == 3 and raw.shape[2] == 1:

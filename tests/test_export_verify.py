@@ -60,6 +60,30 @@ def test_wiener_verify_scores_fp16_and_skips_int8(export_env, exported, tmp_path
     assert "not applicable" in r["int8"]
 
 
+# Operators marked "N" (unsupported) in onnx-tensorrt docs/operators.md of the TensorRT 10.0-GA and 10.1-GA
+# releases (copied from those tables by name).
+TRT_10_UNSUPPORTED = (
+    "AffineGrid", "Bernoulli", "BitShift", "BitwiseAnd", "BitwiseNot", "BitwiseOr", "BitwiseXor", "BlackmanWindow",
+    "CenterCropPad", "Col2Im", "Compress", "ConcatFromSequence", "ConvInteger", "DFT", "Det", "DynamicQuantizeLinear",
+    "HammingWindow", "HannWindow", "ImageDecoder", "MatMulInteger", "MaxRoiPool", "MaxUnpool", "MelWeightMatrix",
+    "Multinomial", "NegativeLogLikelihoodLoss", "Optional", "OptionalGetElement", "OptionalHasElement", "QLinearConv",
+    "QLinearMatMul", "RegexFullMatch", "STFT", "SequenceAt", "SequenceConstruct", "SequenceEmpty", "SequenceErase",
+    "SequenceInsert", "SequenceLength", "SequenceMap", "SoftmaxCrossEntropyLoss", "SplitToSequence", "StringConcat",
+    "StringNormalizer", "StringSplit", "TfIdfVectorizer", "Unique",
+)
+
+
+def test_no_operator_the_tensorrt_10_table_marks_unsupported_is_accepted():
+    """issue 14 #10: the allow-list named 15 operators the 10.x table marks "N" (AffineGrid, the windows, the
+    Sequence ops, …); each must be reported, with a reason."""
+    assert not set(TRT_10_UNSUPPORTED) & TRT_10_3_SUPPORTED_OPS
+    nodes = [helper.make_node(op, ["x"], ["y"], name=op) for op in ("SequenceAt", "HannWindow", "AffineGrid", "Compress")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [], []))
+    found = {p["op_type"]: p["reason"] for p in unsupported_nodes(model)}
+    assert set(found) == {"SequenceAt", "HannWindow", "AffineGrid", "Compress"}
+    assert "sequence" in found["SequenceAt"] and "window" in found["HannWindow"]
+
+
 def test_allow_list_reports_dft_custom_ops_and_fp64():
     assert {"MatMul", "Conv", "QuantizeLinear", "DequantizeLinear", "Slice", "Concat", "Resize"} <= TRT_10_3_SUPPORTED_OPS
     assert "DFT" not in TRT_10_3_SUPPORTED_OPS and "STFT" not in TRT_10_3_SUPPORTED_OPS

@@ -12,6 +12,7 @@ from nsdd_edge.preprocess import (
     BAYER_PATTERNS,
     FrameRejected,
     Preprocessor,
+    ProfileMismatch,
     bin_bayer,
     demosaic_bilinear,
     preprocess_capture,
@@ -205,3 +206,65 @@ def test_preprocess_capture_matches_the_live_path(tmp_path):
     np.testing.assert_allclose(preprocess_capture(tmp_path / "cap.npy", config), live, rtol=1e-6)
     with pytest.raises(ValueError, match="nope.png"):
         preprocess_capture(tmp_path / "nope.png", config)
+
+
+PI4_PROFILE = PreprocessConfig(black_level=256.0, white_level=4095.0, bayer_pattern="BGGR", normalization="fixed",
+                               scale=3800.0)
+
+
+def test_camera_profile_is_checked_against_the_bundle():
+    """issue 14 #11: a bundle calibrated on a Pi 4 (12-bit, black 256, BGGR) refuses 16-bit words (a Pi 5
+    without the shift: ×16), another Bayer order and another black level, naming both sides."""
+    pre = Preprocessor(PI4_PROFILE)
+    raw = np.full((8, 8), 300, np.uint16)
+    pi4 = {"bit_depth": 12, "white_level": 4095.0, "black_level": 256.0, "bayer_pattern": "BGGR"}
+    assert pre(raw, pi4).shape == (3, 4, 4)
+    with pytest.raises(ProfileMismatch, match=r"white level is 65535 \(16-bit\).*4095: every value would be ×16"):
+        pre(raw, {**pi4, "bit_depth": 16, "white_level": 65535.0, "black_level": 4096.0})
+    with pytest.raises(ProfileMismatch, match="×16"):  # bit depth alone, no white level given
+        Preprocessor(PI4_PROFILE)(raw, {"bit_depth": 16})
+    with pytest.raises(ProfileMismatch, match="Bayer order is RGGB but the bundle expects BGGR"):
+        Preprocessor(PI4_PROFILE)(raw, {**pi4, "bayer_pattern": "RGGB"})
+    with pytest.raises(ProfileMismatch, match="black level is 64 but the bundle subtracts 256"):
+        Preprocessor(PI4_PROFILE)(raw, {**pi4, "black_level": 64.0})
+    assert Preprocessor(PI4_PROFILE)(raw, {**pi4, "black_level": 260.0}).shape == (3, 4, 4)  # within 5 %
+    assert Preprocessor(PI4_PROFILE)(raw, {"source": "file"}).shape == (3, 4, 4)  # nothing to compare
+    assert Preprocessor(PI4_PROFILE)(raw).shape == (3, 4, 4)  # no meta: no check
+    assert issubclass(ProfileMismatch, ValueError)
+
+
+def test_a_capture_hosts_preprocessed_frame_passes_only_with_the_same_settings():
+    pre = Preprocessor(PI4_PROFILE)
+    raw = np.random.default_rng(0).integers(256, 4000, size=(8, 8)).astype(np.uint16)
+    y = pre(raw)
+    same = pre(y, {"preprocessed": {"digest": pre.digest, "bundle": "b"}})
+    np.testing.assert_array_equal(same, y)
+    other = Preprocessor(PreprocessConfig(**{**vars(PI4_PROFILE), "downsample": 2}))
+    assert other.digest != pre.digest
+    with pytest.raises(ProfileMismatch, match="other settings"):
+        pre(other(raw), {"preprocessed": {"digest": other.digest, "bundle": "b"}})
+    with pytest.raises(FrameRejected, match="float32"):
+        pre(y.astype(np.float64), {"preprocessed": {"digest": pre.digest}})
+
+
+def test_run_refuses_a_camera_the_bundle_was_not_calibrated_for(tmp_path, capsys):
+    """End to end: the default bundle (12-bit sim camera) fed a 16-bit camera stops at the first frame."""
+    from nsdd_edge.cli import main
+
+    rc = main(["run", "--source", "sim://?realtime=0&bits=16&black_level=4096", "--frames", "3", "--quiet",
+               "--stats", str(tmp_path / "s.json"), "--snapshot", ""])
+    err = capsys.readouterr().err
+    assert rc == 2 and "×16" in err and "black level is 4096" in err
+
+
+def test_frame_meta_supplies_the_exposure_and_a_positional_number_is_refused():
+    """The loop passes each frame's meta: with reference_exposure_us the exposure comes from meta (a 20 ms frame
+    of a 10 ms reference is halved); exposure_us= still overrides it."""
+    config = PreprocessConfig(normalization="fixed", scale=1.0, reference_exposure_us=10000.0)
+    raw = np.full((4, 4), 100.0, np.float32)
+    assert Preprocessor(config)(raw, {"exposure_us": 20000})[0, 0, 0] == pytest.approx(50.0)
+    assert Preprocessor(config)(raw, {"exposure_us": 20000}, exposure_us=5000)[0, 0, 0] == pytest.approx(200.0)
+    with pytest.raises(FrameRejected, match="exposure_us"):
+        Preprocessor(config)(raw, {"exposure_us": "fast"})
+    with pytest.raises(TypeError, match="exposure_us="):
+        Preprocessor(config)(raw, 20000.0)

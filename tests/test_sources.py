@@ -197,6 +197,26 @@ def test_sim_user_images(tmp_path, psf32):
         open_source(f"sim://?images={tmp_path / 'empty'}", psf=psf32).open()
 
 
+def test_sim_static_shows_one_image_for_the_whole_run_unless_hold_is_given(tmp_path, psf32):
+    """issue 16: motion=static keeps image `start` however late the frame (the picture must not depend on
+    machine speed); an explicit hold= cycles; pan/zoom cycle every 3 s by default."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name, bgr in (("a", (0, 0, 255)), ("b", (255, 0, 0)), ("c", (0, 255, 0))):
+        cv2.imwrite(str(d / f"{name}.png"), np.full((40, 50, 3), bgr, np.uint8))
+    static = open_source(f"sim://?realtime=0&images={d}&motion=static&start=1&fps=30", psf=psf32)
+    assert static.describe()["hold_s"] is None
+    for index in (0, 89, 90, 10_000, 1_000_000):  # 0 s, 3 s, 5.6 min, 9 h at 30 fps
+        assert static.image_number(index) == 1
+        np.testing.assert_allclose(static.scene(index)[:, 10:20, 10:20].mean(axis=(1, 2)), [0, 0, 1], atol=1e-6)
+    cycling = open_source(f"sim://?realtime=0&images={d}&motion=static&start=1&fps=30&hold=3", psf=psf32)
+    assert [cycling.image_number(i) for i in (0, 89, 90, 180, 270)] == [1, 1, 2, 0, 1]
+    panning = open_source(f"sim://?realtime=0&images={d}&motion=pan&fps=30", psf=psf32)
+    assert panning.describe()["hold_s"] == 3.0 and [panning.image_number(i) for i in (0, 90)] == [0, 1]
+    with pytest.raises(ValueError, match="hold"):
+        open_source(f"sim://?images={d}&motion=static&hold=0", psf=psf32)
+
+
 # ------------------------------------------------------------------------------------------------
 # file://
 # ------------------------------------------------------------------------------------------------
@@ -292,6 +312,115 @@ def test_csi_without_gstreamer_is_a_clear_error():
         open_source("csi://0").open()
 
 
+# nvarguscamerasrc's properties as `gst-inspect-1.0 nvarguscamerasrc` lists them on JetPack 6 (from review of
+# NVIDIA's Argus camera documentation; not inspectable here)
+NVARGUS_PROPERTIES = {"sensor-id", "sensor-mode", "wbmode", "saturation", "exposuretimerange", "gainrange",
+                      "ispdigitalgainrange", "tnr-mode", "tnr-strength", "ee-mode", "ee-strength", "aeantibanding",
+                      "exposurecompensation", "aelock", "awblock", "timeout", "silent", "bufapi-version"}
+
+
+def test_csi_pipeline_locks_the_isp():
+    """issue 14 #7: AE/AWB locked, exposure and analogue gain fixed, ISP digital gain 1, TNR and edge enhancement
+    off, anti-banding off; every property is one nvarguscamerasrc has and every quoted range is balanced."""
+    import shlex
+
+    csi = open_source("csi://0?exposure_us=8000&gain=2&fps=30")
+    pipe = csi.pipeline()
+    src = pipe.split(" ! ")[0]
+    props = dict(tok.split("=", 1) for tok in shlex.split(src)[1:])
+    assert set(props) <= NVARGUS_PROPERTIES, set(props) - NVARGUS_PROPERTIES
+    assert props["aelock"] == props["awblock"] == "true" and props["wbmode"] == "0"
+    assert props["exposuretimerange"] == "8000000 8000000" and props["gainrange"] == "2 2"
+    assert props["ispdigitalgainrange"] == "1 1" and props["tnr-mode"] == "0" and props["ee-mode"] == "0"
+    assert props["aeantibanding"] == "0" and props["sensor-id"] == "0"
+    assert csi.describe()["raw"] is False and "v4l2" in csi.describe()["note"]
+    with pytest.raises(ValueError, match="longer than a frame"):
+        open_source("csi://0?exposure_us=50000&fps=30")
+    with pytest.raises(ValueError, match="linearize"):
+        open_source("csi://0?linearize=gamma22")
+
+
+class _BlockingCapture:
+    """A cv2.VideoCapture stand-in whose read() blocks until released by the test (a stalled camera driver).
+    It records reads running at once and a release() that lands while a read is inside (both crash OpenCV)."""
+
+    def __init__(self):
+        self.unblock = threading.Event()
+        self.lock = threading.Lock()
+        self.reading = 0
+        self.reads_started = 0
+        self.max_concurrent = 0
+        self.released = 0
+        self.released_during_read = False
+        self.value = 0
+
+    def read(self):
+        with self.lock:
+            self.reading += 1
+            self.reads_started += 1
+            self.max_concurrent = max(self.max_concurrent, self.reading)
+        self.unblock.wait(10.0)
+        with self.lock:
+            self.reading -= 1
+            self.value += 40
+        return True, np.full((4, 4, 3), self.value, np.uint8)
+
+    def release(self):
+        with self.lock:
+            self.released += 1
+            self.released_during_read |= self.reading > 0
+
+
+def _opened(uri: str, cap) -> object:
+    src = open_source(uri)
+    src._cap, src._is_open = cap, True
+    return src
+
+
+def test_capture_stall_never_reads_twice_or_releases_under_a_read():
+    """issue 14 #8: after a timed-out read, the next read waits for the same pending read (no second read on the
+    VideoCapture), close() does not release the capture under the blocked read, and the reading thread releases
+    it once the driver returns."""
+    cap = _BlockingCapture()
+    src = _opened("v4l2:///dev/video0", cap)
+    for _ in range(3):
+        with pytest.raises(SourceStalled):
+            src.read(timeout=0.05)
+    assert cap.reads_started == 1 and cap.max_concurrent == 1
+    src.close()
+    assert cap.released == 0
+    cap.unblock.set()
+    deadline = time.monotonic() + 5.0
+    while cap.released == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert cap.released == 1 and not cap.released_during_read
+
+
+def test_capture_recovers_the_pending_frame_and_linearises_csi():
+    """A stalled read that completes later delivers its frame; csi:// frames are linearised (sRGB decoding) and
+    say they are not raw."""
+    cap = _BlockingCapture()
+    src = _opened("csi://0", cap)
+    with pytest.raises(SourceStalled):
+        src.read(timeout=0.05)
+    cap.unblock.set()
+    frame = src.read(timeout=5.0)
+    assert cap.reads_started == 1 and frame.index == 0 and frame.data.dtype == np.uint16
+    v = 40 / 255.0
+    assert frame.data[0, 0, 0] == round(65535 * ((v + 0.055) / 1.055) ** 2.4)
+    assert frame.meta["raw"] is False and frame.meta["linearization"] == "srgb" and frame.meta["white_level"] == 65535
+    src.close()
+    assert cap.released == 1 and not cap.released_during_read
+    from nsdd_edge.sources.capture import SRGB_TO_LINEAR_U16
+
+    assert SRGB_TO_LINEAR_U16[0] == 0 and SRGB_TO_LINEAR_U16[255] == 65535 and np.all(np.diff(SRGB_TO_LINEAR_U16) > 0)
+    plain = _opened("csi://0?linearize=none", _BlockingCapture())
+    plain._cap.unblock.set()
+    f = plain.read(timeout=5.0)
+    assert f.data.dtype == np.uint8 and f.meta["white_level"] == 255.0 and f.meta["linearization"] == "none"
+    plain.close()
+
+
 def test_v4l2_missing_device_is_a_clear_error():
     with pytest.raises(SourceError, match="/dev/video_nsdd_missing"):
         open_source("v4l2:///dev/video_nsdd_missing").open()
@@ -341,6 +470,69 @@ def test_unpack_raw_formats_with_row_padding():
     np.testing.assert_array_equal(unpack_raw(p12, w, h, "mipi12"), px12)
     with pytest.raises(SourceError, match="too small"):
         unpack_raw(np.zeros(10, np.uint8), w, h, "u16")
+
+
+def _msb(px: np.ndarray, bits: int) -> np.ndarray:
+    """How the Jetson VI / Pi 5 store ``bits``-bit values: in the high bits, the low bits repeating the top ones."""
+    shift = 16 - bits
+    return ((px << shift) | (px >> (bits - shift))).astype(np.uint16)
+
+
+@pytest.mark.parametrize("bits", [10, 12])
+def test_unpack_raw_msb_aligned_words(bits):
+    """issue 14 #6: RAW10/12 MSB-aligned in 16-bit words (Tegra VI) unpack to the sensor's counts, not ×16–×64;
+    reading such a frame as LSB-aligned is refused with the fix in the message."""
+    rng = np.random.default_rng(bits)
+    px = rng.integers(0, 2 ** bits, size=(6, 8), dtype=np.uint16)
+    px[0, 0] = 2 ** bits - 1
+    buf = _msb(px, bits).astype("<u2").view(np.uint8)
+    np.testing.assert_array_equal(unpack_raw(buf, 8, 6, "u16", bits=bits, align="msb"), px)
+    with pytest.raises(SourceError, match="align=msb"):
+        unpack_raw(buf, 8, 6, "u16", bits=bits, align="lsb")
+    lsb = px.astype("<u2").view(np.uint8)
+    np.testing.assert_array_equal(unpack_raw(lsb, 8, 6, "u16", bits=bits, align="lsb"), px)
+    with pytest.raises(ValueError, match="alignment"):
+        unpack_raw(lsb, 8, 6, "u16", bits=bits, align="middle")
+
+
+def test_v4l2_raw_alignment_is_msb_on_a_jetson(monkeypatch):
+    import nsdd_edge.sources.capture as capture
+
+    monkeypatch.setattr(capture, "is_tegra", lambda: True)
+    assert open_source("v4l2:///dev/video0?pixelformat=RG12").align == "msb"
+    assert open_source("v4l2:///dev/video0?pixelformat=RG12&align=lsb").align == "lsb"
+    monkeypatch.setattr(capture, "is_tegra", lambda: False)
+    src = open_source("v4l2:///dev/video0?pixelformat=RG10")
+    assert src.align == "lsb" and src.describe()["alignment"] == "lsb"
+    with pytest.raises(ValueError, match="align"):
+        open_source("v4l2:///dev/video0?pixelformat=RG10&align=up")
+
+
+@pytest.fixture
+def fake_picamera2(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "fakes"))
+    monkeypatch.delitem(sys.modules, "picamera2", raising=False)
+    import picamera2
+
+    yield picamera2
+    sys.modules.pop("picamera2", None)
+
+
+def test_picamera2_pi4_and_pi5_give_the_same_12_bit_counts(fake_picamera2):
+    """issue 14 #11: a Pi 5 (SBGGR16, MSB-aligned) must deliver what a Pi 4 (SBGGR12) delivers, so a bundle
+    calibrated on one works on the other: same counts, bit depth, white and black level."""
+    frames = {}
+    for board in ("pi4", "pi5"):
+        fake_picamera2.BOARD = board
+        with open_source("picamera2://0?size=64x48&bits=12") as cam:
+            frames[board] = [cam.read(timeout=1.0) for _ in range(2)]
+    for f4, f5 in zip(frames["pi4"], frames["pi5"]):
+        np.testing.assert_array_equal(f4.data, fake_picamera2.counts(f4.index))
+        np.testing.assert_array_equal(f5.data, f4.data)
+        for key in ("bit_depth", "white_level", "black_level", "bayer_pattern"):
+            assert f5.meta[key] == f4.meta[key], key
+    assert frames["pi4"][0].meta["black_level"] == 256.0 and frames["pi4"][0].meta["white_level"] == 4095.0
+    assert frames["pi5"][0].meta["alignment"] == "msb" and frames["pi4"][0].meta["alignment"] == "lsb"
 
 
 def test_libcamera_raw_format_names():
@@ -409,6 +601,73 @@ def test_tcp_round_trip_through_serve_camera(served_stack):
     second.close()
     client.close()
     assert server.frames_sent == 4 and server.clients_served == 2
+
+
+def test_serve_camera_bins_and_crops_with_the_bundles_preprocessing(psf32):
+    """issue 14 #12: with the bundle's preprocessing on the capture host the client receives y (float32),
+    bit-identical to preprocessing the raw frame itself, in a fraction of the bytes; a client whose bundle
+    preprocesses differently refuses it, and a frame the host's preprocessing refuses arrives raw."""
+    from nsdd_edge.bundle import PreprocessConfig
+    from nsdd_edge.preprocess import Preprocessor, ProfileMismatch
+
+    uri = "sim://?realtime=0&format=bayer&bayer=GBRG&seed=2&frames=6"
+    camera = open_source(uri, psf=psf32)
+    config = PreprocessConfig(**{**camera.matching_preprocess(), "downsample": 2, "crop": [2, 2, 12, 12]})
+    host_pre = Preprocessor(config)
+    server = CameraServer(camera, "127.0.0.1", 0, log=lambda msg: None, preprocess=host_pre, bundle_name="b")
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_s": 0.05}, daemon=True)
+    thread.start()
+    reference = open_source(uri, psf=psf32)
+    try:
+        client = open_source(f"tcp://127.0.0.1:{server.address[1]}")
+        client_pre = Preprocessor(config)
+        for _ in range(2):
+            frame = client.read(timeout=5)
+            raw = reference.read()
+            assert frame.data.dtype == np.float32 and frame.data.shape == (3, 12, 12) and raw.data.shape == (64, 64)
+            assert frame.meta["preprocessed"]["digest"] == client_pre.digest
+            assert frame.meta["preprocessed"]["raw_shape"] == [64, 64] and frame.meta["bit_depth"] == 12
+            np.testing.assert_array_equal(client_pre(frame.data, frame.meta), Preprocessor(config)(raw.data, raw.meta))
+            assert frame.data.nbytes * 4 < raw.data.nbytes
+        assert client.describe()["remote"]["preprocess"] == {"bundle": "b", "digest": host_pre.digest}
+        other = Preprocessor(PreprocessConfig(**{**vars(config), "crop": None}))
+        with pytest.raises(ProfileMismatch, match="other settings"):
+            other(frame.data, frame.meta)
+        host_pre.config = PreprocessConfig(**{**vars(config), "white_level": 65535.0})  # host now refuses the profile
+        host_pre._checked_profile = None
+        sent_raw = client.read(timeout=5)
+        assert sent_raw.data.dtype == np.uint16 and "preprocessed" not in sent_raw.meta
+        client.close()
+    finally:
+        server.shutdown()
+        thread.join(5)
+        camera.close()
+
+
+def test_serve_camera_model_errors_are_named(tmp_path, capsys):
+    from nsdd_edge.cli import main
+
+    assert main(["serve-camera", "--source", "sim://", "--bind", "127.0.0.1:0", "--model", str(tmp_path / "nope")]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_bench_tcp_reports_bytes_and_ceilings(capsys):
+    """bench/bench_tcp.py: the HQ raw frame is ~6.2 MB (≤ 19 fps on 1 GbE, ~1 fps at 50 Mbit/s); binned and
+    cropped for a 128² bundle it is ~0.2 MB."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_tcp", ROOT / "bench" / "bench_tcp.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    raw = np.zeros(bench.HQ_SIZE, np.uint16)
+    nbytes = bench.message_bytes(raw, bench.PI_META)
+    assert raw.nbytes < nbytes < raw.nbytes + 2000
+    assert 18.5 < bench.fps_ceiling(nbytes, 1e9) < 19.5 and 0.9 < bench.fps_ceiling(nbytes, 50e6) < 1.0
+    assert bench.main(["--repeats", "1"]) == 0
+    rows = {line.split("  ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    line128 = next(v for k, v in rows.items() if "128" in k)
+    assert "3x128x128" in line128 and "197,160" in line128
+    assert any("sent raw (y larger)" in k for k in rows)
 
 
 def test_tcp_refuses_a_wrong_token(served_stack):

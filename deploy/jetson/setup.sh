@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Install nsdd-edge on a Jetson (JetPack 6: L4T R36, TensorRT 10.3, CUDA 12.6; JetPack 7: L4T R38/R39,
-# TensorRT 11, CUDA 13), build the TensorRT engine of a bundle on this device and install the service.
+# Install nsdd-edge on a Jetson (JetPack 6.1/6.2: L4T R36.4, TensorRT 10.3, CUDA 12.6; JetPack 7: L4T R38/R39,
+# TensorRT 10.13+, CUDA 13), build the TensorRT engine of a bundle on this device and install the service.
+# The release table is nsdd_edge/assets/device_versions.json (docs/DEVICES.md); JetPack 6.0 (L4T R36.2/R36.3,
+# TensorRT 8.6) and older are refused.
 #
-#   sudo deploy/jetson/setup.sh [--bundle DIR] [--precision fp16|int8] [--cuda-binding cuda-python|pycuda]
+#   sudo deploy/jetson/setup.sh [--bundle DIR] [--precision fp16|int8|fp32] [--cuda-binding cuda-python|pycuda]
 #                               [--prefix /opt/nsdd-edge] [--no-service]
-#   deploy/jetson/setup.sh --detect-only            # print the L4T/JetPack release and exit
+#   deploy/jetson/setup.sh --detect-only            # print the L4T/JetPack/TensorRT release and exit
 #   deploy/jetson/setup.sh --build-engine DIR       # (re)build DIR's engine with trtexec, register it
 #
-# Engines are built here, on the device, with trtexec (an engine is tied to the GPU and TensorRT version);
-# nsdd-export (which needs torch) is not installed on the device. JetPack 6 builds the FP32 ONNX with
-# --fp16 (or the Q/DQ ONNX with --int8); TensorRT 11 (JetPack 7) has no precision flags, so the bundle's
-# FP16/Q/DQ ONNX is built --stronglyTyped.
+# Engines are built here, on the device, with trtexec --stronglyTyped (an engine is tied to the GPU and the
+# TensorRT version): the ONNX types decide every layer's precision, so the physics part (DFT, spectra,
+# projector: FP32 in every ONNX we export) stays FP32 while the student runs in FP16 (--precision fp16: the
+# bundle's onnx_fp16) or INT8 (onnx_int8, Q/DQ). A bundle without that model gets an FP32 engine.
 set -euo pipefail
 
 SRC_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -29,23 +31,22 @@ TRTEXEC=${TRTEXEC:-/usr/src/tensorrt/bin/trtexec}
 die() { echo "setup.sh: error: $*" >&2; exit 1; }
 log() { echo "setup.sh: $*" >&2; }
 
-usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
-# Sets L4T_MAJOR, L4T_REVISION and JETPACK from /etc/nv_tegra_release
-# ("# R36 (release), REVISION: 4.0, GCID: ..., BOARD: generic, EABI: aarch64, DATE: ...").
+# Sets L4T, JETPACK, TRT_VERSION and CUDA_VERSION from /etc/nv_tegra_release and the release table
+# ("# R36 (release), REVISION: 4.0, GCID: ..." -> l4t=R36.4.0 jetpack=6.1 tensorrt=10.3 cuda=12.6 python=3.10).
 detect_jetpack() {
-  [ -r "$NV_TEGRA_RELEASE" ] || die "$NV_TEGRA_RELEASE not found: this is not a Jetson with JetPack (L4T)"
-  local line
-  line=$(head -n 1 "$NV_TEGRA_RELEASE")
-  L4T_MAJOR=$(printf '%s\n' "$line" | sed -n 's/^# R\([0-9][0-9]*\) (release).*/\1/p')
-  L4T_REVISION=$(printf '%s\n' "$line" | sed -n 's/.*REVISION: \([0-9][0-9.]*\).*/\1/p')
-  [ -n "$L4T_MAJOR" ] || die "$NV_TEGRA_RELEASE: cannot read the L4T release from: $line"
-  case "$L4T_MAJOR" in
-    36) JETPACK=6 ;;
-    38 | 39) JETPACK=7 ;;
-    35 | 34 | 32) die "L4T R$L4T_MAJOR (JetPack 5 or older) is not supported: TensorRT 10 needs JetPack 6 (L4T R36)" ;;
-    *) die "unknown L4T release R$L4T_MAJOR (supported: R36 = JetPack 6, R38/R39 = JetPack 7)" ;;
-  esac
+  local facts kv
+  facts=$(PYTHONPATH="$SRC_DIR" python3 -m nsdd_edge.devices jetson "$NV_TEGRA_RELEASE") || exit 1
+  for kv in $facts; do
+    case "$kv" in
+      l4t=*) L4T=${kv#l4t=} ;;
+      jetpack=*) JETPACK=${kv#jetpack=} ;;
+      tensorrt=*) TRT_VERSION=${kv#tensorrt=} ;;
+      cuda=*) CUDA_VERSION=${kv#cuda=} ;;
+    esac
+  done
+  DETECTED=$facts
 }
 
 # Reads a model file name from DIR/bundle.json: bundle_model DIR KIND -> prints the file or nothing.
@@ -59,37 +60,34 @@ PY
 }
 
 build_engine() {
-  local bundle=$1 onnx="" kind="" flags=()
+  local bundle=$1 onnx="" kind
   [ -f "$bundle/bundle.json" ] || die "$bundle is not an nsdd-edge bundle (no bundle.json)"
   [ -x "$TRTEXEC" ] || die "trtexec not found at $TRTEXEC (install TensorRT from JetPack: apt install tensorrt)"
   detect_jetpack
-  if [ "$JETPACK" = 6 ]; then
-    if [ "$PRECISION" = int8 ]; then kind=onnx_int8; flags=(--int8 --fp16); else kind=onnx_fp32; flags=(--fp16); fi
-  else
-    if [ "$PRECISION" = int8 ]; then kind=onnx_int8; else kind=onnx_fp16; fi
-    flags=(--stronglyTyped)
-  fi
+  case "$PRECISION" in int8) kind=onnx_int8 ;; fp16) kind=onnx_fp16 ;; *) kind=onnx_fp32 ;; esac
   onnx=$(bundle_model "$bundle" "$kind")
   if [ -z "$onnx" ] && [ "$kind" != onnx_fp32 ]; then
-    log "bundle has no $kind model; building from onnx_fp32"
+    log "bundle has no $kind model (nsdd-export quantize --precision $PRECISION makes one): building FP32"
     kind=onnx_fp32
     onnx=$(bundle_model "$bundle" "$kind")
-    if [ "$JETPACK" = 6 ]; then flags=(--fp16); else flags=(); fi
   fi
   [ -n "$onnx" ] || die "$bundle has no ONNX model to build an engine from (export one with nsdd-export)"
-  local plan="$bundle/engine.plan" tmp
+  local tmp
   tmp=$(mktemp "$bundle/.engine.XXXXXX")
-  log "building $plan from $onnx ($kind, ${flags[*]:-fp32}) with $TRTEXEC; this takes minutes"
-  if ! "$TRTEXEC" --onnx="$bundle/$onnx" --saveEngine="$tmp" "${flags[@]}" --skipInference \
+  log "building the engine of $bundle from $onnx ($kind, --stronglyTyped: precision from the ONNX types) with $TRTEXEC; this takes minutes"
+  if ! "$TRTEXEC" --onnx="$bundle/$onnx" --saveEngine="$tmp" --stronglyTyped --skipInference \
       >"$bundle/.trtexec.log" 2>&1; then
     rm -f "$tmp"
     die "trtexec failed; see $bundle/.trtexec.log"
   fi
-  mv "$tmp" "$plan"
   local trt_version
   trt_version=$("$PYTHON" -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null || echo unknown)
-  "$PYTHON" "$SRC_DIR/deploy/jetson/register_engine.py" "$bundle" "$plan" --precision "$PRECISION" \
-    --source-model "$kind" --tensorrt "$trt_version" --jetpack "$JETPACK" --l4t "R$L4T_MAJOR.$L4T_REVISION"
+  # register_engine moves the built file to engine.plan and records it in bundle.json, in place
+  if ! "$PYTHON" "$SRC_DIR/deploy/jetson/register_engine.py" "$bundle" "$tmp" --precision "${kind#onnx_}" \
+      --source-model "$kind" --typing strongly-typed --tensorrt "$trt_version" --jetpack "$JETPACK" --l4t "$L4T"; then
+    rm -f "$tmp"
+    die "could not register the engine in $bundle"
+  fi
 }
 
 install_python() {
@@ -102,16 +100,18 @@ install_python() {
   # come from apt, not PyPI.
   python3 -m venv --system-site-packages "$PREFIX/venv"
   PYTHON="$PREFIX/venv/bin/python"
-  "$PYTHON" -m pip install --upgrade pip
+  # -c constraints.txt (numpy<2): pip must not replace the system numpy 1.x that cv2 and TensorRT need.
+  local pip=("$PYTHON" -m pip install -c "$SRC_DIR/deploy/jetson/constraints.txt")
+  "${pip[@]}" --upgrade pip
   # --no-deps keeps the system OpenCV (with GStreamer) instead of PyPI's opencv-python-headless.
-  "$PYTHON" -m pip install --no-deps "$SRC_DIR"
-  "$PYTHON" -m pip install "onnxruntime>=1.18"
+  "${pip[@]}" --no-deps "$SRC_DIR"
+  "${pip[@]}" "onnxruntime>=1.18"
+  local cuda_major=${CUDA_VERSION%%.*}
   case "$CUDA_BINDING" in
-    cuda-python)
-      if [ "$JETPACK" = 6 ]; then "$PYTHON" -m pip install "cuda-python>=12.6,<13"; else "$PYTHON" -m pip install "cuda-python>=13"; fi ;;
+    cuda-python) "${pip[@]}" "cuda-python>=$cuda_major,<$((cuda_major + 1))" ;;
     pycuda)
       # pycuda compiles against the CUDA toolkit and needs libcuda: build it here, on the device.
-      PATH="/usr/local/cuda/bin:$PATH" CUDA_ROOT=/usr/local/cuda "$PYTHON" -m pip install "pycuda>=2022.2" ;;
+      PATH="/usr/local/cuda/bin:$PATH" CUDA_ROOT=/usr/local/cuda "${pip[@]}" "pycuda>=2022.2" ;;
     *) die "--cuda-binding must be cuda-python or pycuda" ;;
   esac
   "$PYTHON" -c 'import tensorrt, cv2; print("TensorRT", tensorrt.__version__, "OpenCV", cv2.__version__)'
@@ -144,7 +144,7 @@ install_service() {
 while [ $# -gt 0 ]; do
   case "$1" in
     --bundle) BUNDLE=${2:?--bundle needs a directory}; shift 2 ;;
-    --precision) PRECISION=${2:?--precision needs fp16 or int8}; shift 2 ;;
+    --precision) PRECISION=${2:?--precision needs fp16, int8 or fp32}; shift 2 ;;
     --cuda-binding) CUDA_BINDING=${2:?--cuda-binding needs cuda-python or pycuda}; shift 2 ;;
     --prefix) PREFIX=${2:?--prefix needs a directory}; shift 2 ;;
     --no-service) INSTALL_SERVICE=0; shift ;;
@@ -154,14 +154,14 @@ while [ $# -gt 0 ]; do
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
-case "$PRECISION" in fp16 | int8) ;; *) die "--precision must be fp16 or int8, got $PRECISION" ;; esac
+case "$PRECISION" in fp16 | int8 | fp32) ;; *) die "--precision must be fp16, int8 or fp32, got $PRECISION" ;; esac
 PYTHON="$PREFIX/venv/bin/python"
 [ -x "$PYTHON" ] || PYTHON=python3
 
 case "$MODE" in
   detect)
     detect_jetpack
-    echo "l4t=R$L4T_MAJOR.$L4T_REVISION jetpack=$JETPACK"
+    echo "$DETECTED"
     ;;
   engine)
     build_engine "$BUNDLE"
@@ -169,7 +169,7 @@ case "$MODE" in
   install)
     [ "$(id -u)" = 0 ] || die "run as root (sudo $0 ...)"
     detect_jetpack
-    log "L4T R$L4T_MAJOR.$L4T_REVISION: JetPack $JETPACK"
+    log "$L4T: JetPack $JETPACK, TensorRT $TRT_VERSION, CUDA $CUDA_VERSION"
     install_python
     install_user
     if [ "$INSTALL_SERVICE" = 1 ]; then install_service; fi

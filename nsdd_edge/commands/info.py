@@ -31,6 +31,14 @@ def versions() -> dict[str, str]:
     for name, (ok, why) in available_cuda_bindings().items():
         out[name] = "available" if ok else "not installed"
     out["jetson"] = "yes" if is_jetson() else "no"
+    if is_jetson():  # the release table (nsdd_edge/assets/device_versions.json, docs/DEVICES.md)
+        from nsdd_edge.devices import DeviceError, detect_jetson
+
+        try:
+            l4t, row = detect_jetson()
+            out["jetpack"] = f"{row['jetpack']} (L4T R{l4t}; expects TensorRT {row['tensorrt']}, CUDA {row['cuda']})"
+        except DeviceError as exc:
+            out["jetpack"] = f"unsupported: {exc}"
     return out
 
 

@@ -25,6 +25,10 @@ class PiCamera2Source(FrameSource):
     comes from ``camera_configuration()['raw']['format']`` (the HQ camera reports SBGGR12 because it is
     mounted upside down). Exposure, analogue gain and colour gains are locked (``exposure_us=``,
     ``gain=``, ``colour_gains=R,B``); ``fps=`` fixes the frame duration; ``size=WxH``, ``bits=``.
+
+    Frames are always in the sensor mode's own ``bits``: a Pi 4 (Unicam) delivers ``SBGGR12`` with the values in
+    the low bits; a Pi 5 (PiSP) delivers unpacked raw as ``SBGGR16`` with the 12-bit values in the high bits,
+    which are shifted down (and ``SensorBlackLevels``, on a 16-bit scale, scaled alike), so one bundle fits both.
     """
 
     scheme = "picamera2"
@@ -57,6 +61,8 @@ class PiCamera2Source(FrameSource):
         self._pattern: str | None = None
         self._raw_bits = self.bits
         self._raw_size = self.size
+        self._raw_format = ""
+        self._align = "lsb"
 
     def _open(self) -> None:
         try:
@@ -87,10 +93,14 @@ class PiCamera2Source(FrameSource):
                           "FrameDurationLimits": (frame_us, frame_us)})
             cam.configure(config)
             raw_cfg = cam.camera_configuration()["raw"]
-            self._pattern, self._raw_bits, packed = parse_libcamera_raw_format(str(raw_cfg["format"]))
+            self._pattern, container_bits, packed = parse_libcamera_raw_format(str(raw_cfg["format"]))
             if packed:
                 raise SourceError(f"{self.uri}: libcamera gave the packed format {raw_cfg['format']}; "
                                   "an unpacked one is needed")
+            self._raw_format = str(raw_cfg["format"])
+            self._raw_bits = int(mode["bit_depth"])
+            # Pi 5: SBGGR16 holds the sensor's bits MSB-aligned; Pi 4: SBGGR12 holds them LSB-aligned
+            self._align = "msb" if container_bits > self._raw_bits else "lsb"
             self._raw_size = tuple(raw_cfg["size"])
             cam.start()
         except BaseException:
@@ -117,10 +127,12 @@ class PiCamera2Source(FrameSource):
         finally:
             request.release()
         w, h = self._raw_size
-        data = unpack_raw(buf, w, h, "u16", bytes_per_line=buf.shape[1] if buf.ndim == 2 else None)
+        data = unpack_raw(buf, w, h, "u16", bytes_per_line=buf.shape[1] if buf.ndim == 2 else None,
+                          bits=self._raw_bits, align=self._align)
         black16 = md.get("SensorBlackLevels", [4096])  # libcamera reports them on a 16-bit scale
         black = float(np.mean(black16)) / 2 ** (16 - self._raw_bits)
         meta = {"source": "picamera2", "bayer_pattern": self._pattern, "bit_depth": self._raw_bits,
+                "raw_format": self._raw_format, "alignment": self._align,
                 "black_level": black, "white_level": float(2 ** self._raw_bits - 1),
                 "exposure_us": md.get("ExposureTime"), "analogue_gain": md.get("AnalogueGain"),
                 "gain": 1.0, "colour_gains": md.get("ColourGains"), "sensor_timestamp_ns": md.get("SensorTimestamp"),

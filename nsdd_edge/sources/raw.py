@@ -4,6 +4,7 @@ data, libcamera raw format names."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 
@@ -20,14 +21,25 @@ V4L2_RAW_FORMATS: dict[str, tuple[str | None, int, str]] = {
 }
 
 
-def unpack_raw(buffer: np.ndarray | bytes, width: int, height: int, packing: str,
-               bytes_per_line: int | None = None) -> np.ndarray:
-    """Raw sensor buffer → uint16 ``(height, width)`` counts.
+ALIGNMENTS = ("lsb", "msb")
 
-    ``u16``: little-endian 16-bit containers (V4L2 RG10/RG12, picamera2 unpacked ``SBGGR12``);
-    ``mipi10``: 4 pixels in 5 bytes (4 high bytes, then the 2-bit remainders);
-    ``mipi12``: 2 pixels in 3 bytes (2 high bytes, then the two 4-bit remainders). Rows may be padded
+
+def unpack_raw(buffer: np.ndarray | bytes, width: int, height: int, packing: str,
+               bytes_per_line: int | None = None, *, bits: int | None = None, align: str = "lsb") -> np.ndarray:
+    """Raw sensor buffer → uint16 ``(height, width)`` counts in ``[0, 2**bits − 1]``.
+
+    ``u16``: little-endian 16-bit containers (V4L2 RG10/RG12, picamera2 unpacked ``SBGGR12``). ``align`` says
+    where a ``bits``-bit value sits in its 16-bit word: ``lsb`` (Pi 4 Unicam, most UVC/USB sensors) as is;
+    ``msb`` (Jetson Xavier/Orin VI RAW10/12, Raspberry Pi 5 PiSP ``SBGGR16``): ``value = word >> (16 − bits)``
+    (low bits are zero or replicated MSBs). An ``lsb`` frame holding values above ``2**bits − 1`` is refused
+    with :class:`SourceError` — that is MSB-aligned data, ×16–×64 too bright.
+    ``mipi10``: 4 pixels in 5 bytes (4 high bytes, then the 2-bit remainders); ``mipi12``: 2 pixels in 3 bytes
+    (2 high bytes, then the two 4-bit remainders); alignment does not apply. Rows may be padded
     (``bytes_per_line``, default: the buffer size / height)."""
+    if align not in ALIGNMENTS:
+        raise ValueError(f"unknown raw alignment {align!r}; use lsb or msb")
+    if bits is not None and not 1 <= bits <= 16:
+        raise ValueError(f"raw bit depth {bits} does not fit 16-bit words")
     raw = np.frombuffer(buffer, dtype=np.uint8) if isinstance(buffer, (bytes, bytearray, memoryview)) \
         else np.ascontiguousarray(buffer).reshape(-1).view(np.uint8)
     row_bytes = {"u16": 2 * width, "mipi10": (width * 5 + 3) // 4, "mipi12": (width * 3 + 1) // 2}.get(packing)
@@ -39,7 +51,16 @@ def unpack_raw(buffer: np.ndarray | bytes, width: int, height: int, packing: str
                           f"(needs {row_bytes} bytes per row)")
     rows = raw[: stride * height].reshape(height, stride)[:, :row_bytes]
     if packing == "u16":
-        return np.ascontiguousarray(rows).view("<u2").astype(np.uint16, copy=False)
+        words = np.ascontiguousarray(rows).view("<u2").astype(np.uint16, copy=False)
+        if bits is None or bits == 16:
+            return words
+        if align == "msb":
+            return words >> np.uint16(16 - bits)
+        peak = int(words.max())
+        if peak > 2 ** bits - 1:
+            raise SourceError(f"raw {bits}-bit frame holds values up to {peak} > {2 ** bits - 1}: the data is "
+                              f"MSB-aligned in its 16-bit words (Jetson VI, Raspberry Pi 5); use align=msb")
+        return words
     if packing == "mipi10":
         groups = rows[:, : (width // 4) * 5].reshape(height, -1, 5).astype(np.uint16)
         out = np.empty((height, groups.shape[1], 4), np.uint16)
@@ -51,6 +72,16 @@ def unpack_raw(buffer: np.ndarray | bytes, width: int, height: int, packing: str
     out[..., 0] = (groups[..., 0] << 4) | (groups[..., 2] & 0xF)
     out[..., 1] = (groups[..., 1] << 4) | (groups[..., 2] >> 4)
     return out.reshape(height, -1)[:, :width]
+
+
+def is_tegra() -> bool:
+    """A Jetson (Tegra SoC): ``/etc/nv_tegra_release`` or an ``nvidia,tegra`` device-tree compatible."""
+    if Path("/etc/nv_tegra_release").exists():
+        return True
+    try:
+        return b"nvidia,tegra" in Path("/proc/device-tree/compatible").read_bytes()
+    except OSError:
+        return False
 
 
 def parse_libcamera_raw_format(fmt: str) -> tuple[str | None, int, bool]:

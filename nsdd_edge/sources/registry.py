@@ -75,7 +75,8 @@ _AVAILABILITY: dict[str, Callable[[], tuple[bool, str]]] = {
     "file": lambda: (True, "OpenCV video, image directories, .npy stacks"),
     "picamera2": lambda: ((True, "picamera2 installed") if _module_available("picamera2")
                           else (False, "picamera2 not installed (Raspberry Pi: apt install python3-picamera2)")),
-    "csi": lambda: ((True, "OpenCV has GStreamer (needs nvarguscamerasrc, JetPack)") if _gstreamer_available()
+    "csi": lambda: ((True, ("OpenCV has GStreamer (needs nvarguscamerasrc, JetPack); ISP-processed, not raw: "
+                            "locked AE/AWB, linearised — prefer v4l2:// raw")) if _gstreamer_available()
                     else (False, "this OpenCV build has no GStreamer support")),
     "v4l2": lambda: _v4l2_status(),
     "tcp": lambda: (True, "client of 'nsdd-edge serve-camera'"),

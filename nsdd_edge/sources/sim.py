@@ -68,9 +68,11 @@ class SimCamera(FrameSource):
     """``sim://``: a lensless camera simulated from the bundle's PSF.
 
     Frame ``k``: a scene ``x_k`` (procedural, or the user's images with ``images=DIR``: the sorted folder from
-    image ``start=N``, one every ``hold`` seconds, each centre-cropped square and resized like
-    ``nsdd-train simulate`` does — the whole image with ``motion=static``; moving by
-    ``motion=pan|zoom|static``; ``scene=point`` for PSF calibration, ``scene=dark`` for dark frames)
+    image ``start=N``, each centre-cropped square and resized like ``nsdd-train simulate`` does — the whole
+    image with ``motion=static``; moving by ``motion=pan|zoom|static``; the next image every ``hold`` seconds
+    (default 3 s with pan/zoom; ``motion=static`` shows image ``start`` for the whole run unless ``hold=`` is
+    given, so the picture never depends on machine speed); ``scene=point`` for PSF calibration,
+    ``scene=dark`` for dark frames)
     → ``y = C_sensor F⁻¹[H · F(P_conv x)]``
     with ``H = WienerSpectra.from_psf(psf, conv_shape, λ).H`` → shot noise ``Poisson(y·photons)/photons``
     (``photons=0``: off) and read noise ``N(0, noise²)`` → counts ``black_level + gain · y``, rounded and
@@ -104,7 +106,8 @@ class SimCamera(FrameSource):
         if self.scene_kind == "images" and not images:
             raise ValueError(f"camera source {uri!r}: scene=images needs images=DIR")
         self.images_dir = Path(images).expanduser() if images else None
-        self.hold = o.float("hold", 3.0, positive=True)
+        # seconds per image of images=DIR; None: image `start` for the whole run (motion=static's default)
+        self.hold = o.float("hold", None if self.motion == "static" else 3.0, positive=True)
         self.start = o.int("start", 0, minimum=0)
         self.black_level = o.float("black_level", 256.0, minimum=0.0)
         self.gain = o.float("gain", 3800.0, positive=True)
@@ -220,6 +223,15 @@ class SimCamera(FrameSource):
                                                    interpolation=cv2.INTER_AREA)
         return self._image_cache[number]
 
+    def image_number(self, index: int) -> int:
+        """Which image of the sorted folder frame ``index`` shows: ``(start + ⌊index / (fps·hold)⌋) mod n``
+        (``start`` for every frame when ``hold`` is None)."""
+        if not self._image_files:
+            self._image_files = self._list_images()
+        if self.hold is None:
+            return self.start
+        return (self.start + int(index / self.fps / self.hold)) % len(self._image_files)
+
     def scene(self, index: int) -> np.ndarray:
         """The scene ``x`` of frame ``index``: float32 ``(C, *scene_shape)`` in [0, 1]."""
         import cv2
@@ -237,9 +249,7 @@ class SimCamera(FrameSource):
                 self._canvas = _procedural_canvas((int(sh * 1.5), int(sw * 1.5)), self.seed)
             canvas = self._canvas
         else:  # static: the whole image fills the scene; pan / zoom: a 1.5x canvas leaves room to move
-            if not self._image_files:
-                self._image_files = self._list_images()
-            number = (self.start + int(index / self.fps / self.hold)) % len(self._image_files)
+            number = self.image_number(index)
             canvas_shape = (sh, sw) if self.motion == "static" else (int(sh * 1.5), int(sw * 1.5))
             canvas = self._image_canvas(number, canvas_shape)
         t = index / self.fps
@@ -331,6 +341,7 @@ class SimCamera(FrameSource):
         d.update({"kind": "simulated lensless camera", "psf": self.psf_name, "psf_shape": list(self.psf.shape),
                   "geometry": self.geometry.to_dict(), "format": self.format, "bayer_pattern": self.bayer_pattern,
                   "scene": self.scene_kind, "motion": self.motion, "seed": self.seed, "noise": self.noise,
+                  "hold_s": self.hold,
                   "photons": self.photons, "black_level": self.black_level, "gain": self.gain,
                   "bit_depth": self.bits, "frames": self.max_frames,
                   "preprocess": self.matching_preprocess()})
