@@ -12,6 +12,7 @@ is saved), bf16 autocast on a GPU. Every ``--checkpoint-every`` steps, atomicall
 ``samples/step_NNNNNNN.png`` (measurement view | A†y | student | teacher). Rerunning the same command
 resumes from the checkpoint; the result equals an uninterrupted run. Ctrl-C / SIGTERM finish the step in
 progress, write a checkpoint and exit (130); a second signal stops at once, keeping the last checkpoint.
+Under ``torchrun`` the run is data parallel (``--batch`` global, rank 0 writes; :mod:`train.distributed`).
 
 λ: ``A†`` uses the dataset's ``recon.lam`` unless ``--lam`` is given. With very small λ (1e-6) and noisy
 measurements ``A†y`` is dominated by amplified noise in the range, which a null-space student cannot
@@ -30,15 +31,17 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from nsdd_edge.atomic import atomic_write, atomic_write_bytes, atomic_write_text
-from nsdd_edge.optics import OpticsError, array_hash, read_array
+from nsdd_edge.optics import OpticsError
 from train.data import DatasetError, LenslessDataset
+from train.distill_data import BatchOrder, DistillError, TargetSet, choose_ids
+from train.distributed import DistContext, init_distributed
 from train.physics import LenslessOperator
 from train.students import (
     KINDS,
@@ -56,10 +59,6 @@ from train.students import (
 
 HELP = "distill a one-pass NSDD student (edge or paper) from teacher targets"
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-class DistillError(ValueError):
-    """Bad distillation input (dataset, targets, settings); the message names the path or option."""
 
 
 @dataclass
@@ -158,124 +157,6 @@ def resolve_support(text: str, dataset: LenslessDataset, physics: LenslessOperat
     if support is not None and (support[0] > scene[0] or support[1] > scene[1]):
         raise DistillError(f"--support {support[0]}x{support[1]} is larger than the scene grid {scene[0]}x{scene[1]}")
     return support  # type: ignore[return-value]
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------
-
-
-class TargetSet:
-    """Measurements of a dataset paired with teacher targets ``TARGETS/ID.npy`` (no ground truth)."""
-
-    def __init__(self, dataset: LenslessDataset, targets_dir: str | os.PathLike, ids: Sequence[str],
-                 scene_shape: Sequence[int]):
-        self.dataset = dataset
-        self.targets_dir = Path(targets_dir)
-        if not self.targets_dir.is_dir():
-            raise DistillError(f"{self.targets_dir}: targets directory does not exist")
-        self.ids = list(ids)
-        if not self.ids:
-            raise DistillError(f"{dataset.root}: no measurements to train on")
-        missing = [i for i in self.ids if not (self.targets_dir / f"{i}.npy").exists()]
-        if missing:
-            shown = ", ".join(missing[:10]) + (", …" if len(missing) > 10 else "")
-            raise DistillError(f"{self.targets_dir}: no teacher target ID.npy for {len(missing)} of {len(self.ids)} "
-                               f"measurements: {shown} (run nsdd-train teacher for them, or choose --split)")
-        y0 = self.measurement(self.ids[0])
-        t0 = self.target(self.ids[0])
-        self.channels = int(y0.shape[0])
-        want = (self.channels, int(scene_shape[0]), int(scene_shape[1]))
-        if tuple(t0.shape) != want:
-            raise DistillError(f"{self.targets_dir / (self.ids[0] + '.npy')}: target has shape {tuple(t0.shape)}, "
-                               f"expected {want} (channels of y × the operator's scene grid)")
-        self.teacher = self._teacher_record(dataset)
-
-    def _teacher_record(self, dataset: LenslessDataset) -> dict:
-        """What the targets say about their teacher (``recon.json``, ``teacher.json``); checks the PSF."""
-        def read(name: str) -> dict:
-            path = self.targets_dir / name
-            try:
-                d = json.loads(path.read_text()) if path.exists() else {}
-            except (OSError, json.JSONDecodeError) as exc:
-                raise DistillError(f"{path}: unreadable ({exc})") from exc
-            return d if isinstance(d, dict) else {}
-
-        recon, manifest = read("recon.json"), read("teacher.json")
-        identity = manifest.get("identity", {})
-        psf_hash = identity.get("dataset_psf_sha256") or recon.get("source", {}).get("psf_sha256")
-        if psf_hash and psf_hash != array_hash(dataset.psf):
-            raise DistillError(f"{self.targets_dir}: targets were made for PSF {psf_hash[:12]}…, the dataset "
-                               f"{dataset.root} has PSF {array_hash(dataset.psf)[:12]}…")
-        record = {k: recon[k] for k in ("method", "settings", "prior") if k in recon}
-        if manifest.get("prior", {}).get("sha256"):
-            record["prior_sha256"] = manifest["prior"]["sha256"]
-        if identity.get("physics"):
-            record["physics"] = identity["physics"]
-        return record
-
-    def measurement(self, sample_id: str) -> np.ndarray:
-        try:
-            return self.dataset.measurement(sample_id)
-        except OpticsError as exc:
-            raise DistillError(f"measurement {sample_id}: {exc}") from exc
-
-    def target(self, sample_id: str) -> np.ndarray:
-        try:
-            return read_array(self.targets_dir / f"{sample_id}.npy")
-        except OpticsError as exc:
-            raise DistillError(f"teacher target {sample_id}: {exc}") from exc
-
-    def preload(self, device: torch.device) -> None:
-        """Read every pair once and keep them as two tensors on ``device``; :meth:`batch` then indexes them."""
-        self._row = {i: k for k, i in enumerate(self.ids)}
-        self._y = torch.from_numpy(np.stack([self.measurement(i) for i in self.ids])).to(device)
-        self._t = torch.from_numpy(np.stack([self.target(i) for i in self.ids])).to(device)
-
-    def batch(self, ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if getattr(self, "_row", None) is not None:
-            rows = torch.as_tensor([self._row[i] for i in ids], device=self._y.device)
-            return self._y[rows], self._t[rows]
-        y = np.stack([self.measurement(i) for i in ids])
-        t = np.stack([self.target(i) for i in ids])
-        if y.shape[1:] != (self.channels,) + y.shape[2:] or t.shape[1:] != (self.channels,) + t.shape[2:]:
-            raise DistillError(f"samples {list(ids)} do not all have {self.channels} channels")
-        return torch.from_numpy(y), torch.from_numpy(t)
-
-
-class BatchOrder:
-    """Seeded epoch permutations; the position ``(epoch, index)`` fully determines the next batch."""
-
-    def __init__(self, n: int, batch: int, seed: int, epoch: int = 0, index: int = 0):
-        self.n, self.batch, self.seed = n, batch, seed
-        self.epoch, self.index = epoch, index
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
-
-    def next(self) -> list[int]:
-        out: list[int] = []
-        perm = self._perm(self.epoch)
-        while len(out) < self.batch:
-            if self.index >= self.n:
-                self.epoch, self.index = self.epoch + 1, 0
-                perm = self._perm(self.epoch)
-            take = min(self.batch - len(out), self.n - self.index)
-            out.extend(int(i) for i in perm[self.index : self.index + take])
-            self.index += take
-        return out
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-
-def choose_ids(dataset: LenslessDataset, split: str | None) -> tuple[list[str], str]:
-    """Ids to train on: ``split`` if given, else the ``train`` split if there is one, else all."""
-    if split:
-        return dataset.ids(split), split
-    if "train" in dataset.splits:
-        return dataset.ids("train"), "train"
-    return dataset.ids(None), "all"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,11 +290,38 @@ class TrainingInterrupted(Exception):
 
 def train_student(s: DistillSettings, *, prior: object | None = None,
                   callback: Callable[[int, float], None] | None = None) -> dict:
-    """Run (or resume) a distillation; returns a summary. ``callback(step, loss)`` after every step."""
+    """Run (or resume) a distillation; returns a summary. ``callback(step, loss)`` after every step.
+    Under ``torchrun``: one data-parallel process of several (:mod:`train.distributed`; rank 0 writes)."""
     s.validate()
+    ctx = init_distributed(_resolve_device(s.device), DistillError)
+    try:
+        with ctx.quiet_unless_main():
+            return _train(s if ctx.is_main else replace(s, progress=False), ctx, prior=prior, callback=callback)
+    finally:
+        ctx.close()
+
+
+def _read_checkpoint(ckpt_path: Path) -> dict | None:
+    """The checkpoint in ``--out`` (None: none yet); refuses a trained student without one, and a corrupt file."""
+    out = ckpt_path.parent
+    if not ckpt_path.exists() and (out / "model.safetensors").exists():
+        raise DistillError(f"{out}: holds a trained student but no {CHECKPOINT_NAME} to resume from; choose another "
+                           "--out (nothing is overwritten)")
+    if not ckpt_path.exists():
+        return None
+    try:
+        return torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt checkpoint is never silently replaced
+        raise DistillError(f"{ckpt_path}: unreadable checkpoint ({type(exc).__name__}: {exc}); move it away "
+                           "to start over") from exc
+
+
+def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
+           callback: Callable[[int, float], None] | None) -> dict:
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = _resolve_device(s.device)
+    device = ctx.device
+    ctx.check_batch(s.batch, DistillError)
     use_amp = s.amp == "bf16" or (s.amp == "auto" and device.type == "cuda")  # bf16 on CPU: allowed, slow
 
     try:
@@ -446,6 +354,8 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
         "num_samples": len(data.ids), "ids_sha256": ids_hash, "teacher": data.teacher,
         "objective": s.objective, "loss": s.loss, "lpips_weight": s.lpips_weight, "steps": s.steps,
         "batch": s.batch, "lr": s.lr, "ema": s.ema, "seed": s.seed, "weights_from": "ema", "lam_rule": lam_rule}}
+    if ctx.enabled:
+        extra["training"]["data_parallel"] = ctx.describe()
     if s.student == "paper":
         if prior is None:
             prior = load_prior_dir(s.prior)  # type: ignore[arg-type]
@@ -471,15 +381,8 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
 
     ckpt_path = out / CHECKPOINT_NAME
     signature = s.signature() | {"ids_sha256": ids_hash, "psf_sha256": physics.psf_hash}
-    if not ckpt_path.exists() and (out / "model.safetensors").exists():
-        raise DistillError(f"{out}: holds a trained student but no {CHECKPOINT_NAME} to resume from; choose another "
-                           "--out (nothing is overwritten)")
-    if ckpt_path.exists():
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # a corrupt checkpoint is never silently replaced
-            raise DistillError(f"{ckpt_path}: unreadable checkpoint ({type(exc).__name__}: {exc}); move it away "
-                               "to start over") from exc
+    ckpt = ctx.from_main(lambda: _read_checkpoint(ckpt_path))  # rank 0 reads it and hands it to the others
+    if ckpt is not None:
         if ckpt.get("signature") != signature:
             diff = sorted(k for k in set(signature) | set(ckpt.get("signature", {}))
                           if signature.get(k) != ckpt.get("signature", {}).get(k))
@@ -494,6 +397,11 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
         _set_rng_state(ckpt["rng"])
         if s.progress:
             print(f"resuming {out} at step {step}/{s.steps}", file=sys.stderr)
+    ctx.seed_local_rng(s.seed, step)  # data parallel: each process its own dropout masks
+    student.net = ctx.wrap(net)  # forward/backward through DDP (gradient all-reduce); `net` holds the weights
+    if ctx.enabled and s.progress:
+        print(f"data parallel: {ctx.world_size} processes ({ctx.backend}), global batch {s.batch} = "
+              f"{ctx.world_size} x {s.batch // ctx.world_size}", file=sys.stderr)
 
     lpips_net = None
     if s.lpips_weight > 0:
@@ -514,6 +422,8 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
     sample_ids = data.ids[: max(0, s.samples)]
 
     def checkpoint() -> None:
+        if not ctx.is_main:  # one checkpoint, written by rank 0 (every rank holds the same state)
+            return
         _atomic_torch_save({"signature": signature, "step": step, "net": net.state_dict(), "ema": ema,
                             "optimizer": optimizer.state_dict(), "rng": _rng_state(), "data": order.state(),
                             "history": history}, ckpt_path)
@@ -576,16 +486,16 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
                     probe = (step, now)
                 elif probe is not None and step == probe[0] + 10:
                     rate = (step - probe[0]) / max(now - probe[1], 1e-9)
-                    fit = step + int(0.97 * rate * max(deadline - now, 0.0))
+                    fit = ctx.min_int(step + int(0.97 * rate * max(deadline - now, 0.0)))  # the slowest rank's
                     if fit < s.steps:
                         s.steps = max(fit, step + 1)
                         bar.total = s.steps
                         if s.progress:
                             print(f"\ntime budget: {rate:.2f} steps/s, training to step {s.steps}", file=sys.stderr)
-                if now >= deadline and step > start_step:
+                if ctx.any(now >= deadline)[0] and step > start_step:
                     s.steps = step  # out of time: end here (the checkpoint below saves this step)
                     break
-            batch_ids = [data.ids[i] for i in order.next()]
+            batch_ids = ctx.local([data.ids[i] for i in order.next()])  # this process's rows of the global batch
             y, target = data.batch(batch_ids)
             y, target = y.to(device, non_blocking=True), target.to(device, non_blocking=True)
             lr = learning_rate(step, s.lr, s.steps, min(s.warmup, s.steps // 10))
@@ -596,8 +506,9 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
             loss = distill_loss(x_hat, target, physics, s.objective, s.loss)
             if lpips_net is not None:
                 loss = loss + s.lpips_weight * lpips_net(x_hat.float(), target.float()).mean()
-            if not torch.isfinite(loss):
-                raise DistillError(f"loss became {loss.item()} at step {step + 1}; lower --lr (checkpoint at "
+            mean_loss = ctx.mean(loss.detach())  # the global batch's loss (the same on every process)
+            if not torch.isfinite(mean_loss):
+                raise DistillError(f"loss became {mean_loss.item()} at step {step + 1}; lower --lr (checkpoint at "
                                    f"step {step - step % s.checkpoint_every} is kept)")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -606,7 +517,7 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
             optimizer.step()
             step += 1
             ema_update(ema, net, ema_decay(step, s.ema))
-            value = float(loss.detach())
+            value = float(mean_loss)
             history.append([step, value, lr])
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4g}", lr=f"{lr:.2e}")
@@ -614,9 +525,10 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
                 checkpoint()
             if callback is not None:
                 callback(step, value)
-            if stop_signal:
+            if ctx.any(bool(stop_signal))[0]:  # a signal to any process stops all of them at this step
                 checkpoint()
-                raise TrainingInterrupted(f"{signal.Signals(stop_signal[0]).name}: checkpoint written at step "
+                name = signal.Signals(stop_signal[0]).name if stop_signal else "a signal to another process"
+                raise TrainingInterrupted(f"{name}: checkpoint written at step "
                                           f"{step} in {ckpt_path}; rerun the same command to resume")
     except KeyboardInterrupt:
         print(f"\nstopped at once: the last checkpoint in {ckpt_path} is kept; rerun the same command to resume",
@@ -627,9 +539,10 @@ def train_student(s: DistillSettings, *, prior: object | None = None,
             bar.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if not (out / "model.safetensors").exists() or json.loads((out / "config.json").read_text()).get("step") != step:
+    if ctx.is_main and (not (out / "model.safetensors").exists()
+                        or json.loads((out / "config.json").read_text()).get("step") != step):
         checkpoint()
-    return {"out": str(out), "step": step, "parameters": count_parameters(net),
+    return {"out": str(out), "step": step, "parameters": count_parameters(net), "rank": ctx.rank,
             "final_loss": history[-1][1] if history else None, "history": history}
 
 
@@ -734,6 +647,8 @@ def main(args: argparse.Namespace) -> int:
         return 130
     except KeyboardInterrupt:
         return 130
+    if summary["rank"] != 0:  # data parallel: rank 0 reports
+        return 0
     print(f"student saved to {summary['out']} (step {summary['step']}, {summary['parameters']:,} parameters, "
           f"final loss {summary['final_loss']:.5g}, {time.perf_counter() - t0:.1f} s)")
     return 0

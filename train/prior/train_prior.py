@@ -19,6 +19,10 @@ Output ``--out`` (loads with :func:`train.prior.io.load_prior` once the first ch
 
 A restart with the same ``--out`` resumes from ``checkpoint.pt`` (kill it at any moment: at most the steps
 since the last checkpoint are redone, and the result equals an uninterrupted run with the same seed).
+
+Under ``torchrun`` (several GPUs or machines) the run is data parallel: ``--batch`` is the global batch, each
+process computes its rows of it (the same indices and noise as one process) and rank 0 writes everything;
+the checkpoint resumes with any number of processes (:mod:`train.distributed`, ``docs/scale-out.md``).
 """
 
 from __future__ import annotations
@@ -37,8 +41,17 @@ import torch
 import torch.nn.functional as F
 
 from nsdd_edge.atomic import atomic_write_bytes
-from nsdd_edge.optics import IMAGE_SUFFIXES, OpticsError, center_pad, read_image01
+from train.distributed import DistContext, init_distributed
 from train.prior.base import DiffusionPrior
+from train.prior.data import (  # noqa: F401  (batch_indices, make_batch, find_image_files: also used from here)
+    READABLE_SUFFIXES,
+    batch_indices,
+    epoch_permutation,
+    find_image_files,
+    load_images,
+    make_batch,
+    prepare_image,
+)
 from train.prior.io import (
     PriorError,
     alphas_cumprod_from_schedule,
@@ -53,7 +66,6 @@ HELP = "train a diffusion prior (ε-prediction UNet) on a folder of images"
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "nsdd-prior-checkpoint/1"
-READABLE_SUFFIXES = tuple(IMAGE_SUFFIXES) + (".npy",)
 
 # Settings that define a run: fixed by the checkpoint on resume (a different explicit value is an error).
 STRUCTURAL_DEFAULTS = {
@@ -129,108 +141,6 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
 
 
-# ---- data -----------------------------------------------------------------------------------------------
-def find_image_files(root: Path) -> tuple[Path, list[Path]]:
-    """The image folder to use (``root`` or its ``ground_truth/``) and its image files, sorted."""
-    root = Path(root)
-    if not root.exists():
-        raise PriorError(f"--images {root}: no such directory")
-    if not root.is_dir():
-        raise PriorError(f"--images {root}: not a directory")
-    if (root / "dataset.json").exists() or (root / "ground_truth").is_dir():
-        if not (root / "ground_truth").is_dir():
-            raise PriorError(f"--images {root}: a dataset directory without ground_truth/ (real captures "
-                             "have no scenes to train a prior on)")
-        meta_path = root / "dataset.json"
-        splits = json.loads(meta_path.read_text()).get("splits", {}) if meta_path.exists() else {}
-        root = root / "ground_truth"
-        if "train" in splits:  # never train a prior on held-out test scenes
-            files = [root / f"{i}.npy" for i in splits["train"]]
-            missing = [f.name for f in files if not f.exists()]
-            if missing:
-                raise PriorError(f"--images {root}: {len(missing)} train-split scenes missing (first: {missing[:3]})")
-            if not files:
-                raise PriorError(f"--images {root.parent}: the train split is empty")
-            return root, files
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in READABLE_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    if not files:
-        raise PriorError(f"--images {root}: no image files ({', '.join(READABLE_SUFFIXES)}) found")
-    return root, files
-
-
-def prepare_image(img: np.ndarray, size: int, channels: int) -> np.ndarray:
-    """``(C, H, W)`` in [0, 1] → centre square crop → ``(channels, size, size)`` float32 (INTER_AREA when shrinking)."""
-    import cv2
-
-    c, h, w = img.shape
-    side = min(h, w)
-    r, q = (h - side) // 2, (w - side) // 2
-    img = img[:, r:r + side, q:q + side]
-    if channels == 1 and c == 3:
-        img = (0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2])[None]
-    elif channels == 3 and c == 1:
-        img = np.repeat(img, 3, axis=0)
-    if side != size:
-        interp = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
-        img = np.stack([cv2.resize(np.ascontiguousarray(ch), (size, size), interpolation=interp) for ch in img])
-    return np.clip(img, 0.0, 1.0).astype(np.float32)
-
-
-def load_images(files: list[Path], size: int, channels: int, progress: bool = True
-                ) -> tuple[np.ndarray, list[Path], list[tuple[str, str]]]:
-    """Read and prepare all images: ``(N, C, size, size)`` float16 in [0, 1], the files used, the skipped ones."""
-    from tqdm.auto import tqdm
-
-    kept, used, skipped = [], [], []
-    for path in tqdm(files, desc="reading images", disable=not progress, leave=False):
-        try:
-            img = read_image01(path)
-            if img.shape[0] not in (1, 3):
-                raise OpticsError(f"{path}: {img.shape[0]} channels (expected 1 or 3)")
-            kept.append(prepare_image(img, size, channels).astype(np.float16))
-            used.append(path)
-        except (OpticsError, ValueError, OSError) as exc:
-            reason = str(exc)
-            skipped.append((str(path), reason[len(str(path)) + 2:] if reason.startswith(f"{path}: ") else reason))
-    if not kept:
-        raise PriorError(f"--images: none of the {len(files)} image files could be read "
-                         f"(first problem: {skipped[0][1]})")
-    return np.stack(kept), used, skipped
-
-
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The data order of one epoch, a function of (seed, epoch) only (so a resume continues it exactly)."""
-    return np.random.default_rng([int(seed), int(epoch)]).permutation(n)
-
-
-def batch_indices(position: int, batch: int, n: int, seed: int) -> list[int]:
-    """Indices of the ``batch`` samples starting at global sample ``position`` (crossing epochs as needed)."""
-    out: list[int] = []
-    while len(out) < batch:
-        epoch, offset = divmod(position, n)
-        take = min(batch - len(out), n - offset)
-        out.extend(epoch_permutation(seed, epoch, n)[offset:offset + take].tolist())
-        position += take
-    return out
-
-
-def make_batch(images: np.ndarray | torch.Tensor, index: list[int], pad_to: int | None) -> torch.Tensor:
-    """Scenes ``images[index]`` in [0, 1], zero-padded centrally to ``pad_to``², mapped to [−1, 1]: ``2x − 1``.
-    ``images`` may be a tensor already on the training device (then the batch stays there)."""
-    if isinstance(images, torch.Tensor):
-        from train.physics import center_pad as center_pad_t
-
-        x0 = images[torch.as_tensor(index, device=images.device)].float()
-        if pad_to:
-            x0 = center_pad_t(x0, (pad_to, pad_to))
-        return x0 * 2.0 - 1.0
-    x0 = images[index].astype(np.float32)
-    if pad_to:
-        x0 = center_pad(x0, (pad_to, pad_to))
-    return torch.from_numpy(x0) * 2.0 - 1.0
-
-
 # ---- training pieces ------------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -245,15 +155,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
-                   generator: torch.Generator, use_bf16: bool = False) -> torch.Tensor:
+                   generator: torch.Generator, use_bf16: bool = False, rows: slice | None = None,
+                   global_batch: int | None = None) -> torch.Tensor:
     """``‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖²`` (mean) with random horizontal flips of ``x0`` (in [−1, 1]),
     ``t ~ U{0..T−1}`` and ``ε ~ N(0, I)`` drawn from ``generator`` on its own device (the training device on a
-    GPU, so no noise is copied from the CPU); the model runs on the device of ``alphas_cumprod``."""
-    n = x0.shape[0]
+    GPU, so no noise is copied from the CPU); the model runs on the device of ``alphas_cumprod``.
+    Data parallel: ``x0`` is rows ``rows`` of a ``global_batch``; the flips, ``t`` and ``ε`` of the whole
+    global batch are drawn (the same on every rank) and this rank keeps its rows (train.distributed)."""
+    n = x0.shape[0] if global_batch is None else global_batch
     gdev = generator.device
     flip = torch.rand(n, generator=generator, device=gdev) < 0.5
     t = torch.randint(0, len(alphas_cumprod), (n,), generator=generator, device=gdev)
-    noise = torch.randn(tuple(x0.shape), generator=generator, device=gdev)
+    noise = torch.randn((n, *x0.shape[1:]), generator=generator, device=gdev)
+    if rows is not None:
+        flip, t, noise = flip[rows], t[rows], noise[rows]
     device = alphas_cumprod.device
     x0, flip, t, noise = x0.to(device), flip.to(device), t.to(device), noise.to(device)
     x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
@@ -390,38 +305,51 @@ def _validate(args: argparse.Namespace, settings: dict) -> None:
 
 def main(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
-    try:
-        return _train(args)
+    ctx = None
+    try:  # under torchrun: one data-parallel process of several (train.distributed); else the one process
+        ctx = init_distributed(resolve_device(args.device), PriorError)
+        with ctx.quiet_unless_main():
+            return _train(args, ctx)
     except PriorError as exc:
         print(f"nsdd-train prior: error: {exc}", file=sys.stderr)
         return 2
     finally:
         torch.set_num_threads(threads)  # --threads applies to this command only (matters when called in-process)
+        if ctx is not None:
+            ctx.close()
 
 
-def _train(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
+def open_checkpoint(args: argparse.Namespace) -> dict | None:
+    """The checkpoint to resume from (None: start), or a PriorError for a run that must not start."""
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise PriorError(f"--out {out}: exists and is not a directory")
     checkpoint_path = out / CHECKPOINT_NAME
-    checkpoint = None
     if checkpoint_path.exists():
         if args.resume is False:
             if not args.overwrite:
                 raise PriorError(f"{checkpoint_path} exists: resume (default), pick a new --out, "
                                  "or pass --overwrite to start over and replace it")
-        else:
-            checkpoint = load_checkpoint(checkpoint_path)
-    elif args.resume is True:
+            return None
+        return load_checkpoint(checkpoint_path)
+    if args.resume is True:
         raise PriorError(f"--resume: no checkpoint at {checkpoint_path}")
-    elif (out / "config.json").exists() and not args.overwrite:
+    if (out / "config.json").exists() and not args.overwrite:
         raise PriorError(f"--out {out} already holds a prior (config.json) but no {CHECKPOINT_NAME} to resume: "
                          "pick a new --out, or pass --overwrite to replace it")
+    return None
+
+
+def _train(args: argparse.Namespace, ctx: DistContext) -> int:
+    from tqdm.auto import tqdm
+
+    out: Path = args.out
+    checkpoint_path = out / CHECKPOINT_NAME
+    checkpoint = ctx.from_main(lambda: open_checkpoint(args))  # rank 0 reads it and hands it to the others
 
     settings = resolve_settings(args, checkpoint)
     _validate(args, settings)
+    ctx.check_batch(settings["batch"], PriorError)
     try:
         arch = _architecture(settings)
     except ValueError as exc:
@@ -430,17 +358,17 @@ def _train(args: argparse.Namespace) -> int:
     alphas_cumprod = alphas_cumprod_from_schedule(schedule)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = ctx.device
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
 
-    # data
-    progress = not args.no_progress
+    # data (every process reads the images; each uses its rows of every global batch)
+    progress = not args.no_progress and ctx.is_main
     root, files = find_image_files(args.images)
     images, used, skipped = load_images(files, settings["size"], settings["channels"], progress)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob(".*.tmp"), *out.glob("samples/.*.tmp")]:  # left by a run killed mid-write
+    for stale in [*out.glob(".*.tmp"), *out.glob("samples/.*.tmp")] if ctx.is_main else []:  # left by a kill
         stale.unlink(missing_ok=True)
-    if skipped:
+    if skipped and ctx.is_main:
         print(f"skipped {len(skipped)} unreadable image(s) (list in {out / 'skipped_images.json'}):", file=sys.stderr)
         for name, reason in skipped[:20]:
             print(f"  {name}: {reason}", file=sys.stderr)
@@ -480,6 +408,8 @@ def _train(args: argparse.Namespace) -> int:
             print(f"resume: the image set changed since the checkpoint ({checkpoint['images'].get('count')} -> "
                   f"{n_images} images): the data order differs from the original run", file=sys.stderr)
         print(f"resumed from {checkpoint_path} at step {step}")
+    ctx.seed_local_rng(seed, step)  # data parallel: each process its own dropout masks
+    ddp_model = ctx.wrap(model)  # forward/backward through DDP (gradient all-reduce); `model` is the weights
     if device.type == "cuda":  # keep the (float16) scenes on the GPU: no host copy per step
         images = torch.from_numpy(images).to(device)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -487,6 +417,9 @@ def _train(args: argparse.Namespace) -> int:
         torch.backends.cudnn.benchmark = True
     print(f"UNet: {model.num_parameters:,} parameters, input {arch.in_channels}x{arch.image_size}x{arch.image_size}, "
           f"device {device}{' (bf16 autocast)' if use_bf16 else ''}")
+    if ctx.enabled:
+        print(f"data parallel: {ctx.world_size} processes ({ctx.backend}), global batch {settings['batch']} = "
+              f"{ctx.world_size} x {settings['batch'] // ctx.world_size}")
     abar = alphas_cumprod.to(device=device, dtype=torch.float32)
     ema_prior = DiffusionPrior(ema, alphas_cumprod, image_size=arch.image_size, channels=arch.out_channels,
                                config={"scheduler": schedule}).to(device)
@@ -496,6 +429,8 @@ def _train(args: argparse.Namespace) -> int:
                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
     def write_checkpoint(samples: bool) -> None:
+        if not ctx.is_main:  # one checkpoint, written by rank 0 (every rank holds the same state)
+            return
         _save_checkpoint(checkpoint_path, {
             "format": CHECKPOINT_FORMAT, "step": step, "position": position,
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -506,7 +441,8 @@ def _train(args: argparse.Namespace) -> int:
         save_prior(ema, out, schedule=schedule,
                    dtype=torch.float16 if args.save_dtype == "float16" else torch.float32,
                    extra={"step": step, "images": str(root), "num_images": n_images, "scene_size": settings["size"],
-                          "pad_to": settings["pad_to"], "settings": settings})
+                          "pad_to": settings["pad_to"], "settings": settings,
+                          **({"data_parallel": ctx.describe()} if ctx.enabled else {})})
         if samples and args.sample_count > 0:
             grid = ddim_sample(ema_prior, args.sample_count, steps=min(args.sample_steps, ema_prior.num_train_timesteps),
                                seed=args.sample_seed, batch_size=16, device=device)
@@ -535,7 +471,7 @@ def _train(args: argparse.Namespace) -> int:
             pass
 
     log_path = out / "train_log.jsonl"
-    if log_path.exists():  # drop entries past the checkpoint: those steps are about to be redone
+    if log_path.exists() and ctx.is_main:  # drop entries past the checkpoint: those steps are about to be redone
         lines = log_path.read_text().splitlines()
         kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
         if len(kept) != len(lines):
@@ -550,22 +486,31 @@ def _train(args: argparse.Namespace) -> int:
     time_limit = getattr(args, "time_limit", None)
     deadline = time.monotonic() + 60.0 * time_limit if time_limit else None
     timed_out = False
+    lr = settings["lr"]
     try:
-        while step < last_step and stop["signal"] is None:
-            if deadline is not None and time.monotonic() >= deadline:
-                timed_out = True
-                if losses:  # log the steps since the last entry
+        while step < last_step:
+            # a signal or the deadline seen by any process stops every process at this step
+            signalled, timed_out = ctx.any(stop["signal"] is not None,
+                                           deadline is not None and time.monotonic() >= deadline)
+            if signalled:
+                stop["signal"] = stop["signal"] or "a signal to another process"
+                break
+            if timed_out:
+                if losses and ctx.is_main:  # log the steps since the last entry
                     with open(log_path, "a") as f:
                         f.write(json.dumps({"step": step, "loss": float(np.mean(losses)), "lr": lr,
                                             "time": time.time()}) + "\n")
                 break
-            x0 = make_batch(images, batch_indices(position, batch, n_images, seed), settings["pad_to"])
+            index = batch_indices(position, batch, n_images, seed)  # the global batch; this process's rows
+            x0 = make_batch(images, ctx.local(index), settings["pad_to"])
             lr = settings["lr"] * min(1.0, (step + 1) / max(1, settings["warmup"]))
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = diffusion_loss(model, x0, abar, generator, use_bf16)
-            if not torch.isfinite(loss):
-                raise PriorError(f"loss became {loss.item()} at step {step + 1}; lower --lr "
+            loss = diffusion_loss(ddp_model, x0, abar, generator, use_bf16,
+                                  **({"rows": ctx.rows(batch), "global_batch": batch} if ctx.enabled else {}))
+            mean_loss = ctx.mean(loss.detach())  # the global batch's loss (the same on every process)
+            if not torch.isfinite(mean_loss):
+                raise PriorError(f"loss became {mean_loss.item()} at step {step + 1}; lower --lr "
                                  f"(last good checkpoint: {checkpoint_path})")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -576,15 +521,16 @@ def _train(args: argparse.Namespace) -> int:
             step += 1
             position += batch
 
-            value = float(loss.item())
+            value = float(mean_loss.item())
             losses.append(value)
             running = value if running is None else 0.98 * running + 0.02 * value
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}")
             if step % args.log_every == 0 or step == last_step:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps({"step": step, "loss": float(np.mean(losses)), "lr": lr,
-                                        "time": time.time()}) + "\n")
+                if ctx.is_main:  # rank 0 logs (the loss is already the global batch's)
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": step, "loss": float(np.mean(losses)), "lr": lr,
+                                            "time": time.time()}) + "\n")
                 losses = []
             if step % args.checkpoint_every == 0 or step == args.steps:
                 write_checkpoint(samples=True)
