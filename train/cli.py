@@ -12,6 +12,7 @@ COMMANDS = {
     "evaluate": "train.evaluate",
     "prior": "train.prior.train_prior",
     "teacher": "train.teacher",
+    "teacher-progress": "train.teacher_progress",
     "distill": "train.distill",
     "fit": "train.fit",
 }
