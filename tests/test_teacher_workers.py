@@ -219,3 +219,30 @@ def test_progress_view_mid_run_and_the_cli(tmp_path, capsys):
     assert "nothing" in capsys.readouterr().err
     # throughput counts the time during which any worker labelled, once
     assert busy_seconds([(0, 10), (5, 12), (20, 25)]) == 17 and busy_seconds([]) == 0
+
+
+def test_cli_worker_name_threads_and_claim_timeout(tmp_path, capsys):
+    from train.cli import main as cli_main
+    from train.prior.base import DiffusionPrior, linear_alphas_cumprod
+    from train.prior.io import save_prior
+    from train.prior.unet import UNet
+
+    ds = make_dataset(tmp_path / "data", n=4)
+    torch.manual_seed(0)
+    net = UNet(image_size=16, base_channels=8, channel_mults=[1, 2], num_res_blocks=1, attention_resolutions=[],
+               num_heads=1, dropout=0.0, mid_attention=False)
+    save_prior(DiffusionPrior(net, linear_alphas_cumprod(), 16, 3), tmp_path / "prior")
+    out = tmp_path / "targets"
+    argv = ["teacher", "--data", str(ds.root), "--prior", str(tmp_path / "prior"), "--out", str(out), "--split", "all",
+            "--steps", "2", "--batch", "2", "--shard-size", "2", "--no-png"]
+    threads = torch.get_num_threads()
+    assert cli_main([*argv, "--worker", "gpu-box-0", "--threads", "2", "--claim-timeout", "60"]) == 0
+    assert torch.get_num_threads() == threads  # --threads applies to the command only
+    recs = records(out)
+    assert [r["worker"]["name"] for r in recs.values()] == ["gpu-box-0", "gpu-box-0"]
+    assert recs[0]["worker"]["threads"] == 2 and recs[0]["worker"]["device"] == "cpu"
+    capsys.readouterr()
+    assert cli_main([*argv, "--claim-timeout", "0"]) == 2
+    assert "--claim-timeout must be > 0" in capsys.readouterr().err
+    assert cli_main([*argv, "--device", "nonsense"]) == 2
+    assert "--device 'nonsense'" in capsys.readouterr().err

@@ -134,21 +134,26 @@ class ShardClaims:
             state = "live"
         return {**record, "shard": shard, "generation": generation, "age": age, "state": state}
 
+    def generations_of(self, shard: int) -> int:
+        """How many generations ``shard`` has (they are made one after the other and never removed)."""
+        n = 0
+        while self.path(shard, n).exists():
+            n += 1
+        return n
+
     def latest(self, shard: int, now: float | None = None) -> dict | None:
-        gens = self.generations().get(shard)
-        return self.describe(shard, gens[-1], now) if gens else None
+        n = self.generations_of(shard)
+        return self.describe(shard, n - 1, now) if n else None
 
     # ---- claiming --------------------------------------------------------------------------------
     def claim(self, shard: int) -> Claim | None:
         """Claim ``shard`` (a new claim, or the next generation of one that is not live); None when another
         worker holds it or won the race for it."""
-        gens = self.generations().get(shard, [])
-        generation = 0
-        if gens:
-            latest = self.describe(shard, gens[-1])
+        generation = self.generations_of(shard)  # the next one
+        if generation:
+            latest = self.describe(shard, generation - 1)
             if latest is not None and latest["state"] == "live":
                 return None
-            generation = gens[-1] + 1
         path = self.path(shard, generation)
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
