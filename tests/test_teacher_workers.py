@@ -140,6 +140,8 @@ def test_two_workers_one_killed_mid_shard_give_the_targets_of_one_worker(tmp_pat
     assert (view["shards_done"], view["shards"], view["images_done"]) == (3, 3, 8)
     assert view["eta_seconds"] == 0.0 and view["images_per_second"] > 0
     assert view["workers"]["B"]["shards"] == 3 and not view["stale_claims"]
+    text = format_progress(view)
+    assert "3/3 shards, 8/8 images (100.0%), complete" in text and "\nB " in text
 
 
 def test_two_workers_started_together_label_each_shard_once(tmp_path):
@@ -209,6 +211,11 @@ def test_progress_view_mid_run_and_the_cli(tmp_path, capsys):
     assert view["images_per_second"] > 0
     assert view["eta_seconds"] == pytest.approx(5 / view["images_per_second"])
     assert [h["shard"] for h in view["holding"]] == [1]  # this process's claim (it stopped, the file stays)
+    # a second worker that holds its first shard and has finished none yet
+    ShardClaims(out / ".teacher" / "claims", Worker("fresh", "other-machine", 1)).claim(2)
+    view = progress_view(out)
+    assert len(view["holding"]) == 2 and {h["shard"]: h["worker"] for h in view["holding"]}[2] == "fresh"
+    assert "fresh" in format_progress(view) and "fresh" not in view["workers"]
     text = format_progress(view)
     assert "1/3 shards" in text and "3/8 images" in text and "ETA" in text
     assert cli_main(["teacher-progress", "--out", str(out)]) == 0

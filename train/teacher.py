@@ -82,8 +82,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="this worker's name in the claims and shard records (default: host-pid, or host-rankR-pid "
                         "under torchrun)")
     p.add_argument("--claim-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                   help="a shard whose worker on another machine sent no heartbeat for this long is taken over "
-                        "(a dead worker on this machine: at once)")
+                   help="other workers take this worker's shard over after this long without its heartbeat (sent "
+                        "every SECONDS/4; recorded in its claim); a dead worker on the same machine: at once")
 
 
 # ---- hashing and atomic files --------------------------------------------------------------------
@@ -165,7 +165,8 @@ def label_dataset(dataset: LenslessDataset, prior: DiffusionPrior, out: str | Pa
 
     ``after_batch(n)`` is called after the ``n``-th batch written in this call (1-based): a hook for
     progress reporting and for crash tests. ``worker``: this worker's name (default host-pid);
-    ``claim_timeout``: seconds without a heartbeat before another machine's shard is taken over. Returns
+    ``claim_timeout``: seconds without this worker's heartbeat before others take its shard over (a claim
+    without a recorded timeout, made by an older version, gets this worker's own). Returns
     the manifest once every shard is done (by this worker or others).
     """
     if batch_size < 1 or shard_size < 1:
@@ -248,6 +249,11 @@ def label_dataset(dataset: LenslessDataset, prior: DiffusionPrior, out: str | Pa
         from train.solve import write_png as write_png8
     from train.teacher_progress import progress_view, summary_line
 
+    def show_all_workers() -> None:  # the bar counts every worker's finished shards, the postfix their rate
+        view = progress_view(out)
+        bar.n = max(bar.n, view["images_done"])
+        bar.set_postfix_str(summary_line(view), refresh=True)
+
     batches_written = 0
     poll = min(5.0, claim_timeout / 4)  # seconds between looks while the other workers hold every shard left
     try:
@@ -303,9 +309,11 @@ def label_dataset(dataset: LenslessDataset, prior: DiffusionPrior, out: str | Pa
                     done.add(k)
                     labelled = True
                     if progress:
-                        bar.set_postfix_str(summary_line(progress_view(out)), refresh=True)
+                        show_all_workers()
                 if not labelled and len(done) < len(shards):
                     time.sleep(poll)  # every shard left is held by a live worker: wait, then look again
+                    if progress:
+                        show_all_workers()
     finally:
         bar.close()
 

@@ -142,13 +142,13 @@ def format_progress(view: dict) -> str:
     if names:
         lines.append(f"{'worker':<28} {'host':<14} {'device':<8} {'shards':>6} {'images':>7} {'img/s':>7}  now")
         for name in names:
-            w = view["workers"].get(name, {"host": holds[name]["host"], "device": None, "shards": 0, "images": 0,
-                                           "images_per_second": None})
+            w = view["workers"].get(name) or {"host": holds[name]["host"], "device": None, "shards": 0, "images": 0,
+                                              "images_per_second": None}  # holds its first shard
             r = w.get("images_per_second")
             now = (f"shard {holds[name]['shard']} (heartbeat {holds[name]['heartbeat_age']:.0f} s ago)"
                    if name in holds else "-")
             lines.append(f"{name:<28} {w['host']!s:<14} {w['device']!s:<8} {w['shards']:>6} {w['images']:>7} "
-                         f"{'-' if r is None else f'{r:.3g}':>7}  {now}")
+                         f"{'-' if r is None else f'{r:.2f}':>7}  {now}")
     for c in view["stale_claims"]:
         lines.append(f"stale: shard {c['shard']} held by {c['worker']} on {c['host']} (no heartbeat for "
                      f"{c['heartbeat_age']:.0f} s, or its process is gone): the next worker to look takes it over")
