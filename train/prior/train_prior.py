@@ -43,15 +43,7 @@ import torch.nn.functional as F
 from nsdd_edge.atomic import atomic_write_bytes
 from train.distributed import DistContext, init_distributed
 from train.prior.base import DiffusionPrior
-from train.prior.data import (  # noqa: F401  (batch_indices, make_batch, find_image_files: also used from here)
-    READABLE_SUFFIXES,
-    batch_indices,
-    epoch_permutation,
-    find_image_files,
-    load_images,
-    make_batch,
-    prepare_image,
-)
+from train.prior.data import batch_indices, find_image_files, load_images, make_batch
 from train.prior.io import (
     PriorError,
     alphas_cumprod_from_schedule,
