@@ -23,7 +23,7 @@ prior. Each worker claims a shard atomically before labelling it, so no shard is
 over the shard of a worker that died (at once on the same machine, after ``--claim-timeout`` seconds without
 a heartbeat from another one). The shards and per-sample seeds do not depend on who labels them, so the
 targets are the same bytes whatever the number of workers (same device type and thread count). Every worker
-returns when all shards are done. ``nsdd-train teacher-progress OUT`` shows the progress across workers.
+returns when all shards are done. ``nsdd-train teacher-progress --out OUT`` shows the progress across workers.
 """
 
 from __future__ import annotations
