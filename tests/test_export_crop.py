@@ -304,3 +304,25 @@ def test_fp16_whole_graph_of_the_crop_model_stays_finite_and_close(env, tmp_path
         ref = graph(y).numpy()
         half = graph.half()(y.half()).float().numpy()
     assert np.isfinite(half).all() and psnr(ref, half) > 40
+
+
+@pytest.mark.parametrize(("grid", "window"), [((8, 10), (8, 10)), ((9, 12), (4, 5)), ((12, 9), (7, 9))])
+def test_centred_rdft_is_rfft2_of_the_padded_image_and_its_cropped_inverse(grid, window):
+    from export.dft import CentredRDFT2, MatmulRDFT2, centred_rdft_matrices
+    from nsdd_edge.optics import center_crop, center_pad
+
+    dft = CentredRDFT2(grid, window).double()
+    for name, m in centred_rdft_matrices(grid, window).items():  # float64 matrices for an exact comparison
+        getattr(dft, name).copy_(torch.from_numpy(m))
+    x = torch.randn(2, 3, *window, dtype=torch.float64)
+    ref = torch.fft.rfft2(torch.from_numpy(center_pad(x.numpy(), grid)), norm="ortho")
+    wr = grid[1] // 2 + 1
+    z = dft(x)
+    assert torch.allclose(z[..., :wr], ref.real, atol=1e-12) and torch.allclose(z[..., wr:], ref.imag, atol=1e-12)
+    spec = torch.randn(2, 3, grid[0], wr, dtype=torch.complex128)
+    full = torch.fft.irfft2(spec, s=grid, norm="ortho").numpy()
+    got = dft.inverse(torch.cat([spec.real, spec.imag], dim=-1)).numpy()
+    assert np.abs(got - center_crop(full, window)).max() < 1e-12
+    assert torch.allclose(dft.inverse(z), x, atol=1e-12)  # crop ∘ inverse ∘ forward ∘ pad = identity
+    if window == grid:  # the whole grid: the same transform as the circular graph's
+        assert torch.allclose(MatmulRDFT2(*grid).double()(x).float(), dft(x).float(), atol=1e-5)
