@@ -154,7 +154,10 @@ def test_nsdd_edge_run_info_and_bench_with_a_crop_bundle(student_bundle, tmp_pat
                       "--record", str(rec)]) == 0
     err = capsys.readouterr().err
     assert "crop model → scene (32, 40)" in err and "ONNX Runtime" in err and "3 frames reconstructed" in err
-    assert json.loads(stats.read_text())["frames_out"] == 3
+    figures = json.loads(stats.read_text())
+    assert figures["frames_out"] == 3
+    # the live ‖A x̂ − y‖/‖y‖ with the bundle's crop forward model (scene-grid x̂, sensor-grid y): the first frame
+    assert figures["consistency"]["count"] == 1 and 0 < figures["consistency"]["last"] < 0.5
     img = cv2.imread(str(snap), cv2.IMREAD_COLOR)
     # measurement (16×20, shown 256×320) | support crop of x̂ (16×16) | sim truth (16×16), 256 px tall
     assert img is not None and img.shape[1] == 320 + 256 + 256 + 2 * 4
