@@ -11,9 +11,16 @@ computed (as ``rfft2``), and the inverse is the Hermitian ``irfft2`` (``w_k`` = 
 
 Layout of a half spectrum in this module: a real tensor ``(..., H, 2·Wr)`` = ``[Re | Im]`` along the
 last axis, ``Wr = W // 2 + 1``.
+
+:class:`CentredRDFT2` is the same transform on a grid that the image only partly fills (the crop model's
+convolution grid): ``rfft2(P x)`` of ``x`` zero-padded centrally and ``C irfft2(z)`` centre-cropped, with the
+padding and the crop folded into the matrices (only the rows/columns of the window are kept), so no Pad or
+Slice of images is needed and the zeros are never multiplied.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -67,13 +74,7 @@ class MatmulRDFT2(torch.nn.Module):
 
     def _h_axis(self, t: torch.Tensor, inverse: bool) -> torch.Tensor:
         """Complex DFT along H of ``[Re | Im]``: ``(C − iS) z`` (forward) or ``(C + iS) z`` (inverse)."""
-        h, wr = self.height, self.wr
-        u = torch.matmul(self.h_stack, t)  # (..., 2H, 2Wr): [[C re, C im], [S re, S im]]
-        c_re, c_im = u[..., :h, :wr], u[..., :h, wr:]
-        s_re, s_im = u[..., h:, :wr], u[..., h:, wr:]
-        if inverse:
-            return torch.cat([c_re - s_im, c_im + s_re], dim=-1)
-        return torch.cat([c_re + s_im, c_im - s_re], dim=-1)
+        return _combine_h(torch.matmul(self.h_stack, t), self.height, self.wr, inverse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[Re | Im]`` of ``rfft2(x, norm='ortho')``."""
@@ -82,6 +83,62 @@ class MatmulRDFT2(torch.nn.Module):
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         """``irfft2(Re + i Im, s=(H, W), norm='ortho')``."""
         return torch.matmul(self._h_axis(z, inverse=True), self.w_inv)
+
+
+def _combine_h(u: torch.Tensor, rows: int, wr: int, inverse: bool) -> torch.Tensor:
+    """``(C ∓ iS) z`` from ``u = [C; S] z`` (``(..., 2·rows, 2Wr)``: ``[[C re, C im], [S re, S im]]``)."""
+    c_re, c_im = u[..., :rows, :wr], u[..., :rows, wr:]
+    s_re, s_im = u[..., rows:, :wr], u[..., rows:, wr:]
+    if inverse:
+        return torch.cat([c_re - s_im, c_im + s_re], dim=-1)
+    return torch.cat([c_re + s_im, c_im - s_re], dim=-1)
+
+
+def centred_rdft_matrices(grid: Sequence[int], window: Sequence[int]) -> dict[str, np.ndarray]:
+    """Float64 matrices of :class:`CentredRDFT2`: those of :func:`rdft_matrices` on ``grid`` restricted to the
+    centred ``window`` (offsets ``(G − n) // 2``, as :func:`nsdd_edge.optics.center_pad`).
+
+    ``w_fwd`` (w, 2Wr): the rows of the padded input that are not zero. ``h_fwd`` (2H, h): ``[cos; sin]``'s
+    columns of the window's rows. ``h_inv`` (2h, H): ``[cos; sin]``'s rows of the window (the crop after the
+    H-axis inverse). ``w_inv`` (2Wr, w): the columns of the window.
+    """
+    gh, gw = int(grid[0]), int(grid[1])
+    h, w = int(window[0]), int(window[1])
+    if not (0 < h <= gh and 0 < w <= gw):
+        raise ValueError(f"window {(h, w)} does not fit the grid {(gh, gw)}")
+    full = rdft_matrices(gh, gw)
+    top, left = (gh - h) // 2, (gw - w) // 2
+    cos_sin = full["h_stack"]  # (2H, H) = [cos; sin], each symmetric
+    return {"w_fwd": full["w_fwd"][left : left + w], "h_fwd": cos_sin[:, top : top + h],
+            "h_inv": np.concatenate([cos_sin[top : top + h], cos_sin[gh + top : gh + top + h]]),
+            "w_inv": full["w_inv"][:, left : left + w]}
+
+
+class CentredRDFT2(torch.nn.Module):
+    """Orthonormal ``rfft2`` on ``grid`` of an image filling its centred ``window``, and the inverse cropped
+    back to that window, by matrix products:
+
+    ``forward(x)`` = ``[Re | Im]`` of ``rfft2(P x, norm='ortho')`` for ``x`` ``(..., h, w)`` (``P``: centred
+    zero-padding to the grid), ``(..., H, 2Wr)``; ``inverse(z)`` = ``C irfft2(z, s=grid, norm='ortho')``
+    (``C``: the centred crop to the window), ``(..., h, w)``. With the window equal to the grid it is
+    :class:`MatmulRDFT2`.
+    """
+
+    def __init__(self, grid: Sequence[int], window: Sequence[int]):
+        super().__init__()
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.window = (int(window[0]), int(window[1]))
+        self.wr = self.grid[1] // 2 + 1
+        for name, m in centred_rdft_matrices(self.grid, self.window).items():
+            self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[Re | Im]`` of ``rfft2(P x, norm='ortho')`` on the grid."""
+        return _combine_h(torch.matmul(self.h_fwd, torch.matmul(x, self.w_fwd)), self.grid[0], self.wr, False)
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """``C irfft2(z, s=grid, norm='ortho')``: only the window's rows and columns are computed."""
+        return torch.matmul(_combine_h(torch.matmul(self.h_inv, z), self.window[0], self.wr, True), self.w_inv)
 
 
 def complex_multiply_packed(z: torch.Tensor, m: torch.Tensor, wr: int) -> torch.Tensor:

@@ -1,32 +1,40 @@
 """The exported graph: measurement ``y`` → reconstruction ``x̂`` with the pseudo-inverse inside.
 
-``x̂ = A†y + (I − A†A) g(cat(y, A†y))`` (objective ``nullspace``), ``g(cat(y, A†y))`` (``full``) or
+``x̂ = A†y + (I − A†A) g(cat(fit(y), A†y))`` (objective ``nullspace``), ``g(cat(fit(y), A†y))`` (``full``) or
 ``A†y`` (Wiener-only graph, no student). With a ``support_shape`` ``(h, w)`` (students trained on scenes
-that fill only a centred window of the sensor-size grid, ``train.students.Student``) the network runs on
+that fill only a centred window of the scene grid, ``train.students.Student``) the network runs on
 the centred crop of its stacked input (ONNX ``Slice``) and its output is zero-padded back (``Concat``
 with zeros):
-``g = P_support net(C_support(cat(y, A†y)))``, offsets ``top = (H − h) // 2``, ``left = (W − w) // 2`` as
-:func:`train.physics.center_crop` / ``center_pad``. Circular model at sensor size, so ``A†`` and ``I − A†A`` are
-the Fourier multipliers ``G = conj(H)/(|H|²+λ)`` and ``1 − R = 1 − |H|²/(|H|²+λ)`` taken from
-:class:`nsdd_edge.optics.WienerSpectra` (the same spectra as training; nothing is recomputed here).
+``g = P_support net(C_support(cat(fit(y), A†y)))``, offsets ``top = (H − h) // 2``, ``left = (W − w) // 2`` as
+:func:`train.physics.center_crop` / ``center_pad``. The spectra are those of
+:class:`nsdd_edge.optics.WienerSpectra` on the geometry's convolution grid (the same as training; nothing is
+recomputed here). The geometry (:class:`nsdd_edge.optics.LenslessGeometry`) is one of:
+
+- ``circular`` (scene = sensor = convolution grid): ``A†`` and ``I − A†A`` are the Fourier multipliers
+  ``G = conj(H)/(|H|²+λ)`` and ``1 − R = 1 − |H|²/(|H|²+λ)``; ``fit`` is the identity.
+- ``crop`` (``y`` on the sensor grid, ``x̂`` on the scene grid, both centred in the convolution grid):
+  ``A x = C_sensor F⁻¹[H F(P_conv x)]``, ``A†y = C_scene F⁻¹[G F(P_conv y)]`` and
+  ``(I − A†A) x = x − A†(A x)`` (:class:`train.physics.LenslessOperator` ``model="crop"``); ``fit`` centre-crops
+  or zero-pads ``y`` per axis to the scene grid (:func:`train.students.fit_to_grid`).
 
 Two FFT forms:
-- ``matmul`` (default): :class:`export.dft.MatmulRDFT2`, only MatMul/Slice/Add/Sub/Concat/Mul
-  (TensorRT 10.x parses it).
+- ``matmul`` (default): :class:`export.dft.MatmulRDFT2` (circular) or :class:`export.dft.CentredRDFT2` (crop:
+  the padding and cropping folded into the matrices), only MatMul/Slice/Add/Sub/Concat/Mul (TensorRT 10.x
+  parses it).
 - ``onnx``: ``torch.fft.rfft2/irfft2`` (``norm='ortho'``), exported by the dynamo exporter as ONNX
-  ``DFT`` (TensorRT 11.2+, ONNX Runtime).
+  ``DFT`` (TensorRT 11.2+, ONNX Runtime); the crop model pads by Concat with zeros and crops by Slice.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from export.dft import MatmulRDFT2, complex_multiply_packed, pack_half_spectrum
+from export.dft import CentredRDFT2, MatmulRDFT2, complex_multiply_packed, pack_half_spectrum
 from export.errors import ExportError
 from nsdd_edge.bundle import BundleError, parse_support
 from nsdd_edge.optics import LenslessGeometry, OpticsError, WienerSpectra, array_hash
@@ -47,7 +55,7 @@ class GraphSpec:
     channels: int
     objective: Objective
     dft: DftForm
-    support_shape: tuple[int, int] | None = None  # None: g covers the whole sensor-size grid
+    support_shape: tuple[int, int] | None = None  # None: g covers the whole scene grid
     projector: str = "tikhonov"  # the pseudo-inverse kind (nsdd_edge.optics.WienerSpectra)
 
     def metadata(self) -> dict[str, str]:
@@ -72,7 +80,7 @@ class GraphSpec:
         support = None
         if props.get("nsdd.support_shape") not in (None, "", "null"):
             try:
-                support = check_support(json.loads(props["nsdd.support_shape"]), geometry.sensor_shape)
+                support = check_support(json.loads(props["nsdd.support_shape"]), geometry.scene_shape)
             except (json.JSONDecodeError, ExportError) as exc:
                 raise ExportError(f"model metadata nsdd.support_shape={props['nsdd.support_shape']!r}: {exc}") from None
         return GraphSpec(psf_sha256=props["nsdd.psf_sha256"], lam=float(props["nsdd.lam"]),
@@ -90,10 +98,67 @@ def check_support(support: object, grid: Sequence[int]) -> tuple[int, int] | Non
         raise ExportError(str(exc)) from None
 
 
-class ReconstructionGraph(torch.nn.Module):
-    """``y (N, C, H, W)`` → ``x̂`` (see the module docstring). ``net`` maps ``(N, 2C, H, W) → (N, C, H, W)``."""
+def graph_geometry(geometry: LenslessGeometry | Sequence[int], psf_shape: Sequence[int]) -> LenslessGeometry:
+    """The graph's geometry: a :class:`LenslessGeometry` (checked against the PSF's size), or a sensor size
+    ``(H, W)`` for the circular model at that size. Raises :class:`OpticsError` naming the problem."""
+    if isinstance(geometry, LenslessGeometry):
+        g = geometry
+        crop = g.model == "crop"
+        return LenslessGeometry.make(g.model, g.sensor_shape, psf_shape, g.scene_shape if crop else None,
+                                     g.conv_shape if crop else None)
+    return LenslessGeometry.make("circular", geometry, psf_shape)
 
-    def __init__(self, psf: np.ndarray, sensor_shape: Sequence[int], lam: float, *,
+
+def centre_crop(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """The centred ``shape`` window of the last two axes (ONNX ``Slice``; offsets ``(H − h) // 2``)."""
+    h, w = int(shape[0]), int(shape[1])
+    top, left = (t.shape[-2] - h) // 2, (t.shape[-1] - w) // 2
+    return t[:, :, top : top + h, left : left + w]
+
+
+def centre_pad(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Zero-pad the last two axes of ``(N, C, h, w)`` centrally to ``shape`` by Concat with zeros: an ONNX Pad
+    of opset 18 (what the exporter writes) has no version-converter adapter down to the default opset 17."""
+    n, c, h, w = t.shape[0], t.shape[1], t.shape[-2], t.shape[-1]
+    height, width = int(shape[0]), int(shape[1])
+    top, left = (height - h) // 2, (width - w) // 2
+    right, bottom = width - w - left, height - h - top
+    if left or right:
+        t = torch.cat([p for p in (t.new_zeros((n, c, h, left)), t, t.new_zeros((n, c, h, right))) if p.shape[-1]],
+                      dim=-1)
+    if top or bottom:
+        t = torch.cat([p for p in (t.new_zeros((n, c, top, width)), t,
+                                   t.new_zeros((n, c, bottom, width))) if p.shape[-2]], dim=-2)
+    return t
+
+
+def fit_to_grid(t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Centre-crop or zero-pad each of the last two axes independently to ``shape`` (the rule of
+    :func:`nsdd_edge.optics.fit_to` and ``train.students.fit_to_grid``)."""
+    h, w = t.shape[-2], t.shape[-1]
+    th, tw = int(shape[0]), int(shape[1])
+    if th < h or tw < w:
+        t = centre_crop(t, (min(th, h), min(tw, w)))
+    if th > t.shape[-2] or tw > t.shape[-1]:
+        t = centre_pad(t, (th, tw))
+    return t
+
+
+def _multiply_half_spectrum(z: torch.Tensor, packed: torch.Tensor, wr: int, real: bool) -> torch.Tensor:
+    """``M · z`` for ``z`` a ``view_as_real`` half spectrum ``(..., H, Wr, 2)`` and ``M`` packed ``[Re | Im]``."""
+    m = torch.stack([packed[..., :wr], packed[..., wr:]], dim=-1)
+    if real:
+        return z * m
+    return torch.stack([m[..., 0] * z[..., 0] - m[..., 1] * z[..., 1],
+                        m[..., 0] * z[..., 1] + m[..., 1] * z[..., 0]], dim=-1)
+
+
+class ReconstructionGraph(torch.nn.Module):
+    """``y (N, C, Hs, Ws)`` on the sensor grid → ``x̂ (N, C, H, W)`` on the scene grid (see the module
+    docstring). ``geometry``: a :class:`LenslessGeometry`, or a sensor size for the circular model. ``net``
+    maps ``(N, 2C, H, W) → (N, C, H, W)`` (on the support window when there is one)."""
+
+    def __init__(self, psf: np.ndarray, geometry: LenslessGeometry | Sequence[int], lam: float, *,
                  net: torch.nn.Module | None = None, objective: Objective = "nullspace",
                  dft: DftForm = "matmul", channels: int = 3, support_shape: Sequence[int] | None = None,
                  projector: str = "tikhonov"):
@@ -106,52 +171,79 @@ class ReconstructionGraph(torch.nn.Module):
             raise ExportError("a student network is required for objectives 'nullspace'/'full' and "
                               "must be absent for the Wiener-only graph")
         psf = np.asarray(psf, dtype=np.float32)
-        geometry = LenslessGeometry.make("circular", sensor_shape, psf.shape[-2:])
+        geometry = graph_geometry(geometry, psf.shape[-2:])
         if psf.shape[0] not in (1, channels):
             raise ExportError(f"PSF has {psf.shape[0]} channels; the graph has {channels}")
         try:
             spectra = WienerSpectra.from_psf(psf, geometry.conv_shape, lam, projector)  # type: ignore[arg-type]
         except OpticsError as exc:
             raise ExportError(str(exc)) from None
-        support = check_support(tuple(support_shape) if support_shape is not None else None, geometry.sensor_shape)
+        support = check_support(tuple(support_shape) if support_shape is not None else None, geometry.scene_shape)
         if support is not None and net is None:
             raise ExportError("support_shape is the student network's window; the Wiener-only graph has none")
-        if support == geometry.sensor_shape:
+        if support == geometry.scene_shape:
             support = None  # the whole grid: no crop/pad nodes
         self.spec = GraphSpec(array_hash(psf), float(lam), geometry, int(channels), objective, dft, support,
                               spectra.projector)
         self.net = net
-        self.height, self.width = geometry.sensor_shape
-        self.wr = self.width // 2 + 1
+        self.crop = geometry.model == "crop"
+        self.height, self.width = geometry.scene_shape  # the output grid (= the sensor for the circular model)
         g_packed = pack_half_spectrum(spectra.half("G"))
-        null = 1.0 - spectra.half("R").real  # I − A†A multiplier, float64 before the cast
         self.register_buffer("g_spec", torch.from_numpy(g_packed.astype(np.float32)))
+        if self.crop:  # A = C_sensor F⁻¹ H F P_conv and A† = C_scene F⁻¹ G F P_conv on the convolution grid
+            self.wr = geometry.conv_shape[1] // 2 + 1
+            self.register_buffer("h_spec", torch.from_numpy(
+                pack_half_spectrum(spectra.half("H")).astype(np.float32)))
+            self.dft_module = None
+            matmul = dft == "matmul"
+            self.scene_dft = CentredRDFT2(geometry.conv_shape, geometry.scene_shape) if matmul else None
+            self.sensor_dft = CentredRDFT2(geometry.conv_shape, geometry.sensor_shape) if matmul else None
+            return
+        self.wr = self.width // 2 + 1
+        null = 1.0 - spectra.half("R").real  # I − A†A multiplier, float64 before the cast
         self.register_buffer("null_spec", torch.from_numpy(
             np.concatenate([null, null], axis=-1).astype(np.float32)))
         self.dft_module = MatmulRDFT2(self.height, self.width) if dft == "matmul" else None
 
     # ---- transforms ------------------------------------------------------------------------
     def _filter(self, x: torch.Tensor, packed: torch.Tensor, real: bool) -> torch.Tensor:
-        """``F⁻¹[M · F(x)]`` with ``M`` packed ``[Re | Im]`` (``real``: ``M`` is real, one Mul)."""
+        """Circular model: ``F⁻¹[M · F(x)]`` with ``M`` packed ``[Re | Im]`` (``real``: ``M`` is real, one Mul)."""
         if self.dft_module is not None:
             z = self.dft_module(x)
             z = z * packed if real else complex_multiply_packed(z, packed, self.wr)
             return self.dft_module.inverse(z)
-        z = torch.view_as_real(torch.fft.rfft2(x, norm="ortho"))  # (..., H, Wr, 2)
-        m = torch.stack([packed[..., : self.wr], packed[..., self.wr:]], dim=-1)
-        if real:
-            z = z * m
-        else:
-            z = torch.stack([m[..., 0] * z[..., 0] - m[..., 1] * z[..., 1],
-                             m[..., 0] * z[..., 1] + m[..., 1] * z[..., 0]], dim=-1)
+        z = _multiply_half_spectrum(torch.view_as_real(torch.fft.rfft2(x, norm="ortho")), packed, self.wr, real)
         return torch.fft.irfft2(torch.view_as_complex(z.contiguous()), s=(self.height, self.width), norm="ortho")
 
+    def _crop_filter(self, x: torch.Tensor, packed: torch.Tensor, source: str, target: str) -> torch.Tensor:
+        """Crop model: ``C_target F⁻¹[M · F(P_conv x)]`` for ``x`` on the ``source`` grid (``scene`` or
+        ``sensor``), the result on the ``target`` grid; ``M`` complex, packed ``[Re | Im]``."""
+        g = self.spec.geometry
+        if self.spec.dft == "matmul":
+            into = self.scene_dft if source == "scene" else self.sensor_dft
+            out_of = self.scene_dft if target == "scene" else self.sensor_dft
+            return out_of.inverse(complex_multiply_packed(into(x), packed, self.wr))
+        z = torch.view_as_real(torch.fft.rfft2(centre_pad(x, g.conv_shape), norm="ortho"))
+        z = _multiply_half_spectrum(z, packed, self.wr, real=False)
+        full = torch.fft.irfft2(torch.view_as_complex(z.contiguous()), s=g.conv_shape, norm="ortho")
+        return centre_crop(full, g.scene_shape if target == "scene" else g.sensor_shape)
+
     def pseudo_inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """``A†y = F⁻¹[G · F(y)]``."""
+        """``A†y = F⁻¹[G · F(y)]`` (circular) or ``C_scene F⁻¹[G · F(P_conv y)]`` (crop)."""
+        if self.crop:
+            return self._crop_filter(y, self.g_spec, "sensor", "scene")
         return self._filter(y, self.g_spec, real=False)
 
+    def forward_model(self, x: torch.Tensor) -> torch.Tensor:
+        """Crop model: ``A x = C_sensor F⁻¹[H · F(P_conv x)]`` (the circular graph needs no ``A``)."""
+        if not self.crop:
+            raise ExportError("forward_model is part of the crop-model graph only (circular: I − A†A is one multiplier)")
+        return self._crop_filter(x, self.h_spec, "scene", "sensor")
+
     def null_project(self, x: torch.Tensor) -> torch.Tensor:
-        """``(I − A†A) x = F⁻¹[(1 − R) · F(x)]``."""
+        """``(I − A†A) x``: ``F⁻¹[(1 − R) · F(x)]`` (circular) or ``x − A†(A x)`` (crop)."""
+        if self.crop:
+            return x - self.pseudo_inverse(self.forward_model(x))
         return self._filter(x, self.null_spec, real=True)
 
     def student_g(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -159,40 +251,38 @@ class ReconstructionGraph(torch.nn.Module):
         assert self.net is not None
         if self.spec.support_shape is None:
             return self.net(inputs)
-        h, w = self.spec.support_shape
-        top, left = (self.height - h) // 2, (self.width - w) // 2
-        g = self.net(inputs[:, :, top : top + h, left : left + w])
-        # zero-pad by Concat with zeros: an ONNX Pad of opset 18 (what the exporter writes) has no
-        # version-converter adapter down to the default opset 17
-        n, c = g.shape[0], g.shape[1]
-        right, bottom = self.width - w - left, self.height - h - top
-        if left or right:
-            g = torch.cat([t for t in (g.new_zeros((n, c, h, left)), g, g.new_zeros((n, c, h, right))) if t.shape[-1]],
-                          dim=-1)
-        if top or bottom:
-            g = torch.cat([t for t in (g.new_zeros((n, c, top, self.width)), g,
-                                       g.new_zeros((n, c, bottom, self.width))) if t.shape[-2]], dim=-2)
-        return g
+        return centre_pad(self.net(centre_crop(inputs, self.spec.support_shape)), (self.height, self.width))
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         x_dagger = self.pseudo_inverse(y)
         if self.net is None:
             return x_dagger
-        g = self.student_g(torch.cat([y, x_dagger], dim=1))
+        y_fit = fit_to_grid(y, (self.height, self.width)) if self.crop else y
+        g = self.student_g(torch.cat([y_fit, x_dagger], dim=1))
         if self.spec.objective == "full":
             return g
         return x_dagger + self.null_project(g)
 
 
-def reference_reconstruction(psf: np.ndarray, y: torch.Tensor, lam: float, net: torch.nn.Module | None,
-                             objective: Objective, support_shape: Sequence[int] | None = None,
-                             projector: str = "tikhonov") -> torch.Tensor:
-    """The same computation by the training code (the verification reference): ``A†y`` of
-    :class:`train.physics.LenslessOperator`, or the :class:`train.students.Student` around ``net``
-    (with its ``support_shape`` window)."""
+def reconstruction_operator(psf: np.ndarray, geometry: LenslessGeometry, lam: float,
+                            projector: str = "tikhonov") -> Any:
+    """The training code's :class:`train.physics.LenslessOperator` for ``geometry`` (the reference)."""
     from train.physics import LenslessOperator
 
-    op = LenslessOperator(psf, tuple(y.shape[-2:]), "circular", lam=lam, projector=projector).to(y.device)
+    crop = geometry.model == "crop"
+    return LenslessOperator(psf, geometry.sensor_shape, geometry.model, lam=lam, projector=projector,  # type: ignore[arg-type]
+                            scene_shape=geometry.scene_shape if crop else None,
+                            conv_shape=geometry.conv_shape if crop else None)
+
+
+def reference_reconstruction(psf: np.ndarray, y: torch.Tensor, lam: float, net: torch.nn.Module | None,
+                             objective: Objective, support_shape: Sequence[int] | None = None,
+                             projector: str = "tikhonov", geometry: LenslessGeometry | None = None) -> torch.Tensor:
+    """The same computation by the training code (the verification reference): ``A†y`` of
+    :class:`train.physics.LenslessOperator` (``geometry``; default: circular at ``y``'s size), or the
+    :class:`train.students.Student` around ``net`` (with its ``support_shape`` window)."""
+    geometry = geometry or LenslessGeometry.make("circular", tuple(y.shape[-2:]))
+    op = reconstruction_operator(psf, geometry, lam, projector).to(y.device)
     with torch.no_grad():
         if net is None or objective == "wiener":
             return op.A_dagger(y)

@@ -19,7 +19,7 @@ from typing import Any
 from export.graph import ExportError, GraphSpec
 from export.onnx_graph import add_psf_arguments, psf_from_args, read_metadata
 from nsdd_edge.bundle import BundleError, PreprocessConfig, file_sha256, write_bundle
-from nsdd_edge.optics import OpticsError, array_hash
+from nsdd_edge.optics import LenslessGeometry, OpticsError, array_hash
 
 HELP = "write an edge bundle (bundle.json, psf.npy, ONNX/plan models, preprocessing, provenance)"
 
@@ -44,7 +44,7 @@ def _same(a: GraphSpec, b: GraphSpec) -> list[str]:
     if abs(a.lam - b.lam) > 1e-12 * max(abs(a.lam), 1.0):
         diffs.append(f"λ ({a.lam:g} vs {b.lam:g})")
     if a.geometry != b.geometry:
-        diffs.append(f"geometry ({a.geometry.sensor_shape} vs {b.geometry.sensor_shape})")
+        diffs.append(f"geometry ({a.geometry.to_dict()} vs {b.geometry.to_dict()})")
     if a.channels != b.channels:
         diffs.append(f"channels ({a.channels} vs {b.channels})")
     if a.projector != b.projector:
@@ -132,9 +132,12 @@ def make_bundle(onnx_files: list[str | Path], psf: Any, out: str | Path, *, engi
     if psf_hash != spec.psf_sha256:
         raise ExportError(f"{psf_source or 'PSF'}: hash {psf_hash[:12]}… is not the PSF {first_path} was exported "
                           f"for ({spec.psf_sha256[:12]}…); use the same file and --psf-* options as nsdd-export onnx")
-    if tuple(psf.shape[-2:]) != spec.geometry.sensor_shape and (psf.shape[-2] > spec.geometry.sensor_shape[0]
-                                                                 or psf.shape[-1] > spec.geometry.sensor_shape[1]):
-        raise ExportError(f"PSF of size {psf.shape[-2:]} is larger than the sensor grid {spec.geometry.sensor_shape}")
+    g = spec.geometry
+    try:  # the PSF must fit the grid it is convolved on (the sensor, or the crop model's convolution grid)
+        LenslessGeometry.make(g.model, g.sensor_shape, psf.shape[-2:], g.scene_shape if g.model == "crop" else None,
+                              g.conv_shape if g.model == "crop" else None)
+    except OpticsError as exc:
+        raise ExportError(f"{psf_source or 'PSF'}: {exc}") from None
     if engine is not None:
         plan = Path(engine)
         if not plan.exists():
@@ -214,6 +217,8 @@ def main(args: argparse.Namespace) -> int:
     except (ExportError, OpticsError) as exc:
         print(f"nsdd-export bundle: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote bundle {bundle.root}: {bundle.geometry.sensor_shape} C={bundle.channels} λ={bundle.lam:g} "
+    g = bundle.geometry
+    grids = f"{g.sensor_shape}" if g.model == "circular" else f"crop: sensor {g.sensor_shape} → scene {g.scene_shape}"
+    print(f"wrote bundle {bundle.root}: {grids} C={bundle.channels} λ={bundle.lam:g} "
           f"models={sorted(bundle.models)}" + (f" support={bundle.support_shape}" if bundle.support_shape else ""))
     return 0

@@ -20,7 +20,7 @@ import numpy as np
 
 from export.graph import DFT_FORMS, ExportError, GraphSpec, ReconstructionGraph, check_support
 from nsdd_edge.atomic import atomic_write
-from nsdd_edge.optics import OpticsError, array_hash, load_psf
+from nsdd_edge.optics import LenslessGeometry, OpticsError, array_hash, load_psf
 
 HELP = "export student + FFT pseudo-inverse (or Wiener only) as one ONNX graph"
 
@@ -48,6 +48,7 @@ class StudentInfo:
     model: str | None = None  # forward model of the training geometry (circular / crop)
     support_shape: tuple[int, int] | None = None  # the centred window g runs on (None: the whole scene grid)
     projector: str = "tikhonov"  # the student's pseudo-inverse kind
+    geometry: LenslessGeometry | None = None  # the reconstruction operator's grids (None: not recorded)
 
 
 def _config_dict(config: Any) -> dict:
@@ -78,9 +79,15 @@ def student_info(student: Any, source: str = "student") -> StudentInfo:
     geometry = _first(cfg, "geometry", "recon_geometry")
     sensor = None
     model = None
+    recorded: LenslessGeometry | None = None
     if isinstance(geometry, dict):
         sensor = _first(geometry, "sensor_shape", "scene_shape")
         model = geometry.get("model")
+        if model is not None and sensor is not None:
+            try:
+                recorded = LenslessGeometry.from_dict(geometry)
+            except (OpticsError, KeyError, TypeError, ValueError) as exc:
+                raise ExportError(f"{source}: the recorded geometry {geometry!r} is not valid ({exc})") from None
     sensor = sensor or _first(cfg, "sensor_shape", "size", "image_size")
     if isinstance(sensor, int):
         sensor = (sensor, sensor)
@@ -93,9 +100,10 @@ def student_info(student: Any, source: str = "student") -> StudentInfo:
     support = cfg.get("support_shape")
     if support is None:
         support = getattr(inner, "support_shape", None) or getattr(student, "support_shape", None)
+    grid = recorded.scene_shape if recorded is not None else sensor  # the support lies on the scene grid
     try:
         support = check_support(list(support) if support is not None else None,
-                                tuple(int(v) for v in sensor) if sensor is not None else (1 << 30, 1 << 30))
+                                tuple(int(v) for v in grid) if grid is not None else (1 << 30, 1 << 30))
     except ExportError as exc:
         raise ExportError(f"{source}: {exc}") from None
     return StudentInfo(net=student.net, objective=objective,
@@ -103,7 +111,7 @@ def student_info(student: Any, source: str = "student") -> StudentInfo:
                        sensor_shape=tuple(int(v) for v in sensor) if sensor is not None else None,
                        lam=float(lam) if lam is not None else None,
                        channels=int(channels) if channels is not None else None, config=cfg, model=model,
-                       support_shape=support, projector=str(cfg.get("projector", "tikhonov")))
+                       support_shape=support, projector=str(cfg.get("projector", "tikhonov")), geometry=recorded)
 
 
 def load_student_info(directory: str | Path) -> StudentInfo:
@@ -119,18 +127,28 @@ def load_student_info(directory: str | Path) -> StudentInfo:
     return student_info(student, str(directory))
 
 
-def check_student_matches(info: StudentInfo, psf_sha256: str, sensor_shape: tuple[int, int],
+def check_student_matches(info: StudentInfo, psf_sha256: str, geometry: LenslessGeometry | Sequence[int],
                           lam: float, source: str) -> None:
-    """Refuse a student trained for another PSF, sensor size, λ or a non-circular reconstruction model."""
-    if info.model not in (None, "circular"):
-        raise ExportError(f"{source}: student was trained with the {info.model!r} reconstruction model; the exported "
-                          "graph is the circular model at sensor size (retrain with recon model 'circular')")
+    """Refuse a student trained for another PSF, geometry (model, sensor, scene or convolution grid) or λ.
+    ``geometry``: the graph's :class:`LenslessGeometry`, or a sensor size for the circular model."""
+    if not isinstance(geometry, LenslessGeometry):
+        geometry = LenslessGeometry("circular", (int(geometry[0]), int(geometry[1])),
+                                    (int(geometry[0]), int(geometry[1])), (int(geometry[0]), int(geometry[1])))
     if info.psf_sha256 is not None and info.psf_sha256 != psf_sha256:
         raise ExportError(f"{source}: student was trained for PSF {info.psf_sha256[:12]}…, but the PSF given "
                           f"has hash {psf_sha256[:12]}… (wrong --psf, or different loading options)")
-    if info.sensor_shape is not None and tuple(info.sensor_shape) != tuple(sensor_shape):
+    model = info.geometry.model if info.geometry is not None else (info.model or "circular")
+    if model != geometry.model:
+        raise ExportError(f"{source}: student was trained with the {model!r} reconstruction model, the graph asked "
+                          f"for is {geometry.model!r} (leave --model out: the student's geometry is used)")
+    if info.sensor_shape is not None and tuple(info.sensor_shape) != tuple(geometry.sensor_shape):
         raise ExportError(f"{source}: student was trained at size {tuple(info.sensor_shape)}, not "
-                          f"{tuple(sensor_shape)} (--size)")
+                          f"{tuple(geometry.sensor_shape)} (--size)")
+    if info.geometry is not None and info.geometry != geometry:
+        g, s = info.geometry, geometry
+        raise ExportError(f"{source}: student was trained on the {g.model} model with scene {g.scene_shape} and "
+                          f"convolution grid {g.conv_shape}, not scene {s.scene_shape} and grid {s.conv_shape} "
+                          "(--scene-size/--conv-size)")
     if info.lam is not None and not np.isclose(info.lam, lam, rtol=1e-6, atol=0.0):
         raise ExportError(f"{source}: student was trained with Wiener λ = {info.lam:g}, not {lam:g} (--lam)")
 
@@ -254,6 +272,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     add_psf_arguments(p)
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="sensor size of y (default: the student's; required with --wiener-only)")
+    p.add_argument("--model", choices=("circular", "crop"), default=None,
+                   help="reconstruction model (default: the student's; circular with --wiener-only). crop: y on the "
+                        "sensor grid, x̂ on the scene grid, A† and A on the convolution grid")
+    p.add_argument("--scene-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="crop model: the scene grid of x̂ (default: the student's, else the convolution grid)")
+    p.add_argument("--conv-size", type=int, nargs=2, metavar=("H", "W"),
+                   help="crop model: the convolution grid (default: the student's, else 2x the sensor)")
     p.add_argument("--lam", type=float, default=None, help="Wiener λ (default: the student's, else 1e-6)")
     p.add_argument("--channels", type=int, default=None, help="image channels C (default: the student's, else 3)")
     p.add_argument("--dft", choices=DFT_FORMS, default="matmul",
@@ -275,31 +300,47 @@ def parse_batch(text: str) -> int | None:
     return n
 
 
+def geometry_from_args(args: argparse.Namespace, psf_shape: Sequence[int],
+                       student: StudentInfo | None = None) -> LenslessGeometry:
+    """The graph's geometry: ``--model/--size/--scene-size/--conv-size`` over the student's recorded geometry
+    (a student's own geometry when none is given; a mismatch is refused later by :func:`check_student_matches`)."""
+    recorded = student.geometry if student is not None else None
+    model = args.model or (recorded.model if recorded is not None else None) or "circular"
+    size = tuple(args.size) if args.size is not None else (student.sensor_shape if student is not None else None)
+    if size is None:
+        raise ExportError(f"{args.student}: the student config gives no sensor size; pass --size H W"
+                          if student is not None else "--wiener-only needs --size H W")
+    if model == "circular":
+        if args.scene_size is not None or args.conv_size is not None:
+            raise ExportError("--scene-size/--conv-size are for the crop model (--model crop)")
+        return LenslessGeometry.make("circular", size, psf_shape)
+    same = recorded is not None and recorded.model == "crop"
+    scene = args.scene_size or (recorded.scene_shape if same else None)
+    conv = args.conv_size or (recorded.conv_shape if same else None)
+    return LenslessGeometry.make("crop", size, psf_shape, scene_shape=scene, conv_shape=conv)
+
+
 def build_from_args(args: argparse.Namespace) -> tuple[ReconstructionGraph, dict[str, str]]:
     psf = psf_from_args(args)
     psf_hash = array_hash(psf)
     extra: dict[str, str] = {"nsdd.psf_source": str(Path(args.psf).resolve())}
     if args.wiener_only:
-        if args.size is None:
-            raise ExportError("--wiener-only needs --size H W")
-        size = (int(args.size[0]), int(args.size[1]))
+        geometry = geometry_from_args(args, psf.shape[-2:])
         lam = float(args.lam) if args.lam is not None else 1e-6
         channels = int(args.channels or 3)
-        return ReconstructionGraph(psf, size, lam, net=None, objective="wiener", dft=args.dft,
+        return ReconstructionGraph(psf, geometry, lam, net=None, objective="wiener", dft=args.dft,
                                    channels=channels), extra
     info = load_student_info(args.student)
-    size = tuple(args.size) if args.size is not None else info.sensor_shape
-    if size is None:
-        raise ExportError(f"{args.student}: the student config gives no sensor size; pass --size H W")
+    geometry = geometry_from_args(args, psf.shape[-2:], info)
     lam = float(args.lam) if args.lam is not None else (info.lam if info.lam is not None else 1e-6)
-    check_student_matches(info, psf_hash, size, lam, str(args.student))
+    check_student_matches(info, psf_hash, geometry, lam, str(args.student))
     channels = int(args.channels or info.channels or 3)
     if info.channels is not None and args.channels is not None and info.channels != args.channels:
         raise ExportError(f"{args.student}: student has {info.channels} channels, not {args.channels} (--channels)")
     extra["nsdd.student"] = str(Path(args.student).resolve())
     extra["nsdd.student_config"] = json.dumps(info.config, default=str)
     net = info.net.float().eval()
-    return ReconstructionGraph(psf, size, lam, net=net, objective=info.objective,  # type: ignore[arg-type]
+    return ReconstructionGraph(psf, geometry, lam, net=net, objective=info.objective,  # type: ignore[arg-type]
                                dft=args.dft, channels=channels, support_shape=info.support_shape,
                                projector=info.projector), extra
 
@@ -313,8 +354,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"nsdd-export onnx: {exc}", file=sys.stderr)
         return 2
     s = graph.spec
+    g = s.geometry
+    grids = (f"size={g.sensor_shape}" if g.model == "circular" else
+             f"model=crop sensor={g.sensor_shape} scene={g.scene_shape} conv={g.conv_shape}")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): objective={s.objective} dft={s.dft} "
-          f"size={s.geometry.sensor_shape} C={s.channels} λ={s.lam:g} batch={'dynamic' if batch is None else batch} "
+          f"{grids} C={s.channels} λ={s.lam:g} batch={'dynamic' if batch is None else batch} "
           f"psf={s.psf_sha256[:12]}" + (f" support={s.support_shape}" if s.support_shape else ""))
     return 0
 

@@ -2,8 +2,10 @@
 FP16/INT8 PSNR against FP32 and measurement consistency ``‖A x̂ − y‖ / ‖y‖`` per precision.
 
 The torch reference is the student's network in :class:`train.students.Student` with
-:class:`train.physics.LenslessOperator` (``A†y + (I − A†A) g``, ``g`` on the support window when the
-model's ``nsdd.support_shape`` says so), i.e. the training-time computation, not the exported graph.
+:class:`train.physics.LenslessOperator` of the model's geometry (``nsdd.geometry``: circular, or crop with its
+scene and convolution grids) (``A†y + (I − A†A) g``, ``g`` on the support window when the model's
+``nsdd.support_shape`` says so), i.e. the training-time computation, not the exported graph. Consistency is
+measured with the same operator.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from export.graph import ExportError, GraphSpec, reference_reconstruction
+from export.graph import ExportError, GraphSpec, reconstruction_operator, reference_reconstruction
 from export.onnx_graph import (
     add_psf_arguments,
     check_student_matches,
@@ -53,12 +55,10 @@ def resolve_psf(spec: GraphSpec, data_dir: Path, args: argparse.Namespace) -> np
 
 
 def consistency(psf: np.ndarray, spec: GraphSpec, y: np.ndarray, x_hat: np.ndarray) -> float:
-    """Mean ``‖A x̂ − y‖ / ‖y‖`` with the circular operator at sensor size."""
+    """Mean ``‖A x̂ − y‖ / ‖y‖`` with the model's own operator (circular at sensor size, or the crop model)."""
     import torch
 
-    from train.physics import LenslessOperator
-
-    op = LenslessOperator(psf, spec.geometry.sensor_shape, "circular", lam=spec.lam, projector=spec.projector)
+    op = reconstruction_operator(psf, spec.geometry, spec.lam, spec.projector)
     with torch.no_grad():
         return float(op.consistency(torch.from_numpy(np.ascontiguousarray(x_hat, dtype=np.float32)),
                                     torch.from_numpy(y)).mean())
@@ -95,13 +95,13 @@ def torch_fp16_emulation(psf: np.ndarray, spec: GraphSpec, net: Any, frames: np.
     y = torch.from_numpy(frames)
     out: dict[str, float] = {}
     with torch.no_grad():
-        whole = ReconstructionGraph(psf, spec.geometry.sensor_shape, spec.lam,
+        whole = ReconstructionGraph(psf, spec.geometry, spec.lam,
                                     net=copy.deepcopy(net) if net is not None else None,
                                     objective=spec.objective, channels=spec.channels,
                                     support_shape=spec.support_shape, projector=spec.projector).half()
         out["whole_graph"] = psnr(reference, whole(y.half()).float().numpy())
         if net is not None:
-            part = ReconstructionGraph(psf, spec.geometry.sensor_shape, spec.lam, net=_half_net(copy.deepcopy(net)),
+            part = ReconstructionGraph(psf, spec.geometry, spec.lam, net=_half_net(copy.deepcopy(net)),
                                        objective=spec.objective, channels=spec.channels,
                                        support_shape=spec.support_shape, projector=spec.projector)
             out["student_only"] = psnr(reference, part(y).numpy())
@@ -137,15 +137,16 @@ def verify(model_path: str | Path, data_dir: str | Path, args: argparse.Namespac
         if not args.student:
             raise ExportError(f"{model_path}: objective {spec.objective!r} needs --student DIR for the torch reference")
         info = load_student_info(args.student)
-        check_student_matches(info, spec.psf_sha256, spec.geometry.sensor_shape, spec.lam, args.student)
+        check_student_matches(info, spec.psf_sha256, spec.geometry, spec.lam, args.student)
         if info.support_shape != spec.support_shape:
             raise ExportError(f"{args.student}: student's support window {info.support_shape} is not the model's "
                               f"{spec.support_shape} (nsdd.support_shape): exported from another student?")
         net = info.net.float().eval()
     report["support_shape"] = list(spec.support_shape) if spec.support_shape else None
+    report["geometry"] = spec.geometry.to_dict()
     with torch.no_grad():
         reference = reference_reconstruction(psf, torch.from_numpy(frames), spec.lam, net, spec.objective,
-                                             spec.support_shape, spec.projector).numpy()
+                                             spec.support_shape, spec.projector, spec.geometry).numpy()
 
     outputs: dict[str, np.ndarray] = {}
     outputs["fp32"] = run_model(make_session(model_path), frames, batch)[0]

@@ -15,12 +15,17 @@ A bundle is a directory::
      "models": {"onnx_fp32"|"onnx_fp16"|"onnx_int8"|"engine": {"file", "sha256", ...extra}},
      "provenance": {...}}
 
+``geometry`` is the reconstruction's: ``circular`` (the reconstruction has the measurement's size) or ``crop``
+(measurements on the sensor grid, reconstructions on the scene grid: :attr:`Bundle.input_shape` and
+:attr:`Bundle.output_shape` differ; A† and A act on the convolution grid).
+
 ``geometry.support_shape`` (optional; absent or null: the scenes fill the whole grid) is the centred
-window of the reconstruction grid that the scenes occupy — a student trained on small scenes zero-padded
-to the sensor-size grid (``train.students.Student`` ``support_shape``). With it, ``sim://`` renders its
+window of the reconstruction (scene) grid that the scenes occupy — a student trained on small scenes
+zero-padded to that grid (``train.students.Student`` ``support_shape``). With it, ``sim://`` renders its
 scenes at the support size and simulates them with the crop model on a 2× sensor convolution grid, as
-``nsdd-train simulate`` made the training data (:meth:`Bundle.sim_geometry`), and the preview/recorder
-show the support crop of the reconstruction (:meth:`Bundle.display_crop`).
+``nsdd-train simulate`` made the training data (:meth:`Bundle.sim_geometry`; a crop-model bundle uses its
+own geometry, the support-size scene zero-padded into its scene grid), and the preview/recorder show the
+support crop of the reconstruction (:meth:`Bundle.display_crop`).
 
 Loading checks the format, the PSF hash, every model file's SHA-256 and the geometry, and raises
 :class:`BundleError` naming the problem.
@@ -139,16 +144,19 @@ class Bundle:
         return array_hash(self.psf)
 
     def sim_geometry(self) -> LenslessGeometry:
-        """The forward model ``sim://`` uses with this bundle: with a support, the crop model (scene = the
-        support, convolution grid 2× the sensor, as ``nsdd-train simulate``); without, the bundle's geometry."""
-        if self.support_shape is None:
+        """The forward model ``sim://`` uses with this bundle: a crop-model bundle's own geometry (with a support,
+        ``sim://`` renders the scene at the support size and zero-pads it into the scene grid); a circular bundle
+        with a support: the crop model (scene = the support, convolution grid 2× the sensor, as
+        ``nsdd-train simulate``); without, the bundle's geometry."""
+        if self.support_shape is None or self.geometry.model == "crop":
             return self.geometry
         sensor = self.geometry.sensor_shape
         return LenslessGeometry.make("crop", sensor, self.psf.shape[-2:], scene_shape=self.support_shape,
                                      conv_shape=(2 * sensor[0], 2 * sensor[1]))
 
     def display_crop(self, x: np.ndarray) -> np.ndarray:
-        """The centred support window of a reconstruction ``(…, H, W)`` (the whole image without a support)."""
+        """The centred support window of a reconstruction ``(…, H, W)`` on the scene grid (the whole scene
+        without a support)."""
         if self.support_shape is None:
             return x
         return center_crop(x, self.support_shape)
@@ -160,7 +168,13 @@ class Bundle:
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of a measurement: the sensor grid."""
         return (self.channels, *self.geometry.sensor_shape)
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of a reconstruction: the scene grid (= the sensor for the circular model)."""
+        return (self.channels, *self.geometry.scene_shape)
 
     def check_compatible(self, *, sensor_shape: tuple[int, int] | None = None,
                          psf_sha256: str | None = None) -> None:

@@ -1,7 +1,9 @@
 """Reconstruction engines: TensorRT plan, ONNX Runtime, numpy Wiener — one interface.
 
 ``engine.infer(y)`` takes measurements ``(N, C, H, W)`` float32 (already preprocessed, sensor size) and
-returns reconstructions ``(N, C', H', W')`` float32. ``select_engine(bundle, prefer)`` picks
+returns reconstructions ``(N, C', H', W')`` float32 on the bundle's scene grid (:attr:`Bundle.output_shape`:
+the sensor size for the circular model, the scene grid of the crop model; a model whose output has another
+shape is refused with :class:`EngineError`). ``select_engine(bundle, prefer)`` picks
 TensorRT plan > ONNX Runtime > numpy Wiener from the bundle's models and what is installed, and says why.
 """
 
@@ -54,6 +56,14 @@ class Engine:
                               f"got {y.shape}")
         return np.ascontiguousarray(y, dtype=np.float32)
 
+    @staticmethod
+    def _check_output(x: np.ndarray, expected: tuple[int, int, int] | None, who: str) -> np.ndarray:
+        """``x`` if it is ``(N, *expected)``: a model that does not return the bundle's scene grid is refused."""
+        if expected is not None and tuple(x.shape[1:]) != tuple(expected):
+            raise EngineError(f"{who}: the model returns reconstructions of shape {tuple(x.shape)}, the bundle's "
+                              f"scene grid is (N, {', '.join(map(str, expected))}): a model made for another geometry")
+        return x
+
 
 class NumpyWienerEngine(Engine):
     """``x = A†y = F⁻¹[conj(H) Y / (|H|² + λ)]`` with :class:`nsdd_edge.optics.WienerFilter` (no model)."""
@@ -71,7 +81,8 @@ class NumpyWienerEngine(Engine):
 
     def describe(self) -> str:
         g = self.bundle.geometry
-        return f"numpy Wiener A† ({g.model}, sensor {g.sensor_shape}, λ={self.bundle.lam:g})"
+        grids = f"sensor {g.sensor_shape}" + (f" → scene {g.scene_shape}" if g.model == "crop" else "")
+        return f"numpy Wiener A† ({g.model}, {grids}, λ={self.bundle.lam:g})"
 
 
 class OnnxRuntimeEngine(Engine):
@@ -81,7 +92,7 @@ class OnnxRuntimeEngine(Engine):
     name = "onnx"
 
     def __init__(self, model_path: str | os.PathLike, *, device: str = "cpu", threads: int = 0,
-                 input_shape: tuple[int, int, int] | None = None):
+                 input_shape: tuple[int, int, int] | None = None, output_shape: tuple[int, int, int] | None = None):
         ok, why = module_available("onnxruntime")
         if not ok:
             raise EngineError(f"ONNX Runtime engine: {why}; pip install onnxruntime (or onnxruntime-gpu)")
@@ -120,20 +131,30 @@ class OnnxRuntimeEngine(Engine):
                 if isinstance(got, int) and got != want:
                     raise EngineError(f"{self.model_path}: model input {self.input_name} has shape {model_shape}, "
                                       f"the bundle's measurements are (N, {', '.join(map(str, input_shape))})")
+        out_shape = self.session.get_outputs()[0].shape
+        if output_shape is not None and len(out_shape) == 4:
+            for got, want in zip(out_shape[1:], output_shape):
+                if isinstance(got, int) and got != want:
+                    raise EngineError(f"{self.model_path}: model output {self.output_name} has shape {out_shape}, "
+                                      f"the bundle's reconstructions are (N, {', '.join(map(str, output_shape))}) "
+                                      "(its scene grid): a model made for another geometry")
         self.input_shape = input_shape
+        self.output_shape = output_shape
         self.device = device
         self.threads = threads
         self._binding = self.session.io_binding() if device == "cuda" else None
 
     def infer(self, y: np.ndarray) -> np.ndarray:
         y = self._check_input(y, self.input_shape, f"onnx engine {self.model_path.name}")
+        who = f"onnx engine {self.model_path.name}"
         if self._binding is None:
-            return np.asarray(self.session.run([self.output_name], {self.input_name: y})[0], dtype=np.float32)
+            x = np.asarray(self.session.run([self.output_name], {self.input_name: y})[0], dtype=np.float32)
+            return self._check_output(x, self.output_shape, who)
         b = self._binding
         b.bind_cpu_input(self.input_name, y)
         b.bind_output(self.output_name, "cuda")
         self.session.run_with_iobinding(b)
-        return np.asarray(b.copy_outputs_to_cpu()[0], dtype=np.float32)
+        return self._check_output(np.asarray(b.copy_outputs_to_cpu()[0], dtype=np.float32), self.output_shape, who)
 
     def describe(self) -> str:
         return (f"ONNX Runtime {self.ort.__version__} {self.device.upper()} {self.model_path.name}"
@@ -149,7 +170,8 @@ class TensorRTEngine(Engine):
 
     name = "trt"
 
-    def __init__(self, plan_path: str | os.PathLike, *, input_shape: tuple[int, int, int] | None = None, **options):
+    def __init__(self, plan_path: str | os.PathLike, *, input_shape: tuple[int, int, int] | None = None,
+                 output_shape: tuple[int, int, int] | None = None, **options):
         from nsdd_edge.trt_runner import TrtRunner
 
         try:
@@ -157,9 +179,11 @@ class TensorRTEngine(Engine):
         except TrtUnavailable as exc:
             raise EngineError(str(exc)) from exc
         self.input_shape = input_shape
+        self.output_shape = output_shape
 
     def infer(self, y: np.ndarray) -> np.ndarray:
-        return self.runner.infer(self._check_input(y, self.input_shape, "TensorRT engine"))
+        x = self.runner.infer(self._check_input(y, self.input_shape, "TensorRT engine"))
+        return self._check_output(x, self.output_shape, "TensorRT engine")
 
     def describe(self) -> str:
         return self.runner.describe()
@@ -265,8 +289,9 @@ def build_engine(bundle: Bundle, choice: EngineChoice, *, device: str = "cpu", t
     if path is None:
         raise BundleError(f"{bundle.root}: no model {choice.model!r}")
     if choice.kind == "onnx":
-        return OnnxRuntimeEngine(path, device=device, threads=threads, input_shape=bundle.input_shape)
-    return TensorRTEngine(path, input_shape=bundle.input_shape)
+        return OnnxRuntimeEngine(path, device=device, threads=threads, input_shape=bundle.input_shape,
+                                 output_shape=bundle.output_shape)
+    return TensorRTEngine(path, input_shape=bundle.input_shape, output_shape=bundle.output_shape)
 
 
 def select_engine(bundle: Bundle, prefer: str | None = None, *, device: str = "cpu", threads: int = 0,

@@ -63,8 +63,10 @@ def capture_frames(source, n: int) -> list:
     return frames
 
 
-def benchmark(engine, preprocess, frames: list, *, warmup: int = 3, preview=None) -> dict:
-    """Engine-only FPS and loop FPS (with per-stage statistics) on the same ``frames``."""
+def benchmark(engine, preprocess, frames: list, *, warmup: int = 3, preview=None,
+              display_support: tuple[int, int] | None = None) -> dict:
+    """Engine-only FPS and loop FPS (with per-stage statistics) on the same ``frames``; ``display_support``:
+    the bundle's support window, shown (cropped) as in ``nsdd-edge run``."""
     from nsdd_edge.loop import LoopConfig, ReconstructionLoop
     from nsdd_edge.telemetry import Telemetry
 
@@ -77,7 +79,8 @@ def benchmark(engine, preprocess, frames: list, *, warmup: int = 3, preview=None
     engine_s, engine_cpu = time.perf_counter() - t0, time.process_time() - c0
     tel = Telemetry()
     loop = ReconstructionLoop(ReplaySource(frames), preprocess, engine, telemetry=tel, preview=preview,
-                              config=LoopConfig(lossless=True, max_frames=len(frames), console_interval=0.0),
+                              config=LoopConfig(lossless=True, max_frames=len(frames), console_interval=0.0,
+                                                display_support=display_support),
                               log=lambda m: None)
     t0, c0 = time.perf_counter(), time.process_time()
     summary = loop.run()
@@ -148,10 +151,12 @@ def main(args: argparse.Namespace) -> int:
             print(f"nsdd-edge bench: error: the bundle expects {bundle.input_shape}, the source gives {tuple(shape)}",
                   file=sys.stderr)
             return 2
-        result = benchmark(engine, preprocess, frames, warmup=args.warmup)
+        result = benchmark(engine, preprocess, frames, warmup=args.warmup, display_support=bundle.support_shape)
     finally:
         engine.close()
     label = f"{bundle.name} {choice.kind} {'x'.join(map(str, bundle.input_shape))}"
+    if bundle.output_shape != bundle.input_shape:  # crop model: the reconstruction is on the scene grid
+        label += f"→{'x'.join(map(str, bundle.output_shape))}"
     print(f"engine: {engine.describe()} ({choice.reason})")
     print(format_table([(label, result)]))
     print("\nper stage (ms)      mean   median      p95")
@@ -159,6 +164,8 @@ def main(args: argparse.Namespace) -> int:
         if s["mean_ms"] is not None:
             print(f"  {stage:<14} {s['mean_ms']:>7.2f} {s['median_ms']:>8.2f} {s['p95_ms']:>8.2f}")
     if args.json:
-        atomic_write_bytes(Path(args.json), json.dumps({"label": label, "engine": engine.describe(), **result},
+        atomic_write_bytes(Path(args.json), json.dumps({"label": label, "engine": engine.describe(),
+                                                        "input_shape": list(bundle.input_shape),
+                                                        "output_shape": list(bundle.output_shape), **result},
                                                        indent=2).encode())
     return 0

@@ -58,7 +58,9 @@ def bundle_report(model: str | None) -> dict:
     return {"path": str(b.root), "verified": True, "name": b.name, "bundle_sha256": bundle_sha256(b),
             "geometry": b.geometry.to_dict(), "support_shape": list(b.support_shape) if b.support_shape else None,
             "lam": b.lam, "channels": b.channels,
-            "input_shape": list(b.input_shape), "psf_shape": list(b.psf.shape), "psf_sha256": b.psf_sha256,
+            "input_shape": list(b.input_shape), "output_shape": list(b.output_shape),
+            "display_shape": [b.channels, *(b.support_shape or b.geometry.scene_shape)],
+            "psf_shape": list(b.psf.shape), "psf_sha256": b.psf_sha256,
             "preprocess": vars(b.preprocess), "models": models, "provenance": b.provenance}
 
 
@@ -99,6 +101,8 @@ def _print_text(r: dict) -> None:
                                             "cropped)" if b.get("support_shape") else ""))
         print(f"  input         {b['input_shape']}  λ={b['lam']:g}  PSF {b['psf_shape']} "
               f"sha256 {b['psf_sha256'][:16]}…")
+        print(f"  output        {b['output_shape']} ({'scene grid, crop model' if g['model'] == 'crop' else 'sensor grid'}"
+              f"); shown {b['display_shape']} ({'the support window' if b.get('support_shape') else 'whole'})")
         p = b["preprocess"]
         print(f"  preprocess    black {p['black_level']:g}, bayer {p['bayer_pattern']}, downsample {p['downsample']}, "
               f"crop {p['crop']}, normalisation {p['normalization']} (scale {p['scale']:g})")

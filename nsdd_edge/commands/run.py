@@ -48,8 +48,9 @@ def open_camera(uri: str, bundle: Bundle, **options: Any):
     """``open_source`` with, for ``sim://``, the bundle's PSF, forward model and channels (unless the URI
     sets them), so the simulated camera is the one the bundle was made for: with a support window the scenes
     are rendered at the support size and simulated with the crop model on a 2× sensor grid
-    (:meth:`Bundle.sim_geometry`). A sim PSF given in the URI that differs from the bundle's is refused
-    (:class:`BundleError`)."""
+    (:meth:`Bundle.sim_geometry`); a crop-model bundle simulates through its own geometry (a support-size
+    scene zero-padded into its scene grid). A sim PSF given in the URI that differs from the bundle's is
+    refused (:class:`BundleError`)."""
     from nsdd_edge.sources import open_source, parse_uri
 
     parsed = parse_uri(uri)
@@ -58,6 +59,8 @@ def open_camera(uri: str, bundle: Bundle, **options: Any):
         if not {"psf", "size", "geometry"} & set(q):  # the URI chose its own optics: checked below
             options.setdefault("psf", bundle.psf)
             options.setdefault("geometry", bundle.sim_geometry())
+            if bundle.geometry.model == "crop" and bundle.support_shape is not None:
+                options.setdefault("support", bundle.support_shape)
         if "channels" not in q and "format" not in q:
             options.setdefault("channels", bundle.channels)
     source = open_source(uri, **options)
@@ -169,9 +172,11 @@ def main(args: argparse.Namespace) -> int:
     telemetry.info.update({"bundle": str(bundle.root), "bundle_name": bundle.name, "engine_kind": choice.kind,
                            "engine_reason": choice.reason, "source": args.source})
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-    print(f"nsdd-edge run: bundle {bundle.name} ({bundle.root}), sensor {bundle.geometry.sensor_shape}, "
-          f"{bundle.channels} channel(s)" + (f", scene support {bundle.support_shape} (shown: its centred crop)"
-                                             if bundle.support_shape else ""), file=sys.stderr)
+    g = bundle.geometry
+    print(f"nsdd-edge run: bundle {bundle.name} ({bundle.root}), sensor {g.sensor_shape}, "
+          + (f"crop model → scene {g.scene_shape} (convolution grid {g.conv_shape}), " if g.model == "crop" else "")
+          + f"{bundle.channels} channel(s)" + (f", scene support {bundle.support_shape} (shown: its centred crop)"
+                                               if bundle.support_shape else ""), file=sys.stderr)
     print(f"nsdd-edge run: engine {engine.describe()} — {choice.reason}", file=sys.stderr)
     unused = [k for k in bundle.models if k.startswith("onnx_") or k == "engine"]
     if choice.kind == "wiener" and unused and args.engine == "auto":

@@ -83,6 +83,8 @@ class SimCamera(FrameSource):
     ``truth``. With a crop ``geometry`` whose scene is smaller than the convolution grid (a bundle with a
     ``support_shape``: :meth:`nsdd_edge.bundle.Bundle.sim_geometry`) the scene is rendered at that size and
     zero-padded centrally by the forward model, as ``nsdd-train simulate`` makes training data.
+    ``support=(h, w)`` (keyword only; a crop-model bundle's support window): the scene is rendered at that size
+    and zero-padded centrally into the geometry's scene grid before ``A`` (``truth`` is the ``h × w`` scene).
     """
 
     scheme = "sim"
@@ -146,6 +148,7 @@ class SimCamera(FrameSource):
         if not isinstance(geometry, LenslessGeometry):
             raise TypeError(f"camera source {uri!r}: geometry= must be a LenslessGeometry or its dict")
         self.geometry = geometry
+        self.scene_window = self._scene_window(uri, o.raw("support"), geometry.scene_shape)
         self.channels = o.int("channels", 3, minimum=1)
         if self.channels not in (1, 3):
             raise ValueError(f"camera source {uri!r}: channels={self.channels} must be 1 or 3")
@@ -175,10 +178,24 @@ class SimCamera(FrameSource):
         self._pacer = _Pacer(self.fps)
         self._next_index = 0
 
+    @staticmethod
+    def _scene_window(uri: str, support: Any, grid: tuple[int, int]) -> tuple[int, int]:
+        """The rendered scene's size: ``support`` (two positive integers within the scene ``grid``) or the grid."""
+        if support is None:
+            return grid
+        try:
+            h, w = (int(v) for v in (str(support).lower().split("x") if isinstance(support, str) else support))
+        except (TypeError, ValueError):
+            raise ValueError(f"camera source {uri!r}: support={support!r} must be two integers (h, w)") from None
+        if not (0 < h <= grid[0] and 0 < w <= grid[1]):
+            raise ValueError(f"camera source {uri!r}: support={[h, w]} must be positive and within the scene grid "
+                             f"{list(grid)}")
+        return h, w
+
     # -- scenes ---------------------------------------------------------------------------------
 
     def _open(self) -> None:
-        sh, sw = self.geometry.scene_shape
+        sh, sw = self.scene_window
         canvas_shape = (int(sh * 1.5), int(sw * 1.5))
         if self.scene_kind == "shapes":
             self._canvas = _procedural_canvas(canvas_shape, self.seed)
@@ -233,10 +250,10 @@ class SimCamera(FrameSource):
         return (self.start + int(index / self.fps / self.hold)) % len(self._image_files)
 
     def scene(self, index: int) -> np.ndarray:
-        """The scene ``x`` of frame ``index``: float32 ``(C, *scene_shape)`` in [0, 1]."""
+        """The scene ``x`` of frame ``index``: float32 ``(C, h, w)`` in [0, 1] (the scene grid, or ``support``)."""
         import cv2
 
-        sh, sw = self.geometry.scene_shape
+        sh, sw = self.scene_window
         if self.scene_kind == "dark":  # lens cap on / light source off: only black level and noise
             return np.zeros((self.channels, sh, sw), np.float32)
         if self.scene_kind == "point":
@@ -273,6 +290,8 @@ class SimCamera(FrameSource):
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         g = self.geometry
+        if tuple(x.shape[-2:]) != g.scene_shape:  # a support-size scene, zero-padded into the scene grid
+            x = center_pad(x, g.scene_shape)
         xp = center_pad(x, g.conv_shape) if g.model == "crop" else x
         y = np.fft.irfft2(np.fft.rfft2(xp, axes=(-2, -1)) * self._H_half, s=g.conv_shape, axes=(-2, -1))
         if g.model == "crop":
@@ -339,7 +358,7 @@ class SimCamera(FrameSource):
     def describe(self) -> dict[str, Any]:
         d = super().describe()
         d.update({"kind": "simulated lensless camera", "psf": self.psf_name, "psf_shape": list(self.psf.shape),
-                  "geometry": self.geometry.to_dict(), "format": self.format, "bayer_pattern": self.bayer_pattern,
+                  "geometry": self.geometry.to_dict(), "scene_window": list(self.scene_window), "format": self.format, "bayer_pattern": self.bayer_pattern,
                   "scene": self.scene_kind, "motion": self.motion, "seed": self.seed, "noise": self.noise,
                   "hold_s": self.hold,
                   "photons": self.photons, "black_level": self.black_level, "gain": self.gain,
