@@ -127,7 +127,8 @@ def run_fit(args: argparse.Namespace) -> dict:
     t = time.monotonic()
     budget = stages.budget("teacher")
     batch = 8
-    common = dict(steps=args.teacher_steps, batch_size=batch, shard_size=batch, device=device, progress=True,
+    interactive = sys.stderr.isatty()
+    common = dict(steps=args.teacher_steps, batch_size=batch, shard_size=batch, device=device, progress=interactive,
                   prior_path=args.prior, write_png=False)
     teacher_dir = out / "teacher"
     label_dataset(ds, prior, teacher_dir, split="train", limit=batch, **common)
@@ -149,7 +150,7 @@ def run_fit(args: argparse.Namespace) -> dict:
         prior=str(args.prior) if args.student == "paper" else None, lam=lam, limit=n_labels, model="crop"
         if profile.geometry.model == "crop" else None, lpips_weight=0.1 if args.lpips_weights else 0.0,
         lpips_weights=args.lpips_weights, steps=100_000, batch=8, lr=2e-4 if args.student == "paper" else 5e-4,
-        warmup=20, checkpoint_every=100, samples=4, device=device, fp16=False, progress=True, preload=True,
+        warmup=20, checkpoint_every=100, samples=4, device=device, fp16=False, progress=interactive, preload=True,
         time_budget=stages.budget("distill"),
         architecture={} if args.student == "paper" else {"width": 16, "depth": 3, "max_width": 128})
     summary = train_student(settings)
