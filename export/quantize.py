@@ -578,7 +578,8 @@ def quantize_file(src: str | Path, precision: str, out: str | Path, *, data: str
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="FP32 ONNX file written by nsdd-export onnx")
-    p.add_argument("--precision", choices=("fp16", "int8"), required=True)
+    p.add_argument("--precision", choices=("fp16", "int8"), required=True,
+                   help="fp16: float16 graph (see --fp16-mode); int8: Q/DQ on the student's convolutions")
     p.add_argument("--data", metavar="DIR", help="dataset directory with measurements/*.npy (calibration; required for int8)")
     p.add_argument("--fp16-mode", choices=("auto", "all", "conv"), default="auto",
                    help="all: whole graph FP16; conv: student FP16, DFT FP32; auto: measure both and choose")

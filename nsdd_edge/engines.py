@@ -234,45 +234,96 @@ class EngineChoice:
     skipped: list[str] = field(default_factory=list)
 
 
-def plan_engine(models: dict, prefer: str | None, available: dict[str, tuple[bool, str]]) -> EngineChoice:
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
+# --precision auto: the order in which a bundle's ONNX models are tried, per ONNX Runtime device. On the CPU,
+# ONNX Runtime computes float16 convolutions in float32 (casts around every node) and runs the INT8 Q/DQ graph
+# slower than FP32 (bench/bench_threads.py --workloads precision; docs/threads.md); on a GPU FP16 is the fast one.
+AUTO_ONNX_ORDER = {"cpu": ("onnx_fp32", "onnx_int8", "onnx_fp16"), "cuda": ("onnx_fp16", "onnx_fp32", "onnx_int8")}
+
+
+def model_precision(kind: str, entry: dict) -> str | None:
+    """The precision of bundle model ``kind`` (``onnx_fp16`` → ``fp16``; a plan: its recorded ``precision``)."""
+    if kind.startswith("onnx_"):
+        return kind[len("onnx_"):]
+    value = entry.get("precision") if isinstance(entry, dict) else None
+    return str(value) if value else None
+
+
+def plan_engine(models: dict, prefer: str | None, available: dict[str, tuple[bool, str]],
+                precision: str = "auto", device: str = "cpu") -> EngineChoice:
     """Decide the engine from the bundle's ``models`` and ``available`` runtimes (pure; no imports).
 
     ``prefer`` in (None, "auto", "trt", "onnx", "wiener"). Auto: TensorRT plan > ONNX > Wiener; an explicit
-    choice that cannot run raises :class:`EngineError` naming what is missing.
+    choice that cannot run raises :class:`EngineError` naming what is missing. ``precision`` (``--precision``):
+    ``auto`` takes the plan whatever its precision and the ONNX model in :data:`AUTO_ONNX_ORDER` for ``device``;
+    ``fp32``/``fp16``/``int8`` only a model of that precision (the numpy Wiener filter is FP32), and an error
+    when the bundle has none, rather than a silent fallback.
     """
     prefer = None if prefer in (None, "auto") else prefer
     if prefer is not None and prefer not in ENGINE_NAMES:
         raise EngineError(f"--engine {prefer!r}: unknown engine; use auto, trt, onnx or wiener")
+    if precision not in PRECISIONS:
+        raise EngineError(f"--precision {precision!r}: use {', '.join(PRECISIONS)}")
     skipped: list[str] = []
+    onnx_models = [k for k in ONNX_MODEL_ORDER if k in models]
 
     def try_trt() -> EngineChoice | None:
+        plan_precision = model_precision("engine", models.get("engine", {})) if "engine" in models else None
         if "engine" not in models:
             skipped.append("trt: the bundle has no TensorRT plan (models.engine)")
+        elif precision != "auto" and plan_precision != precision and not (precision == "int8"
+                                                                           and plan_precision == "best"):
+            skipped.append(f"trt: the bundle's TensorRT plan is {plan_precision or 'of unrecorded precision'}, "
+                           f"not {precision}")
         elif not available["trt"][0]:
             skipped.append(f"trt: {available['trt'][1]}")
         else:
-            return EngineChoice("trt", "engine", f"bundle has a TensorRT plan and {available['trt'][1]}", skipped)
+            built = plan_precision or "precision not recorded"
+            return EngineChoice("trt", "engine", f"bundle has a TensorRT plan ({built}) and {available['trt'][1]}",
+                                skipped)
         return None
 
     def try_onnx() -> EngineChoice | None:
-        kinds = [k for k in ONNX_MODEL_ORDER if k in models]
-        if not kinds:
+        if precision == "auto":
+            kinds = [k for k in AUTO_ONNX_ORDER.get(device, ONNX_MODEL_ORDER) if k in models]
+        else:
+            kinds = [k for k in (f"onnx_{precision}",) if k in models]
+        if not onnx_models:
             skipped.append("onnx: the bundle has no ONNX model (onnx_fp32/onnx_fp16/onnx_int8)")
+        elif not kinds:
+            skipped.append(f"onnx: the bundle has no {precision.upper()} model (it has {', '.join(onnx_models)})")
         elif not available["onnx"][0]:
             skipped.append(f"onnx: {available['onnx'][1]}")
         else:
-            return EngineChoice("onnx", kinds[0], f"bundle has {kinds[0]} and {available['onnx'][1]}", skipped)
+            if precision != "auto":
+                why = f" (--precision {precision})"
+            elif len(onnx_models) > 1:
+                order = " > ".join(k[len("onnx_"):] for k in AUTO_ONNX_ORDER.get(device, ONNX_MODEL_ORDER))
+                why = f" (--precision auto on {device.upper()}: {order})"
+            else:
+                why = ""
+            return EngineChoice("onnx", kinds[0], f"bundle has {kinds[0]}{why} and {available['onnx'][1]}", skipped)
         return None
 
+    def no_model() -> EngineError:
+        have = ", ".join(sorted(models)) or "none (Wiener only)"
+        return EngineError(f"--precision {precision}: the bundle has no {precision.upper()} model that can run here "
+                           f"(its models: {have}; {'; '.join(skipped)}). Make one with nsdd-export quantize "
+                           f"--precision {precision} and add it with nsdd-export bundle --onnx FP32,{precision.upper()}")
+
+    if prefer == "wiener":
+        if precision not in ("auto", "fp32"):
+            raise EngineError(f"--precision {precision}: the numpy Wiener filter computes in FP32 only")
+        return EngineChoice("wiener", None, "requested with --engine wiener", skipped)
     if prefer == "trt":
         c = try_trt()
     elif prefer == "onnx":
         c = try_onnx()
-    elif prefer == "wiener":
-        return EngineChoice("wiener", None, "requested with --engine wiener", skipped)
     else:
         c = try_trt() or try_onnx()
         if c is None:
+            if precision not in ("auto", "fp32"):  # the Wiener fallback is FP32: not what was asked for
+                raise no_model()
             return EngineChoice("wiener", None, "fallback to the numpy Wiener filter A†y (" + "; ".join(skipped) + ")",
                                 skipped)
     if c is None:
@@ -295,8 +346,10 @@ def build_engine(bundle: Bundle, choice: EngineChoice, *, device: str = "cpu", t
 
 
 def select_engine(bundle: Bundle, prefer: str | None = None, *, device: str = "cpu", threads: int = 0,
-                  available: dict[str, tuple[bool, str]] | None = None) -> tuple[Engine, EngineChoice]:
-    """Pick and build an engine for ``bundle`` (TensorRT > ONNX Runtime > Wiener unless ``prefer``).
+                  precision: str = "auto", available: dict[str, tuple[bool, str]] | None = None
+                  ) -> tuple[Engine, EngineChoice]:
+    """Pick and build an engine for ``bundle`` (TensorRT > ONNX Runtime > Wiener unless ``prefer``; the
+    model of ``precision``, see :func:`plan_engine`).
 
     In auto mode an engine that fails to build falls back to the next one, and the failure is added to
     the reason. Returns ``(engine, choice)``; ``choice.reason`` says why.
@@ -305,7 +358,7 @@ def select_engine(bundle: Bundle, prefer: str | None = None, *, device: str = "c
     if device == "cuda" and not available.get("onnx-cuda", (False, ""))[0]:
         raise EngineError(f"--device cuda: {available.get('onnx-cuda', (False, 'onnxruntime missing'))[1]}")
     while True:
-        choice = plan_engine(bundle.models, prefer, available)
+        choice = plan_engine(bundle.models, prefer, available, precision=precision, device=device)
         try:
             return build_engine(bundle, choice, device=device, threads=threads), choice
         except EngineError as exc:

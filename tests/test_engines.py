@@ -10,6 +10,7 @@ import pytest
 
 from nsdd_edge.bundle import BundleError, PreprocessConfig, load_bundle, write_bundle
 from nsdd_edge.engines import (
+    AUTO_ONNX_ORDER,
     EngineError,
     NumpyWienerEngine,
     OnnxRuntimeEngine,
@@ -121,7 +122,7 @@ def test_plan_engine_priorities_and_reasons():
     assert (c.kind, c.model) == ("onnx", "onnx_fp32")
     assert any("tensorrt not importable" in s for s in c.skipped)
     c = plan_engine({"onnx_int8": onnx32, "onnx_fp16": onnx32}, None, AVAIL_ALL)
-    assert c.model == "onnx_fp16"  # fp32 > fp16 > int8 among what the bundle has
+    assert c.model == next(k for k in AUTO_ONNX_ORDER["cpu"] if k in ("onnx_int8", "onnx_fp16"))  # what it has
     c = plan_engine({}, None, AVAIL_ALL)
     assert c.kind == "wiener" and "no TensorRT plan" in c.reason and "no ONNX model" in c.reason
     assert plan_engine({"engine": plan}, "wiener", AVAIL_ALL).kind == "wiener"
@@ -131,6 +132,53 @@ def test_plan_engine_priorities_and_reasons():
         plan_engine({"engine": plan}, "onnx", AVAIL_ALL)
     with pytest.raises(EngineError, match="unknown engine"):
         plan_engine({}, "tpu", AVAIL_ALL)
+
+
+def test_plan_engine_precision(tmp_path):
+    """--precision: auto takes the device's fastest ONNX model and any plan; an explicit precision takes only
+    a model of that precision and is an error, not a silent Wiener fallback, where there is none (issue 16, item 7)."""
+    m = {"file": "m.onnx"}
+    every = {"onnx_fp32": m, "onnx_fp16": m, "onnx_int8": m}
+    assert plan_engine(every, None, AVAIL_NO_TRT).model == "onnx_fp32"  # CPU: FP32 first
+    c = plan_engine(every, None, AVAIL_NO_TRT, device="cuda")
+    assert c.model == "onnx_fp16" and "auto on CUDA: fp16 > fp32 > int8" in c.reason
+    for p in ("fp32", "fp16", "int8"):
+        c = plan_engine(every, "auto", AVAIL_NO_TRT, precision=p)
+        assert (c.kind, c.model) == ("onnx", f"onnx_{p}") and f"--precision {p}" in c.reason
+    with pytest.raises(EngineError, match=r"--precision int8: the bundle has no INT8 model .*onnx_fp16, onnx_fp32"):
+        plan_engine({"onnx_fp32": m, "onnx_fp16": m}, None, AVAIL_NO_TRT, precision="int8")
+    with pytest.raises(EngineError, match="no FP16 model"):
+        plan_engine({"onnx_fp32": m}, "onnx", AVAIL_NO_TRT, precision="fp16")
+    with pytest.raises(EngineError, match="FP32 only"):
+        plan_engine(every, "wiener", AVAIL_NO_TRT, precision="fp16")
+    assert plan_engine({}, None, AVAIL_NO_TRT, precision="fp32").kind == "wiener"  # Wiener is FP32
+    # a TensorRT plan is taken as built under auto, and only at its own precision otherwise
+    plans = {"engine": {"file": "m.plan", "precision": "fp16"}, "onnx_fp32": m, "onnx_int8": m}
+    assert plan_engine(plans, None, AVAIL_ALL).kind == "trt"
+    assert plan_engine(plans, None, AVAIL_ALL, precision="fp16").kind == "trt"
+    c = plan_engine(plans, None, AVAIL_ALL, precision="int8")
+    assert c.model == "onnx_int8" and any("plan is fp16, not int8" in s for s in c.skipped)
+    with pytest.raises(EngineError, match="--precision"):
+        plan_engine(every, None, AVAIL_ALL, precision="fp8")
+
+
+def test_run_and_bench_use_the_bundle_fp16_and_int8_models(tmp_path, capsys):
+    from nsdd_edge.cli import main as edge_main
+
+    make_conv_onnx(tmp_path / "fp32.onnx")
+    make_conv_onnx(tmp_path / "int8.onnx", seed=1)  # a stand-in: the file name shows which model ran
+    bundle = make_bundle(tmp_path, models={"onnx_fp32": tmp_path / "fp32.onnx", "onnx_int8": tmp_path / "int8.onnx"})
+    args = ["--model", str(bundle.root), "--source", "sim://?realtime=0", "--frames", "2", "--quiet",
+            "--stats", "", "--snapshot", ""]
+    assert edge_main(["run", *args, "--precision", "int8"]) == 0
+    err = capsys.readouterr().err
+    assert "int8.onnx" in err and "--precision int8" in err
+    assert edge_main(["run", *args, "--precision", "fp16"]) == 2
+    assert "no FP16 model" in capsys.readouterr().err
+    assert edge_main(["bench", "--model", str(bundle.root), "--source", "sim://?realtime=0", "--frames", "3",
+                      "--precision", "int8", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "int8.onnx" in out and "1 threads" in out
 
 
 def test_select_engine_with_real_bundles(tmp_path):

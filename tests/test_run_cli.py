@@ -50,9 +50,10 @@ def test_run_with_no_arguments_writes_a_preview_and_stats(tmp_path, capsys):
     assert "6 frames reconstructed" in err
     if _default_engine() == "wiener":
         assert "engine numpy Wiener" in err and "fallback" in err
-    img = cv2.imread(str(tmp_path / "nsdd-edge-preview.png"), cv2.IMREAD_COLOR)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # nothing beside runs/ (issue 16, item 11)
+    img = cv2.imread(str(tmp_path / "runs" / "nsdd-edge-preview.png"), cv2.IMREAD_COLOR)
     assert img is not None and img.shape[1] == 3 * 256 + 2 * 4 and img.std() > 5
-    stats = json.loads((tmp_path / "nsdd-edge-stats.json").read_text())
+    stats = json.loads((tmp_path / "runs" / "nsdd-edge-stats.json").read_text())
     assert stats["frames_out"] == 6 and stats["rejected"] == 0
     assert stats["stages"]["infer"]["count"] == 6 and stats["stages"]["infer"]["mean_ms"] > 0
     assert stats["info"]["engine_kind"] == _default_engine()
@@ -154,7 +155,7 @@ def test_bad_bundles_are_refused(tmp_path, capsys, case):
     expected = {"missing": "does not exist", "not_a_bundle": "no bundle.json", "psf_tampered": "PSF hash mismatch",
                 "json_corrupt": "corrupted"}[case]
     assert expected in err
-    assert not (tmp_path / "nsdd-edge-preview.png").exists()
+    assert not (tmp_path / "runs" / "nsdd-edge-preview.png").exists()
 
 
 def test_bundle_for_another_camera_is_refused(tmp_path, capsys):

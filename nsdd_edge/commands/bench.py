@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+from nsdd_edge.cli_common import add_threads_argument, resolve_threads
+from nsdd_edge.engines import PRECISIONS
+
 HELP = "time the loop per stage over N frames (bundle/engine/source) against the engine alone; prints a table"
 
 
@@ -114,12 +117,16 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="BUNDLE", help="bundle directory (default: the shipped bundle)")
-    p.add_argument("--engine", default="auto", choices=["auto", "trt", "onnx", "wiener"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    p.add_argument("--engine", default="auto", choices=["auto", "trt", "onnx", "wiener"],
+                   help="reconstruction engine (auto: TensorRT plan > ONNX Runtime > numpy Wiener)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="ONNX Runtime device")
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                   help="which of the bundle's models: fp32, fp16 or int8 (an error if the bundle has none); auto: "
+                        "the TensorRT plan as built, else the fastest ONNX model for --device (CPU: FP32)")
+    add_threads_argument(p, "ONNX Runtime intra-op threads", "loop")
     p.add_argument("--source", default="sim://?realtime=0", help="where the benchmark frames come from")
-    p.add_argument("--frames", type=int, default=100)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--frames", type=int, default=100, help="frames captured first, then timed")
+    p.add_argument("--warmup", type=int, default=3, help="untimed engine calls before the engine-only timing")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
 
 
@@ -137,7 +144,8 @@ def main(args: argparse.Namespace) -> int:
         bundle = open_bundle(args.model)
         source = open_camera(args.source, bundle)
         preprocess = make_preprocessor(bundle)
-        engine, choice = select_engine(bundle, args.engine, device=args.device, threads=args.threads)
+        engine, choice = select_engine(bundle, args.engine, device=args.device, precision=args.precision,
+                                      threads=resolve_threads(args.threads, "loop"))
     except (BundleError, EngineError, SourceError, ValueError) as exc:
         print(f"nsdd-edge bench: error: {exc}", file=sys.stderr)
         return 2

@@ -240,7 +240,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--center", choices=("centroid", "peak", "none"), default="centroid",
                    help="move the PSF's intensity centroid (or peak) to the array centre")
     p.add_argument("--bayer", choices=BAYER_PATTERNS, default=None, help="Bayer pattern (default: frame metadata)")
-    p.add_argument("--demosaic", choices=DEMOSAIC_METHODS, default=None)
+    p.add_argument("--demosaic", choices=DEMOSAIC_METHODS, default=None,
+                   help="Bayer to RGB: bin2x2 (half resolution) or bilinear (default: the bundle's, else bin2x2)")
     p.add_argument("--black-level", type=_black_level, default=None,
                    help="raw counts to subtract (default: frame metadata; 0 for --psf-image); with --psf-image also "
                         "'corner': the mean of the first capture's [5:15, 5:15] corner (DiffuserCam convention)")

@@ -1,7 +1,9 @@
 """``nsdd-edge run``: live reconstruction from a camera (default: the simulated camera and the bundled model).
 
 With no arguments: ``sim://`` through the default bundle shipped in the package for 60 frames, writing
-the last side-by-side frame to ``nsdd-edge-preview.png`` and the figures to ``nsdd-edge-stats.json``.
+the last side-by-side frame to ``runs/nsdd-edge-preview.png`` and the figures to ``runs/nsdd-edge-stats.json``
+(``runs/`` under the current directory, made when missing: ignored by git in a checkout, so a first run
+leaves the checkout clean).
 """
 
 from __future__ import annotations
@@ -17,12 +19,45 @@ from pathlib import Path
 from typing import Any
 
 from nsdd_edge.bundle import Bundle, BundleError, load_bundle
+from nsdd_edge.cli_common import add_threads_argument, resolve_threads
+from nsdd_edge.engines import PRECISIONS
 from nsdd_edge.optics import array_hash
 
 HELP = "live reconstruction: camera → preprocess → engine → preview / recorder (default: simulated camera)"
 
+# The sim:// query options as `nsdd-edge run --help` lists them: (option, meaning, default).
+SIM_OPTIONS = (
+    ("images=DIR", "image the files of DIR (sorted) instead of procedural shapes and text", None),
+    ("start=N", "first image number of DIR (0: the first file)", "0"),
+    ("hold=S", "seconds each image is shown before the next one", "3"),
+    ("motion=pan|zoom|static", "camera motion over the scene", "pan"),
+    ("scene=shapes|images|point|dark", "what is imaged (point: for calibrate; dark: lens cap on)",
+     "images with images=, else shapes"),
+    ("fps=F", "frame rate", "30"),
+    ("realtime=0|1", "1: frames come at fps like a camera's (late ones dropped); 0: as fast as read", "1"),
+    ("frames=N", "end after N frames", "no end"),
+    ("seed=N", "seed of the procedural scene, the default PSF and the noise", "0"),
+    ("noise=S", "read-noise std on the [0, 1] scale", "0.005"),
+    ("photons=P", "photons at full scale, for shot noise (0: off)", "20000"),
+    ("black_level=C", "raw counts = C + gain · y", "256"),
+    ("gain=G", "counts per unit of y", "3800"),
+    ("bits=B", "counts are rounded and clipped to B bits", "12"),
+    ("format=rgb|mono|bayer", "raw frame layout", "rgb"),
+    ("bayer=RGGB|BGGR|GRBG|GBRG", "mosaic of format=bayer", "RGGB"),
+    ("channels=1|3", "colour channels", "the bundle's"),
+    ("point_level=L", "brightest measurement pixel of scene=point", "0.8"),
+    ("psf=FILE", "the simulated camera's PSF (with a bundle: must be the bundle's)", "the bundle's"),
+    ("size=N", "size of the simulated contour PSF when there is no psf=", "256"),
+    ("lam=λ", "Wiener λ of the simulated camera's spectra", "1e-3"),
+)
+EPILOG = ('sim:// options (the query of --source, e.g. "sim://?images=DIR&motion=static&start=1"):\n'
+          + "\n".join(f"  {opt:<31} {text} [{default}]" if default else f"  {opt:<31} {text}"
+                      for opt, text, default in SIM_OPTIONS))
+
 DEFAULT_SOURCE = "sim://"
 DEFAULT_SIM_FRAMES = 60
+DEFAULT_STATS = "runs/nsdd-edge-stats.json"
+DEFAULT_SNAPSHOT = "runs/nsdd-edge-preview.png"
 
 
 def default_bundle_path() -> Path:
@@ -110,7 +145,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="auto", choices=["auto", "trt", "onnx", "wiener"],
                    help="reconstruction engine (auto: TensorRT plan > ONNX Runtime > numpy Wiener)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="ONNX Runtime device")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
+                   help="which of the bundle's models: fp32, fp16 or int8 (an error if the bundle has none); auto: "
+                        "the TensorRT plan as built, else the fastest ONNX model for --device (CPU: FP32)")
+    add_threads_argument(p, "ONNX Runtime intra-op threads", "loop")
     p.add_argument("--preview", default="none", help="window, http://HOST:PORT or none")
     p.add_argument("--token", default=None,
                    help="access token for the HTTP preview (required off loopback; generated if omitted)")
@@ -119,9 +157,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, default=None,
                    help=f"stop after N frames (default {DEFAULT_SIM_FRAMES} for sim://, else until Ctrl-C; "
                         "0: no limit)")
-    p.add_argument("--stats", default="nsdd-edge-stats.json", metavar="FILE",
+    p.add_argument("--stats", default=DEFAULT_STATS, metavar="FILE",
                    help="write the telemetry as JSON here (periodically and at the end); '' to skip")
-    p.add_argument("--snapshot", default="nsdd-edge-preview.png", metavar="FILE.png",
+    p.add_argument("--snapshot", default=DEFAULT_SNAPSHOT, metavar="FILE.png",
                    help="write the last measurement | reconstruction frame here at the end; '' to skip")
     p.add_argument("--quiet", action="store_true", help="no live console line")
     p.add_argument("--max-reconnects", type=int, default=None,
@@ -143,9 +181,14 @@ def main(args: argparse.Namespace) -> int:
 
     if args.frames is not None and args.frames < 0:
         return _err(f"--frames {args.frames}: must be ≥ 0")
-    for opt, value in (("--snapshot", args.snapshot), ("--stats", args.stats)):
+    for opt, value, default in (("--snapshot", args.snapshot, DEFAULT_SNAPSHOT), ("--stats", args.stats, DEFAULT_STATS)):
         if value and not Path(value).parent.exists():
-            return _err(f"{opt} {value}: directory {Path(value).parent} does not exist")
+            if value != default:
+                return _err(f"{opt} {value}: directory {Path(value).parent} does not exist")
+            try:
+                Path(value).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                return _err(f"{opt} {value}: cannot make {Path(value).parent} ({exc}); give {opt} FILE or {opt} ''")
     try:
         bundle = open_bundle(args.model)
     except BundleError as exc:
@@ -161,7 +204,8 @@ def main(args: argparse.Namespace) -> int:
     except (BundleError, ValueError) as exc:
         return _err(f"--model {bundle.root}: preprocessing settings: {exc}")
     try:
-        engine, choice = select_engine(bundle, args.engine, device=args.device, threads=args.threads)
+        engine, choice = select_engine(bundle, args.engine, device=args.device, precision=args.precision,
+                                      threads=resolve_threads(args.threads, "loop"))
     except (EngineError, BundleError) as exc:
         return _err(str(exc) if str(exc).startswith("--engine") else f"--engine {args.engine}: {exc}")
 
