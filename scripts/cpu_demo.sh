@@ -34,10 +34,9 @@ if [[ $stage == all || $stage == simulate ]]; then
     --psf-downsample "$PSF_DS" --size "$SIZE" --noise-std 0.005 --seed 0 --n-test 200 --threads 1 --out "$DATA"
 fi
 if [[ $stage == all || $stage == prior ]]; then
-  nsdd-train prior --images "$DATA" --size "$SIZE" ${PRIOR_PAD:+--pad-to "$PRIOR_PAD"} --base-channels 32 \
-    --channel-mults 1,2,2 --num-res-blocks 1 --attention-resolutions 16 --dropout 0 --batch 16 \
-    --steps "$PRIOR_STEPS" --warmup 100 --checkpoint-every 250 --sample-count 16 --sample-steps 50 \
-    --threads "$THREADS" --no-progress --log-every 50 --out "$PRIOR"
+  # --preset cpu: the UNet and schedule of the reported runs (nsdd-train prior --help)
+  nsdd-train prior --images "$DATA" --size "$SIZE" ${PRIOR_PAD:+--pad-to "$PRIOR_PAD"} --preset cpu \
+    --steps "$PRIOR_STEPS" --threads "$THREADS" --no-progress --out "$PRIOR"
 fi
 if [[ $stage == all || $stage == teacher ]]; then
   nsdd-train teacher --data "$DATA" --prior "$PRIOR" --split train --limit "$TEACHER_N" \

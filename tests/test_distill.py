@@ -174,6 +174,7 @@ def test_missing_targets_are_listed(tmp_path, capsys):
         train_student(settings(data, targets, tmp_path / "s"))
     rc = cli_main(["distill", "--data", str(data), "--targets", str(targets), "--out", str(tmp_path / "s"), "--quiet"])
     assert rc == 2 and "s003, s007" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()  # a failed run leaves no empty --out behind (issue 16, item 13)
     # targets labelled for another PSF are refused
     (targets / "recon.json").write_text(json.dumps({"method": "ddnm", "source": {"psf_sha256": "0" * 64}}))
     with pytest.raises(DistillError, match="targets were made for PSF 000000000000"):
@@ -182,6 +183,27 @@ def test_missing_targets_are_listed(tmp_path, capsys):
     # the test split has all its targets
     summary = train_student(settings(data, targets, tmp_path / "t", split="test", steps=2, batch=2))
     assert summary["step"] == 2
+
+
+def test_targets_of_teacher_limit_suggest_distill_limit(tmp_path, capsys):
+    """Targets for only the first N ids of the split (what `teacher --limit N` writes): the error says
+    `--limit N`, and --limit N trains on them (issue 16, item 8)."""
+    data, targets = make_problem(tmp_path)
+    train_ids = json.loads((data / "dataset.json").read_text())["splits"]["train"]
+    for i in train_ids[4:]:
+        (targets / f"{i}.npy").unlink()
+    out = tmp_path / "s"
+    keep = out / "mine.txt"
+    out.mkdir()
+    keep.write_text("the user's")
+    argv = ["distill", "--data", str(data), "--targets", str(targets), "--out", str(out), "--quiet",
+            "--steps", "2", "--batch", "2", "--width", "8", "--depth", "2", "--max-width", "16", "--blocks", "1"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no teacher target ID.npy for 6 of 10" in err and "add --limit 4 to train on those" in err
+    assert keep.read_text() == "the user's"  # a directory that existed before is left as it was
+    assert cli_main([*argv, "--limit", "4"]) == 0
+    assert json.loads((out / "config.json").read_text())["training"]["num_samples"] == 4
 
 
 def test_bad_settings_and_changed_settings_on_resume(tmp_path):

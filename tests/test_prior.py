@@ -479,7 +479,7 @@ def test_ddim_sampler_draws_from_the_distribution_its_eps_describes():
 
 
 def test_batches_follow_a_seeded_epoch_order_and_pad_scenes_centrally():
-    from train.prior.train_prior import batch_indices, make_batch
+    from train.prior.data import batch_indices, make_batch
 
     n, batch = 5, 4
     order = [i for step in range(5) for i in batch_indices(step * batch, batch, n, seed=3)]
@@ -500,7 +500,7 @@ def test_dataset_directory_uses_only_the_train_split(tmp_path):
     """A prior trained on a simulated dataset must never see the held-out test scenes."""
     import json
 
-    from train.prior.train_prior import find_image_files
+    from train.prior.data import find_image_files
 
     root = tmp_path / "ds"
     (root / "ground_truth").mkdir(parents=True)

@@ -234,3 +234,29 @@ def test_diffusercam_psf_background_non_square(shared, tmp_path):
     assert run("--images", shared / "data/faces/utkface", "--psf", psf_path, "--psf-downsample", 16,
                "--size", 64, "--limit", 2, "--out", tmp_path / "raw") == 0
     assert LenslessDataset(tmp_path / "raw").meta["psf"]["sha256"] != array_hash(want)  # background kept
+
+
+def test_rerun_with_another_split_is_refused_unless_overwrite(images, psf_file, tmp_path, capsys):
+    """A finished dataset keeps its split: another --n-test without --overwrite would move trained-on
+    samples into the test split (issue 16, item 2)."""
+    out = tmp_path / "ds"
+    args = ["--images", images, "--psf", psf_file, "--size", 16, "--out", out]
+    assert run(*args, "--n-test", 1) == 0
+    before = json.loads((out / "dataset.json").read_text())
+    assert run(*args, "--n-test", 1) == 0  # the same command again: nothing changes
+    assert json.loads((out / "dataset.json").read_text())["splits"] == before["splits"]
+    capsys.readouterr()
+    assert run(*args, "--n-test", 4) == 2
+    err = capsys.readouterr().err
+    assert "already split into train 5 / test 1" in err and "--n-test 1 to keep it" in err
+    assert json.loads((out / "dataset.json").read_text()) == before  # untouched, still complete
+    assert run(*args, "--overwrite", "--n-test", 4) == 0
+    after = json.loads((out / "dataset.json").read_text())
+    assert len(after["splits"]["test"]) == 4 and "re-splitting" in capsys.readouterr().err
+
+
+def test_n_test_larger_than_the_images_fails_before_simulating(images, psf_file, tmp_path, capsys):
+    out = tmp_path / "ds"
+    assert run("--images", images, "--psf", psf_file, "--size", 16, "--limit", 3, "--n-test", 5, "--out", out) == 2
+    assert "--n-test 5 is more than the 3 images of --limit 3" in capsys.readouterr().err
+    assert not out.exists()  # nothing half-made left behind

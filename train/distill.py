@@ -38,11 +38,13 @@ import numpy as np
 import torch
 
 from nsdd_edge.atomic import atomic_write, atomic_write_bytes, atomic_write_text
+from nsdd_edge.cli_common import add_threads_argument
 from nsdd_edge.optics import OpticsError
 from train.data import DatasetError, LenslessDataset
 from train.distill_data import BatchOrder, DistillError, TargetSet, choose_ids
 from train.distributed import DistContext, init_distributed
 from train.physics import LenslessOperator
+from train.progress import TimeEstimate
 from train.students import (
     KINDS,
     OBJECTIVES,
@@ -56,6 +58,7 @@ from train.students import (
     make_config,
     save_student,
 )
+from train.threads import torch_threads
 
 HELP = "distill a one-pass NSDD student (edge or paper) from teacher targets"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -291,12 +294,19 @@ class TrainingInterrupted(Exception):
 def train_student(s: DistillSettings, *, prior: object | None = None,
                   callback: Callable[[int, float], None] | None = None) -> dict:
     """Run (or resume) a distillation; returns a summary. ``callback(step, loss)`` after every step.
-    Under ``torchrun``: one data-parallel process of several (:mod:`train.distributed`; rank 0 writes)."""
+    Under ``torchrun``: one data-parallel process of several (:mod:`train.distributed`; rank 0 writes).
+    A run that fails before writing anything leaves no ``--out`` directory behind it."""
     s.validate()
+    out = Path(s.out)
+    created = not out.exists()
     ctx = init_distributed(_resolve_device(s.device), DistillError)
     try:
         with ctx.quiet_unless_main():
             return _train(s if ctx.is_main else replace(s, progress=False), ctx, prior=prior, callback=callback)
+    except BaseException:
+        if created and ctx.is_main and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     finally:
         ctx.close()
 
@@ -478,6 +488,7 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
 
         bar = tqdm(total=s.steps, initial=step, desc="distill", unit="step", disable=not s.progress,
                    dynamic_ncols=True)
+        estimate = TimeEstimate("distill", s.steps, "step")
         net.train()
         while step < s.steps:
             if deadline is not None:  # size the run to the time budget from the measured step rate
@@ -521,6 +532,8 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
             history.append([step, value, lr])
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4g}", lr=f"{lr:.2e}")
+            estimate.total = s.steps  # --time-budget may have lowered it
+            estimate.update(step)
             if step % s.checkpoint_every == 0 or step == s.steps:
                 checkpoint()
             if callback is not None:
@@ -553,17 +566,19 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student", choices=KINDS, default="edge", help="edge: compact UNet; paper: g_φ + diffusion UNet")
     p.add_argument("--objective", choices=OBJECTIVES, default="nullspace",
                    help="nullspace: x̂ = A†y + (I − A†A) g; full: x̂ = g (ablation)")
-    p.add_argument("--loss", choices=("l1", "l2"), default="l1")
+    p.add_argument("--loss", choices=("l1", "l2"), default="l1",
+                   help="distance to the teacher: l1 (mean |r|) or l2 (mean r²)")
     p.add_argument("--lpips-weight", type=float, default=0.0, help="weight of LPIPS(x̂, T) on full images")
     p.add_argument("--lpips-weights", default=None, help="LPIPS-Alex v0.1 state dict (.pth)")
-    p.add_argument("--steps", type=int, default=20000)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--steps", type=int, default=20000, help="total training steps (the cosine schedule ends here)")
+    p.add_argument("--batch", type=int, default=8, help="(measurement, target) pairs per step")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     p.add_argument("--warmup", type=int, default=500, help="warm-up steps (at most steps/10)")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
     p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0: off)")
-    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="write checkpoint, student, loss curve and a sample grid every N steps")
     p.add_argument("--samples", type=int, default=4, help="rows in the sample grids")
     p.add_argument("--split", default=None, help="dataset split to train on (default: train if present, else all)")
     p.add_argument("--limit", type=int, default=None,
@@ -585,15 +600,16 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=int, default=None, help="number of ×2 downsamplings (input divisible by 2^depth)")
     p.add_argument("--max-width", type=int, default=None, help="channel cap per level")
     p.add_argument("--blocks", type=int, default=None, help="3×3 convolutions per level")
-    p.add_argument("--activation", choices=("relu", "leaky_relu", "silu"), default=None)
+    p.add_argument("--activation", choices=("relu", "leaky_relu", "silu"), default=None,
+                   help="activation of the (edge / g_φ) UNet (default: the student kind's)")
     p.add_argument("--unshuffle", type=int, default=None,
                    help="lean student: run the UNet at 1/r resolution on r² times the channels (pixel-unshuffle)")
     p.add_argument("--separable", action=argparse.BooleanOptionalAction, default=None,
                    help="lean student: depthwise-separable 3×3 convolutions")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto", help="bf16 autocast of the network (auto: on GPUs); FFTs stay float32")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_argument(p, "torch CPU threads", "train")
     p.add_argument("--fp16", action="store_true", help="save model.safetensors in float16 (for shipping)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="fit the run into this many minutes: after a few steps the step rate is measured and "
@@ -634,11 +650,10 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     try:
-        summary = train_student(settings_from_args(args))
+        with torch_threads(args.threads, "train"):
+            summary = train_student(settings_from_args(args))
     except (DistillError, StudentError, DatasetError, OpticsError) as exc:
         print(f"nsdd-train distill: error: {exc}", file=sys.stderr)
         return 2

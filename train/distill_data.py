@@ -38,8 +38,14 @@ class TargetSet:
         missing = [i for i in self.ids if not (self.targets_dir / f"{i}.npy").exists()]
         if missing:
             shown = ", ".join(missing[:10]) + (", …" if len(missing) > 10 else "")
+            labelled = self.ids.index(missing[0])  # targets present for the first `labelled` ids ...
+            if labelled == len(self.ids) - len(missing):  # ... and for no other: `teacher --limit` made them
+                hint = (f"the teacher labelled only the first {labelled} (nsdd-train teacher --limit {labelled}): "
+                        f"add --limit {labelled} to train on those, or run nsdd-train teacher without --limit")
+            else:
+                hint = "run nsdd-train teacher for them, or choose --split"
             raise DistillError(f"{self.targets_dir}: no teacher target ID.npy for {len(missing)} of {len(self.ids)} "
-                               f"measurements: {shown} (run nsdd-train teacher for them, or choose --split)")
+                               f"measurements: {shown} ({hint})")
         y0 = self.measurement(self.ids[0])
         t0 = self.target(self.ids[0])
         self.channels = int(y0.shape[0])

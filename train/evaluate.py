@@ -59,6 +59,7 @@ from nsdd_edge.optics import OpticsError
 from train import metrics as M
 from train.data import DatasetError, LenslessDataset, read_recon_dir
 from train.physics import LenslessOperator, center_crop, center_pad
+from train.progress import TimeEstimate
 
 HELP = "score reconstructions (PSNR, SSIM, LPIPS, consistency, time, memory) and write tables, figures, a report"
 
@@ -535,7 +536,8 @@ def run_method(solver: Callable, ds: LenslessDataset, ids: Sequence[str], physic
             call(ds.measurements(todo[:1]).to(device), ids.index(todo[0]))
         _sync(device)
     results: dict[str, torch.Tensor] = {}
-    for sample_id in tqdm(todo, desc=name, unit="img", leave=False, file=sys.stderr):
+    estimate = TimeEstimate(f"evaluate {name}", len(todo), "image", after=2)
+    for count, sample_id in enumerate(tqdm(todo, desc=name, unit="img", leave=False, file=sys.stderr), 1):
         y = ds.measurements([sample_id]).to(device)
         torch.manual_seed(seed + ids.index(sample_id))
         with PeakMemory(device) as mem:
@@ -554,6 +556,7 @@ def run_method(solver: Callable, ds: LenslessDataset, ids: Sequence[str], physic
         if save_dir is not None:
             _save_image(save_dir, sample_id, results[sample_id][0].numpy())
             _write_json(save_dir / RECON_RECORD, record)
+        estimate.update(count)
     for sample_id in done:
         results[sample_id] = torch.from_numpy(np.load(save_dir / f"{sample_id}.npy"))[None]
     settings = solver.settings() if hasattr(solver, "settings") else {}

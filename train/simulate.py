@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from nsdd_edge.atomic import atomic_save_npy, atomic_write_text
+from nsdd_edge.cli_common import add_threads_argument
 from nsdd_edge.optics import (
     IMAGE_SUFFIXES,
     LenslessGeometry,
@@ -39,6 +40,7 @@ from nsdd_edge.optics import (
     read_image01,
 )
 from train.physics import LenslessOperator, center_pad
+from train.threads import torch_threads
 
 HELP = "simulate a lensless dataset (y = crop(PSF * pad(x)) + noise) from a folder of images"
 
@@ -79,9 +81,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     split.add_argument("--test-fraction", type=float, default=0.1, help="fraction of samples in the test split")
     split.add_argument("--n-test", type=int, default=None, help="number of samples in the test split")
     p.add_argument("--batch-size", type=int, default=32, help="images convolved per batch")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (unset: torch's choice; 1 is fastest on a busy machine)")
-    p.add_argument("--overwrite", action="store_true", help="replace a different dataset already in --out")
+    add_threads_argument(p, "torch CPU threads", "simulate")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different dataset already in --out, or re-split it with other split options")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,6 +157,33 @@ def split_ids(ids: list[str], seed: int, test_fraction: float, n_test: int | Non
             "test": [i for k, i in enumerate(ids) if k in test]}
 
 
+def check_resplit(out: Path, old: dict, args: argparse.Namespace) -> None:
+    """Refuse (without ``--overwrite``) to give a finished dataset another train/test split: samples that were
+    trained on would move into the test split, and teacher targets and students made from the old split
+    would no longer match it."""
+    splits = old.get("splits") or {}
+    if not old.get("complete") or not splits:
+        return
+    ids = sorted(i for part in splits.values() for i in part)
+    try:
+        new = split_ids(ids, args.seed, args.test_fraction, args.n_test)
+    except ValueError as exc:
+        raise ValueError(f"--out {out}: {exc} (the dataset holds {len(ids)} samples)") from None
+    if new == {k: splits.get(k, []) for k in new}:
+        return
+    moved = len(set(splits.get("train", [])) & set(new["test"]))
+    if not args.overwrite:
+        raise OpticsError(
+            f"--out {out}: already split into train {len(splits.get('train', []))} / test "
+            f"{len(splits.get('test', []))}; these split options give train {len(new['train'])} / test "
+            f"{len(new['test'])}, moving {moved} training samples into the test split (teacher targets and "
+            f"students made from the old split would then be scored on data they saw). Rerun with "
+            f"--n-test {len(splits.get('test', []))} to keep it, choose another --out, or pass --overwrite "
+            "to re-split")
+    print(f"nsdd-train simulate: --overwrite: re-splitting {out}: {moved} training samples move into the test "
+          "split; teacher targets and students made from the old split no longer match it", file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------------------
 # The command
 # ----------------------------------------------------------------------------------------------
@@ -198,6 +227,10 @@ def simulate(args: argparse.Namespace) -> dict:
         raise ValueError(f"--sensor takes H or H W, got {args.sensor}")
     if args.n_test is not None and args.n_test < 0:
         raise ValueError(f"--n-test must be ≥ 0, got {args.n_test}")
+    if args.n_test is not None and args.n_test > len(files):
+        raise ValueError(f"--n-test {args.n_test} is more than the {len(files)} images"
+                         + (f" of --limit {args.limit}" if args.limit is not None else f" in {args.images}")
+                         + "; lower --n-test or raise --limit")
     if args.n_test is None and not 0.0 <= args.test_fraction < 1.0:
         raise ValueError(f"--test-fraction must be in [0, 1), got {args.test_fraction}")
     if min(sensor) < 2:
@@ -254,6 +287,8 @@ def simulate(args: argparse.Namespace) -> dict:
             for sub in ("measurements", "ground_truth"):  # --overwrite: the old samples must not be reused
                 for f in (out / sub).glob("*.npy"):
                     f.unlink()
+        else:
+            check_resplit(out, old, args)
     (out / "measurements").mkdir(parents=True, exist_ok=True)
     (out / "ground_truth").mkdir(parents=True, exist_ok=True)
     np.save(out / "psf.npy", psf)
@@ -334,10 +369,9 @@ def simulate(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
     try:
-        meta = simulate(args)
+        with torch_threads(args.threads, "simulate"):
+            meta = simulate(args)
     except (OpticsError, ValueError) as exc:
         print(f"nsdd-train simulate: error: {exc}", file=sys.stderr)
         return 2

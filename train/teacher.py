@@ -45,6 +45,7 @@ from nsdd_edge.optics import OpticsError, array_hash
 from train.data import DatasetError, LenslessDataset
 from train.distributed import local_device
 from train.prior.base import DiffusionPrior
+from train.progress import TimeEstimate
 from train.shard_claims import DEFAULT_TIMEOUT, ShardClaims, Worker
 from train.solvers.ddnm import DDNM
 
@@ -244,6 +245,9 @@ def label_dataset(dataset: LenslessDataset, prior: DiffusionPrior, out: str | Pa
     prior.to(device).eval()
     bar = tqdm(total=len(ids), initial=sum(len(shards[k]) for k in done), desc="teacher", unit="img",
                file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    # this worker's rate over what is left (other workers on the same --out make it end sooner)
+    estimate = TimeEstimate("teacher", len(ids), "image", after=1)
+    images_done = sum(len(shards[k]) for k in done)
     if write_png:
         from train.solve import to_png8  # the shared 8-bit view writer
         from train.solve import write_png as write_png8
@@ -293,6 +297,8 @@ def label_dataset(dataset: LenslessDataset, prior: DiffusionPrior, out: str | Pa
                                 write_png8(out / f"{i}.png", to_png8(x))
                             stats[i] = {"consistency": float(c), "seconds": seconds, "nfe": solver.nfe}
                         bar.update(len(chunk))
+                        images_done += len(chunk)
+                        estimate.update(images_done)
                         batches_written += 1
                         if after_batch is not None:
                             after_batch(batches_written)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from nsdd_edge.atomic import atomic_write_bytes
+from nsdd_edge.cli_common import add_threads_argument
 from train.distributed import DistContext, init_distributed
 from train.prior.base import DiffusionPrior
 from train.prior.data import batch_indices, find_image_files, load_images, make_batch
@@ -53,6 +54,8 @@ from train.prior.io import (
 )
 from train.prior.sampling import ddim_sample, image_grid, save_png
 from train.prior.unet import UNet, UNetConfig
+from train.progress import TimeEstimate, say
+from train.threads import torch_threads
 
 HELP = "train a diffusion prior (ε-prediction UNet) on a folder of images"
 
@@ -67,6 +70,15 @@ STRUCTURAL_DEFAULTS = {
 }
 # Optimisation settings: taken from the checkpoint on resume unless given again (then the new value is used).
 TUNABLE_DEFAULTS = {"lr": 2e-4, "weight_decay": 0.0, "ema": 0.999, "warmup": 200, "grad_clip": 1.0}
+# How long and how often: not part of a run's identity (give them again when resuming).
+RUN_DEFAULTS = {"steps": 100_000, "checkpoint_every": 1000, "log_every": 50, "sample_count": 16, "sample_steps": 50}
+# --preset NAME: values for any of the above that the command line does not give.
+PRESETS = {
+    # scripts/cpu_demo.sh and docs/results.md: a 32-channel 3-level UNet (6.5M → 1.1M parameters at 64 px)
+    "cpu": {"base_channels": 32, "channel_mults": [1, 2, 2], "num_res_blocks": 1, "attention_resolutions": [16],
+            "dropout": 0.0, "batch": 16, "warmup": 100, "steps": 2000, "checkpoint_every": 250, "log_every": 50,
+            "sample_count": 16, "sample_steps": 50},
+}
 
 
 def _int_list(text: str) -> list[int]:
@@ -79,6 +91,10 @@ def _int_list(text: str) -> list[int]:
 def configure_parser(p: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS  # run-defining settings: absent unless given, so a resume keeps the checkpoint's
     d = {**STRUCTURAL_DEFAULTS, **TUNABLE_DEFAULTS}
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="cpu: the settings of scripts/cpu_demo.sh and docs/results.md (32-channel 3-level UNet, "
+                        "attention at 16 px, no dropout, batch 16, warm-up 100, 2,000 steps, a checkpoint every 250); "
+                        "options given explicitly win (default: the full-size settings below)")
     g = p.add_argument_group("data")
     g.add_argument("--images", required=True, type=Path, metavar="DIR", default=argparse.SUPPRESS,
                    help="folder of training images (searched recursively) or a dataset directory (its train split of ground_truth/; never the test split)")
@@ -88,20 +104,26 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="centre each --size scene in an N×N zero frame (sensor-size domain) (default: no padding)")
     g.add_argument("--channels", type=int, choices=(1, 3), default=S, help="1 = grayscale, 3 = RGB (default: 3)")
     g = p.add_argument_group("network (UNet)")
-    g.add_argument("--base-channels", type=int, default=S, help=f"(default: {d['base_channels']})")
-    g.add_argument("--channel-mults", type=_int_list, default=S, help="comma-separated (default: 1,2,2,2)")
-    g.add_argument("--num-res-blocks", type=int, default=S, help=f"(default: {d['num_res_blocks']})")
+    g.add_argument("--base-channels", type=int, default=S,
+                   help=f"channels of the first UNet level (default: {d['base_channels']})")
+    g.add_argument("--channel-mults", type=_int_list, default=S,
+                   help="channel multiplier of each level, comma-separated; one ×2 downsampling between levels "
+                        "(default: 1,2,2,2)")
+    g.add_argument("--num-res-blocks", type=int, default=S,
+                   help=f"residual blocks per level (default: {d['num_res_blocks']})")
     g.add_argument("--attention-resolutions", type=_int_list, default=S,
                    help="feature-map sizes (px) with self-attention, comma-separated, '' for none "
                         "(default: 16, or the coarsest level when 16 is not one)")
-    g.add_argument("--num-heads", type=int, default=S, help=f"(default: {d['num_heads']})")
-    g.add_argument("--dropout", type=float, default=S, help=f"(default: {d['dropout']})")
+    g.add_argument("--num-heads", type=int, default=S, help=f"heads of each self-attention (default: {d['num_heads']})")
+    g.add_argument("--dropout", type=float, default=S, help=f"dropout in the residual blocks (default: {d['dropout']})")
     g = p.add_argument_group("diffusion schedule (linear β)")
-    g.add_argument("--num-train-timesteps", type=int, default=S, help="(default: 1000)")
-    g.add_argument("--beta-start", type=float, default=S, help="(default: 1e-4)")
-    g.add_argument("--beta-end", type=float, default=S, help="(default: 0.02)")
+    g.add_argument("--num-train-timesteps", type=int, default=S, help="diffusion steps T (default: 1000)")
+    g.add_argument("--beta-start", type=float, default=S, help="β of the first step (default: 1e-4)")
+    g.add_argument("--beta-end", type=float, default=S, help="β of the last step (default: 0.02)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=100_000, help="total training steps")
+    g.add_argument("--steps", type=int, default=S,
+                   help=f"total training steps (default: {RUN_DEFAULTS['steps']:,}; --preset cpu: "
+                        f"{PRESETS['cpu']['steps']:,})")
     g.add_argument("--batch", type=int, default=S, help=f"batch size (default: {d['batch']})")
     g.add_argument("--lr", type=float, default=S, help=f"AdamW learning rate (default: {d['lr']})")
     g.add_argument("--weight-decay", type=float, default=S, help="AdamW weight decay (default: 0)")
@@ -113,11 +135,16 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 autocast on a GPU, fp32 on the CPU")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--checkpoint-every", type=int, default=1000, help="write checkpoint + prior + samples every N steps")
-    g.add_argument("--log-every", type=int, default=50, help="append the mean loss to train_log.jsonl every N steps")
-    g.add_argument("--sample-count", type=int, default=16, help="images in each sample grid (0 = no grids)")
-    g.add_argument("--sample-steps", type=int, default=50, help="DDIM steps for the sample grids")
+    add_threads_argument(g, "torch CPU threads", "train")
+    g.add_argument("--checkpoint-every", type=int, default=S,
+                   help=f"write checkpoint + prior + samples every N steps (default: {RUN_DEFAULTS['checkpoint_every']}"
+                        f"; --preset cpu: {PRESETS['cpu']['checkpoint_every']})")
+    g.add_argument("--log-every", type=int, default=S,
+                   help=f"append the mean loss to train_log.jsonl every N steps (default: {RUN_DEFAULTS['log_every']})")
+    g.add_argument("--sample-count", type=int, default=S,
+                   help=f"images in each sample grid (0 = no grids) (default: {RUN_DEFAULTS['sample_count']})")
+    g.add_argument("--sample-steps", type=int, default=S,
+                   help=f"DDIM steps for the sample grids (default: {RUN_DEFAULTS['sample_steps']})")
     g.add_argument("--sample-seed", type=int, default=0, help="seed of the sample grids (fixed across checkpoints)")
     g.add_argument("--save-dtype", choices=("float32", "float16"), default="float32",
                    help="dtype of model.safetensors on disk (always loaded as float32)")
@@ -295,18 +322,30 @@ def _validate(args: argparse.Namespace, settings: dict) -> None:
         raise PriorError("nsdd-train prior: " + "; ".join(problems))
 
 
+def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill what the command line left out: the ``--preset``'s values (as if given), then :data:`RUN_DEFAULTS`.
+    Structural and tunable settings the preset does not name stay absent (a resume takes the checkpoint's)."""
+    preset = PRESETS.get(getattr(args, "preset", None) or "", {})
+    for key, value in preset.items():
+        if not hasattr(args, key):
+            setattr(args, key, list(value) if isinstance(value, list) else value)
+    for key, value in RUN_DEFAULTS.items():
+        if not hasattr(args, key):
+            setattr(args, key, value)
+    return args
+
+
 def main(args: argparse.Namespace) -> int:
-    threads = torch.get_num_threads()
     ctx = None
     try:  # under torchrun: one data-parallel process of several (train.distributed); else the one process
-        ctx = init_distributed(resolve_device(args.device), PriorError)
-        with ctx.quiet_unless_main():
-            return _train(args, ctx)
+        with torch_threads(args.threads, "train"):  # this command only (matters when called in-process)
+            ctx = init_distributed(resolve_device(args.device), PriorError)
+            with ctx.quiet_unless_main():
+                return _train(apply_preset(args), ctx)
     except PriorError as exc:
         print(f"nsdd-train prior: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        torch.set_num_threads(threads)  # --threads applies to this command only (matters when called in-process)
         if ctx is not None:
             ctx.close()
 
@@ -348,8 +387,6 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> int:
         raise PriorError(f"nsdd-train prior: {exc} (check --size/--pad-to and --channel-mults)") from exc
     schedule = default_schedule(settings["num_train_timesteps"], settings["beta_start"], settings["beta_end"])
     alphas_cumprod = alphas_cumprod_from_schedule(schedule)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = ctx.device
     use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
 
@@ -436,9 +473,15 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> int:
                           "pad_to": settings["pad_to"], "settings": settings,
                           **({"data_parallel": ctx.describe()} if ctx.enabled else {})})
         if samples and args.sample_count > 0:
-            grid = ddim_sample(ema_prior, args.sample_count, steps=min(args.sample_steps, ema_prior.num_train_timesteps),
-                               seed=args.sample_seed, batch_size=16, device=device)
-            save_png(out / "samples" / f"step_{step:07d}.png", image_grid(grid))
+            path = out / "samples" / f"step_{step:07d}.png"
+            sample_steps = min(args.sample_steps, ema_prior.num_train_timesteps)
+            started = time.monotonic()
+            say(f"prior: step {step}: drawing {args.sample_count} sample images ({sample_steps} DDIM steps, "
+                f"{-(-args.sample_count // 16) * sample_steps} network calls) for {path} …")
+            grid = ddim_sample(ema_prior, args.sample_count, steps=sample_steps, seed=args.sample_seed,
+                               batch_size=16, device=device)
+            save_png(path, image_grid(grid))
+            say(f"prior: samples written in {time.monotonic() - started:.1f} s")
 
     if step >= args.steps:
         print(f"already trained to step {step} (--steps {args.steps}); nothing to do")
@@ -474,6 +517,7 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> int:
     running = None
     model.train()
     bar = tqdm(total=args.steps, initial=step, desc="prior", disable=not progress, dynamic_ncols=True)
+    estimate = TimeEstimate("prior", args.steps, "step")
     written_at = step
     time_limit = getattr(args, "time_limit", None)
     deadline = time.monotonic() + 60.0 * time_limit if time_limit else None
@@ -518,6 +562,7 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> int:
             running = value if running is None else 0.98 * running + 0.02 * value
             bar.update(1)
             bar.set_postfix(loss=f"{running:.4f}", lr=f"{lr:.2e}")
+            estimate.update(step)
             if step % args.log_every == 0 or step == last_step:
                 if ctx.is_main:  # rank 0 logs (the loss is already the global batch's)
                     with open(log_path, "a") as f:
