@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +173,25 @@ def _scope_prefix(node: Any) -> str:
     return "physics/"
 
 
+class _TorchvisionNotice(logging.Filter):
+    """Drops the exporter's "torchvision is not installed. Skipping torchvision::nms" notices: torchvision
+    is never needed here (the graph has no torchvision ops), and CI's CPU torch has none."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("torchvision is not installed")
+
+
+@contextmanager
+def _without_torchvision_notices() -> Iterator[None]:
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    notice = _TorchvisionNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def export_graph(graph: ReconstructionGraph, out: str | Path, *, batch: int | None = 1, opset: int = 17,
                  extra_metadata: dict[str, str] | None = None) -> Path:
     """Export ``graph`` to ``out`` (one file unless > 2 GB); ``batch=None`` makes the batch axis dynamic."""
@@ -189,7 +210,7 @@ def export_graph(graph: ReconstructionGraph, out: str | Path, *, batch: int | No
     import io
     import warnings
 
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _without_torchvision_notices():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(graph, (example,), None, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                     opset_version=max(opset, 18), dynamo=True, dynamic_shapes=dynamic,
@@ -257,7 +278,8 @@ def add_psf_arguments(p: argparse.ArgumentParser, required: bool = True) -> None
     p.add_argument("--psf-downsample", type=int, default=1, help="box-downsample the PSF by this factor first")
     p.add_argument("--psf-background", choices=("none", "corner"), default="none",
                    help="subtract the DiffuserCam corner background from the PSF")
-    p.add_argument("--psf-normalization", choices=("sum", "l2", "max", "none"), default="sum")
+    p.add_argument("--psf-normalization", choices=("sum", "l2", "max", "none"), default="sum",
+                   help="scale the PSF to unit sum, unit L2 norm or unit peak (none: as stored)")
 
 
 def psf_from_args(args: argparse.Namespace) -> np.ndarray:
@@ -284,7 +306,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dft", choices=DFT_FORMS, default="matmul",
                    help="matmul: DFT as cos/sin matrix products (TensorRT 10.x); onnx: ONNX DFT operator")
     p.add_argument("--batch", default="1", help="static batch size N, or 'dynamic'")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset of the file (≥ 17; TensorRT 10.3 reads 17)")
     p.add_argument("--out", required=True, help="output .onnx file")
 
 

@@ -14,6 +14,8 @@ import argparse
 import json
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,12 +110,31 @@ def torch_fp16_emulation(psf: np.ndarray, spec: GraphSpec, net: Any, frames: np.
     return out
 
 
-def verify(model_path: str | Path, data_dir: str | Path, args: argparse.Namespace) -> dict[str, Any]:
+def student_dir(model_path: Path, spec: GraphSpec, given: str | None, log: Callable[[str], None]) -> str | None:
+    """The student directory the torch reference needs: ``--student``, else the one the model was exported
+    from (metadata ``nsdd.student``) when it is still there; ``None`` for a Wiener-only graph."""
+    if spec.objective == "wiener":
+        return None
+    if given:
+        return given
+    recorded = read_metadata(model_path).get("nsdd.student")
+    if recorded and Path(recorded).is_dir():
+        log(f"--student not given: using {recorded}, the student this model was exported from (its metadata)")
+        return recorded
+    where = f" (it was exported from {recorded}, which is no longer there)" if recorded else ""
+    raise ExportError(f"{model_path}: objective {spec.objective!r} needs --student DIR, the student directory the "
+                      f"model was exported from, for the torch reference{where}")
+
+
+def verify(model_path: str | Path, data_dir: str | Path, args: argparse.Namespace,
+           log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """Every figure of the module docstring as a dict; ``log`` gets one line per stage as it starts."""
     import onnx
     import torch
 
     model_path, data_dir = Path(model_path), Path(data_dir)
     report: dict[str, Any] = {"model": str(model_path), "data": str(data_dir)}
+    log(f"ONNX checker (full check) on {model_path}")
     try:
         onnx.checker.check_model(str(model_path), full_check=True)
         report["onnx_checker"] = "ok"
@@ -133,17 +154,18 @@ def verify(model_path: str | Path, data_dir: str | Path, args: argparse.Namespac
     psf = resolve_psf(spec, data_dir, args)
 
     net = None
-    if spec.objective != "wiener":
-        if not args.student:
-            raise ExportError(f"{model_path}: objective {spec.objective!r} needs --student DIR for the torch reference")
-        info = load_student_info(args.student)
-        check_student_matches(info, spec.psf_sha256, spec.geometry, spec.lam, args.student)
+    student = student_dir(model_path, spec, args.student, log)
+    if student is not None:
+        info = load_student_info(student)
+        check_student_matches(info, spec.psf_sha256, spec.geometry, spec.lam, student)
         if info.support_shape != spec.support_shape:
-            raise ExportError(f"{args.student}: student's support window {info.support_shape} is not the model's "
+            raise ExportError(f"{student}: student's support window {info.support_shape} is not the model's "
                               f"{spec.support_shape} (nsdd.support_shape): exported from another student?")
         net = info.net.float().eval()
+        report["student"] = str(student)
     report["support_shape"] = list(spec.support_shape) if spec.support_shape else None
     report["geometry"] = spec.geometry.to_dict()
+    log(f"torch reference and ONNX Runtime FP32 on {len(frames)} measurements of {data_dir}")
     with torch.no_grad():
         reference = reference_reconstruction(psf, torch.from_numpy(frames), spec.lam, net, spec.objective,
                                              spec.support_shape, spec.projector, spec.geometry).numpy()
@@ -167,6 +189,8 @@ def verify(model_path: str | Path, data_dir: str | Path, args: argparse.Namespac
                 continue
             if path is None and not args.no_quantize:
                 path = str(Path(tmp) / f"model.{precision}.onnx")
+                log(f"{precision.upper()}: quantising here (no --{precision} FILE given)"
+                    + (", calibrated on the same measurements" if precision == "int8" else ""))
                 quantize_file(model_path, precision, path, data=data_dir)
                 report["quantized_here"].append(precision)  # INT8 calibrated on the same frames it is scored on
             if path is None:
@@ -174,11 +198,13 @@ def verify(model_path: str | Path, data_dir: str | Path, args: argparse.Namespac
             if read_spec(path).psf_sha256 != spec.psf_sha256:
                 raise ExportError(f"{path}: made for another PSF than {model_path}")
             m = onnx.load(str(path))
+            log(f"{precision.upper()}: ONNX Runtime on {len(frames)} measurements ({path})")
             outputs[precision] = run_model(make_session(m), frames, input_shape(m)[0])[0]
             report[f"{precision}_psnr_vs_fp32_db"] = psnr(outputs["fp32"], outputs[precision])
             report[f"{precision}_max_abs_error_vs_fp32"] = float(np.abs(outputs[precision] - outputs["fp32"]).max())
             report[f"{precision}_tensorrt_{TENSORRT_VERSION}_unsupported"] = unsupported_nodes(m)
 
+    log("FP16 emulation in torch float16 (slow on a CPU)")
     report["fp16_torch_emulation_psnr_vs_fp32_db"] = torch_fp16_emulation(psf, spec, net, frames, reference)
     report["fp16_note"] = ("ONNX Runtime CPU upcasts float16 Conv to float32 (weights rounded only): the ORT FP16 "
                            "PSNR understates an FP16 engine's error in g; fp16_torch_emulation computes everything in "
@@ -198,7 +224,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="FP32 ONNX file written by nsdd-export onnx")
     p.add_argument("--data", required=True, metavar="DIR", help="dataset directory (measurements/*.npy, psf.npy)")
     p.add_argument("--json", required=True, metavar="FILE", help="write every figure here")
-    p.add_argument("--student", metavar="DIR", help="the student directory the model was exported from")
+    p.add_argument("--student", metavar="DIR",
+                   help="the student directory the model was exported from, for the torch reference (default: the "
+                        "one recorded in the model's metadata, if it is still there; not needed for --wiener-only)")
     add_psf_arguments(p, required=False)
     p.add_argument("--fp16", metavar="FILE", help="FP16 model to score (default: quantised here)")
     p.add_argument("--int8", metavar="FILE", help="INT8 model to score (default: quantised here, calibrated on --data)")
@@ -209,8 +237,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+
+    def log(line: str) -> None:
+        print(f"nsdd-export verify [{time.monotonic() - started:5.1f} s] {line} …", file=sys.stderr, flush=True)
+
     try:
-        report = verify(args.model, args.data, args)
+        report = verify(args.model, args.data, args, log=log)
     except (ExportError, OpticsError) as exc:
         print(f"nsdd-export verify: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -113,3 +114,19 @@ def test_clear_errors_for_bad_inputs(export_env, tmp_path, capsys):
     assert main_argv(["--student", str(crop), "--psf", str(export_env["psf_file"]),
                       "--out", str(tmp_path / "full.onnx")]) == 0
     assert read_spec(tmp_path / "full.onnx").objective == "full"
+
+
+def test_export_prints_no_torchvision_notices(export_env, tmp_path):
+    """A fresh process (the exporter's op registry is built once per process): no "torchvision is not
+    installed. Skipping torchvision::nms" lines (issue 16, item 10)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "export.cli", "onnx", "--student", str(export_env["student"]),
+                           "--psf", str(export_env["psf_file"]), "--out", str(tmp_path / "m.onnx")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "torchvision" not in done.stderr + done.stdout

@@ -20,12 +20,18 @@ def _cli(argv):
     return main(p.parse_args(argv))
 
 
-def test_verify_student_writes_every_figure(export_env, exported, tmp_path):
+def test_verify_student_writes_every_figure(export_env, exported, tmp_path, capsys):
     out = tmp_path / "verify.json"
-    rc = _cli([str(exported["student"]), "--data", str(export_env["data"]), "--student", str(export_env["student"]),
-               "--json", str(out)])
+    rc = _cli([str(exported["student"]), "--data", str(export_env["data"]), "--json", str(out)])
     r = json.loads(out.read_text())
     assert rc == 0 and r["ok"]
+    # no --student: the student recorded in the model's metadata, said so; and a line per stage as it starts
+    err = capsys.readouterr().err
+    assert f"using {export_env['student'].resolve()}, the student this model was exported from" in err
+    assert r["student"] == str(export_env["student"].resolve())
+    for stage in ("ONNX checker", "torch reference", "FP16: quantising here", "INT8: quantising here",
+                  "FP16 emulation in torch"):
+        assert f"] {stage}" in err, stage
     assert r["onnx_checker"] == "ok"
     assert r["fp32_vs_torch_max_abs_error"] <= 1e-4 and r["fp32_vs_torch_ok"]
     assert r["tensorrt_10.3_unsupported"] == [] and r["tensorrt_10.3_parseable"]
@@ -40,9 +46,16 @@ def test_verify_student_writes_every_figure(export_env, exported, tmp_path):
 
 
 def test_verify_refuses_missing_student_and_wrong_psf(export_env, exported, tmp_path, capsys):
+    import onnx
+
     out = tmp_path / "v.json"
-    assert _cli([str(exported["student"]), "--data", str(export_env["data"]), "--json", str(out)]) == 2
-    assert "needs --student" in capsys.readouterr().err
+    model = onnx.load(str(exported["student"]))  # a model whose student directory is gone
+    props = {p.key: p.value for p in model.metadata_props}
+    onnx.helper.set_model_props(model, {**props, "nsdd.student": str(tmp_path / "gone")})
+    onnx.save(model, str(tmp_path / "moved.onnx"))
+    assert _cli([str(tmp_path / "moved.onnx"), "--data", str(export_env["data"]), "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "needs --student DIR" in err and "gone, which is no longer there" in err
     np.save(tmp_path / "other.npy", np.roll(export_env["psf"], 2, axis=-2))
     assert _cli([str(exported["wiener"]), "--data", str(export_env["data"]), "--psf", str(tmp_path / "other.npy"),
                  "--json", str(out), "--no-quantize"]) == 2
