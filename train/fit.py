@@ -29,6 +29,8 @@ import torch
 
 from nsdd_edge.atomic import atomic_write_text
 from nsdd_edge.camera import ProfileError, list_captures, load_profile
+from nsdd_edge.cli_common import add_threads_argument
+from train.threads import torch_threads
 
 HELP = "fit a real camera: profile + scenes + prior + captures → simulate, teacher, student, export, bundle, report"
 
@@ -56,7 +58,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", default="discrepancy",
                    help="λ of the student's pseudo-inverse: a number or 'discrepancy' (default)")
     p.add_argument("--lpips-weights", default=None, help="LPIPS-Alex weights (student loss term 0.1 when given)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(p, "torch CPU threads (simulate: its own default unless given)", "train")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
 
@@ -229,13 +231,12 @@ def fit_report(profile, captures: list[Path], prior, student_dir: Path, out: Pat
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if not args.budget_minutes > 0:
         print("nsdd-train fit: error: --budget-minutes must be > 0", file=sys.stderr)
         return 2
     try:
-        record = run_fit(args)
+        with torch_threads(args.threads, "train"):
+            record = run_fit(args)
     except (FitError, ProfileError, ValueError) as exc:
         print(f"nsdd-train fit: error: {exc}", file=sys.stderr)
         return 2
