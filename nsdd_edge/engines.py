@@ -242,12 +242,8 @@ PRECISIONS = ("auto", "fp32", "fp16", "int8")
 AUTO_ONNX_ORDER = {"cpu": ("onnx_fp32", "onnx_fp16", "onnx_int8"), "cuda": ("onnx_fp16", "onnx_fp32", "onnx_int8")}
 
 
-def model_precision(kind: str, entry: dict) -> str | None:
-    """The precision of bundle model ``kind`` (``onnx_fp16`` → ``fp16``; a plan: its recorded ``precision``)."""
-    if kind.startswith("onnx_"):
-        return kind[len("onnx_"):]
-    value = entry.get("precision") if isinstance(entry, dict) else None
-    return str(value) if value else None
+PRECISION_HELP = ("which of the bundle's models: fp32, fp16 or int8 (an error if the bundle has none); auto: the "
+                  "TensorRT plan as built, else the fastest ONNX model for --device (CPU: FP32)")
 
 
 def plan_engine(models: dict, prefer: str | None, available: dict[str, tuple[bool, str]],
@@ -269,11 +265,12 @@ def plan_engine(models: dict, prefer: str | None, available: dict[str, tuple[boo
     onnx_models = [k for k in ONNX_MODEL_ORDER if k in models]
 
     def try_trt() -> EngineChoice | None:
-        plan_precision = model_precision("engine", models.get("engine", {})) if "engine" in models else None
+        plan_precision = models["engine"].get("precision") if "engine" in models else None
+        # a "best" plan (FP16 + INT8 builder flags) is the INT8 one
+        wanted = precision in ("auto", plan_precision) or (precision, plan_precision) == ("int8", "best")
         if "engine" not in models:
             skipped.append("trt: the bundle has no TensorRT plan (models.engine)")
-        elif precision != "auto" and plan_precision != precision and not (precision == "int8"
-                                                                           and plan_precision == "best"):
+        elif not wanted:
             skipped.append(f"trt: the bundle's TensorRT plan is {plan_precision or 'of unrecorded precision'}, "
                            f"not {precision}")
         elif not available["trt"][0]:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from nsdd_edge.cli_common import add_threads_argument, resolve_threads
-from nsdd_edge.engines import PRECISIONS
+from nsdd_edge.engines import PRECISION_HELP, PRECISIONS
 
 HELP = "time the loop per stage over N frames (bundle/engine/source) against the engine alone; prints a table"
 
@@ -120,9 +120,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="auto", choices=["auto", "trt", "onnx", "wiener"],
                    help="reconstruction engine (auto: TensorRT plan > ONNX Runtime > numpy Wiener)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="ONNX Runtime device")
-    p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
-                   help="which of the bundle's models: fp32, fp16 or int8 (an error if the bundle has none); auto: "
-                        "the TensorRT plan as built, else the fastest ONNX model for --device (CPU: FP32)")
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS), help=PRECISION_HELP)
     add_threads_argument(p, "ONNX Runtime intra-op threads", "loop")
     p.add_argument("--source", default="sim://?realtime=0", help="where the benchmark frames come from")
     p.add_argument("--frames", type=int, default=100, help="frames captured first, then timed")

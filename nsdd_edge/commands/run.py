@@ -20,7 +20,7 @@ from typing import Any
 
 from nsdd_edge.bundle import Bundle, BundleError, load_bundle
 from nsdd_edge.cli_common import add_threads_argument, resolve_threads
-from nsdd_edge.engines import PRECISIONS
+from nsdd_edge.engines import PRECISION_HELP, PRECISIONS
 from nsdd_edge.optics import array_hash
 
 HELP = "live reconstruction: camera → preprocess → engine → preview / recorder (default: simulated camera)"
@@ -145,9 +145,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="auto", choices=["auto", "trt", "onnx", "wiener"],
                    help="reconstruction engine (auto: TensorRT plan > ONNX Runtime > numpy Wiener)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="ONNX Runtime device")
-    p.add_argument("--precision", default="auto", choices=list(PRECISIONS),
-                   help="which of the bundle's models: fp32, fp16 or int8 (an error if the bundle has none); auto: "
-                        "the TensorRT plan as built, else the fastest ONNX model for --device (CPU: FP32)")
+    p.add_argument("--precision", default="auto", choices=list(PRECISIONS), help=PRECISION_HELP)
     add_threads_argument(p, "ONNX Runtime intra-op threads", "loop")
     p.add_argument("--preview", default="none", help="window, http://HOST:PORT or none")
     p.add_argument("--token", default=None,
