@@ -165,9 +165,15 @@ def test_plan_engine_precision(tmp_path):
 def test_run_and_bench_use_the_bundle_fp16_and_int8_models(tmp_path, capsys):
     from nsdd_edge.cli import main as edge_main
 
+    from nsdd_edge.sources import open_source
+
     make_conv_onnx(tmp_path / "fp32.onnx")
     make_conv_onnx(tmp_path / "int8.onnx", seed=1)  # a stand-in: the file name shows which model ran
-    bundle = make_bundle(tmp_path, models={"onnx_fp32": tmp_path / "fp32.onnx", "onnx_int8": tmp_path / "int8.onnx"})
+    psf = simulate_psf("contour", (SIZE, SIZE), 1)
+    sim = open_source("sim://", psf=psf, geometry=LenslessGeometry.make("circular", (SIZE, SIZE)))
+    bundle = write_bundle(tmp_path / "b", psf=psf, geometry=LenslessGeometry.make("circular", (SIZE, SIZE)),
+                          lam=1e-3, channels=3, preprocess=PreprocessConfig(**sim.matching_preprocess()),
+                          models={"onnx_fp32": tmp_path / "fp32.onnx", "onnx_int8": tmp_path / "int8.onnx"})
     args = ["--model", str(bundle.root), "--source", "sim://?realtime=0", "--frames", "2", "--quiet",
             "--stats", "", "--snapshot", ""]
     assert edge_main(["run", *args, "--precision", "int8"]) == 0

@@ -29,7 +29,7 @@ HELP = "live reconstruction: camera → preprocess → engine → preview / reco
 SIM_OPTIONS = (
     ("images=DIR", "image the files of DIR (sorted) instead of procedural shapes and text", None),
     ("start=N", "first image number of DIR (0: the first file)", "0"),
-    ("hold=S", "seconds each image is shown before the next one", "3"),
+    ("hold=S", "seconds each image is shown before the next one", "3; motion=static: image start throughout"),
     ("motion=pan|zoom|static", "camera motion over the scene", "pan"),
     ("scene=shapes|images|point|dark", "what is imaged (point: for calibrate; dark: lens cap on)",
      "images with images=, else shapes"),
