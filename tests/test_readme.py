@@ -43,14 +43,15 @@ def commands(body: str) -> list[str]:
 
 
 def small_scale_table(text: str) -> dict[str, list[str]]:
-    """``{command prefix: options}`` from the README table headed ``| command | small-scale options |``."""
+    """``{command prefix: options}`` from the README table headed ``| command | small-scale options |`` (the
+    first code span of each cell; words after it are comments)."""
     start = text.index("| command | small-scale options |")
     rows = {}
     for line in text[start:].splitlines()[2:]:
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip("|").split("|")]
-        prefix, options = (re.fullmatch(r"`(.*)`", c).group(1) for c in cells[:2])
+        prefix, options = (re.match(r"`([^`]*)`", c).group(1) for c in cells[:2])  # a cell's first code span
         rows[prefix] = shlex.split(options)
     return rows
 
