@@ -48,6 +48,7 @@ SIM_OPTIONS = (
     ("point_level=L", "brightest measurement pixel of scene=point", "0.8"),
     ("psf=FILE", "the simulated camera's PSF (with a bundle: must be the bundle's)", "the bundle's"),
     ("size=N", "size of the simulated contour PSF when there is no psf=", "256"),
+    ("support=HxW", "render the scene at HxW in the centre of the scene grid", "a crop bundle's support window"),
     ("lam=λ", "Wiener λ of the simulated camera's spectra", "1e-3"),
 )
 EPILOG = ('sim:// options (the query of --source, e.g. "sim://?images=DIR&motion=static&start=1"):\n'
