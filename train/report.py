@@ -165,7 +165,8 @@ def write_report(path: str | os.PathLike, metrics: Mapping[str, Mapping], machin
         metrics_table(metrics),
         ("PSNR (data range 1), SSIM (11×11 Gaussian window, σ = 1.5) and LPIPS-Alex v0.1 are computed on the "
         "reconstruction clipped to [0, 1] and centre-cropped to the ground-truth size; the consistency "
-        "‖A x̂ − y‖ / ‖y‖ uses the full reconstruction and the dataset's reconstruction operator. Seconds per "
+        "‖A x̂ − y‖ / ‖y‖ (forward) applies the operator that made y to x̂ cut to its scene grid, (recon op) the "
+        "reconstruction operator to the full reconstruction. Seconds per "
         "image: median over images after one warm-up call; peak memory: peak RSS increase (CPU) or "
         "torch.cuda.max_memory_allocated (GPU) during the method."), "",
         *[f"- {n}" for n in notes], *([""] if notes else []),
