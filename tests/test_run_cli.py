@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -216,7 +217,9 @@ def test_info_and_bench(capsys):
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root to mount a tmpfs")
 def test_run_recording_onto_a_full_disk(tmp_path, capsys):
-    """A real 2 MiB filesystem fills up: recording stops with a clear message, what was written is intact."""
+    """A real 2 MiB filesystem fills up, with the stats and the snapshot on it too: the run stops with exit
+    status 3 and a clear message (also under --quiet), every captured frame is recorded or counted as not
+    recorded, what was written is intact, no traceback and no temporary file is left."""
     import subprocess
 
     mnt = tmp_path / "small"
@@ -224,19 +227,20 @@ def test_run_recording_onto_a_full_disk(tmp_path, capsys):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("mount -t tmpfs not permitted here")
     try:
-        rc = main(["run", "--source", "sim://?realtime=0", "--frames", "40", "--record", str(mnt / "rec"),
-                   "--quiet", "--stats", str(tmp_path / "s.json")])
+        rc = main(["run", "--source", "sim://?realtime=0", "--frames", "0", "--record", str(mnt / "rec"),
+                   "--quiet", "--stats", str(mnt / "s.json"), "--snapshot", str(mnt / "p.png")])
         err = capsys.readouterr().err
-        assert rc == 3 and "disk full" in err and "intact" in err
-        stats = json.loads((tmp_path / "s.json").read_text())
-        assert stats["frames_out"] == 40 and 0 < stats["recorded"] < 40
+        assert rc == 3 and "RECORDING STOPPED" in err and "disk full" in err and "intact" in err
+        assert "Traceback" not in err
         metas = sorted((mnt / "rec").glob("0*.json"))
-        assert len(metas) == stats["recorded"]
+        assert metas
         for m in metas:
             meta = json.loads(m.read_text())
             assert read_recorded_raw(mnt / "rec" / meta["raw"]["file"]).shape == (128, 128, 3)
             assert np.load(mnt / "rec" / meta["recon"]["file"]).shape == (3, 128, 128)
-        assert not list((mnt / "rec").glob(".*tmp-*"))
+        assert not list((mnt / "rec").glob(".*.tmp")) and not list(mnt.glob(".*.tmp"))
+        m = re.search(r"(\d+) recorded, (\d+) NOT recorded", err)
+        assert m and int(m.group(1)) == len(metas) and int(m.group(2)) >= 1
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
 
