@@ -279,7 +279,7 @@ def _check_background_fits(root: Path, c: PreprocessConfig, input_shape: tuple[i
 
 def bundle_file(root: Path, name: Any, where: str, *, max_bytes: int) -> Path:
     """The regular file ``root/name`` for a plain ``name``, resolving inside ``root``, of 1..``max_bytes`` bytes."""
-    check_plain_name(name, where)
+    check_plain_name(name, f"{root}: {where}")
     path = root / name
     try:
         resolved, inside = path.resolve(strict=True), root.resolve(strict=True)
@@ -476,7 +476,7 @@ def verify_bundle(root: str | os.PathLike, *, verify_files: bool = True,
     done.append("preprocess: every setting type- and range-checked; output can be the measurement "
                 f"({channels}, {geometry.sensor_shape[0]}, {geometry.sensor_shape[1]})")
 
-    models_rec = meta.get("models", {}) or {}
+    models_rec = meta.get("models", {})
     if not isinstance(models_rec, dict):
         raise BundleError(f"{mp}: models must be an object, got {_show(models_rec)}")
     models: dict[str, dict[str, Any]] = {}
@@ -508,7 +508,7 @@ def verify_bundle(root: str | os.PathLike, *, verify_files: bool = True,
         models[kind] = dict(m)
     if not verify_files:
         done.append("model and background file hashes NOT checked (verify_files=False)")
-    provenance = meta.get("provenance", {}) or {}
+    provenance = meta.get("provenance", {})
     if not isinstance(provenance, dict):
         raise BundleError(f"{mp}: provenance must be an object, got {_show(provenance)}")
     return Bundle(root=root, name=name, geometry=geometry, lam=lam, channels=channels, psf=psf, preprocess=preprocess,

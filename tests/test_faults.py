@@ -22,10 +22,10 @@ import pytest
 
 import nsdd_edge.atomic
 from nsdd_edge import framing
+from nsdd_edge.bundle import load_bundle
 from nsdd_edge.cli import main
 from nsdd_edge.commands.run import default_bundle_path, open_camera
 from nsdd_edge.commands.serve_camera import CameraServer
-from nsdd_edge.bundle import load_bundle
 from nsdd_edge.recorder import read_recorded_raw
 from nsdd_edge.sources import FrameUnreadable, SourceError, SourceStalled, open_source
 
@@ -51,7 +51,7 @@ class CappedDisk:
         self.refused = 0
 
     def open(self, file, mode="r", *args, **kwargs):
-        f = builtins.open(file, mode, *args, **kwargs)
+        f = builtins.open(file, mode, *args, **kwargs)  # noqa: SIM115 - a stand-in for open(): the caller closes it
         if "w" in mode and Path(file).resolve().is_relative_to(self.root):
             return _CappedFile(f, self)
         return f

@@ -30,11 +30,11 @@ class TcpSource(FrameSource):
     :mod:`nsdd_edge.framing`). Options ``token=`` (default: ``$NSDD_CAMERA_TOKEN``), ``connect_timeout=``
     (5 s, also the deadline of the whole handshake), ``reconnect=1`` (after a lost connection, reconnect once
     per read), ``max_frame_bytes=`` (256 MiB: a frame header announcing more is refused before anything is
-    allocated).
+    allocated), ``grace=`` (2 s, see below).
 
     The capture host is not trusted: a frame's announced payload length must equal what its shape and dtype
-    say, and the whole answer to a read must arrive within the read's timeout + 2 s (a host trickling bytes
-    cannot hold the reader: :class:`SourceStalled`)."""
+    say, and the whole answer to a read must arrive within the read's timeout + ``grace`` (a host trickling
+    bytes cannot hold the reader: :class:`SourceStalled`)."""
 
     scheme = "tcp"
 
@@ -53,6 +53,7 @@ class TcpSource(FrameSource):
         self.connect_timeout = o.float("connect_timeout", 5.0, positive=True)
         self.reconnect = o.bool("reconnect", True)
         self.max_frame_bytes = o.int("max_frame_bytes", DEFAULT_MAX_FRAME_BYTES, minimum=1)
+        self.grace = o.float("grace", DEADLINE_GRACE_S, positive=True)
         options.finish()
         self.is_live = True
         self._sock: socket.socket | None = None
@@ -91,7 +92,7 @@ class TcpSource(FrameSource):
         sock = self._sock
         assert sock is not None
         # the host answers 'stalled' itself after `timeout`; the whole answer must be here shortly after
-        wait = NO_TIMEOUT_DEADLINE_S if timeout is None else timeout + DEADLINE_GRACE_S
+        wait = NO_TIMEOUT_DEADLINE_S if timeout is None else timeout + self.grace
         sock.settimeout(wait)
         framing.send_message(sock, {"type": "read", "timeout": timeout})
         return framing.recv_message(sock, deadline=time.monotonic() + wait, expect_payload=self._expected_payload)
@@ -115,7 +116,7 @@ class TcpSource(FrameSource):
         except TimeoutError:
             self._drop()
             raise SourceStalled(f"{self.uri}: no complete answer from the capture host within the read's "
-                                f"deadline ({timeout} s + {DEADLINE_GRACE_S:g} s)") from None
+                                f"deadline ({timeout} s + {self.grace:g} s)") from None
         except framing.FramingError as exc:  # a host that breaks the protocol or lies about sizes
             self._drop()
             raise SourceError(f"{self.uri}: bad message from the capture host, refused ({exc})") from None
