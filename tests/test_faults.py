@@ -22,10 +22,11 @@ import pytest
 
 import nsdd_edge.atomic
 from nsdd_edge import framing
-from nsdd_edge.bundle import load_bundle
+from nsdd_edge.bundle import PreprocessConfig, load_bundle, write_bundle
 from nsdd_edge.cli import main
 from nsdd_edge.commands.run import default_bundle_path, open_camera
 from nsdd_edge.commands.serve_camera import CameraServer
+from nsdd_edge.optics import LenslessGeometry
 from nsdd_edge.recorder import read_recorded_raw
 from nsdd_edge.sources import FrameUnreadable, SourceError, SourceStalled, open_source
 
@@ -383,3 +384,49 @@ def test_tcp_client_reads_an_honest_frame_after_all():
         client.close()
         host.close()
     assert struct.calcsize(">4sB3xIQ") == framing.PREFIX.size
+
+
+# ------------------------------------------------------------------------------------------------
+# Secrets, and preprocessing that cannot fit the camera
+# ------------------------------------------------------------------------------------------------
+
+
+def test_tokens_never_reach_stats_session_files_or_the_console(tmp_path, capsys, monkeypatch):
+    camera_token, preview_token = "cam-SECRET-7f3a", "view-SECRET-91bc"
+    bundle = load_bundle(default_bundle_path())
+    stack = np.stack([open_camera("sim://?realtime=0", bundle).raw_frame(i) for i in range(3)])
+    np.save(tmp_path / "stack.npy", stack)
+    served = open_source(f"file://{tmp_path / 'stack.npy'}")
+    server = CameraServer(served, "127.0.0.1", 0, token=camera_token, log=lambda m: None)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_s": 0.05}, daemon=True)
+    thread.start()
+    monkeypatch.setattr("sys.argv", ["nsdd-edge", "run", "--token", preview_token])
+    try:
+        rc = main(["run", "--source", f"tcp://127.0.0.1:{server.address[1]}?token={camera_token}", "--engine",
+                   "wiener", "--frames", "3", "--record", "rec", "--stats", "stats.json", "--snapshot", "",
+                   "--preview", "http://127.0.0.1:0", "--token", preview_token])
+    finally:
+        server.shutdown()
+        thread.join(5)
+        served.close()
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    session = Path("rec/session.json")
+    assert (session.stat().st_mode & 0o777) == 0o600
+    assert "token=***" in json.loads(session.read_text())["source"]
+    texts = [err] + [p.read_text() for p in [Path("stats.json"), *Path("rec").glob("*.json")]]
+    for text in texts:
+        assert camera_token not in text and preview_token not in text
+
+
+def test_preprocessing_that_cannot_fit_the_camera_is_a_clear_error(tmp_path, capsys):
+    base = load_bundle(default_bundle_path())
+    small = write_bundle(tmp_path / "b", psf=base.psf[:, 56:72, 56:72].copy(), lam=1e-2, channels=3,
+                         geometry=LenslessGeometry.make("circular", (16, 16)),
+                         preprocess=PreprocessConfig(**{**vars(base.preprocess), "crop": [4, 4, 16, 16]}))
+    np.save(tmp_path / "frames.npy", np.full((2, 12, 12, 3), 1000, np.uint16))  # smaller than the crop
+    rc = main(["run", "--model", str(small.root), "--source", f"file://{tmp_path / 'frames.npy'}", "--quiet",
+               "--snapshot", "", "--stats", ""])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "preprocessing cannot handle the frames" in err and "crop [4, 4, 16, 16] does not fit" in err

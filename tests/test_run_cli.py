@@ -203,9 +203,17 @@ def test_info_and_bench(capsys):
     out = capsys.readouterr().out
     assert load_bundle(default_bundle_path()).name in out and f"auto → {_default_engine()}" in out
     assert "sim://" in out
+    assert "verified:" in out and "SHA-256 of the file matches" in out and "array hash" in out
     assert main(["info", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["bundle"]["verified"] and report["engines"]["wiener"]["available"]
+    checks = " | ".join(report["bundle"]["checks"])  # what "verified" means, file by file
+    assert "bundle.json" in checks and "psf.npy" in checks and "student_nullspace.onnx" in checks
+    if _default_engine() == "onnx":
+        assert "ONNX Runtime loads it and one inference gives a finite" in checks
+    else:
+        assert any("student_nullspace.onnx" in n for n in report["bundle"]["not_verified"])
+    assert report["bundle"]["name"] == "default-sim-contour128-paper-student"  # what it holds
     assert main(["info", "--model", "/no/such/bundle"]) == 2
     assert "REFUSED" in capsys.readouterr().out
     assert main(["bench", "--frames", "4", "--json", "bench.json"]) == 0
