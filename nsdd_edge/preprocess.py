@@ -170,8 +170,10 @@ class Preprocessor:
 
     def _prepare(self, shape: tuple[int, ...]) -> None:
         self._check_layout(shape)
+        out_shape = self.output_shape(shape)  # ProfileError if the settings cannot fit frames of this shape
         if self.pattern is not None and self.config.demosaic == "bin2x2":
-            self._bin_out = np.empty((3, shape[0] // 2, shape[1] // 2), np.float32)
+            rows, cols = (self.config.raw_crop[2:] if self.config.raw_crop is not None else shape[:2])
+            self._bin_out = np.empty((3, rows // 2, cols // 2), np.float32)  # the binned (raw-cropped) mosaic
         if self._background_raw is not None:
             bg = self._background_raw  # float32 (C, H, W) in raw counts
             raw_like = bg[0] if bg.shape[0] == 1 else np.moveaxis(bg, 0, -1)
@@ -182,7 +184,6 @@ class Preprocessor:
             if self.pattern is not None and self.config.demosaic == "bilinear":
                 raw_like = np.clip(np.rint(raw_like), 0, 65535).astype(np.uint16)  # OpenCV demosaics integers only
             self._background = self._sensor_rgb(raw_like, out=None).copy()
-        out_shape = self.output_shape(shape)
         if min(out_shape[1:]) < 1:
             raise ProfileError(f"preprocess: frames of shape {shape} leave nothing after the configured steps")
         self._raw_shape = shape  # only once the settings are known to fit frames of this shape

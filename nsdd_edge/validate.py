@@ -69,7 +69,8 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}")
 
 
 class ProfileError(BundleError):
-    """A preprocessing profile (``PreprocessConfig`` settings) with a missing, mistyped or out-of-range value."""
+    """A profile — preprocessing settings (``PreprocessConfig``) or a camera profile (``camera.json``,
+    :mod:`nsdd_edge.camera`), or a file it needs — with a missing, mistyped or out-of-range value."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,15 +159,16 @@ def _depth(obj: Any) -> int:
 
 
 def parse_json_bounded(data: bytes, where: str, error: type[BundleError] = BundleError) -> Any:
-    """``json.loads`` with bounded size and nesting; :class:`BundleError` (never RecursionError/UnicodeError)."""
+    """``json.loads`` with bounded size and nesting (a ``bundle.json``, a ``camera.json``); ``error`` (never
+    RecursionError/UnicodeError)."""
     if len(data) > MAX_BUNDLE_JSON_BYTES:
-        raise error(f"{where}: {len(data)} bytes, more than the {MAX_BUNDLE_JSON_BYTES} a bundle description may have")
+        raise error(f"{where}: {len(data)} bytes, more than the {MAX_BUNDLE_JSON_BYTES} a description may have")
     try:
         obj = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"{where}: corrupted ({exc})") from None
+        raise error(f"{where}: corrupted, not valid JSON ({exc})") from None
     except RecursionError:
-        raise error(f"{where}: nested more deeply than {MAX_JSON_DEPTH} levels") from None
+        raise error(f"{where}: not valid JSON here: nested more deeply than {MAX_JSON_DEPTH} levels") from None
     if _depth(obj) > MAX_JSON_DEPTH:
         raise error(f"{where}: nested more deeply than {MAX_JSON_DEPTH} levels")
     return obj
@@ -277,27 +279,29 @@ def _check_background_fits(root: Path, c: PreprocessConfig, input_shape: tuple[i
 # ------------------------------------------------------------------------------------------------
 
 
-def bundle_file(root: Path, name: Any, where: str, *, max_bytes: int) -> Path:
-    """The regular file ``root/name`` for a plain ``name``, resolving inside ``root``, of 1..``max_bytes`` bytes."""
-    check_plain_name(name, f"{root}: {where}")
+def bundle_file(root: Path, name: Any, where: str, *, max_bytes: int,
+                error: type[BundleError] = BundleError) -> Path:
+    """The regular file ``root/name`` for a plain ``name``, resolving inside ``root`` (a bundle or a camera
+    profile directory), of 1..``max_bytes`` bytes."""
+    check_plain_name(name, f"{root}: {where}", error)
     path = root / name
     try:
         resolved, inside = path.resolve(strict=True), root.resolve(strict=True)
     except (OSError, RuntimeError):
-        raise BundleError(f"{root}: {where}: file {name} is missing") from None
+        raise error(f"{root}: {where}: file {name} is missing") from None
     if resolved.parent != inside:
-        raise BundleError(f"{root}: {where}: {name} points outside the bundle (to {resolved})")
+        raise error(f"{root}: {where}: {name} points outside its directory (to {resolved})")
     if not resolved.is_file():
-        raise BundleError(f"{root}: {where}: {name} is not a regular file")
+        raise error(f"{root}: {where}: {name} is not a regular file")
     size = resolved.stat().st_size
     if size == 0:
-        raise BundleError(f"{root}: {where}: {name} is empty")
+        raise error(f"{root}: {where}: {name} is empty")
     if size > max_bytes:
-        raise BundleError(f"{root}: {where}: {name} has {size} bytes, more than the {max_bytes} allowed")
+        raise error(f"{root}: {where}: {name} has {size} bytes, more than the {max_bytes} allowed")
     return path
 
 
-def npy_header(path: Path, where: str) -> tuple[tuple[int, ...], np.dtype]:
+def npy_header(path: Path, where: str, error: type[BundleError] = BundleError) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of a ``.npy`` file from its header alone (nothing allocated); :class:`BundleError` if bad."""
     try:
         with open(path, "rb") as f:
@@ -307,26 +311,46 @@ def npy_header(path: Path, where: str) -> tuple[tuple[int, ...], np.dtype]:
                 raise ValueError(f"unsupported .npy version {version}")
             shape, _, dtype = reader[version](f)
     except (OSError, ValueError, SyntaxError, TypeError) as exc:
-        raise BundleError(f"{where}: not a readable .npy file ({type(exc).__name__}: {exc})") from None
+        raise error(f"{where}: not a readable .npy file ({type(exc).__name__}: {exc})") from None
     return tuple(int(s) for s in shape), np.dtype(dtype)
 
 
-def read_bounded_array(root: Path, name: Any, where: str, *, max_values: int) -> np.ndarray:
+def read_bounded_array(root: Path, name: Any, where: str, *, max_values: int,
+                       error: type[BundleError] = BundleError) -> np.ndarray:
     """A real numeric ``.npy`` array of at most ``max_values`` values, header checked before it is loaded."""
-    path = bundle_file(root, name, where, max_bytes=MAX_ARRAY_FILE_BYTES)
+    path = bundle_file(root, name, where, max_bytes=MAX_ARRAY_FILE_BYTES, error=error)
     if path.suffix != ".npy":
-        raise BundleError(f"{root}: {where}: {name} must be a .npy file")
-    shape, dtype = npy_header(path, f"{root}/{name}")
+        raise error(f"{root}: {where}: {name} must be a .npy file")
+    shape, dtype = npy_header(path, f"{root}/{name}", error)
     if dtype.kind not in "uif" or dtype.hasobject:
-        raise BundleError(f"{root}/{name}: dtype {dtype} is not a real number type (complex, boolean, text and "
-                          "object arrays are refused)")
+        raise error(f"{root}/{name}: dtype {dtype} is not a real number type (complex, boolean, text and "
+                    "object arrays are refused)")
     count = math.prod(shape) if shape else 1
     if count > max_values:
-        raise BundleError(f"{root}/{name}: shape {shape} holds {count} values, more than {max_values}")
+        raise error(f"{root}/{name}: shape {shape} holds {count} values, more than {max_values}")
     try:
         return read_array(path)
     except OpticsError as exc:
-        raise BundleError(f"{root}: {exc}") from None
+        raise error(f"{root}: {exc}") from None
+
+
+def check_psf_content(psf: np.ndarray, conv_shape: tuple[int, int], where: str,
+                      error: type[BundleError] = BundleError) -> np.ndarray:
+    """A PSF array ``(C, H, W)``, C in {1, 3}, no larger than the convolution grid, with some light and non-negative
+    down to :data:`PSF_NEGATIVE_TOLERANCE` × its peak (an intensity); ``error`` names ``where`` otherwise."""
+    if psf.ndim != 3 or psf.shape[0] not in (1, 3):
+        raise error(f"{where}: expected a PSF of shape (C, H, W) with C in {{1, 3}}, got {psf.shape}")
+    if psf.shape[1] < 2 or psf.shape[2] < 2 or psf.shape[1] > conv_shape[0] or psf.shape[2] > conv_shape[1]:
+        raise error(f"{where}: PSF of size {list(psf.shape[1:])} does not fit the convolution grid {list(conv_shape)}")
+    if not np.isfinite(psf).all():
+        raise error(f"{where}: PSF has NaN/Inf values")
+    peak = float(psf.max())
+    if not peak > 0:
+        raise error(f"{where}: PSF has no positive value (an intensity PSF is ≥ 0 with some light)")
+    if float(psf.min()) < -PSF_NEGATIVE_TOLERANCE * peak:
+        raise error(f"{where}: PSF has negative values down to {float(psf.min()):.3g} (peak {peak:.3g}); an "
+                    "intensity PSF is non-negative")
+    return psf
 
 
 # ------------------------------------------------------------------------------------------------
@@ -437,20 +461,9 @@ def verify_bundle(root: str | os.PathLike, *, verify_files: bool = True,
                           f"{list(conv)} needs about {need / 2**20:.0f} MiB, more than the {max_runtime_bytes / 2**20:.0f}"
                           " MiB allowed")
     psf = read_bounded_array(root, psf_rec.get("file"), "psf.file", max_values=3 * conv[0] * conv[1])
-    where = f"{root}/{psf_rec['file']}"
-    if psf.ndim != 3 or psf.shape[0] not in (1, 3):
-        raise BundleError(f"{where}: expected a PSF of shape (C, H, W) with C in {{1, 3}}, got {psf.shape}")
+    check_psf_content(psf, conv, f"{root}/{psf_rec['file']} ({geometry.model} model)")
     if psf.shape[0] not in (1, channels):
         raise BundleError(f"{root}: PSF has {psf.shape[0]} channels, bundle says {channels}")
-    if psf.shape[1] < 2 or psf.shape[2] < 2 or psf.shape[1] > conv[0] or psf.shape[2] > conv[1]:
-        raise BundleError(f"{where}: PSF of size {list(psf.shape[1:])} does not fit the convolution grid {list(conv)} "
-                          f"({'the sensor' if geometry.model == 'circular' else 'crop model'})")
-    peak = float(psf.max())
-    if not peak > 0:
-        raise BundleError(f"{where}: PSF has no positive value (an intensity PSF is ≥ 0 with some light)")
-    if float(psf.min()) < -PSF_NEGATIVE_TOLERANCE * peak:
-        raise BundleError(f"{where}: PSF has negative values down to {float(psf.min()):.3g} (peak {peak:.3g}); an "
-                          "intensity PSF is non-negative")
     if array_hash(psf) != psf_hash:
         raise BundleError(f"{root}: PSF hash mismatch: {psf_rec['file']} is not the PSF this bundle was built for")
     done.append(f"{psf_rec['file']}: PSF {list(psf.shape)} real, finite, ≥ 0, sum {float(psf.sum()):.4g}, fits the "

@@ -60,7 +60,8 @@ def decode(v):
 
 def test_corpus_is_large_and_up_to_date():
     kinds = {c["kind"] for c in CASES}
-    assert len(CASES) >= 200 and kinds == {"bundle", "profile", "frame", "frame_file", "to_server", "to_client"}
+    assert len(CASES) >= 200 and kinds == {"bundle", "camera_profile", "profile", "frame", "frame_file",
+                                           "to_server", "to_client"}
     r = subprocess.run([sys.executable, str(HERE / "fuzz" / "make_corpus.py"), "--check"], check=False,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
@@ -130,8 +131,9 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def apply_ops(root: Path, ops: list) -> None:
-    meta_path = root / "bundle.json"
+def apply_ops(root: Path, ops: list, meta_name: str = "bundle.json") -> None:
+    """Apply a case's ``ops`` to the bundle (or camera profile: ``meta_name="camera.json"``) in ``root``."""
+    meta_path = root / meta_name
     meta = json.loads(meta_path.read_text())
     text: bytes | None = None
 
@@ -162,7 +164,7 @@ def apply_ops(root: Path, ops: list) -> None:
         elif kind == "json_nested":
             text = b"[" * op["depth"] + b"]" * op["depth"]
         elif kind == "json_pad":
-            meta["provenance"] = {"pad": "x" * op["bytes"]}
+            meta[op.get("key", "provenance")] = {"pad": "x" * op["bytes"]}
         elif kind == "replace_with_dir":
             p = root / op["name"]
             p.unlink()
@@ -258,6 +260,9 @@ def test_bundle_case(case, base_bundle, tmp_path, capsys, monkeypatch):
         assert rc_run == 2 and "nsdd-edge run: error:" in err and not Path("rec").exists(), err
         return
     assert rc_info == 0 and report["verified"] and report["checks"], report
+    if expect == "camera_mismatch":
+        assert rc_run == 2 and "camera profile" in err, err
+        return
     assert rc_run == 0, err
     stats = json.loads(Path("stats.json").read_text())
     assert stats["frames_out"] == stats["recorded"] == 2
@@ -273,6 +278,42 @@ def test_bundle_case(case, base_bundle, tmp_path, capsys, monkeypatch):
         want = reference.infer(prep(read_recorded_raw(Path("rec") / meta["raw"]["file"]))[None])[0]
         assert np.isfinite(x).all() and x.shape == (bundle.channels, *bundle.geometry.scene_shape)
         np.testing.assert_allclose(x, want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+
+
+# ------------------------------------------------------------------------------------------------
+# Camera profiles (camera.json)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base_profile(tmp_path_factory) -> Path:
+    from nsdd_edge.camera import CameraProfile, NoiseModel
+
+    psf = normalize(simulate_psf("contour", (SIZE, SIZE), 0), "sum")
+    profile = CameraProfile(name="fuzz-cam", preprocess=PreprocessConfig(black_level=64.0, normalization="fixed",
+                                                                         scale=100.0),
+                            psf=psf, geometry=LenslessGeometry.make("crop", (SIZE, SIZE), conv_shape=(32, 32),
+                                                                    scene_shape=(32, 32)),
+                            lam=1e-2, noise=NoiseModel(read_std=0.01))
+    out = tmp_path_factory.mktemp("camera")
+    profile.save(out)
+    return out
+
+
+@pytest.mark.parametrize("case", _cases("camera_profile"))
+def test_camera_profile_case(case, base_profile, tmp_path):
+    from nsdd_edge.camera import ProfileError, load_profile
+
+    root = tmp_path / "profile"
+    shutil.copytree(base_profile, root)
+    apply_ops(root, case["ops"], "camera.json")
+    if case["expect"] == "error":
+        with pytest.raises(ProfileError) as err:
+            load_profile(root)
+        assert "camera.json" in str(err.value) or str(root) in str(err.value), str(err.value)
+        return
+    profile = load_profile(root)
+    assert profile.name == "fuzz-cam" and profile.psf.shape == (1, SIZE, SIZE) and profile.lam == 1e-2
 
 
 # ------------------------------------------------------------------------------------------------

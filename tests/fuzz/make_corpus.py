@@ -8,13 +8,17 @@ Deterministic (no randomness, no clock): the corpus is data, reviewed in diffs; 
 replays every case in CI and checks it ends in a named error or a correct result, never in a traceback or in
 a bad input accepted. One JSON object per line::
 
-    {"id", "kind": "bundle" | "profile" | "frame" | "frame_file" | "to_server" | "to_client", "expect", ...}
+    {"id", "kind": "bundle" | "camera_profile" | "profile" | "frame" | "frame_file" | "to_server" | "to_client",
+     "expect", ...}
 
 - ``bundle``: ``ops`` applied to a tiny valid bundle the test makes (16×16 sensor, 3 channels, contour PSF):
   ``set``/``del`` a field of ``bundle.json``, replace its text or bytes, rewrite ``psf.npy`` (``rehash`` keeps
   the hash matching, so only the content checks can refuse it), add models, files, links, a background.
   ``expect``: ``error`` (``info`` and ``run`` both refuse it with exit 2 and a message naming it), ``ok`` (both
-  succeed, the reconstruction matches an independent one) or ``error_if_onnxruntime``.
+  succeed, the reconstruction matches an independent one), ``error_if_onnxruntime``, or ``camera_mismatch`` (a
+  valid bundle ``info`` accepts, made for another camera: ``run`` on ``sim://`` stops at the first frame, exit 2).
+- ``camera_profile``: the same kind of ``ops`` on a valid camera profile (``camera.json`` + ``psf.npy``,
+  :mod:`nsdd_edge.camera`): ``error`` (``ProfileError``) or ``ok`` (it loads).
 - ``profile``: preprocessing ``settings`` and a raw frame ``raw``; ``expect`` ``error`` or the output shape.
 - ``frame``: a frame given to a preprocessor after a good first frame: ``rejected`` or ``ok``.
 - ``frame_file``: the bytes of one file of a ``file://`` folder: ``unreadable`` (skipped, named) or ``ok``.
@@ -82,7 +86,8 @@ def bundle_cases() -> list[dict]:
     for key in ("geometry", "lam", "channels", "psf"):
         add(f"missing-{key}", [{"op": "del", "path": [key]}])
     add("missing-name", [{"op": "del", "path": ["name"]}], "ok")
-    add("missing-preprocess", [{"op": "del", "path": ["preprocess"]}], "ok")  # the defaults (normalisation max)
+    # a valid bundle (default preprocessing: black level 0) for another camera than sim:// (black level 256)
+    add("missing-preprocess", [{"op": "del", "path": ["preprocess"]}], "camera_mismatch")
     add("missing-models", [{"op": "del", "path": ["models"]}], "ok")
     for name, v in [("number", 5), ("empty", ""), ("newline", "a\nb"), ("long", "n" * 300), ("list", ["a"])]:
         add(f"name-{name}", [setv("name", v)])
@@ -231,6 +236,68 @@ def bundle_cases() -> list[dict]:
     return cases
 
 
+def camera_profile_cases() -> list[dict]:
+    """``camera.json`` (nsdd_edge.camera) mutations of a valid profile the test saves: ``error`` (ProfileError
+    naming the field) or ``ok`` (it loads)."""
+    cases: list[dict] = []
+
+    def add(name: str, ops: list, expect: str = "error") -> None:
+        cases.append({"id": f"camera-{name}", "kind": "camera_profile", "ops": ops, "expect": expect})
+
+    def setv(path, value):
+        return {"op": "set", "path": path if isinstance(path, list) else [path], "value": value}
+
+    add("valid", [], "ok")
+    for name, text in [("list", "[]"), ("null", "null"), ("truncated", '{"format": "nsdd-camera-profile", "ver'),
+                       ("empty", "")]:
+        add(f"json-{name}", [{"op": "json_text", "text": text}])
+    add("json-deep-nesting", [{"op": "json_nested", "depth": 50000}])
+    add("json-deep-signal", [{"op": "set_nested", "path": ["signal", "x"], "depth": 40}])
+    add("json-over-1mib", [{"op": "json_pad", "bytes": 1_100_000, "key": "signal"}])
+    add("format-other", [setv("format", "nsdd-edge-bundle")])
+    for name, v in [("string", "1"), ("future", 2), ("zero", 0), ("bool", True), ("nan", NAN)]:
+        add(f"version-{name}", [setv("version", v)])
+    for name, v in [("empty", ""), ("number", 5), ("long", "n" * 300)]:
+        add(f"name-{name}", [setv("name", v)])
+    add("preprocess-list", [setv("preprocess", [])])
+    add("preprocess-unknown", [setv(["preprocess", "gamma"], 2.2)])
+    add("preprocess-black-nan", [setv(["preprocess", "black_level"], NAN)])
+    add("preprocess-background-etc-passwd", [setv(["preprocess", "background_file"], "/etc/passwd")])
+    add("preprocess-reference-exposure-zero", [setv(["preprocess", "reference_exposure_us"], 0)])
+    add("geometry-missing", [{"op": "del", "path": ["geometry"]}])
+    add("geometry-huge", [setv(["geometry", "sensor_shape"], [200000, 200000])])
+    add("geometry-model-sphere", [setv(["geometry", "model"], "sphere")])
+    add("geometry-conv-smaller", [setv(["geometry", "conv_shape"], [8, 8])])
+    add("geometry-sensor-floats", [setv(["geometry", "sensor_shape"], [16.0, 16.0])])
+    add("psf-parent", [setv(["psf", "file"], "../psf.npy")])
+    add("psf-sha-mismatch", [setv(["psf", "sha256"], "0" * 64)])
+    add("psf-complex", [{"op": "psf", "array": {"shape": [1, 16, 16], "dtype": "complex64"}}])
+    add("psf-negative", [{"op": "psf", "array": {"shape": [1, 16, 16], "fill": "negative"}}])
+    add("psf-nan", [{"op": "psf", "array": {"shape": [1, 16, 16], "fill": "nan"}}])
+    add("psf-larger-than-conv", [{"op": "psf", "array": {"shape": [1, 64, 64]}}])
+    add("psf-pickle", [{"op": "psf_pickle"}])
+    add("psf-header-claims-10g", [{"op": "npy_header", "name": "psf.npy", "shape": [1, 100000, 100000]}])
+    add("psf-symlink-etc-passwd", [{"op": "symlink", "name": "psf.npy", "target": "/etc/passwd"}])
+    add("psf-truncated", [{"op": "truncate", "name": "psf.npy", "keep": 100}])
+    add("recon-missing", [{"op": "del", "path": ["recon"]}])
+    for name, v in [("nan", NAN), ("negative", -1.0), ("text", "abc"), ("inf", INF), ("bool", True)]:
+        add(f"recon-lam-{name}", [setv(["recon", "lam"], v)])
+    add("recon-projector-svd", [setv(["recon", "projector"], "svd")])
+    for name, v in [("negative", -0.1), ("text", "a"), ("inf", INF)]:
+        add(f"noise-read-std-{name}", [setv(["noise", "read_std"], v)])
+    add("noise-shot-gain-nan", [setv(["noise", "shot_gain"], NAN)])
+    add("support-too-big", [setv("support", {"shape": [9999, 9999], "taper": 0})])
+    add("support-taper-too-big", [setv("support", {"shape": [8, 8], "taper": 99})])
+    add("support-taper-float", [setv("support", {"shape": [8, 8], "taper": 1.5})])
+    add("support-list", [setv("support", [8, 8])])
+    for name, v in [("zero", 0), ("negative", -5), ("text", "x")]:
+        add(f"exposure-{name}", [setv("exposure", {"reference_us": v})])
+    add("support-ok", [setv("support", {"shape": [8, 8], "taper": 2})], "ok")
+    add("exposure-ok", [setv("exposure", {"reference_us": 2000.0})], "ok")
+    add("noise-shot-gain-ok", [setv(["noise", "shot_gain"], 0.001)], "ok")
+    return cases
+
+
 def profile_cases() -> list[dict]:
     cases: list[dict] = []
 
@@ -255,6 +322,9 @@ def profile_cases() -> list[dict]:
     add("uint8-frame", {}, ([8, 8, 3], "uint8"), [3, 8, 8])
     add("downsample-crop-bayer", {"bayer_pattern": "RGGB", "downsample": 2, "crop": [0, 0, 2, 2]},
         ([16, 16], "uint16"), [3, 2, 2])
+    add("raw-crop", {"raw_crop": [2, 1, 4, 5]}, mono, [1, 4, 5])
+    add("raw-crop-bayer", {"raw_crop": [2, 2, 4, 4], "bayer_pattern": "RGGB"}, mosaic, [3, 2, 2])
+    add("reference-exposure", {"reference_exposure_us": 1000.0, "normalization": "none"}, mono, [1, 8, 8])
     bad = [("not-an-object", [1, 2]), ("string", "fixed"), ("unknown", {"gamma": 2.2}),
            ("black-negative", {"black_level": -1}), ("black-nan", {"black_level": NAN}),
            ("black-inf", {"black_level": INF}), ("black-string", {"black_level": "64"}),
@@ -276,7 +346,13 @@ def profile_cases() -> list[dict]:
            ("channel-order-rgr", {"channel_order": "RGR"}), ("channel-order-long", {"channel_order": "RGBA"}),
            ("channel-order-number", {"channel_order": 123}),
            ("normalization-mean", {"normalization": "mean"}), ("scale-zero", {"scale": 0}),
-           ("scale-negative", {"scale": -1.0}), ("scale-inf", {"scale": INF}), ("scale-text", {"scale": "1"})]
+           ("scale-negative", {"scale": -1.0}), ("scale-inf", {"scale": INF}), ("scale-text", {"scale": "1"}),
+           ("raw-crop-three", {"raw_crop": [0, 0, 4]}), ("raw-crop-negative", {"raw_crop": [0, -2, 4, 4]}),
+           ("raw-crop-odd-on-bayer", {"raw_crop": [1, 0, 4, 4], "bayer_pattern": "RGGB"}),
+           ("raw-crop-string", {"raw_crop": "0 0 4 4"}), ("reference-exposure-zero", {"reference_exposure_us": 0}),
+           ("reference-exposure-nan", {"reference_exposure_us": NAN}),
+           ("reference-exposure-text", {"reference_exposure_us": "1000"}),
+           ("reference-exposure-negative", {"reference_exposure_us": -5.0})]
     for name, settings in bad:
         add(name, settings, mono, "error")
     # settings of the right types that cannot fit the frames: an error at the first frame, named
@@ -286,6 +362,7 @@ def profile_cases() -> list[dict]:
     add("fit-bayer-on-rgb", {"bayer_pattern": "RGGB"}, rgb, "error")
     add("fit-bayer-odd", {"bayer_pattern": "RGGB"}, ([7, 8], "uint16"), "error")
     add("fit-background-needs-bundle", {"background_file": "dark.npy"}, mono, "error")
+    add("fit-raw-crop-outside", {"raw_crop": [4, 4, 8, 8]}, mono, "error")
     return cases
 
 
@@ -463,8 +540,8 @@ def to_client_cases() -> list[dict]:
 
 
 def make_corpus() -> list[dict]:
-    cases = (bundle_cases() + profile_cases() + frame_cases() + frame_file_cases() + to_server_cases()
-             + to_client_cases())
+    cases = (bundle_cases() + camera_profile_cases() + profile_cases() + frame_cases() + frame_file_cases()
+             + to_server_cases() + to_client_cases())
     ids = [c["id"] for c in cases]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
