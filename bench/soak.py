@@ -124,7 +124,7 @@ class Checker:
     def __init__(self, root: Path, keep: bool):
         self.root, self.keep = root, keep
         self.verified, self.problems = 0, []
-        self.gaps = self.restarts = 0  # source frame indices skipped / counts restarted (reopened camera)
+        self.gaps = self.restarts = 0  # source indices missing between recorded frames / counts restarted
         self._last_index: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -313,8 +313,8 @@ def main(argv=None) -> int:
           f"{checker.verified}), not recorded (injected disk full, reported) {totals['unrecorded']}, "
           f"lost {lost}")
     sigterms = sum(r["end"] == "SIGTERM" for r in rows)
-    print(f"source frame indices: {checker.gaps} skipped (never delivered to the runtime), "
-          f"{checker.restarts} restarts of the count (camera reopened)")
+    print(f"source frame indices missing from the recording: {checker.gaps} (the frames not recorded above are "
+          f"among them; a camera reopened {checker.restarts} time(s) restarted its count, which hides gaps there)")
     print(f"faults injected: {stall.fired} stalls, {disconnect.fired} disconnects, {writer.failures} disk-full, "
           f"{sigterms} SIGTERM (each ended its segment); {totals['rejected']} rejected, "
           f"{totals['unreadable']} unreadable")
