@@ -126,7 +126,7 @@ class OnnxRuntimeEngine(Engine):
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise ModelLoadError(f"{self.model_path}: expected one input (the measurement y), got "
-                              f"{[i.name for i in inputs]}")
+                                 f"{[i.name for i in inputs]}")
         self.input_name = inputs[0].name
         self.output_name = self.session.get_outputs()[0].name
         model_shape = inputs[0].shape
@@ -134,14 +134,14 @@ class OnnxRuntimeEngine(Engine):
             for got, want in zip(model_shape[1:], input_shape):
                 if isinstance(got, int) and got != want:
                     raise ModelLoadError(f"{self.model_path}: model input {self.input_name} has shape {model_shape}, "
-                                      f"the bundle's measurements are (N, {', '.join(map(str, input_shape))})")
+                                         f"the bundle's measurements are (N, {', '.join(map(str, input_shape))})")
         out_shape = self.session.get_outputs()[0].shape
         if output_shape is not None and len(out_shape) == 4:
             for got, want in zip(out_shape[1:], output_shape):
                 if isinstance(got, int) and got != want:
-                    raise EngineError(f"{self.model_path}: model output {self.output_name} has shape {out_shape}, "
-                                      f"the bundle's reconstructions are (N, {', '.join(map(str, output_shape))}) "
-                                      "(its scene grid): a model made for another geometry")
+                    raise ModelLoadError(f"{self.model_path}: model output {self.output_name} has shape {out_shape}, "
+                                         f"the bundle's reconstructions are (N, {', '.join(map(str, output_shape))}) "
+                                         "(its scene grid): a model made for another geometry")
         self.input_shape = input_shape
         self.output_shape = output_shape
         self.device = device

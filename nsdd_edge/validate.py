@@ -560,13 +560,13 @@ def check_onnx_model(bundle: Bundle, kind: str, *, threads: int = 1) -> str:
     if not ok:
         raise ImportError(why)
     path = bundle.model_path(kind)
-    engine = OnnxRuntimeEngine(path, threads=threads, input_shape=bundle.input_shape)
+    engine = OnnxRuntimeEngine(path, threads=threads, input_shape=bundle.input_shape, output_shape=bundle.output_shape)
     try:
         y = np.zeros((1, *bundle.input_shape), np.float32)
         x = engine.infer(y)
     finally:
         engine.close()
-    want = (1, bundle.channels, *bundle.geometry.scene_shape)
+    want = (1, *bundle.output_shape)
     if tuple(x.shape) != want or not np.isfinite(x).all():
         raise EngineError(f"{path}: on a zero measurement the model gives shape {tuple(x.shape)} "
                           f"({'finite' if np.isfinite(x).all() else 'NaN/Inf'}), expected finite {want}")
