@@ -69,9 +69,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any], *, m
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview) -> None:
-    """Write the bytes ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda f: f.write(data))
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | bytearray | memoryview, *,
+                       mode: int | None = FILE_MODE) -> None:
+    """Write the bytes ``data`` to ``path`` atomically (see :func:`atomic_write`); ``mode``: its permissions
+    (``0o600`` for files holding anything private: session files, tokens)."""
+    atomic_write(path, lambda f: f.write(data), mode=mode)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:

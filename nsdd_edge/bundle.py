@@ -27,8 +27,10 @@ scenes at the support size and simulates them with the crop model on a 2× senso
 own geometry, the support-size scene zero-padded into its scene grid), and the preview/recorder show the
 support crop of the reconstruction (:meth:`Bundle.display_crop`).
 
-Loading checks the format, the PSF hash, every model file's SHA-256 and the geometry, and raises
-:class:`BundleError` naming the problem.
+Loading (:func:`load_bundle`) goes through the one validation layer, :func:`nsdd_edge.validate.verify_bundle`:
+types, ranges, bounded sizes and memory, plain file names inside the bundle and a matching hash for every file
+(models ``sha256``, an ONNX ``.data`` sidecar ``data_sha256``, a background frame ``preprocess.background_sha256``);
+it raises :class:`BundleError` naming the problem and records what it verified in ``Bundle.verification``.
 """
 
 from __future__ import annotations
@@ -47,17 +49,17 @@ import numpy as np
 
 from nsdd_edge.atomic import atomic_write, atomic_write_json
 from nsdd_edge.optics import (
-    PROJECTORS,
     LenslessGeometry,
-    OpticsError,
     array_hash,
     center_crop,
     check_psf,
-    read_array,
 )
 
 BUNDLE_FORMAT = "nsdd-edge-bundle"
 BUNDLE_VERSION = 1
+BAYER_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
+DEMOSAIC_METHODS = ("bin2x2", "bilinear")
+NORMALIZATIONS = ("max", "fixed", "none")
 
 
 class BundleError(ValueError):
@@ -80,7 +82,8 @@ class PreprocessConfig:
     white_level: float | None = None
     bayer_pattern: str | None = None  # "RGGB", "BGGR", "GRBG", "GBRG" or None for demosaiced input
     demosaic: str = "bin2x2"
-    background_file: str | None = None  # relative to the bundle directory
+    background_file: str | None = None  # a plain file name in the bundle directory
+    background_sha256: str | None = None  # SHA-256 of that file (write_bundle fills it in)
     downsample: int = 1
     crop: list[int] | None = None
     flip_vertical: bool = False
@@ -93,13 +96,11 @@ class PreprocessConfig:
     reference_exposure_us: float | None = None
 
     @staticmethod
-    def from_dict(d: dict | None) -> PreprocessConfig:
-        d = dict(d or {})
-        known = set(PreprocessConfig.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise BundleError(f"preprocess: unknown settings {sorted(unknown)}")
-        return PreprocessConfig(**d)
+    def from_dict(d: dict | None, where: str = "preprocess") -> PreprocessConfig:
+        """Settings checked by :func:`nsdd_edge.validate.validate_profile` (types and ranges; ``ProfileError``)."""
+        from nsdd_edge.validate import validate_profile
+
+        return validate_profile(d, where)
 
 
 def parse_support(value: Any, grid: tuple[int, int], where: str = "support_shape") -> tuple[int, int] | None:
@@ -138,6 +139,7 @@ class Bundle:
     provenance: dict[str, Any] = field(default_factory=dict)
     support_shape: tuple[int, int] | None = None
     projector: str = "tikhonov"  # the pseudo-inverse kind of A† (nsdd_edge.optics.WienerSpectra)
+    verification: list[str] = field(default_factory=list)  # what loading verified, one line per check
 
     @property
     def psf_sha256(self) -> str:
@@ -188,52 +190,11 @@ class Bundle:
 
 
 def load_bundle(root: str | os.PathLike, *, verify_files: bool = True) -> Bundle:
-    """Load and verify a bundle directory; raises :class:`BundleError` with the reason."""
-    root = Path(root)
-    meta_path = root / "bundle.json"
-    if not root.is_dir():
-        raise BundleError(f"{root}: bundle directory does not exist")
-    if not meta_path.exists():
-        raise BundleError(f"{root}: not a bundle (no bundle.json)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{meta_path}: corrupted ({exc})") from exc
-    if meta.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{meta_path}: format is {meta.get('format')!r}, expected {BUNDLE_FORMAT!r}")
-    if int(meta.get("version", -1)) > BUNDLE_VERSION:
-        raise BundleError(f"{meta_path}: bundle version {meta.get('version')} is newer than this runtime "
-                          f"understands ({BUNDLE_VERSION})")
-    for key in ("geometry", "lam", "channels", "psf"):
-        if key not in meta:
-            raise BundleError(f"{meta_path}: missing {key!r}")
-    try:
-        geometry = LenslessGeometry.from_dict(meta["geometry"])
-        psf = check_psf(read_array(root / meta["psf"]["file"]), f"{root}/{meta['psf']['file']}")
-    except OpticsError as exc:
-        raise BundleError(f"{root}: {exc}") from exc
-    if array_hash(psf) != meta["psf"].get("sha256"):
-        raise BundleError(f"{root}: PSF hash mismatch: psf.npy is not the PSF this bundle was built for")
-    channels = int(meta["channels"])
-    if psf.shape[0] not in (1, channels):
-        raise BundleError(f"{root}: PSF has {psf.shape[0]} channels, bundle says {channels}")
-    support = parse_support(meta["geometry"].get("support_shape") if isinstance(meta["geometry"], dict) else None,
-                            geometry.scene_shape, f"{meta_path}: geometry.support_shape")
-    projector = meta.get("projector", "tikhonov")
-    if projector not in PROJECTORS:
-        raise BundleError(f"{meta_path}: projector {projector!r} is not one of {', '.join(PROJECTORS)}")
-    models = dict(meta.get("models", {}))
-    if verify_files:
-        for kind, m in models.items():
-            path = root / m["file"]
-            if not path.exists():
-                raise BundleError(f"{root}: model {kind!r} file {m['file']} is missing")
-            if m.get("sha256") and file_sha256(path) != m["sha256"]:
-                raise BundleError(f"{root}: model {kind!r} file {m['file']} is corrupted (SHA-256 mismatch)")
-    return Bundle(root=root, name=meta.get("name", root.name), geometry=geometry, lam=float(meta["lam"]),
-                  channels=channels, psf=psf, preprocess=PreprocessConfig.from_dict(meta.get("preprocess")),
-                  models=models, provenance=dict(meta.get("provenance", {})), support_shape=support,
-                  projector=projector)
+    """Load and verify a bundle directory (:func:`nsdd_edge.validate.verify_bundle`); :class:`BundleError` names
+    the problem. ``verify_files=False`` skips hashing the model and background files."""
+    from nsdd_edge.validate import verify_bundle
+
+    return verify_bundle(root, verify_files=verify_files)
 
 
 def write_bundle(out: str | os.PathLike, *, psf: np.ndarray, geometry: LenslessGeometry, lam: float,
@@ -266,17 +227,25 @@ def write_bundle(out: str | os.PathLike, *, psf: np.ndarray, geometry: LenslessG
             info = dict(src) if isinstance(src, dict) else {"path": src}
             path = Path(info.pop("path"))
             shutil.copy2(path, tmp / path.name)
+            recorded[kind] = {"file": path.name, "sha256": file_sha256(tmp / path.name), **info}
             sidecar = path.with_name(path.name + ".data")  # ONNX external data, if any
             if sidecar.exists():
                 shutil.copy2(sidecar, tmp / sidecar.name)
-            recorded[kind] = {"file": path.name, "sha256": file_sha256(tmp / path.name), **info}
+                recorded[kind]["data_sha256"] = file_sha256(tmp / sidecar.name)
         for rel, src in (extra_files or {}).items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, tmp / rel)
+        preprocess = PreprocessConfig(**vars(preprocess or PreprocessConfig()))
+        if preprocess.background_file:
+            background = tmp / preprocess.background_file
+            if not background.is_file():
+                raise BundleError(f"{out}: preprocess.background_file {preprocess.background_file} is not among the "
+                                  "bundle's files (give it in extra_files)")
+            preprocess.background_sha256 = file_sha256(background)
         meta = {"format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "name": name or out.name,
                 "geometry": geometry_record, "lam": float(lam), "projector": projector, "channels": int(channels),
                 "psf": {"file": "psf.npy", "sha256": array_hash(psf)},
-                "preprocess": asdict(preprocess or PreprocessConfig()), "models": recorded,
+                "preprocess": asdict(preprocess), "models": recorded,
                 "provenance": provenance or {}}
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=2))
         if in_place:

@@ -43,18 +43,21 @@ from nsdd_edge.optics import (
     box_downsample,
     check_psf,
     fit_to,
-    read_array,
+)
+from nsdd_edge.validate import (  # the one validation layer: its ProfileError is the one profiles raise
+    MAX_SIDE,
+    ProfileError,
+    check_int,
+    check_psf_content,
+    check_real,
+    parse_json_bounded,
+    read_bounded_array,
 )
 
 PROFILE_FORMAT = "nsdd-camera-profile"
 PROFILE_VERSION = 1
 PROFILE_NAME = "camera.json"
-MAX_SIDE = 8192  # no grid side beyond this (a profile is not a way to allocate terabytes)
 CAPTURE_SUFFIXES = (*IMAGE_SUFFIXES, ".npy", ".npz")
-
-
-class ProfileError(ValueError):
-    """A camera profile, or a file it needs, that cannot be used; the message names the field and the problem."""
 
 
 # ---- small validated records ------------------------------------------------------------------
@@ -324,13 +327,7 @@ def _number(d: dict, key: str, where: str, *, positive: bool = False, minimum: f
     value = d.get(key)
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ProfileError(f"{where}.{key}: expected a finite number, got {value!r}")
-    if positive and not value > 0:
-        raise ProfileError(f"{where}.{key}: must be > 0, got {value}")
-    if minimum is not None and value < minimum:
-        raise ProfileError(f"{where}.{key}: must be ≥ {minimum}, got {value}")
-    return float(value)
+    return check_real(value, f"{where}.{key}", positive=positive, minimum=minimum, error=ProfileError)
 
 
 def _dict(d: Any, where: str, optional: bool = False) -> dict:
@@ -342,10 +339,10 @@ def _dict(d: Any, where: str, optional: bool = False) -> dict:
 
 
 def _shape(value: Any, where: str) -> tuple[int, int]:
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIDE for v in value)):
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
         raise ProfileError(f"{where}: expected [height, width], integers in 1..{MAX_SIDE}, got {value!r}")
-    return int(value[0]), int(value[1])
+    h, w = (check_int(v, where, minimum=1, maximum=MAX_SIDE, error=ProfileError) for v in value)
+    return h, w
 
 
 def profile_from_dict(d: Any, root: Path | None = None, psf: np.ndarray | None = None) -> CameraProfile:
@@ -363,10 +360,6 @@ def profile_from_dict(d: Any, root: Path | None = None, psf: np.ndarray | None =
         preprocess = PreprocessConfig.from_dict(_dict(d.get("preprocess"), "preprocess"))
     except (BundleError, TypeError) as exc:
         raise ProfileError(f"preprocess: {exc}") from None
-    if preprocess.background_file is not None and (not isinstance(preprocess.background_file, str)
-                                                   or Path(preprocess.background_file).name != preprocess.background_file):
-        raise ProfileError(f"preprocess.background_file: must be a plain file name inside the profile directory, "
-                           f"got {preprocess.background_file!r}")
     g = _dict(d.get("geometry"), "geometry")
     try:
         for key in ("sensor_shape", "scene_shape", "conv_shape"):
@@ -380,16 +373,12 @@ def profile_from_dict(d: Any, root: Path | None = None, psf: np.ndarray | None =
             raise ProfileError(f"psf.file: must be 'psf.npy' (inside the profile directory), got {p.get('file')!r}")
         if root is None:
             raise ProfileError("psf: a profile record without its directory cannot load its PSF")
-        try:
-            psf = check_psf(read_array(Path(root) / "psf.npy"), f"{root}/psf.npy")
-        except OpticsError as exc:
-            raise ProfileError(str(exc)) from None
+        conv = geometry.conv_shape
+        psf = read_bounded_array(Path(root), "psf.npy", "psf.file", max_values=3 * conv[0] * conv[1],
+                                 error=ProfileError)
     if p.get("sha256") is not None and array_hash(psf) != p.get("sha256"):
         raise ProfileError("psf: psf.npy does not match the profile's sha256 (changed after calibration?)")
-    if psf.shape[-2] > geometry.conv_shape[0] or psf.shape[-1] > geometry.conv_shape[1]:
-        raise ProfileError(f"psf: {psf.shape[-2:]} is larger than the convolution grid {geometry.conv_shape}")
-    if np.any(psf < 0):
-        raise ProfileError("psf: negative values (a PSF is an intensity)")
+    check_psf_content(np.asarray(psf, dtype=np.float32), geometry.conv_shape, "psf", ProfileError)
     r = _dict(d.get("recon"), "recon")
     lam = _number(r, "lam", "recon", positive=True)
     projector = r.get("projector", "tikhonov")
@@ -427,10 +416,7 @@ def load_profile(path: str | os.PathLike) -> CameraProfile:
         raise ProfileError(f"{p}: no camera profile ({PROFILE_NAME}) there")
     if file.stat().st_size > 1 << 20:
         raise ProfileError(f"{file}: {file.stat().st_size} bytes is too large for a camera profile")
-    try:
-        record = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ProfileError(f"{file}: not valid JSON ({type(exc).__name__}: {exc})") from None
+    record = parse_json_bounded(file.read_bytes(), str(file), ProfileError)
     try:
         return profile_from_dict(record, root=file.parent)
     except ProfileError as exc:

@@ -27,6 +27,10 @@ class EngineError(RuntimeError):
     """An engine cannot be built or run here; the message says which engine and why."""
 
 
+class ModelLoadError(EngineError):
+    """The runtime is installed but cannot load the bundle's model file (corrupt or incompatible graph)."""
+
+
 class Engine:
     """Common interface. Subclasses set ``name`` and implement :meth:`infer`."""
 
@@ -117,27 +121,27 @@ class OnnxRuntimeEngine(Engine):
         try:
             self.session = ort.InferenceSession(str(self.model_path), sess_options=opts, providers=providers)
         except Exception as exc:
-            raise EngineError(f"{self.model_path}: ONNX Runtime cannot load the model "
-                              f"({type(exc).__name__}: {exc})") from exc
+            raise ModelLoadError(f"{self.model_path}: ONNX Runtime cannot load the model "
+                                 f"({type(exc).__name__}: {str(exc)[:300]})") from exc
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
-            raise EngineError(f"{self.model_path}: expected one input (the measurement y), got "
-                              f"{[i.name for i in inputs]}")
+            raise ModelLoadError(f"{self.model_path}: expected one input (the measurement y), got "
+                                 f"{[i.name for i in inputs]}")
         self.input_name = inputs[0].name
         self.output_name = self.session.get_outputs()[0].name
         model_shape = inputs[0].shape
         if input_shape is not None and len(model_shape) == 4:
             for got, want in zip(model_shape[1:], input_shape):
                 if isinstance(got, int) and got != want:
-                    raise EngineError(f"{self.model_path}: model input {self.input_name} has shape {model_shape}, "
-                                      f"the bundle's measurements are (N, {', '.join(map(str, input_shape))})")
+                    raise ModelLoadError(f"{self.model_path}: model input {self.input_name} has shape {model_shape}, "
+                                         f"the bundle's measurements are (N, {', '.join(map(str, input_shape))})")
         out_shape = self.session.get_outputs()[0].shape
         if output_shape is not None and len(out_shape) == 4:
             for got, want in zip(out_shape[1:], output_shape):
                 if isinstance(got, int) and got != want:
-                    raise EngineError(f"{self.model_path}: model output {self.output_name} has shape {out_shape}, "
-                                      f"the bundle's reconstructions are (N, {', '.join(map(str, output_shape))}) "
-                                      "(its scene grid): a model made for another geometry")
+                    raise ModelLoadError(f"{self.model_path}: model output {self.output_name} has shape {out_shape}, "
+                                         f"the bundle's reconstructions are (N, {', '.join(map(str, output_shape))}) "
+                                         "(its scene grid): a model made for another geometry")
         self.input_shape = input_shape
         self.output_shape = output_shape
         self.device = device
@@ -349,8 +353,10 @@ def select_engine(bundle: Bundle, prefer: str | None = None, *, device: str = "c
     """Pick and build an engine for ``bundle`` (TensorRT > ONNX Runtime > Wiener unless ``prefer``; the
     model of ``precision``, see :func:`plan_engine`).
 
-    In auto mode an engine that fails to build falls back to the next one, and the failure is added to
-    the reason. Returns ``(engine, choice)``; ``choice.reason`` says why.
+    In auto mode a TensorRT plan that fails to load (plans are specific to a GPU and TensorRT version) falls
+    back to the next engine, and the failure is added to the reason; an ONNX model that ONNX Runtime (installed)
+    cannot load is a broken bundle: :class:`BundleError`, never a silent fallback. Returns ``(engine, choice)``;
+    ``choice.reason`` says why.
     """
     available = dict(available or runtime_availability())
     if device == "cuda" and not available.get("onnx-cuda", (False, ""))[0]:
@@ -359,6 +365,14 @@ def select_engine(bundle: Bundle, prefer: str | None = None, *, device: str = "c
         choice = plan_engine(bundle.models, prefer, available, precision=precision, device=device)
         try:
             return build_engine(bundle, choice, device=device, threads=threads), choice
+        except ModelLoadError as exc:
+            if choice.kind == "onnx":
+                m = bundle.models.get(choice.model or "", {})
+                raise BundleError(f"{bundle.root}: model {choice.model} ({m.get('file')}) matches its SHA-256 but "
+                                  f"cannot be loaded: {exc}; the bundle holds a broken model (re-export it)") from None
+            if prefer not in (None, "auto"):
+                raise
+            available[choice.kind] = (False, f"failed to start ({exc})")
         except EngineError as exc:
             if prefer not in (None, "auto") or choice.kind == "wiener":
                 raise

@@ -1,20 +1,30 @@
 """The real-time loop: capture thread → bounded queue → reconstruction (preprocess + infer) → outputs.
 
-Live mode (no recorder): the capture thread keeps only the newest frame (a one-slot queue); a frame
-that is replaced before the reconstruction thread takes it is counted as ``dropped``. The preview stays
-live whatever the reconstruction speed.
+Live mode (a live camera without a recorder, or ``lossless=False``): the capture thread keeps only the
+newest frame (a one-slot queue); a frame that is replaced before the reconstruction thread takes it is counted
+as ``dropped``. The preview stays live whatever the reconstruction speed.
 
-Lossless mode (recording, or ``lossless=True``): every captured frame goes through a bounded queue to the
-reconstruction and on through a bounded queue to the recorder thread; when the disk is slow the queues
-fill and the capture thread *blocks* (back-pressure; counted and warned about), nothing is dropped.
+Lossless mode (recording, a source that is not live — a folder, a video file, a stack, ``sim://?realtime=0`` —
+or ``lossless=True``): every captured frame goes through a bounded queue to the reconstruction and on through a
+bounded queue to the recorder thread; when the disk is slow the queues fill and the capture thread *blocks*
+(back-pressure; counted and warned about), nothing is dropped.
 
 Faults: a source that raises, stalls (:class:`~nsdd_edge.sources.SourceStalled`) or disconnects is closed
 and reopened with exponential back-off while the loop keeps running; :class:`~nsdd_edge.sources.EndOfStream`
-ends the run. Frames the preprocessor rejects (NaN, wrong size, …) are counted as ``rejected`` (and still
-recorded raw when recording). A preprocessor that takes ``meta`` (:class:`nsdd_edge.preprocess.Preprocessor`)
-gets each frame's metadata, so a camera whose frames do not fit the bundle's profile (bit depth, Bayer order,
-black level) stops the run at the first frame with the reason (:class:`~nsdd_edge.preprocess.ProfileMismatch`). :meth:`ReconstructionLoop.request_stop` (SIGINT/SIGTERM) stops capture,
-drains what was captured, flushes the recorder and closes everything.
+ends the run; a frame the source could not read (:class:`~nsdd_edge.sources.FrameUnreadable`) is counted as
+``unreadable``, reported and skipped, and the source goes on. Frames the preprocessor rejects (NaN, wrong size,
+…) are counted as ``rejected`` (and still recorded raw when recording). A preprocessor that takes ``meta``
+(:class:`nsdd_edge.preprocess.Preprocessor`) gets each frame's metadata, so a camera whose frames do not fit the
+bundle's profile (bit depth, Bayer order, black level) stops the run at the first frame with the reason
+(:class:`~nsdd_edge.preprocess.ProfileMismatch`); preprocessing settings that cannot fit the camera's frames at
+all (a crop outside the image, …) end the run at the first frame with a :class:`LoopError`.
+
+Outputs: a stats or snapshot file that cannot be written (disk full, permissions) is reported through ``alert``
+(at most every few seconds) and never ends the run. When the recorder cannot go on (disk full, I/O error) the
+loop stops (``on_record_error="stop"``, the default: nothing captured afterwards goes unrecorded silently) or,
+with ``"continue"``, keeps reconstructing and says every few seconds that it is NOT recording; frames that
+were captured but could not be recorded are counted as ``unrecorded``. :meth:`ReconstructionLoop.request_stop`
+(SIGINT/SIGTERM) stops capture, drains what was captured, flushes the recorder and closes everything.
 """
 
 from __future__ import annotations
@@ -33,12 +43,12 @@ import numpy as np
 
 from nsdd_edge.atomic import atomic_write_bytes
 from nsdd_edge.bundle import BundleError
-from nsdd_edge.engines import Engine
+from nsdd_edge.engines import Engine, EngineError
 from nsdd_edge.optics import center_crop
-from nsdd_edge.preprocess import FrameRejected
+from nsdd_edge.preprocess import FrameRejected, ProfileMismatch
 from nsdd_edge.preview import Preview, compose
 from nsdd_edge.recorder import Recorder, RecorderError
-from nsdd_edge.sources import EndOfStream, SourceError, SourceStalled
+from nsdd_edge.sources import EndOfStream, FrameUnreadable, SourceError, SourceStalled
 from nsdd_edge.telemetry import Telemetry
 
 _END = object()
@@ -53,13 +63,17 @@ class LoopConfig:
     """Settings of :class:`ReconstructionLoop`.
 
     ``max_frames``: stop after this many frames (live: reconstructed + rejected; lossless: captured).
+    ``lossless``: None (default) = lossless when recording or when the source is not live; True/False force it
+    (a recorder always makes the loop lossless).
     ``max_reopen_attempts``: give up on a source after this many failed reopens in a row (None: never).
+    ``on_record_error``: ``stop`` (default) ends the run when recording cannot go on; ``continue`` keeps
+    reconstructing without recording and says so every ``alert_interval`` seconds.
     ``display_support``: the bundle's support window; the preview, the snapshot and the recorder's 8-bit view
     show that centred crop of the reconstruction (the recorded ``.recon.npy`` stays the whole engine output).
     """
 
     max_frames: int | None = None
-    lossless: bool = False
+    lossless: bool | None = None
     queue_size: int = 4
     record_queue_size: int = 8
     read_timeout: float = 2.0
@@ -74,6 +88,8 @@ class LoopConfig:
     expected_input_shape: tuple[int, int, int] | None = None
     consistency_every: int = 30  # frames between two ‖A x̂ − y‖/‖y‖ checks (0: never)
     display_support: tuple[int, int] | None = None  # preview/snapshot/recorder view: this centred crop of x̂
+    on_record_error: str = "stop"  # stop | continue
+    alert_interval: float = 5.0
 
 
 class LatestSlot:
@@ -115,7 +131,8 @@ class ReconstructionLoop:
                  config: LoopConfig | None = None, preview: Preview | None = None,
                  recorder: Recorder | None = None, telemetry: Telemetry | None = None,
                  frame_meta: dict | None = None, log: Callable[[str], None] | None = None,
-                 consistency: Callable[[np.ndarray, np.ndarray], float] | None = None):
+                 consistency: Callable[[np.ndarray, np.ndarray], float] | None = None,
+                 alert: Callable[[str], None] | None = None):
         self.source, self.preprocess, self.engine = source, preprocess, engine
         self.consistency = consistency  # (x̂, y) -> ‖A x̂ − y‖/‖y‖ with the bundle's forward model
         try:
@@ -123,11 +140,17 @@ class ReconstructionLoop:
         except (TypeError, ValueError):  # a builtin without a signature
             self._preprocess_takes_meta = False
         self.config = config or LoopConfig()
+        if self.config.on_record_error not in ("stop", "continue"):
+            raise ValueError(f"on_record_error must be 'stop' or 'continue', got {self.config.on_record_error!r}")
         self.preview, self.recorder = preview, recorder
         self.telemetry = telemetry or Telemetry()
         self.frame_meta = dict(frame_meta or {})
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        self.lossless = self.config.lossless or recorder is not None
+        self.alert = alert or self.log  # what must be seen even when the console line is off (--quiet)
+        lossless = self.config.lossless
+        if lossless is None:
+            lossless = not getattr(source, "is_live", True)
+        self.lossless = bool(lossless) or recorder is not None
         self._stop = threading.Event()
         self._capture_done = threading.Event()
         self._frames: queue.Queue | LatestSlot = (queue.Queue(maxsize=self.config.queue_size) if self.lossless
@@ -138,11 +161,13 @@ class ReconstructionLoop:
         self._processed = 0
         self._checked_shape = False
         self._last_warn = 0.0
+        self._last_alert: dict[str, float] = {}
         self.last_pair: tuple[np.ndarray, np.ndarray] | None = None  # (y, shown x̂: the support crop)
         self.last_truth: np.ndarray | None = None  # the sim:// scene of the last frame, if any
         self.last_preview: np.ndarray | None = None
         self.end_reason = "running"
         self.recording_stopped: str | None = None
+        self.written: dict[str, bool] = {}  # final outputs: "snapshot"/"stats" → whether the file was written
         self.telemetry.info.update({"recording": recorder is not None, "lossless": self.lossless,
                                     "engine": engine.describe()})
 
@@ -165,6 +190,16 @@ class ReconstructionLoop:
         if now - self._last_warn >= every:
             self._last_warn = now
             self.log(f"nsdd-edge: {message}")
+
+    def _alert(self, message: str, kind: str, every: float | None = None) -> None:
+        """A message that must be seen (through ``alert``, even with the console line off), at most once every
+        ``every`` seconds per ``kind`` (default ``alert_interval``); always recorded as an event."""
+        self.telemetry.event(kind, message)
+        now = time.monotonic()
+        every = self.config.alert_interval if every is None else every
+        if now - self._last_alert.get(kind, -1e18) >= every:
+            self._last_alert[kind] = now
+            self.alert(f"nsdd-edge: {message}")
 
     # -- capture thread ----------------------------------------------------------------------------
     def _reopen(self) -> bool:
@@ -218,6 +253,11 @@ class ReconstructionLoop:
                 except EndOfStream:
                     self.end_reason = "end of stream"
                     break
+                except FrameUnreadable as exc:
+                    tel.count("unreadable")
+                    self._alert(f"skipped an unreadable frame ({exc}); going on with the next one", "unreadable",
+                                every=1.0)
+                    continue
                 except (SourceStalled, SourceError, OSError, RuntimeError) as exc:
                     tel.count("source_faults")
                     kind = "stalled" if isinstance(exc, SourceStalled) else "failed"
@@ -252,7 +292,10 @@ class ReconstructionLoop:
                 q.put(item, timeout=0.5)
                 break
             except queue.Full:
-                if self._fatal is not None or (what == "recorder" and not self._recorder_alive()):
+                if what == "recorder" and not self._recorder_alive():
+                    self._not_recorded()
+                    return
+                if self._fatal is not None:
                     return
         ms = (time.perf_counter() - t0) * 1e3
         self.telemetry.add_blocked(ms)
@@ -271,6 +314,7 @@ class ReconstructionLoop:
             if item is _END:
                 return
             if not self._recorder_alive():
+                self._not_recorded()
                 continue
             index, raw, x, view, meta = item
             t0 = time.perf_counter()
@@ -281,16 +325,40 @@ class ReconstructionLoop:
                     exc = RecorderError(f"recorder failed on frame {index} ({type(exc).__name__}: {exc}); "
                                         "recording stopped")
                     self.recorder.stopped_reason = str(exc)
-                self.recording_stopped = str(exc)
-                tel.event("recorder", str(exc))
-                self.log(f"nsdd-edge: RECORDING STOPPED: {exc}")
+                self._recording_failed(str(exc))
                 continue
             tel.add_time("record", (time.perf_counter() - t0) * 1e3)
             tel.count("recorded")
 
+    def _recording_failed(self, reason: str) -> None:
+        """The recorder stopped: say so (always), count the frame, and stop the run unless told to go on."""
+        self.recording_stopped = reason
+        self.telemetry.count("unrecorded")
+        self.telemetry.info["recording_stopped"] = reason
+        if self.config.on_record_error == "stop":
+            self._alert(f"RECORDING STOPPED: {reason}; stopping the run",
+                        "recorder", every=0.0)
+            self.request_stop("recording stopped")
+        else:
+            self._alert(f"RECORDING STOPPED: {reason}; reconstructing WITHOUT recording (--on-record-error "
+                        "continue)", "recorder", every=0.0)
+            self._last_alert["not-recording"] = time.monotonic()
+
+    def _not_recorded(self) -> None:
+        """A frame meant for the stopped recorder: counted, and (when going on) a reminder every few seconds."""
+        tel = self.telemetry
+        tel.count("unrecorded")
+        if self.config.on_record_error == "continue":
+            n = tel.counters["unrecorded"]
+            self._alert(f"NOT RECORDING since: {self.recording_stopped}; {n} frame(s) reconstructed but not "
+                        "recorded", "not-recording")
+
     def _to_recorder(self, frame, t_capture: float, x: np.ndarray | None, extra: dict,
                      view: np.ndarray | None = None) -> None:
+        if self.recorder is None:
+            return
         if not self._recorder_alive():
+            self._not_recorded()
             return
         index = int(getattr(frame, "index", self._captured))
         meta = {**self.frame_meta, "source_timestamp": getattr(frame, "timestamp", None),
@@ -310,11 +378,20 @@ class ReconstructionLoop:
         tel, cfg = self.telemetry, self.config
         t0 = time.perf_counter()
         try:
-            if self._preprocess_takes_meta:
-                y = self.preprocess(frame.data, meta=getattr(frame, "meta", None))
-            else:
-                y = self.preprocess(frame.data)
-            y = np.asarray(y, dtype=np.float32)
+            try:
+                if self._preprocess_takes_meta:
+                    y = self.preprocess(frame.data, meta=getattr(frame, "meta", None))
+                else:
+                    y = self.preprocess(frame.data)
+                y = np.asarray(y, dtype=np.float32)
+            except (FrameRejected, ProfileMismatch):
+                raise
+            except ValueError as exc:  # settings that cannot fit this camera's frames (crop, background, …)
+                if not self._checked_shape:
+                    raise LoopError(f"the bundle's preprocessing cannot handle the frames of {self._source_name()} "
+                                    f"(raw frame {np.shape(frame.data)} {getattr(frame.data, 'dtype', '?')}): "
+                                    f"{exc}") from None
+                raise FrameRejected(f"frame {getattr(frame, 'index', '?')}: {exc}") from None
             if not np.all(np.isfinite(y)):
                 raise FrameRejected(f"frame {getattr(frame, 'index', '?')}: measurement has NaN/Inf values")
             expected = cfg.expected_input_shape
@@ -335,7 +412,13 @@ class ReconstructionLoop:
             return
         tel.add_time("preprocess", (time.perf_counter() - t0) * 1e3)
         with tel.time("infer"):
-            x = self.engine.infer(y[None])[0]
+            try:
+                x = self.engine.infer(y[None])[0]
+            except EngineError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a runtime's own error types: named, with the engine
+                raise EngineError(f"{self.engine.describe()}: inference failed ({type(exc).__name__}: {exc})") \
+                    from None
         tel.count("frames_out")
         self._processed += 1
         every = cfg.consistency_every
@@ -384,7 +467,7 @@ class ReconstructionLoop:
                     self.log(tel.line())
                 if cfg.stats_path and now - last_stats >= cfg.stats_interval:
                     last_stats = now
-                    tel.write_json(cfg.stats_path)
+                    self._write_output("stats", cfg.stats_path, lambda: tel.write_json(cfg.stats_path))
         except BaseException as exc:
             self._fatal = self._fatal or exc
         finally:
@@ -406,6 +489,19 @@ class ReconstructionLoop:
             raise self._fatal
         return tel.snapshot()
 
+    def _write_output(self, what: str, path: Path, write: Callable[[], None]) -> bool:
+        """Write a stats/snapshot file; a failure (disk full, permissions) is reported, counted, never fatal."""
+        try:
+            write()
+            self.written[what] = True
+            return True
+        except OSError as exc:
+            self.written[what] = False
+            self.telemetry.count("output_failures")
+            self._alert(f"could not write the {what} file {path} ({exc.strerror or exc}); not fatal",
+                        f"output-{what}")
+            return False
+
     def finish(self) -> None:
         """Final outputs: stats JSON, snapshot PNG (last side-by-side frame, with the sim truth if known)."""
         cfg, tel = self.config, self.telemetry
@@ -419,6 +515,7 @@ class ReconstructionLoop:
             img = compose(*self.last_pair, tel.overlay_lines(), truth=self.last_truth)
             ok, buf = cv2.imencode(".png", img)
             if ok:
-                atomic_write_bytes(cfg.snapshot_path, buf.tobytes())
+                self._write_output("snapshot", cfg.snapshot_path,
+                                   lambda: atomic_write_bytes(cfg.snapshot_path, buf.tobytes()))
         if cfg.stats_path:
-            tel.write_json(cfg.stats_path)
+            self._write_output("stats", cfg.stats_path, lambda: tel.write_json(cfg.stats_path))

@@ -28,8 +28,10 @@ Bayer order and black level are checked against the bundle's (:meth:`Preprocesso
 :class:`ProfileMismatch` (a :class:`~nsdd_edge.bundle.BundleError`): no frame of that camera mode can be right.
 A frame a capture host already preprocessed with the same settings (``serve-camera --model``: meta
 ``preprocessed.digest`` = :func:`preprocess_digest`) is taken as ``y`` as is; with other settings it is refused.
-Settings that cannot fit the camera's frames at all (a crop outside the image, a background frame of
-another shape) raise a plain ``ValueError`` at the first frame: no later frame could pass either.
+Settings of the wrong type or range raise :class:`~nsdd_edge.validate.ProfileError` (a ``ValueError``) when the
+preprocessor is made (:func:`~nsdd_edge.validate.validate_profile`); settings that cannot fit the camera's
+frames at all (a crop outside the image, a background frame of another shape) raise it at the first frame: no
+later frame could pass either.
 The same code prepares training data from real captures: :func:`preprocess_capture`.
 """
 
@@ -46,12 +48,16 @@ from typing import Any
 
 import numpy as np
 
-from nsdd_edge.bundle import BundleError, PreprocessConfig, file_sha256
+from nsdd_edge.bundle import (  # noqa: F401 - the lists are re-exported (calibrate imports them from here)
+    BAYER_PATTERNS,
+    DEMOSAIC_METHODS,
+    NORMALIZATIONS,
+    BundleError,
+    PreprocessConfig,
+    file_sha256,
+)
 from nsdd_edge.optics import IMAGE_SUFFIXES, OpticsError, box_downsample, read_array
-
-BAYER_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
-DEMOSAIC_METHODS = ("bin2x2", "bilinear")
-NORMALIZATIONS = ("max", "fixed", "none")
+from nsdd_edge.validate import ProfileError, validate_profile
 
 
 class FrameRejected(ValueError):
@@ -127,48 +133,21 @@ class Preprocessor:
 
     def __init__(self, config: PreprocessConfig, bundle_root: str | os.PathLike | None = None, *,
                  expected_shape: tuple[int, ...] | None = None):
-        self.config = c = config
-        if c.bayer_pattern is not None and str(c.bayer_pattern).upper() not in BAYER_PATTERNS:
-            raise ValueError(f"preprocess: bayer_pattern {c.bayer_pattern!r} is not one of {', '.join(BAYER_PATTERNS)}")
-        self.pattern = str(c.bayer_pattern).upper() if c.bayer_pattern else None
-        if c.demosaic not in DEMOSAIC_METHODS:
-            raise ValueError(f"preprocess: demosaic {c.demosaic!r} is not one of {', '.join(DEMOSAIC_METHODS)}")
-        if c.normalization not in NORMALIZATIONS:
-            raise ValueError(f"preprocess: normalization {c.normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
-        if c.normalization == "fixed" and not (np.isfinite(c.scale) and c.scale > 0):
-            raise ValueError(f"preprocess: normalization 'fixed' needs scale > 0, got {c.scale}")
-        if int(c.downsample) != c.downsample or c.downsample < 1:
-            raise ValueError(f"preprocess: downsample must be a positive integer, got {c.downsample}")
-        for name in ("crop", "raw_crop"):
-            box = getattr(c, name)
-            if box is not None and (not isinstance(box, (list, tuple)) or len(box) != 4
-                                    or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                                               for v in box) or min(box[2:]) < 1 or min(box[:2]) < 0):
-                raise ValueError(f"preprocess: {name} must be [top, left, height, width] (integers, positive size), "
-                                 f"got {box}")
-        if c.raw_crop is not None and self.pattern is not None and (c.raw_crop[0] % 2 or c.raw_crop[1] % 2
-                                                                     or c.raw_crop[2] % 2 or c.raw_crop[3] % 2):
-            raise ValueError(f"preprocess: raw_crop {list(c.raw_crop)} must be even-aligned on a Bayer mosaic")
-        if c.reference_exposure_us is not None and not (np.isfinite(c.reference_exposure_us)
-                                                         and c.reference_exposure_us > 0):
-            raise ValueError(f"preprocess: reference_exposure_us must be > 0, got {c.reference_exposure_us}")
+        self.config = c = validate_profile(config)  # types and ranges of every setting (ProfileError, a ValueError)
+        self.pattern = c.bayer_pattern
         order = c.channel_order.upper()
-        if sorted(order) != ["B", "G", "R"]:
-            raise ValueError(f"preprocess: channel_order {c.channel_order!r} must be a permutation of RGB")
         self._perm = None if order == "RGB" else np.array(["RGB".index(ch) for ch in order])
-        if not np.isfinite(c.black_level) or c.black_level < 0:
-            raise ValueError(f"preprocess: black_level must be ≥ 0, got {c.black_level}")
         self._black = np.float32(c.black_level)
         self._background_raw: np.ndarray | None = None
         self.background_path: Path | None = None
         if c.background_file:
             if bundle_root is None:
-                raise ValueError(f"preprocess: background_file {c.background_file!r} needs the bundle directory")
+                raise ProfileError(f"preprocess: background_file {c.background_file!r} needs the bundle directory")
             self.background_path = Path(bundle_root) / c.background_file
             try:
                 self._background_raw = read_array(self.background_path)
             except OpticsError as exc:
-                raise ValueError(f"preprocess: background frame: {exc}") from None
+                raise ProfileError(f"preprocess: background frame: {exc}") from None
         self.digest = preprocess_digest(c, self.background_path)
         self._checked_profile: tuple | None = None
         self._raw_shape: tuple[int, ...] | None = tuple(expected_shape) if expected_shape else None
@@ -191,21 +170,22 @@ class Preprocessor:
 
     def _prepare(self, shape: tuple[int, ...]) -> None:
         self._check_layout(shape)
+        out_shape = self.output_shape(shape)  # ProfileError if the settings cannot fit frames of this shape
         if self.pattern is not None and self.config.demosaic == "bin2x2":
-            self._bin_out = np.empty((3, shape[0] // 2, shape[1] // 2), np.float32)
+            rows, cols = (self.config.raw_crop[2:] if self.config.raw_crop is not None else shape[:2])
+            self._bin_out = np.empty((3, rows // 2, cols // 2), np.float32)  # the binned (raw-cropped) mosaic
         if self._background_raw is not None:
             bg = self._background_raw  # float32 (C, H, W) in raw counts
             raw_like = bg[0] if bg.shape[0] == 1 else np.moveaxis(bg, 0, -1)
             if raw_like.shape != shape and not (len(shape) == 3 and shape[2] == 1 and raw_like.shape == shape[:2]):
-                raise ValueError(f"preprocess: background frame {self.background_path} has shape {raw_like.shape}, "
+                raise ProfileError(f"preprocess: background frame {self.background_path} has shape {raw_like.shape}, "
                                  f"the camera's raw frames are {shape}")
             raw_like = self._raw_crop(raw_like)
             if self.pattern is not None and self.config.demosaic == "bilinear":
                 raw_like = np.clip(np.rint(raw_like), 0, 65535).astype(np.uint16)  # OpenCV demosaics integers only
             self._background = self._sensor_rgb(raw_like, out=None).copy()
-        out_shape = self.output_shape(shape)
         if min(out_shape[1:]) < 1:
-            raise ValueError(f"preprocess: frames of shape {shape} leave nothing after the configured steps")
+            raise ProfileError(f"preprocess: frames of shape {shape} leave nothing after the configured steps")
         self._raw_shape = shape  # only once the settings are known to fit frames of this shape
 
     def _raw_crop(self, raw: np.ndarray) -> np.ndarray:
@@ -220,7 +200,7 @@ class Preprocessor:
         if c.raw_crop is not None:
             top, left, h, w = (int(v) for v in c.raw_crop)
             if top + h > raw_shape[0] or left + w > raw_shape[1]:
-                raise ValueError(f"preprocess: raw_crop {list(c.raw_crop)} does not fit raw frames of "
+                raise ProfileError(f"preprocess: raw_crop {list(c.raw_crop)} does not fit raw frames of "
                                  f"{raw_shape[0]}x{raw_shape[1]}")
             raw_shape = (h, w, *raw_shape[2:])
         if self.pattern is not None:
@@ -233,13 +213,13 @@ class Preprocessor:
         if c.crop is not None:
             top, left, ch_h, ch_w = (int(v) for v in c.crop)
             if top + ch_h > h or left + ch_w > w:
-                raise ValueError(f"preprocess: crop {list(c.crop)} does not fit the {h}x{w} image "
+                raise ProfileError(f"preprocess: crop {list(c.crop)} does not fit the {h}x{w} image "
                                  f"(raw {tuple(raw_shape)}, downsample {c.downsample})")
             h, w = ch_h, ch_w
         if ch == 3 and c.grayscale:
             ch = 1
         if self._perm is not None and ch != 3:
-            raise ValueError(f"preprocess: channel_order {c.channel_order!r} needs 3 channels")
+            raise ProfileError(f"preprocess: channel_order {c.channel_order!r} needs 3 channels")
         return ch, h, w
 
     # -- steps ------------------------------------------------------------------------------------
@@ -413,4 +393,4 @@ def preprocess_capture(path: str | os.PathLike, config: PreprocessConfig,
     except FrameRejected as exc:
         raise FrameRejected(f"{path}: {exc}") from None
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise ProfileError(f"{path}: {exc}") from None

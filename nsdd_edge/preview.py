@@ -4,6 +4,10 @@ live figures), an OpenCV window and an MJPEG-over-HTTP server.
 HTTP routes: ``/`` (a small page), ``/stream.mjpg`` (``multipart/x-mixed-replace`` JPEG stream),
 ``/frame.jpg`` (latest frame), ``/stats.json`` (telemetry). Bound to 127.0.0.1 by default; on any
 non-loopback address a token is required (``?token=…``, ``X-NSDD-Token: …`` or ``Authorization: Bearer …``).
+A token that was not given is generated and written to a file of mode 0600 (never printed, never in an
+answer: the page reads it from its own address). Each connection has a socket timeout
+(:data:`CONNECTION_TIMEOUT_S`: a client that sends its request too slowly or stops reading the stream is
+dropped) and at most :data:`MAX_CONNECTIONS` are served at once (more get ``503`` at once).
 """
 
 from __future__ import annotations
@@ -19,11 +23,17 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
+from nsdd_edge.atomic import atomic_write_bytes
+from nsdd_edge.redact import redact_obj
+
 BOUNDARY = "nsddframe"
+CONNECTION_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 8
 
 
 class PreviewError(RuntimeError):
@@ -159,25 +169,29 @@ class WindowPreview(Preview):
 
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>nsdd-edge live</title>
-<style>body{{background:#111;color:#ddd;font:14px sans-serif;margin:16px}}
-img{{display:block;max-width:100%;image-rendering:pixelated;border:1px solid #333}}
-#stats{{font-family:monospace;white-space:pre;margin-top:8px}}</style></head>
+<style>body{background:#111;color:#ddd;font:14px sans-serif;margin:16px}
+img{display:block;max-width:100%;image-rendering:pixelated;border:1px solid #333}
+#stats{font-family:monospace;white-space:pre;margin-top:8px}</style></head>
 <body><h3>nsdd-edge &mdash; measurement | reconstruction</h3>
-<img id="live" src="/stream.mjpg{query}" alt="live preview">
+<img id="live" alt="live preview">
 <div id="stats">waiting for figures&hellip;</div>
 <script>
-async function poll() {{
-  try {{
-    const r = await fetch("/stats.json{query}");
+// the access token (if any) is taken from this page's own address: the server never writes it into an answer
+const token = new URLSearchParams(location.search).get("token");
+const query = token ? "?token=" + encodeURIComponent(token) : "";
+document.getElementById("live").src = "/stream.mjpg" + query;
+async function poll() {
+  try {
+    const r = await fetch("/stats.json" + query);
     const s = await r.json();
-    const st = Object.entries(s.stages || {{}}).filter(([k, v]) => v.mean_ms !== null)
+    const st = Object.entries(s.stages || {}).filter(([k, v]) => v.mean_ms !== null)
       .map(([k, v]) => k + " " + v.mean_ms.toFixed(1) + " ms").join("  ");
     document.getElementById("stats").textContent =
       (s.recent_fps || s.fps).toFixed(1) + " fps | in " + s.frames_in + " out " + s.frames_out +
       " dropped " + s.dropped + " rejected " + s.rejected + "\\n" + st;
-  }} catch (e) {{}}
+  } catch (e) {}
   setTimeout(poll, 1000);
-}}
+}
 poll();
 </script></body></html>
 """
@@ -212,13 +226,26 @@ class HttpPreview(Preview):
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, *, token: str | None = None,
-                 stats: Callable[[], dict] | None = None, quality: int = 85, log=print):
+                 token_file: str | os.PathLike | None = None, stats: Callable[[], dict] | None = None,
+                 quality: int = 85, log=print, max_connections: int = MAX_CONNECTIONS,
+                 timeout: float = CONNECTION_TIMEOUT_S):
+        self.token_file: Path | None = None
         if not is_loopback(host) and not token:
+            if token_file is None:
+                raise PreviewError(f"--preview http://{host}:{port}: not loopback, so a token is required: give "
+                                   "--token (or $NSDD_PREVIEW_TOKEN) or a --token-file to write a generated one to")
             token = secrets.token_urlsafe(16)
             self.token_generated = True
+            self.token_file = Path(token_file)
+            try:
+                atomic_write_bytes(self.token_file, (token + "\n").encode(), mode=0o600)
+            except OSError as exc:
+                raise PreviewError(f"--token-file {self.token_file}: cannot write the generated token "
+                                   f"({exc.strerror or exc})") from None
         else:
             self.token_generated = False
         self.token = token
+        self.max_connections, self.timeout = int(max_connections), float(timeout)
         self.stats = stats or (dict)
         self.quality = quality
         self._cond = threading.Condition()
@@ -230,21 +257,22 @@ class HttpPreview(Preview):
         self._closed = False
         handler = self._make_handler()
         try:
-            self.server = ThreadingHTTPServer((host, port), handler)
+            self.server = _CappedHTTPServer((host, port), handler, self.max_connections)
         except OSError as exc:
             raise PreviewError(f"--preview http://{host}:{port}: cannot listen ({exc.strerror or exc})") from exc
-        self.server.daemon_threads = True
         self.host, self.port = host, self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="nsdd-http-preview", daemon=True)
         self._thread.start()
         if self.token_generated:
-            log(f"HTTP preview on {host} (not loopback): access token generated: {self.url}")
+            log(f"HTTP preview on {host} (not loopback): access token generated and written to {self.token_file} "
+                f"(mode 0600); open {self.url}")
 
     @property
     def url(self) -> str:
+        """The page's address, with ``?token=***`` in place of the token (never printed)."""
         shown = self.host if self.host not in ("0.0.0.0", "::") else socket.gethostname()
-        return f"http://{shown}:{self.port}/" + (f"?token={self.token}" if self.token else "")
+        return f"http://{shown}:{self.port}/" + ("?token=***" if self.token else "")
 
     def describe(self) -> str:
         return f"MJPEG over HTTP at {self.url}"
@@ -291,6 +319,7 @@ class HttpPreview(Preview):
         class Handler(BaseHTTPRequestHandler):
             server_version = "nsdd-edge"
             protocol_version = "HTTP/1.0"
+            timeout = preview.timeout  # socket timeout of every read and write on the connection
 
             def log_message(self, fmt, *args):  # keep the console for the live figures
                 pass
@@ -309,11 +338,10 @@ class HttpPreview(Preview):
                     self._send(403, "text/plain; charset=utf-8",
                                b"403: this preview needs its access token (?token=... or X-NSDD-Token header)\n")
                     return
-                query = f"?token={preview.token}" if preview.token else ""
                 if route in ("/", "/index.html"):
-                    self._send(200, "text/html; charset=utf-8", PAGE.format(query=query).encode())
+                    self._send(200, "text/html; charset=utf-8", PAGE.encode())
                 elif route == "/stats.json":
-                    self._send(200, "application/json", json.dumps(preview.stats()).encode())
+                    self._send(200, "application/json", json.dumps(redact_obj(preview.stats())).encode())
                 elif route == "/frame.jpg":
                     _, jpeg = preview.wait_frame(0, timeout=5.0)
                     if jpeg is None:
@@ -345,14 +373,50 @@ class HttpPreview(Preview):
                         self.wfile.write(f"Content-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n".encode()
                                          + jpeg + f"\r\n--{BOUNDARY}\r\n".encode())
                         self.wfile.flush()
-                except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
-                    return
+                except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError):
+                    return  # gone, or stopped reading for longer than the timeout
 
         return Handler
 
 
-def open_preview(spec: str | None, *, token: str | None = None, stats: Callable[[], dict] | None = None,
-                 on_quit: Callable[[], None] | None = None, log=print) -> Preview | None:
+class _CappedHTTPServer(ThreadingHTTPServer):
+    """A threading HTTP server that serves at most ``max_connections`` connections at once: one more is answered
+    ``503`` and closed at once (from the accepting thread, with a short timeout), never queued."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int):
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self.refused = 0
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+                                b"Content-Length: 25\r\n\r\ntoo many connections, retry")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def open_preview(spec: str | None, *, token: str | None = None, token_file: str | os.PathLike | None = None,
+                 stats: Callable[[], dict] | None = None, on_quit: Callable[[], None] | None = None,
+                 log=print) -> Preview | None:
     """``none``/None → no preview; ``window`` → :class:`WindowPreview`; ``http://HOST:PORT`` → :class:`HttpPreview`."""
     if spec in (None, "", "none"):
         return None
@@ -360,7 +424,7 @@ def open_preview(spec: str | None, *, token: str | None = None, stats: Callable[
         return WindowPreview(on_quit=on_quit)
     if spec.startswith("http://"):
         host, port = parse_http_url(spec)
-        return HttpPreview(host, port, token=token, stats=stats, log=log)
+        return HttpPreview(host, port, token=token, token_file=token_file, stats=stats, log=log)
     raise PreviewError(f"--preview {spec!r}: use window, http://HOST:PORT or none")
 
 

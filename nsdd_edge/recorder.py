@@ -11,7 +11,8 @@ recording continues the numbering after its last frame and writes ``session-K.js
   view, clipped to [0, 1]; of the ``view`` given, e.g. the bundle's support window, else of the whole output).
 - ``NNNNNNNN.json`` — frame index, timestamps, source metadata, bundle hash, engine, file names.
 
-``session.json`` describes the run. Each file is written to a temporary file in the same directory,
+``session.json`` describes the run (mode 0600; any token in it is masked, :mod:`nsdd_edge.redact`). Each file
+is written to a temporary file in the same directory,
 fsynced and renamed into place (:func:`nsdd_edge.atomic.atomic_write_bytes`), so a crash or power cut never leaves a half-written file. When the disk
 is full (ENOSPC) the recorder stops, keeps everything already written, and says so in ``stopped_reason``.
 """
@@ -30,9 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from nsdd_edge.atomic import atomic_write_bytes
+from nsdd_edge.atomic import FILE_MODE, atomic_write_bytes
+from nsdd_edge.redact import redact_obj
 
-Writer = Callable[[Path, bytes], None]
+Writer = Callable[..., None]  # writer(path, data, *, mode) — atomic_write_bytes, or a fault-injecting stand-in
+SESSION_MODE = 0o600
 
 
 class RecorderError(RuntimeError):
@@ -85,8 +88,8 @@ def to_view8(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Recorder:
-    """Writes frames under ``root``; see the module docstring. ``writer`` is the atomic file writer
-    (replaceable to inject faults or delays in tests)."""
+    """Writes frames under ``root``; see the module docstring. ``writer(path, data, mode=…)`` is the atomic file
+    writer (replaceable to inject faults or delays in tests)."""
 
     root: Path
     session: dict = field(default_factory=dict)
@@ -111,18 +114,19 @@ class Recorder:
         while (self.root / name).exists():
             k += 1
             name = f"session-{k}.json"
-        self.session = {"started": time.time(), "first_sequence": self.next_sequence, **self.session}
+        self.session = redact_obj({"started": time.time(), "first_sequence": self.next_sequence, **self.session})
         self.session_file = name
-        self._write(name, (json.dumps(self.session, indent=2, default=_json_default) + "\n").encode())
+        self._write(name, (json.dumps(self.session, indent=2, default=_json_default) + "\n").encode(),
+                    mode=SESSION_MODE)
 
     @property
     def active(self) -> bool:
         return self.stopped_reason is None
 
-    def _write(self, name: str, data: bytes) -> None:
+    def _write(self, name: str, data: bytes, mode: int = FILE_MODE) -> None:
         path = self.root / name
         try:
-            self.writer(path, data)
+            self.writer(path, data, mode=mode)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 self.stopped_reason = (f"disk full while writing {path}: recording stopped; the {self.recorded} "

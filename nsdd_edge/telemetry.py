@@ -21,8 +21,8 @@ import numpy as np
 from nsdd_edge.atomic import atomic_write_bytes
 
 STAGES = ("capture", "preprocess", "infer", "output", "record", "consistency")
-COUNTERS = ("frames_in", "frames_out", "dropped", "rejected", "recorded", "source_faults", "reopens",
-            "backpressure_waits")
+COUNTERS = ("frames_in", "frames_out", "dropped", "rejected", "recorded", "unrecorded", "unreadable",
+            "source_faults", "reopens", "backpressure_waits", "output_failures")
 
 
 class StageStats:

@@ -153,7 +153,11 @@ def make_student_bundle(args: argparse.Namespace) -> int:
                                 dft="matmul", channels=channels, support_shape=info.support_shape)
     camera = open_source("sim://?realtime=0", psf=psf, channels=channels)
     preprocess = PreprocessConfig(**camera.matching_preprocess())
-    name = f"default-sim-contour{sensor[0]}-student-{info.objective}"
+    # what it holds: the student's kind (paper: g_φ + the prior's UNet; edge: EdgeUNet), its objective when not
+    # the null-space one; the file keeps its name student_<objective>.onnx (README and docs commands use it)
+    kind = str(info.config.get("kind", "edge"))
+    name = f"default-sim-contour{sensor[0]}-{kind}-student" + ("" if info.objective == "nullspace" else
+                                                               f"-{info.objective}")
     with tempfile.TemporaryDirectory(prefix="nsdd-default-bundle-") as tmp:
         onnx_path = export_graph(graph, Path(tmp) / f"student_{info.objective}.onnx", batch=1, opset=17,
                                  extra_metadata={"nsdd.student": str(student_dir.resolve()),

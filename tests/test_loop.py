@@ -166,9 +166,9 @@ def test_first_frame_of_the_wrong_size_is_a_bundle_mismatch(bundle):
 
 
 def test_slow_disk_loses_no_frame_and_applies_backpressure(bundle, tmp_path):
-    def slow_writer(path, data):
+    def slow_writer(path, data, **kw):
         time.sleep(0.01)  # an injected slow disk
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data, **kw)
 
     raws = raw_frames(24)
     recorder = Recorder(tmp_path / "rec", writer=slow_writer)
@@ -186,20 +186,32 @@ def test_slow_disk_loses_no_frame_and_applies_backpressure(bundle, tmp_path):
         np.testing.assert_allclose(np.load(recorder.root / meta["recon"]["file"]), wiener(prep(raws[k])), atol=1e-6)
 
 
-def test_disk_full_stops_recording_but_not_the_loop(bundle, tmp_path):
+@pytest.mark.parametrize("policy", ["stop", "continue"])
+def test_disk_full_stops_the_run_or_goes_on_without_recording(bundle, tmp_path, policy):
     writes = {"n": 0}
+    alerts = []
 
-    def writer(path, data):
+    def writer(path, data, **kw):
         writes["n"] += 1
         if writes["n"] > 1 + 4 * 3:  # session.json + three complete frames
             raise OSError(errno.ENOSPC, "No space left on device")
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data, **kw)
 
     recorder = Recorder(tmp_path / "rec", writer=writer)
-    loop = make_loop(bundle, ScriptedSource(raw_frames(10)), recorder=recorder)
+    source = ScriptedSource(raw_frames(10), endless=policy == "stop")
+    loop = make_loop(bundle, source, recorder=recorder, on_record_error=policy, alert_interval=0.0)
+    loop.alert = alerts.append
     s = loop.run()
-    assert s["frames_out"] == 10 and s["recorded"] == 3
-    assert loop.recording_stopped and "disk full" in loop.recording_stopped
+    assert s["recorded"] == 3 and loop.recording_stopped and "disk full" in loop.recording_stopped
+    assert s["frames_in"] == s["recorded"] + s["unrecorded"]  # every captured frame is accounted for
+    assert any("RECORDING STOPPED" in a and "disk full" in a for a in alerts)
+    if policy == "stop":  # an endless camera: the run ends by itself, nothing is left unrecorded silently
+        # at most what was in flight: the failed frame, the record queue (8), the frame queue (4), the frame being
+        # reconstructed and the one the capture thread holds
+        assert loop.end_reason == "recording stopped" and s["unrecorded"] <= 1 + 8 + 4 + 1 + 1
+    else:
+        assert s["frames_out"] == 10 and s["unrecorded"] == 7
+        assert any("NOT RECORDING" in a for a in alerts)
     assert sorted(p.name for p in recorder.root.glob("*.json")) == ["00000000.json", "00000001.json",
                                                                      "00000002.json", "session.json"]
 
@@ -229,15 +241,16 @@ def test_stop_request_drains_and_flushes_everything_captured(bundle, tmp_path):
 
 
 def test_a_failing_recorder_never_hangs_the_loop(bundle, tmp_path):
-    def broken_writer(path, data):
+    def broken_writer(path, data, **kw):
         if path.name != "session.json":
             raise ValueError("encoder bug")
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data, **kw)
 
     recorder = Recorder(tmp_path / "rec", writer=broken_writer)
-    loop = make_loop(bundle, ScriptedSource(raw_frames(12)), recorder=recorder, record_queue_size=1)
+    loop = make_loop(bundle, ScriptedSource(raw_frames(12)), recorder=recorder, record_queue_size=1,
+                     on_record_error="continue")
     s = loop.run()
-    assert s["frames_out"] == 12 and s["recorded"] == 0
+    assert s["frames_out"] == 12 and s["recorded"] == 0 and s["unrecorded"] == 12
     assert "recorder failed on frame 0 (ValueError: encoder bug)" in loop.recording_stopped
 
 

@@ -268,3 +268,14 @@ def test_frame_meta_supplies_the_exposure_and_a_positional_number_is_refused():
         Preprocessor(config)(raw, {"exposure_us": "fast"})
     with pytest.raises(TypeError, match="exposure_us="):
         Preprocessor(config)(raw, 20000.0)
+
+
+def test_raw_crop_of_a_bayer_mosaic_bins_the_cropped_part():
+    """raw_crop then 2x2 binning: the binning buffer has the cropped size (found by the fuzz corpus: it had the
+    uncropped one and numpy raised at the first frame)."""
+    rng = np.random.default_rng(4)
+    raw = rng.integers(0, 4096, size=(8, 12)).astype(np.uint16)
+    pre = Preprocessor(PreprocessConfig(bayer_pattern="RGGB", raw_crop=[2, 4, 4, 6], normalization="none"))
+    want = Preprocessor(PreprocessConfig(bayer_pattern="RGGB", normalization="none"))(raw[2:6, 4:10].copy())
+    for _ in range(2):  # the reused buffer stays right
+        np.testing.assert_array_equal(pre(raw), want)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -145,21 +147,26 @@ def test_http_preview_serves_mjpeg_to_a_real_client():
         preview.close()
 
 
-def test_token_required_when_bound_wider():
+def test_token_required_when_bound_wider(tmp_path):
     logged = []
-    preview = HttpPreview("0.0.0.0", 0, log=logged.append)
+    with pytest.raises(PreviewError, match="token is required"):
+        HttpPreview("0.0.0.0", 0, log=logged.append)  # nowhere to put a generated token: refused
+    token_file = tmp_path / "preview.token"
+    preview = HttpPreview("0.0.0.0", 0, token_file=token_file, log=logged.append)
     stop = threading.Event()
     pub = _publisher(preview, stop)
     base = f"http://127.0.0.1:{preview.port}"
     try:
         assert preview.token_generated and preview.token and len(preview.token) >= 16
-        assert logged and f"?token={preview.token}" in logged[0]
+        assert token_file.read_text().strip() == preview.token and (token_file.stat().st_mode & 0o777) == 0o600
+        assert logged and str(token_file) in logged[0] and preview.token not in " ".join(logged)
+        assert preview.token not in preview.describe()
         for path in ("/", "/stats.json", "/stream.mjpg", "/frame.jpg", "/stats.json?token=wrong"):
             with pytest.raises(urllib.error.HTTPError) as err:
                 urllib.request.urlopen(base + path, timeout=5)
             assert err.value.code == 403
         page = urllib.request.urlopen(f"{base}/?token={preview.token}", timeout=5).read().decode()
-        assert f"/stream.mjpg?token={preview.token}" in page  # the page's own requests carry the token
+        assert "/stream.mjpg" in page and preview.token not in page  # the page takes it from its own address
         req = urllib.request.Request(base + "/frame.jpg", headers={"X-NSDD-Token": preview.token})
         assert urllib.request.urlopen(req, timeout=5).read()[:2] == b"\xff\xd8"
         req = urllib.request.Request(base + "/stats.json", headers={"Authorization": f"Bearer {preview.token}"})
@@ -173,6 +180,42 @@ def test_token_required_when_bound_wider():
         assert not explicit.token_generated and explicit.token == "s3cret-token-123"
     finally:
         explicit.close()
+
+
+def test_stats_answer_never_holds_a_token():
+    stats = {"fps": 1.0, "info": {"source": "tcp://pi:5000?token=abc123secret", "token": "abc123secret"}}
+    preview = HttpPreview("127.0.0.1", 0, stats=lambda: stats)
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{preview.port}/stats.json", timeout=5).read().decode()
+    finally:
+        preview.close()
+    assert "abc123secret" not in body and json.loads(body)["info"]["source"] == "tcp://pi:5000?token=***"
+
+
+def test_half_open_connections_are_capped_and_timed_out():
+    """Idle connections that never send a request: beyond the cap they are answered 503 at once, and each one
+    is closed by the server after the connection timeout, so the preview serves again."""
+    preview = HttpPreview("127.0.0.1", 0, max_connections=3, timeout=2.0)
+    stop = threading.Event()
+    pub = _publisher(preview, stop)
+    idle = []
+    try:
+        for _ in range(3):
+            idle.append(socket.create_connection(("127.0.0.1", preview.port), timeout=5))
+        with socket.create_connection(("127.0.0.1", preview.port), timeout=5) as extra:
+            assert extra.recv(100).startswith(b"HTTP/1.0 503")  # the cap is reached: refused at once
+        assert preview.server.refused == 1
+        for s in idle:  # the server hung up on each idle connection (timeout), nothing was answered
+            s.settimeout(5)
+            assert s.recv(100) == b""
+        jpeg = urllib.request.urlopen(f"http://127.0.0.1:{preview.port}/frame.jpg", timeout=5).read()
+        assert jpeg[:2] == b"\xff\xd8"
+    finally:
+        for s in idle:
+            s.close()
+        stop.set()
+        pub.join()
+        preview.close()
 
 
 def test_port_in_use_is_a_clear_error():

@@ -84,11 +84,11 @@ def test_atomic_write_never_leaves_a_half_file(tmp_path, monkeypatch):
 def test_disk_full_stops_recording_and_keeps_what_was_written(tmp_path):
     writes = {"n": 0}
 
-    def writer(path: Path, data: bytes) -> None:
+    def writer(path: Path, data: bytes, **kw) -> None:
         writes["n"] += 1
         if writes["n"] > 1 + 4 * 2 + 1:  # session + two full frames + the third frame's raw
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        atomic_write_bytes(path, data)
+        atomic_write_bytes(path, data, **kw)
 
     rec = Recorder(tmp_path / "rec", writer=writer)
     raw = np.arange(24 * 32, dtype=np.uint16).reshape(24, 32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -202,9 +203,17 @@ def test_info_and_bench(capsys):
     out = capsys.readouterr().out
     assert load_bundle(default_bundle_path()).name in out and f"auto → {_default_engine()}" in out
     assert "sim://" in out
+    assert "verified:" in out and "SHA-256 of the file matches" in out and "array hash" in out
     assert main(["info", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["bundle"]["verified"] and report["engines"]["wiener"]["available"]
+    checks = " | ".join(report["bundle"]["checks"])  # what "verified" means, file by file
+    assert "bundle.json" in checks and "psf.npy" in checks and "student_nullspace.onnx" in checks
+    if _default_engine() == "onnx":
+        assert "ONNX Runtime loads it and one inference gives a finite" in checks
+    else:
+        assert any("student_nullspace.onnx" in n for n in report["bundle"]["not_verified"])
+    assert report["bundle"]["name"] == "default-sim-contour128-paper-student"  # what it holds
     assert main(["info", "--model", "/no/such/bundle"]) == 2
     assert "REFUSED" in capsys.readouterr().out
     assert main(["bench", "--frames", "4", "--json", "bench.json"]) == 0
@@ -216,7 +225,9 @@ def test_info_and_bench(capsys):
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="needs root to mount a tmpfs")
 def test_run_recording_onto_a_full_disk(tmp_path, capsys):
-    """A real 2 MiB filesystem fills up: recording stops with a clear message, what was written is intact."""
+    """A real 2 MiB filesystem fills up, with the stats and the snapshot on it too: the run stops with exit
+    status 3 and a clear message (also under --quiet), every captured frame is recorded or counted as not
+    recorded, what was written is intact, no traceback and no temporary file is left."""
     import subprocess
 
     mnt = tmp_path / "small"
@@ -224,19 +235,20 @@ def test_run_recording_onto_a_full_disk(tmp_path, capsys):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("mount -t tmpfs not permitted here")
     try:
-        rc = main(["run", "--source", "sim://?realtime=0", "--frames", "40", "--record", str(mnt / "rec"),
-                   "--quiet", "--stats", str(tmp_path / "s.json")])
+        rc = main(["run", "--source", "sim://?realtime=0", "--frames", "0", "--record", str(mnt / "rec"),
+                   "--quiet", "--stats", str(mnt / "s.json"), "--snapshot", str(mnt / "p.png")])
         err = capsys.readouterr().err
-        assert rc == 3 and "disk full" in err and "intact" in err
-        stats = json.loads((tmp_path / "s.json").read_text())
-        assert stats["frames_out"] == 40 and 0 < stats["recorded"] < 40
+        assert rc == 3 and "RECORDING STOPPED" in err and "disk full" in err and "intact" in err
+        assert "Traceback" not in err
         metas = sorted((mnt / "rec").glob("0*.json"))
-        assert len(metas) == stats["recorded"]
+        assert metas
         for m in metas:
             meta = json.loads(m.read_text())
             assert read_recorded_raw(mnt / "rec" / meta["raw"]["file"]).shape == (128, 128, 3)
             assert np.load(mnt / "rec" / meta["recon"]["file"]).shape == (3, 128, 128)
-        assert not list((mnt / "rec").glob(".*tmp-*"))
+        assert not list((mnt / "rec").glob(".*.tmp")) and not list(mnt.glob(".*.tmp"))
+        m = re.search(r"(\d+) recorded, (\d+) NOT recorded", err)
+        assert m and int(m.group(1)) == len(metas) and int(m.group(2)) >= 1
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
 

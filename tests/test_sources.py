@@ -572,7 +572,7 @@ def served_stack(tmp_path):
     path = tmp_path / "stack.npy"
     np.save(path, stack)
     source = open_source(f"file://{path}?bayer=GRBG&black_level=64")
-    server = CameraServer(source, "127.0.0.1", 0, token="s3cret", log=lambda msg: None)
+    server = CameraServer(source, "127.0.0.1", 0, token="s3cret", allow_takeover=True, log=lambda msg: None)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_s": 0.05}, daemon=True)
     thread.start()
     yield stack, server
@@ -591,7 +591,8 @@ def test_tcp_round_trip_through_serve_camera(served_stack):
     assert first.data.dtype == np.uint16 and first.index == 0
     assert first.meta["bayer_pattern"] == "GRBG" and first.meta["black_level"] == 64
     assert client.describe()["remote"]["scheme"] == "file"
-    # a second client takes over (reconnect after a crash), continuing the same camera stream
+    # a second client with the token takes over (--allow-takeover: reconnect after a lost network), continuing the
+    # same camera stream
     second = open_source(f"tcp://127.0.0.1:{port}?token=s3cret")
     np.testing.assert_array_equal(second.read(timeout=5).data, stack[1])
     np.testing.assert_array_equal(second.read(timeout=5).data, stack[2])

@@ -56,7 +56,9 @@ if [ "$INSTALL_SERVICE" = 1 ]; then
       "$SRC_DIR/deploy/pi/nsdd-camera.env" >"$env_file"
     chown "root:$SERVICE_USER" "$env_file"
     chmod 0640 "$env_file"
-    log "client token (use tcp://$(hostname).local:${BIND##*:}?token=$token or NSDD_CAMERA_TOKEN): $token"
+    # the token is never printed (logs keep it): the client reads it from this file
+    log "client token written to $env_file (NSDD_CAMERA_TOKEN, readable by root and $SERVICE_USER); give it to the" \
+      "client as NSDD_CAMERA_TOKEN (or tcp://$(hostname).local:${BIND##*:}?token=...)"
   fi
   install -m 0644 "$SRC_DIR/deploy/pi/nsdd-camera.service" /etc/systemd/system/nsdd-camera.service
   if [ "$PREFIX" != /opt/nsdd-edge ]; then

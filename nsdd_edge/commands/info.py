@@ -43,21 +43,47 @@ def versions() -> dict[str, str]:
 
 
 def bundle_report(model: str | None) -> dict:
+    """The bundle, verified by the same layer ``run`` and ``bench`` use (:mod:`nsdd_edge.validate`), plus what only
+    ``info`` checks: the runtime's preprocessor and the Wiener filter build, and ONNX Runtime loads and runs each
+    ONNX model once. ``verified`` lists every check that passed, ``not_verified`` what could not be checked here."""
     from nsdd_edge.bundle import BundleError
-    from nsdd_edge.commands.run import bundle_sha256, default_bundle_path, open_bundle
+    from nsdd_edge.commands.run import bundle_sha256, default_bundle_path, make_preprocessor, open_bundle
+    from nsdd_edge.engines import EngineError, NumpyWienerEngine, runtime_availability
+    from nsdd_edge.validate import check_onnx_model, unhashed_files
 
     root = Path(model) if model else default_bundle_path()
     try:
         b = open_bundle(model)
-    except BundleError as exc:
+        make_preprocessor(b)
+        NumpyWienerEngine(b)
+    except (BundleError, ValueError) as exc:  # ValueError: the preprocessor's or the optics' named errors
         return {"path": str(root), "verified": False, "error": str(exc)}
+    checks = list(b.verification) + ["the runtime's preprocessor and the numpy Wiener filter A† build from it"]
+    not_checked: list[str] = []
+    trt_ok, trt_why = runtime_availability()["trt"]
+    for kind, m in b.models.items():
+        if kind.startswith("onnx_"):
+            try:
+                checks.append(check_onnx_model(b, kind))
+            except ImportError as exc:
+                not_checked.append(f"{m['file']}: whether ONNX Runtime can load it ({exc})")
+            except EngineError as exc:
+                return {"path": str(b.root), "verified": False,
+                        "error": f"model {kind} matches its SHA-256 but is broken: {exc}"}
+        elif kind == "engine":
+            not_checked.append(f"{m['file']}: whether TensorRT can deserialize it (" + (
+                "run `nsdd-edge run --engine trt` on this device" if trt_ok else trt_why) + ")")
+    ignored = unhashed_files(b)
+    if ignored:
+        not_checked.append(f"files bundle.json does not name (never read by the runtime): {', '.join(ignored)}")
     models = {}
     for kind, m in b.models.items():
         path = b.root / m["file"]
         models[kind] = {**m, "size_bytes": path.stat().st_size}
-    return {"path": str(b.root), "verified": True, "name": b.name, "bundle_sha256": bundle_sha256(b),
+    return {"path": str(b.root), "verified": True, "checks": checks, "not_verified": not_checked, "name": b.name,
+            "bundle_sha256": bundle_sha256(b),
             "geometry": b.geometry.to_dict(), "support_shape": list(b.support_shape) if b.support_shape else None,
-            "lam": b.lam, "channels": b.channels,
+            "lam": b.lam, "projector": b.projector, "channels": b.channels,
             "input_shape": list(b.input_shape), "output_shape": list(b.output_shape),
             "display_shape": [b.channels, *(b.support_shape or b.geometry.scene_shape)],
             "psf_shape": list(b.psf.shape), "psf_sha256": b.psf_sha256,
@@ -95,7 +121,7 @@ def _print_text(r: dict) -> None:
         print(f"  REFUSED: {b['error']}")
     else:
         g = b["geometry"]
-        print(f"  name          {b['name']}  (verified: PSF and model hashes match)")
+        print(f"  name          {b['name']}")
         print(f"  geometry      {g['model']}, sensor {g['sensor_shape']}, scene {g['scene_shape']}, "
               f"conv {g['conv_shape']}" + (f", scene support {b['support_shape']} (sim:// crop model, shown "
                                             "cropped)" if b.get("support_shape") else ""))
@@ -112,6 +138,13 @@ def _print_text(r: dict) -> None:
                 print(f"  model         {kind:<10} {m['file']} ({m['size_bytes'] / 1e6:.2f} MB) {extra or ''}")
         else:
             print("  models        none (reconstructs with the numpy Wiener filter)")
+        print("  verified:")
+        for line in b["checks"]:
+            print(f"    - {line}")
+        if b["not_verified"]:
+            print("  not verified here:")
+            for line in b["not_verified"]:
+                print(f"    - {line}")
     print("\nengines")
     for k, e in r["engines"].items():
         print(f"  {k:<10} {'yes' if e['available'] else 'no ':<4} {e['why']}")

@@ -4,12 +4,18 @@ With no arguments: ``sim://`` through the default bundle shipped in the package 
 the last side-by-side frame to ``runs/nsdd-edge-preview.png`` and the figures to ``runs/nsdd-edge-stats.json``
 (``runs/`` under the current directory, made when missing: ignored by git in a checkout, so a first run
 leaves the checkout clean).
+
+Exit status: 0 done; 1 nothing was reconstructed; 2 bad input (bundle, source, option) or a failure named in
+the message; 3 recording stopped (disk full, I/O error: the frames already recorded are intact); 130 a
+second Ctrl-C. Tokens (``--token``, ``tcp://…?token=``) never appear in the stats, the session files or the
+console (:mod:`nsdd_edge.redact`).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import signal
 import sys
 import threading
@@ -59,6 +65,7 @@ DEFAULT_SOURCE = "sim://"
 DEFAULT_SIM_FRAMES = 60
 DEFAULT_STATS = "runs/nsdd-edge-stats.json"
 DEFAULT_SNAPSHOT = "runs/nsdd-edge-preview.png"
+PREVIEW_TOKEN_ENV = "NSDD_PREVIEW_TOKEN"
 
 
 def default_bundle_path() -> Path:
@@ -150,9 +157,18 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     add_threads_argument(p, "ONNX Runtime intra-op threads", "loop")
     p.add_argument("--preview", default="none", help="window, http://HOST:PORT or none")
     p.add_argument("--token", default=None,
-                   help="access token for the HTTP preview (required off loopback; generated if omitted)")
+                   help=f"access token for the HTTP preview (default: ${PREVIEW_TOKEN_ENV}); required off loopback: "
+                        "without one a token is generated and written to --token-file (mode 0600), never printed")
+    p.add_argument("--token-file", default="runs/nsdd-edge-preview.token", metavar="FILE",
+                   help="where a generated preview token is written (mode 0600)")
     p.add_argument("--record", default=None, metavar="DIR",
                    help="record every raw frame, its reconstruction and metadata (lossless, back-pressure)")
+    p.add_argument("--on-record-error", default="stop", choices=["stop", "continue"],
+                   help="when recording cannot go on (disk full): stop the run with exit status 3, or continue "
+                        "reconstructing WITHOUT recording (said every few seconds; exit status 3 at the end)")
+    p.add_argument("--live", action="store_true",
+                   help="drop stale frames to stay live even with a file/folder/video or sim://?realtime=0 source "
+                        "(default: such sources are processed losslessly, cameras live)")
     p.add_argument("--frames", type=int, default=None,
                    help=f"stop after N frames (default {DEFAULT_SIM_FRAMES} for sim://, else until Ctrl-C; "
                         "0: no limit)")
@@ -175,11 +191,15 @@ def main(args: argparse.Namespace) -> int:
     from nsdd_edge.loop import LoopConfig, LoopError, ReconstructionLoop
     from nsdd_edge.preview import PreviewError, open_preview
     from nsdd_edge.recorder import Recorder, RecorderError
+    from nsdd_edge.redact import redact, redact_argv
     from nsdd_edge.sources import SourceError
     from nsdd_edge.telemetry import Telemetry
 
     if args.frames is not None and args.frames < 0:
         return _err(f"--frames {args.frames}: must be ≥ 0")
+    if args.live and args.record:
+        return _err("--live drops frames, --record keeps every frame: choose one")
+    shown_source = redact(args.source)
     for opt, value, default in (("--snapshot", args.snapshot, DEFAULT_SNAPSHOT), ("--stats", args.stats, DEFAULT_STATS)):
         if value and not Path(value).parent.exists():
             if value != default:
@@ -195,7 +215,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         source = open_camera(args.source, bundle)
     except BundleError as exc:
-        return _err(f"--source {args.source} does not match the bundle: {exc}")
+        return _err(f"--source {shown_source} does not match the bundle: {exc}")
     except (ValueError, SourceError) as exc:
         return _err(f"--source: {exc}")
     try:
@@ -213,8 +233,12 @@ def main(args: argparse.Namespace) -> int:
         frames = DEFAULT_SIM_FRAMES if args.source.startswith("sim://") else 0
     telemetry = Telemetry()
     telemetry.info.update({"bundle": str(bundle.root), "bundle_name": bundle.name, "engine_kind": choice.kind,
-                           "engine_reason": choice.reason, "source": args.source})
-    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+                           "engine_reason": choice.reason, "source": shown_source})
+
+    def alert(message: str) -> None:  # faults are said even with --quiet
+        print(message, file=sys.stderr, flush=True)
+
+    log = (lambda m: None) if args.quiet else alert
     g = bundle.geometry
     print(f"nsdd-edge run: bundle {bundle.name} ({bundle.root}), sensor {g.sensor_shape}, "
           + (f"crop model → scene {g.scene_shape} (convolution grid {g.conv_shape}), " if g.model == "crop" else "")
@@ -223,10 +247,14 @@ def main(args: argparse.Namespace) -> int:
     print(f"nsdd-edge run: engine {engine.describe()} — {choice.reason}", file=sys.stderr)
     unused = [k for k in bundle.models if k.startswith("onnx_") or k == "engine"]
     if choice.kind == "wiener" and unused and args.engine == "auto":
-        print(f"nsdd-edge run: note: the bundle's trained model ({', '.join(sorted(unused))}) is NOT used: no runtime "
-              "for it here; the numpy Wiener filter A†y runs instead. Install ONNX Runtime to use the student: "
-              "pip install 'nsdd-edge[onnxruntime]'", file=sys.stderr)
-    print(f"nsdd-edge run: source {args.source}" + (f", {frames} frames" if frames else ", until Ctrl-C"),
+        from nsdd_edge.engines import runtime_availability
+
+        advice = ""
+        if any(k.startswith("onnx_") for k in unused) and not runtime_availability()["onnx"][0]:
+            advice = " Install ONNX Runtime to use the student: pip install 'nsdd-edge[onnxruntime]'"
+        print(f"nsdd-edge run: note: the bundle's trained model ({', '.join(sorted(unused))}) is NOT used "
+              f"({'; '.join(choice.skipped)}); the numpy Wiener filter A†y runs instead.{advice}", file=sys.stderr)
+    print(f"nsdd-edge run: source {shown_source}" + (f", {frames} frames" if frames else ", until Ctrl-C"),
           file=sys.stderr)
 
     preview = recorder = None
@@ -235,12 +263,13 @@ def main(args: argparse.Namespace) -> int:
         frame_meta = {"bundle": bundle.name, "bundle_sha256": bundle_sha256(bundle),
                       "psf_sha256": bundle.psf_sha256, "engine": choice.kind, "engine_detail": engine.describe()}
         if args.record:
-            session = {**frame_meta, "source": args.source, "argv": sys.argv,
+            session = {**frame_meta, "source": shown_source, "argv": redact_argv(sys.argv),
                        "source_describe": _safe_describe(source)}
             recorder = Recorder(Path(args.record), session=session)
             print(f"nsdd-edge run: recording every frame to {recorder.root}", file=sys.stderr)
         holder: dict = {}
-        preview = open_preview(args.preview, token=args.token,
+        token = args.token if args.token is not None else os.environ.get(PREVIEW_TOKEN_ENV) or None
+        preview = open_preview(args.preview, token=token, token_file=Path(args.token_file) if args.token_file else None,
                                stats=lambda: telemetry.snapshot(),
                                on_quit=lambda: holder["loop"].request_stop("window closed"),
                                log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -249,12 +278,13 @@ def main(args: argparse.Namespace) -> int:
         config = LoopConfig(max_frames=frames or None, stats_path=Path(args.stats) if args.stats else None,
                             snapshot_path=Path(args.snapshot) if args.snapshot else None,
                             console_interval=0.0 if args.quiet else 1.0, max_reopen_attempts=args.max_reconnects,
-                            expected_input_shape=bundle.input_shape, display_support=bundle.support_shape)
+                            expected_input_shape=bundle.input_shape, display_support=bundle.support_shape,
+                            lossless=False if args.live else None, on_record_error=args.on_record_error)
         from nsdd_edge.optics import ForwardModel
 
         forward = ForwardModel(bundle.psf, bundle.geometry)
         loop = ReconstructionLoop(source, preprocess, engine, config=config, preview=preview, recorder=recorder,
-                                  telemetry=telemetry, frame_meta=frame_meta, log=log,
+                                  telemetry=telemetry, frame_meta=frame_meta, log=log, alert=alert,
                                   consistency=forward.consistency)
         holder["loop"] = loop
         with stop_on_signals(loop.request_stop):
@@ -266,7 +296,7 @@ def main(args: argparse.Namespace) -> int:
     except EngineError as exc:
         return _err(f"reconstruction failed: {exc}")
     except SourceError as exc:
-        return _err(f"--source {args.source}: {exc}")
+        return _err(f"--source {shown_source}: {exc}")
     except KeyboardInterrupt:
         print("nsdd-edge run: interrupted", file=sys.stderr)
         return 130
@@ -275,14 +305,18 @@ def main(args: argparse.Namespace) -> int:
             preview.close()
         engine.close()
     print(f"nsdd-edge run: {summary['frames_out']} frames reconstructed, {summary['dropped']} dropped, "
-          f"{summary['rejected']} rejected, {summary['recorded']} recorded, {summary['fps']:.1f} fps "
-          f"({loop.end_reason})", file=sys.stderr)
-    if args.snapshot and loop.last_pair is not None:
+          f"{summary['rejected']} rejected, {summary['unreadable']} unreadable, {summary['recorded']} recorded"
+          + (f", {summary['unrecorded']} NOT recorded" if summary["unrecorded"] else "")
+          + f", {summary['fps']:.1f} fps ({loop.end_reason})", file=sys.stderr)
+    if args.snapshot and loop.written.get("snapshot"):
         print(f"nsdd-edge run: preview frame written to {args.snapshot}", file=sys.stderr)
-    if args.stats:
+    if args.stats and loop.written.get("stats"):
         print(f"nsdd-edge run: figures written to {args.stats}", file=sys.stderr)
+    if summary["output_failures"]:
+        print(f"nsdd-edge run: warning: {summary['output_failures']} stats/snapshot write(s) failed (see above)",
+              file=sys.stderr)
     if loop.recording_stopped:
-        print(f"nsdd-edge run: error: {loop.recording_stopped}", file=sys.stderr)
+        print(f"nsdd-edge run: error: recording stopped: {loop.recording_stopped}", file=sys.stderr)
         return 3
     if summary["frames_out"] == 0:
         print("nsdd-edge run: error: no frame was reconstructed", file=sys.stderr)

@@ -6,7 +6,9 @@ uint8/uint16 RGB, or float32) with its metadata (black level, gain, Bayer patter
 :class:`nsdd_edge.preprocess.Preprocessor` turns a raw frame into the measurement ``y``.
 
 Errors: :class:`SourceError` (the camera/file failed; the message names it), :class:`SourceStalled`
-(no frame within ``timeout``), :class:`EndOfStream` (a finite source is exhausted). A bad or unknown
+(no frame within ``timeout``), :class:`EndOfStream` (a finite source is exhausted), :class:`FrameUnreadable`
+(one frame could not be read and was skipped; the next read goes on). URIs are kept and shown with any
+``token=`` masked (:mod:`nsdd_edge.redact`). A bad or unknown
 URI raises ``ValueError`` naming the URI and the supported schemes.
 
 Options come from the URI query (``sim://?fps=30&seed=0``) and from keyword arguments (which win);
@@ -25,6 +27,7 @@ from nsdd_edge.sources.base import (
     EndOfStream,
     Frame,
     FrameSource,
+    FrameUnreadable,
     ParsedUri,
     SourceError,
     SourceStalled,
@@ -47,7 +50,8 @@ from nsdd_edge.sources.tcp import TOKEN_ENV, TcpSource
 
 __all__ = [
     "BAYER_PATTERNS", "SOURCE_TYPES", "TOKEN_ENV", "V4L2_RAW_FORMATS", "VIDEO_SUFFIXES", "CsiSource", "EndOfStream",
-    "FileSource", "Frame", "FrameSource", "ParsedUri", "PiCamera2Source", "SimCamera", "SourceError", "SourceFactory",
+    "FileSource", "Frame", "FrameSource", "FrameUnreadable", "ParsedUri", "PiCamera2Source", "SimCamera",
+    "SourceError", "SourceFactory",
     "SourceStalled", "TcpSource", "V4l2Source", "available_sources", "open_source", "parse_libcamera_raw_format",
     "parse_uri", "unpack_raw",
 ]

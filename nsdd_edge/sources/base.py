@@ -28,6 +28,12 @@ class EndOfStream(SourceError):
     """A finite source (file, stack, ``sim://?frames=N``) has no more frames."""
 
 
+class FrameUnreadable(SourceError):
+    """One frame could not be read (an undecodable image in a folder, a broken ``sim://?images=`` file); the
+    source has already moved past it, so the next ``read()`` returns the next frame. The loop counts, reports
+    and skips it; it is not a source fault (no reopen, no rewind)."""
+
+
 @dataclass
 class Frame:
     """One raw frame: ``data`` as the sensor gives it, ``index`` (frame counter of the source; gaps mean
@@ -60,12 +66,15 @@ class _Options:
     """Typed access to a source's options; every option must be consumed (unknown ones are errors)."""
 
     def __init__(self, uri: str, query: dict[str, str], kwargs: dict[str, Any]):
-        self.uri = uri
+        from nsdd_edge.redact import redact
+
+        self.uri = redact(uri)  # for messages; the values themselves (a token=) stay in self.values
         self.values: dict[str, Any] = {**query, **{k: v for k, v in kwargs.items() if v is not None}}
         self.used: set[str] = set()
 
     def _bad(self, key: str, value: Any, what: str) -> ValueError:
-        return ValueError(f"camera source {self.uri!r}: option {key}={value!r} is not {what}")
+        shown = "***" if key == "token" else repr(value)
+        return ValueError(f"camera source {self.uri!r}: option {key}={shown} is not {what}")
 
     def raw(self, key: str, default: Any = None) -> Any:
         self.used.add(key)
@@ -156,7 +165,9 @@ class FrameSource(ABC):
     frame_rate: float | None = None
 
     def __init__(self, uri: str):
-        self.uri = uri
+        from nsdd_edge.redact import redact
+
+        self.uri = redact(uri)  # shown in messages, logs and stats: never with its token (kept by the source)
         self._is_open = False
 
     def open(self) -> FrameSource:

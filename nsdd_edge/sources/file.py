@@ -19,6 +19,7 @@ from nsdd_edge.sources.base import (
     EndOfStream,
     Frame,
     FrameSource,
+    FrameUnreadable,
     ParsedUri,
     SourceError,
     _Options,
@@ -44,7 +45,12 @@ class FileSource(FrameSource):
     single image. Options: ``loop=1``, ``fps=`` (media rate; video default from the file),
     ``realtime=1`` (pace at ``fps`` like a camera), ``start=`` (first frame), and frame metadata
     ``bayer=``, ``black_level=``, ``white_level=``, ``gain=``. A JSON sidecar (``PATH.json`` or
-    ``DIR/meta.json``) is merged into every frame's meta."""
+    ``DIR/meta.json``) is merged into every frame's meta.
+
+    Not a live camera (unless ``realtime=1``): the loop processes every frame (lossless). An image of a folder
+    that cannot be decoded raises :class:`FrameUnreadable` naming it, and the next read goes on with the next
+    file (its index is skipped, so the gap shows). Closing and reopening (the loop does so after a fault)
+    resumes at the frame after the last one delivered, never back at ``start``."""
 
     scheme = "file"
 
@@ -76,6 +82,7 @@ class FileSource(FrameSource):
         self._index = 0
         self._meta: dict[str, Any] = {}
         self._pacer: _Pacer | None = None
+        self._resume: tuple[int, int] | None = None  # (position, index) to continue at after a reopen
 
     def _sidecar_meta(self) -> dict[str, Any]:
         if self.path.is_dir():
@@ -145,8 +152,10 @@ class FileSource(FrameSource):
             raise SourceError(f"file source {self.uri!r}: start={self.start} but it holds {self._count} frames")
         self.frame_rate = self.fps
         self._meta = {"source": "file", "path": str(p), **self._sidecar_meta(), **self._option_meta}
-        self._seek(self.start)
-        self._index = 0
+        position, self._index = self._resume if self._resume is not None else (self.start, 0)
+        if self._count is not None and position >= self._count and not self.loop:
+            position = self._count  # everything was delivered before the reopen: the next read ends the stream
+        self._seek(position)
         if self.realtime:
             if self.fps is None:
                 raise SourceError(f"file source {self.uri!r}: realtime=1 needs fps= (the file has no frame rate)")
@@ -182,16 +191,22 @@ class FileSource(FrameSource):
                     return np.asarray(a)
                 return read_image_native(f)
             except OpticsError as exc:
-                raise SourceError(f"file source {self.uri!r}: {exc}") from None
+                raise FrameUnreadable(f"file source {self.uri!r}: frame {pos} skipped: {exc}") from None
             except Exception as exc:  # noqa: BLE001 - numpy raises many types for a corrupt file
-                raise SourceError(f"file source {self.uri!r}: {f} unreadable ({type(exc).__name__}: {exc})") from None
+                raise FrameUnreadable(f"file source {self.uri!r}: frame {pos} skipped: {f} unreadable "
+                                      f"({type(exc).__name__}: {exc})") from None
         ok, bgr = self._cap.read()
         if not ok or bgr is None:
             return None
         return np.ascontiguousarray(bgr[:, :, ::-1]) if bgr.ndim == 3 else bgr
 
     def _read(self, timeout: float | None) -> Frame:
-        data = self._load(self._pos)
+        try:
+            data = self._load(self._pos)
+        except FrameUnreadable:
+            self._pos += 1  # skip it: the next read delivers the next frame
+            self._index += 1
+            raise
         if data is None:
             if not self.loop or self._pos == self.start:
                 raise EndOfStream(f"{self.uri}: end of {self.kind} after {self._index} frames")
@@ -212,6 +227,7 @@ class FileSource(FrameSource):
         return Frame(data=data, index=index, timestamp=stamp, meta={**self._meta, "position": pos})
 
     def _close(self) -> None:
+        self._resume = (self._pos, self._index)
         if self._cap is not None:
             self._cap.release()
             self._cap = None

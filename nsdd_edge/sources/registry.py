@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from nsdd_edge.redact import redact
 from nsdd_edge.sources.base import (
     FrameSource,
     ParsedUri,
@@ -29,25 +30,28 @@ def _supported() -> str:
 
 
 def parse_uri(uri: str) -> ParsedUri:
-    """Split ``scheme://netloc/path?query``; ``ValueError`` naming the URI for anything malformed."""
+    """Split ``scheme://netloc/path?query``; ``ValueError`` naming the URI (its token masked) for anything
+    malformed."""
     if not isinstance(uri, str) or not uri.strip():
         raise ValueError(f"camera source URI {uri!r} is empty; supported schemes: {_supported()}")
+    shown = redact(uri)
     if "://" not in uri:
-        raise ValueError(f"camera source {uri!r} is not a URI (expected SCHEME://...); supported schemes: "
+        raise ValueError(f"camera source {shown!r} is not a URI (expected SCHEME://...); supported schemes: "
                          f"{_supported()} (a file is file:///path/to/video.mp4)")
     parts = urlsplit(uri)
     scheme = parts.scheme.lower()
     if scheme not in SOURCE_TYPES:
-        raise ValueError(f"camera source {uri!r}: unknown scheme {scheme or '(none)'!r}; supported schemes: "
+        raise ValueError(f"camera source {shown!r}: unknown scheme {scheme or '(none)'!r}; supported schemes: "
                          f"{_supported()}")
     try:
         pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
     except ValueError as exc:
-        raise ValueError(f"camera source {uri!r}: malformed query {parts.query!r} ({exc})") from None
+        raise ValueError(f"camera source {shown!r}: malformed query {redact(parts.query)!r} "
+                         f"({redact(exc)})") from None
     query: dict[str, str] = {}
     for k, v in pairs:
         if k in query:
-            raise ValueError(f"camera source {uri!r}: option {k!r} given twice")
+            raise ValueError(f"camera source {shown!r}: option {k!r} given twice")
         query[k] = v
     return ParsedUri(uri=uri, scheme=scheme, netloc=parts.netloc, path=parts.path, query=query)
 

@@ -23,6 +23,7 @@ from nsdd_edge.sources.base import (
     EndOfStream,
     Frame,
     FrameSource,
+    FrameUnreadable,
     ParsedUri,
     SourceError,
     _Options,
@@ -175,6 +176,7 @@ class SimCamera(FrameSource):
         self._canvas: np.ndarray | None = None
         self._image_files: list[Path] = []
         self._image_cache: dict[int, np.ndarray] = {}
+        self._bad_images: set[Path] = set()  # images that could not be decoded: left out from then on
         self._pacer = _Pacer(self.fps)
         self._next_index = 0
 
@@ -209,9 +211,10 @@ class SimCamera(FrameSource):
         assert d is not None
         if not d.is_dir():
             raise SourceError(f"sim:// images={d}: not a directory")
-        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p not in self._bad_images)
         if not files:
-            raise SourceError(f"sim:// images={d}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+            raise SourceError(f"sim:// images={d}: no " + ("readable " if self._bad_images else "")
+                              + f"image files ({', '.join(IMAGE_SUFFIXES)})")
         if self.start >= len(files):
             raise SourceError(f"sim:// start={self.start}: images={d} holds only {len(files)} images")
         return files
@@ -228,7 +231,11 @@ class SimCamera(FrameSource):
             try:
                 img = np.moveaxis(read_image01(path), 0, -1)
             except OpticsError as exc:
-                raise SourceError(f"sim:// images: {exc}") from None
+                # left out from now on (the numbering moves on to the readable images); this frame is skipped
+                self._bad_images.add(path)
+                self._image_files = [f for f in self._image_files if f != path]
+                self._image_cache.clear()
+                raise FrameUnreadable(f"sim:// images: {exc}; this image is left out") from None
             if img.shape[-1] == 1:
                 img = np.repeat(img, 3, axis=-1)
             h, w = img.shape[:2]
@@ -346,7 +353,11 @@ class SimCamera(FrameSource):
             stamp = self._pacer.wait_for(index, timeout)
         else:
             stamp = index / self.fps
-        scene = self.scene(index)
+        try:
+            scene = self.scene(index)
+        except FrameUnreadable:
+            self._next_index = index + 1  # skipped: the next read goes on with the next frame
+            raise
         data = self._raw_from(self._forward(scene), index)
         self._next_index = index + 1
         meta = {"source": "sim", "black_level": self.black_level, "white_level": self.white_level,

@@ -20,10 +20,21 @@ from nsdd_edge.sources.base import (
 TOKEN_ENV = "NSDD_CAMERA_TOKEN"
 
 
+DEFAULT_MAX_FRAME_BYTES = 256 << 20
+NO_TIMEOUT_DEADLINE_S = 32.0  # a read without a timeout still ends: the host answers 'stalled' after 30 s
+DEADLINE_GRACE_S = 2.0
+
+
 class TcpSource(FrameSource):
     """``tcp://host:port``: raw frames from a capture host running ``nsdd-edge serve-camera`` (protocol in
     :mod:`nsdd_edge.framing`). Options ``token=`` (default: ``$NSDD_CAMERA_TOKEN``), ``connect_timeout=``
-    (5 s), ``reconnect=1`` (after a lost connection, reconnect once per read)."""
+    (5 s, also the deadline of the whole handshake), ``reconnect=1`` (after a lost connection, reconnect once
+    per read), ``max_frame_bytes=`` (256 MiB: a frame header announcing more is refused before anything is
+    allocated), ``grace=`` (2 s, see below).
+
+    The capture host is not trusted: a frame's announced payload length must equal what its shape and dtype
+    say, and the whole answer to a read must arrive within the read's timeout + ``grace`` (a host trickling
+    bytes cannot hold the reader: :class:`SourceStalled`)."""
 
     scheme = "tcp"
 
@@ -41,6 +52,8 @@ class TcpSource(FrameSource):
         self.token = o.str("token") or os.environ.get(TOKEN_ENV, "")
         self.connect_timeout = o.float("connect_timeout", 5.0, positive=True)
         self.reconnect = o.bool("reconnect", True)
+        self.max_frame_bytes = o.int("max_frame_bytes", DEFAULT_MAX_FRAME_BYTES, minimum=1)
+        self.grace = o.float("grace", DEADLINE_GRACE_S, positive=True)
         options.finish()
         self.is_live = True
         self._sock: socket.socket | None = None
@@ -55,9 +68,10 @@ class TcpSource(FrameSource):
             raise SourceError(f"{self.uri}: cannot connect to the capture host {self.host}:{self.port} ({exc}); "
                               "is 'nsdd-edge serve-camera' running there?") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        deadline = time.monotonic() + self.connect_timeout
         try:
             framing.send_message(sock, {"type": "hello", "version": framing.VERSION, "token": self.token})
-            header, _ = framing.recv_message(sock)
+            header, _ = framing.recv_message(sock, deadline=deadline, max_payload=0)
         except (OSError, framing.FramingError) as exc:
             sock.close()
             raise SourceError(f"{self.uri}: handshake with the capture host failed ({exc})") from None
@@ -77,9 +91,20 @@ class TcpSource(FrameSource):
 
         sock = self._sock
         assert sock is not None
-        sock.settimeout(None if timeout is None else timeout + 2.0)  # the host answers 'stalled' itself
+        # the host answers 'stalled' itself after `timeout`; the whole answer must be here shortly after
+        wait = NO_TIMEOUT_DEADLINE_S if timeout is None else timeout + self.grace
+        sock.settimeout(wait)
         framing.send_message(sock, {"type": "read", "timeout": timeout})
-        return framing.recv_message(sock)
+        return framing.recv_message(sock, deadline=time.monotonic() + wait, expect_payload=self._expected_payload)
+
+    def _expected_payload(self, header: dict[str, Any]) -> int:
+        """Payload bytes a message may carry: a frame exactly what its header says (≤ ``max_frame_bytes``),
+        anything else none."""
+        from nsdd_edge import framing
+
+        if header["type"] != "frame":
+            return 0
+        return framing.frame_spec(header, self.max_frame_bytes)[2]
 
     def _read(self, timeout: float | None) -> Frame:
         from nsdd_edge import framing
@@ -90,8 +115,12 @@ class TcpSource(FrameSource):
             header, payload = self._request(timeout)
         except TimeoutError:
             self._drop()
-            raise SourceStalled(f"{self.uri}: the capture host sent nothing within {timeout} s") from None
-        except (OSError, framing.FramingError) as exc:
+            raise SourceStalled(f"{self.uri}: no complete answer from the capture host within the read's "
+                                f"deadline ({timeout} s + {self.grace:g} s)") from None
+        except framing.FramingError as exc:  # a host that breaks the protocol or lies about sizes
+            self._drop()
+            raise SourceError(f"{self.uri}: bad message from the capture host, refused ({exc})") from None
+        except OSError as exc:
             self._drop()
             if not self.reconnect:
                 raise SourceError(f"{self.uri}: connection lost ({exc})") from None
