@@ -17,7 +17,7 @@ nsdd-train solve --method "student:$M/student_paper" --data "$DATA" --split trai
 for proj in tikhonov truncated; do
   for obj in nullspace full; do
     nsdd-train distill --data "$DATA" --targets "$OUT/cascade_labels" --limit 1024 --student edge --objective "$obj" \
-      --projector "$proj" --lam discrepancy --width 48 --depth 3 --max-width 192 --unshuffle 2 \
+      --projector "$proj" --lam discrepancy --width 16 --depth 3 --max-width 128 \
       --lpips-weight 0.1 --lpips-weights "$LPIPS" --steps 100000 --time-budget "$TIME" --batch 16 --lr 5e-4 \
       --warmup 50 --checkpoint-every 500 --preload --threads 1 --quiet --out "$OUT/projector_${proj}_${obj}"
   done
