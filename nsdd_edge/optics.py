@@ -375,12 +375,17 @@ def psf_transfer_function(psf: np.ndarray, grid_shape: Sequence[int]) -> np.ndar
     psf = check_psf(np.asarray(psf, dtype=np.float64))
     grid = (int(grid_shape[0]), int(grid_shape[1]))
     placed = fit_to(psf, grid)
+    return np.fft.fft2(np.roll(placed, psf_centre_shift(psf.shape, grid), axis=(-2, -1)), axes=(-2, -1))
+
+
+def psf_centre_shift(psf_shape: Sequence[int], grid_shape: Sequence[int]) -> tuple[int, int]:
+    """The circular shift that moves the PSF's centre pixel ``(H // 2, W // 2)`` to index (0, 0) after
+    :func:`fit_to` placed it on ``grid_shape`` (shared by the numpy and the torch transfer functions)."""
 
     def centre_in_grid(n: int, g: int) -> int:  # where index n // 2 of the PSF lands after fit_to
         return (g - n) // 2 + n // 2 if g >= n else n // 2 - (n - g) // 2
 
-    shift = tuple(-centre_in_grid(n, g) for n, g in zip(psf.shape[-2:], grid))
-    return np.fft.fft2(np.roll(placed, shift, axis=(-2, -1)), axes=(-2, -1))
+    return tuple(-centre_in_grid(int(n), int(g)) for n, g in zip(psf_shape[-2:], grid_shape))  # type: ignore[return-value]
 
 
 PROJECTORS = ("tikhonov", "truncated")
@@ -414,23 +419,32 @@ class WienerSpectra:
     @staticmethod
     def from_psf(psf: np.ndarray, grid_shape: Sequence[int], lam: float,
                  projector: Projector = "tikhonov") -> WienerSpectra:
-        if not (lam > 0 and np.isfinite(lam)):
-            raise OpticsError(f"Wiener regularisation λ must be finite and > 0, got {lam}")
+        return WienerSpectra.from_transfer(psf_transfer_function(psf, grid_shape), lam, projector)
+
+    @staticmethod
+    def from_transfer(H, lam, projector: Projector = "tikhonov") -> WienerSpectra:
+        """The spectra of a transfer function ``H``. The Tikhonov multipliers use only array methods and
+        operators, so ``H`` and ``λ`` may also be torch tensors (``train.physics`` differentiates through
+        them); the truncated ones need numpy arrays."""
+        value = float(lam.detach()) if hasattr(lam, "detach") else float(lam)
+        if not (value > 0 and np.isfinite(value)):
+            raise OpticsError(f"Wiener regularisation λ must be finite and > 0, got {value}")
         check_projector(projector)
-        H = psf_transfer_function(psf, grid_shape)
-        power = np.abs(H) ** 2
+        power = abs(H) ** 2
         if projector == "tikhonov":
-            G, R = np.conj(H) / (power + lam), power / (power + lam)
+            G, R = H.conj() / (power + lam), power / (power + lam)
+        elif not isinstance(H, np.ndarray):
+            raise OpticsError("the truncated pseudo-inverse is not differentiable: build it from numpy spectra")
         else:
             keep = power > lam
             G = np.where(keep, np.conj(H) / np.where(keep, power, 1.0), 0.0)
             R = keep.astype(np.float64)
-        return WienerSpectra(H=H, lam=float(lam), G=G, R=R, projector=projector)
+        return WienerSpectra(H=H, lam=value, G=G, R=R, projector=projector)
 
     @property
     def singular_values(self) -> np.ndarray:
         """``|H(f)|``: the singular values of the circular convolution."""
-        return np.abs(self.H)
+        return abs(self.H)
 
     def half(self, name: Literal["H", "G", "R"]) -> np.ndarray:
         """The ``rfft2`` half spectrum (last axis ``W // 2 + 1``) of ``H``, ``G`` or ``R``."""

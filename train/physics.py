@@ -3,6 +3,8 @@
 A :class:`LenslessOperator` is the ``physics`` object every solver takes (deepinv style):
 ``A``, ``A_adjoint``, ``A_dagger`` (Wiener/Tikhonov), ``null_project`` (``I − A†A``), ``prox_l2`` and
 ``measure`` (``A x + n``). Spectra come from :mod:`nsdd_edge.optics`, the single source of truth.
+``differentiable=True`` builds the same spectra in torch from a PSF tensor (and λ may be a tensor), so a
+loss can be differentiated with respect to the PSF — mask design (:mod:`train.mask`) trains through it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nsdd_edge.optics import LenslessGeometry, Model, Projector, WienerSpectra, array_hash
+from nsdd_edge.optics import LenslessGeometry, Model, Projector, WienerSpectra, array_hash, psf_centre_shift
 
 
 def _center_offsets(small: Sequence[int], big: Sequence[int]) -> tuple[int, int]:
@@ -38,6 +40,26 @@ def center_crop(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return x[..., r : r + int(shape[0]), c : c + int(shape[1])]
 
 
+def fit_to_grid(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Centre-crop or zero-pad each of the last two axes independently to ``shape`` (as
+    :func:`nsdd_edge.optics.fit_to`)."""
+    h, w = x.shape[-2:]
+    th, tw = int(shape[0]), int(shape[1])
+    if th < h or tw < w:
+        x = center_crop(x, (min(th, h), min(tw, w)))
+    if th > x.shape[-2] or tw > x.shape[-1]:
+        x = center_pad(x, (th, tw))
+    return x
+
+
+def psf_transfer_function(psf: torch.Tensor, grid_shape: Sequence[int]) -> torch.Tensor:
+    """Torch twin of :func:`nsdd_edge.optics.psf_transfer_function` (same placement and shift, via
+    :func:`nsdd_edge.optics.psf_centre_shift`): ``H = F(shift(fit(psf)))``, differentiable in ``psf``."""
+    grid = (int(grid_shape[0]), int(grid_shape[1]))
+    placed = torch.roll(fit_to_grid(psf, grid), psf_centre_shift(psf.shape, grid), dims=(-2, -1))
+    return torch.fft.fft2(placed, dim=(-2, -1))
+
+
 class LenslessOperator(torch.nn.Module):
     """``y = A x + n`` for a lensless camera.
 
@@ -49,30 +71,42 @@ class LenslessOperator(torch.nn.Module):
     grid applied to ``Cᵀ y`` (an approximation: ``A†A`` is then not a projector).
 
     The PSF is ``(C, H, W)`` with ``C`` = 1 (shared by all channels) or the image's channels.
+    ``differentiable=True``: ``psf`` (and optionally ``lam``) are torch tensors and the spectra are built
+    from them in torch (:func:`psf_transfer_function`, :meth:`WienerSpectra.from_transfer`), keeping the
+    autograd graph; the operator is then meant for one training step (build a new one after an update).
     """
 
     def __init__(self, psf: np.ndarray | torch.Tensor, sensor_shape: Sequence[int] | None = None,
-                 model: Model = "circular", lam: float = 1e-6, scene_shape: Sequence[int] | None = None,
-                 conv_shape: Sequence[int] | None = None, noise_std: float = 0.0,
-                 projector: Projector = "tikhonov"):
+                 model: Model = "circular", lam: float | torch.Tensor = 1e-6,
+                 scene_shape: Sequence[int] | None = None, conv_shape: Sequence[int] | None = None,
+                 noise_std: float = 0.0, projector: Projector = "tikhonov", differentiable: bool = False):
         super().__init__()
+        if differentiable and not isinstance(psf, torch.Tensor):
+            raise TypeError("LenslessOperator(differentiable=True) needs the PSF as a torch tensor")
         psf_np = psf.detach().cpu().numpy() if isinstance(psf, torch.Tensor) else np.asarray(psf)
         if psf_np.ndim == 2:
             psf_np = psf_np[None]
         sensor = tuple(sensor_shape) if sensor_shape is not None else psf_np.shape[-2:]
         self.geometry = LenslessGeometry.make(model, sensor, psf_np.shape[-2:], scene_shape, conv_shape)
-        self.spectra = WienerSpectra.from_psf(psf_np, self.geometry.conv_shape, lam, projector)
-        self.lam = float(lam)
+        if differentiable:
+            psf_t = psf if psf.ndim == 3 else psf[None]
+            self.spectra = WienerSpectra.from_transfer(
+                psf_transfer_function(psf_t.to(torch.float64), self.geometry.conv_shape), lam, projector)
+        else:
+            self.spectra = WienerSpectra.from_psf(psf_np, self.geometry.conv_shape, float(lam), projector)
+        self.lam = self.spectra.lam
         self.projector = self.spectra.projector
         self.noise_std = float(noise_std)
         self.psf_hash = array_hash(psf_np)
         self.channels = psf_np.shape[0]
         self._psf_np = np.array(psf_np, copy=True)  # kept for with_lam
+
+        def as_tensor(a) -> torch.Tensor:
+            return a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+
         for name in ("H", "G", "R"):
-            self.register_buffer(f"_{name}", torch.from_numpy(np.ascontiguousarray(self.spectra.half(name))),
-                                 persistent=False)
-        self.register_buffer("_S", torch.from_numpy(np.ascontiguousarray(
-            np.abs(self.spectra.half("H")))), persistent=False)
+            self.register_buffer(f"_{name}", as_tensor(self.spectra.half(name)), persistent=False)
+        self.register_buffer("_S", as_tensor(abs(self.spectra.half("H"))), persistent=False)
 
     def to(self, *args, **kwargs) -> LenslessOperator:
         """Move to a device. A dtype is ignored on purpose: spectra stay complex128/float64 and are cast
