@@ -130,6 +130,25 @@ def caustic_psf(shape: Sequence[int] | int, seed: int = 0, *, correlation: float
     return _finish(np.abs(u) ** 2)
 
 
+def random_binary_mask(shape: Sequence[int] | int, seed: int = 0, *, cell: int = 1, density: float = 0.5,
+                       fill: float = 0.8) -> np.ndarray:
+    """A random 0/1 mask ``(H, W)`` float64: a centred square of side ``fill · min(H, W)`` made of
+    ``cell × cell`` squares, each open with probability ``density`` (at least one is open)."""
+    h, w = _shape2(shape)
+    if not 0.0 < density < 1.0:
+        raise ValueError(f"density must be in (0, 1), got {density}")
+    rng = np.random.default_rng(seed)
+    side = max(int(fill * min(h, w)) // cell, 2)
+    cells = (rng.random((side, side)) < density).astype(np.float64)
+    if not cells.any():
+        cells[side // 2, side // 2] = 1.0
+    mask_small = np.kron(cells, np.ones((cell, cell)))
+    mask = np.zeros((h, w))
+    r, c = (h - mask_small.shape[0]) // 2, (w - mask_small.shape[1]) // 2
+    mask[r : r + mask_small.shape[0], c : c + mask_small.shape[1]] = mask_small[: h - r, : w - c]
+    return mask
+
+
 def binary_mask_psf(shape: Sequence[int] | int, seed: int = 0, *, cell: int | None = None,
                     density: float = 0.5, diffraction: bool = True, fresnel_number: float = 4.0,
                     fill: float = 0.8) -> np.ndarray:
@@ -140,18 +159,8 @@ def binary_mask_psf(shape: Sequence[int] | int, seed: int = 0, *, cell: int | No
     The mask fills a centred square of side ``fill · min(H, W)``.
     """
     h, w = _shape2(shape)
-    if not 0.0 < density < 1.0:
-        raise ValueError(f"density must be in (0, 1), got {density}")
-    rng = np.random.default_rng(seed)
     cell = int(cell) if cell is not None else max(min(h, w) // 32, 1)
-    side = max(int(fill * min(h, w)) // cell, 2)
-    cells = (rng.random((side, side)) < density).astype(np.float64)
-    if not cells.any():
-        cells[side // 2, side // 2] = 1.0
-    mask_small = np.kron(cells, np.ones((cell, cell)))
-    mask = np.zeros((h, w))
-    r, c = (h - mask_small.shape[0]) // 2, (w - mask_small.shape[1]) // 2
-    mask[r : r + mask_small.shape[0], c : c + mask_small.shape[1]] = mask_small[: h - r, : w - c]
+    mask = random_binary_mask((h, w), seed, cell=cell, density=density, fill=fill)
     if not diffraction:
         return _finish(mask)
     lam_z = cell**2 / float(fresnel_number)
