@@ -107,6 +107,28 @@ def test_transfer_losses_pull_the_student_towards_the_teacher():
     history = train_system(student, x.repeat(2, 1, 1, 1), 2, s, teacher=teacher, enc_weight=1.0, dec_weight=1.0,
                            progress=False)
     assert {"rec", "enc", "dec"} <= set(history[-1])
+    # the mask-space encoder loss compares the pre-binarisation mask with the teacher's transmittance
+    t_mask = teacher.encoder.soft_mask.detach()
+    assert float(encoder_loss(t_mask, t_mask, "mask")) == 0.0
+    student.zero_grad()
+    student(x, None, 0.5)
+    encoder_loss(student.encoder.soft_mask, t_mask, "mask").backward()
+    assert float(student.encoder.theta.grad.abs().sum()) > 0
+
+
+def test_noise_follows_the_mask_throughput():
+    """The exposure is set for a mask passing half the light: a mask passing a quarter sees twice the noise,
+    and a PSF-only design (throughput unknown) the nominal σ."""
+    s = DesignSettings(scene=16, sensor=32, width=4, depth=1, noise_std=0.01)
+    to_psf = MaskToPsf(s.optics, (32, 32))
+    system = build_system("mura", s, to_psf)
+    system.encoder(to_psf)
+    tau = float(system.encoder.throughput)
+    assert 0.2 < tau < 0.6
+    assert float(system.noise_level()) == pytest.approx(0.01 * 0.5 / tau)
+    assert build_system("contour", s, to_psf).noise_level() == 0.01
+    s.reference_throughput = None
+    assert build_system("mura", s, to_psf).noise_level() == 0.01
 
 
 @pytest.mark.slow

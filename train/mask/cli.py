@@ -81,7 +81,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="open fraction of the aperture the binary student must keep")
     p.add_argument("--lcd-pitch", type=int, default=4, help="LCD pixel pitch in cells")
     p.add_argument("--lcd-dead", type=int, default=1, help="opaque cells per LCD pixel side (dead space)")
-    p.add_argument("--noise-std", type=float, default=0.005, help="Gaussian sensor noise on the [0, 1] scale")
+    p.add_argument("--noise-std", type=float, default=0.005,
+                   help="Gaussian read noise on the [0, 1] scale, for a mask passing --reference-throughput")
+    p.add_argument("--reference-throughput", type=float, default=0.5,
+                   help="mask throughput (mean t² over the aperture) the exposure is set for: a mask passing τ "
+                        "sees noise σ·ref/τ; 0: the same σ for every mask")
     p.add_argument("--steps", type=int, default=600, help="training steps per design (the shared budget)")
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default: --steps)")
     p.add_argument("--teacher-beta", type=float, default=16.0,
@@ -90,8 +94,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-mask", type=float, default=0.05, help="Adam learning rate of the mask logits")
     p.add_argument("--lr-decoder", type=float, default=2e-3, help="Adam learning rate of the refinement net")
     p.add_argument("--lam", type=float, default=1e-3, help="initial Wiener λ of the decoder (learned)")
-    p.add_argument("--encoder-loss", choices=("gram", "mtf"), default="gram",
-                   help="encoder transfer loss: Gram (|H|²) or MTF (|H|) alignment")
+    p.add_argument("--encoder-loss", choices=("gram", "mtf", "mask"), default="gram",
+                   help="encoder transfer loss: Gram (|H|²) or MTF (|H|) alignment, or the masks themselves")
     p.add_argument("--enc-weight", type=float, default=1.0, help="weight of the encoder loss (kd, kd-enc)")
     p.add_argument("--dec-weight", type=float, default=1.0, help="weight of the decoder-feature loss (kd, kd-dec)")
     p.add_argument("--width", type=int, default=16, help="refinement network base channels")
@@ -112,6 +116,7 @@ def settings_from_args(args: argparse.Namespace) -> DesignSettings:
                        filter_radius=args.filter_radius,
                        fill_range=tuple(args.fill_range) if args.fill_range else None,
                        lcd_pitch=args.lcd_pitch, lcd_dead=args.lcd_dead, noise_std=args.noise_std,
+                       reference_throughput=args.reference_throughput or None,
                        steps=args.steps, teacher_steps=args.teacher_steps, teacher_beta=args.teacher_beta,
                        batch=args.batch,
                        lr_mask=args.lr_mask, lr_decoder=args.lr_decoder, lam=args.lam,
@@ -196,7 +201,7 @@ def run_design(name: str, s: DesignSettings, to_psf: MaskToPsf, train: torch.Ten
         "mask_kind": {"teacher": "relaxed", "contour": "PSF only", "radial": "PSF only (real)"}.get(
             name, f"{s.constraint if name in STUDENTS else 'binary'}"),
         "constraint": constraint_check(name, mask, s), "lam": system.decoder.lam, "wiener_lam": wiener_lam,
-        "fill_factor": None,
+        "fill_factor": None, "noise_std": float(system.noise_level()),
         **conditioning(green, (s.sensor, s.sensor), (s.scene, s.scene)),
         "decoder": score(x_dec, test, lpips_weights), "wiener": score(x_wie, test, lpips_weights),
         "final_loss": history[-1] if history else None,

@@ -75,6 +75,7 @@ class DesignSettings:
     lcd_pitch: int = 4
     lcd_dead: int = 1
     noise_std: float = 0.005
+    reference_throughput: float | None = 0.5
     steps: int = 600
     teacher_steps: int | None = None
     batch: int = 16
@@ -109,8 +110,10 @@ class DesignSettings:
         for name in ("steps", "batch"):
             if getattr(self, name) < 1:
                 raise DesignError(f"--{name} must be ≥ 1, got {getattr(self, name)}")
-        if self.encoder_loss not in ("gram", "mtf"):
-            raise DesignError(f"--encoder-loss must be gram or mtf, got {self.encoder_loss!r}")
+        if self.reference_throughput is not None and not 0.0 < self.reference_throughput <= 1.0:
+            raise DesignError(f"--reference-throughput must be in (0, 1] (or 0: off), got {self.reference_throughput}")
+        if self.encoder_loss not in ("gram", "mtf", "mask"):
+            raise DesignError(f"--encoder-loss must be gram, mtf or mask, got {self.encoder_loss!r}")
         if self.optics.feature_um * self.cells != self.optics.sensor_pitch_um * self.sensor:
             raise DesignError("the mask grid must cover the sensor grid exactly: sensor × pitch = cells × feature")
 
@@ -169,13 +172,13 @@ def build_encoder(design: str, s: DesignSettings) -> Encoder:
         return BinaryEncoder(support, initial_logits(s, (cells, cells)), m, radius, s.beta, s.fill_range)
     if design == "random":
         return FixedEncoder(mask=random_binary_mask((cells, cells), s.seed, cell=m, density=0.5,
-                                                    fill=side / cells))
+                                                    fill=side / cells), aperture_area=side ** 2)
     if design == "mura":
         p, cell = largest_mura(side, m)
-        return FixedEncoder(mask=place(mura(p), (cells, cells), cell))
+        return FixedEncoder(mask=place(mura(p), (cells, cells), cell), aperture_area=side ** 2)
     if design == "mls":
         n, cell = largest_mls(side, m)
-        return FixedEncoder(mask=place(mls_mask(n), (cells, cells), cell))
+        return FixedEncoder(mask=place(mls_mask(n), (cells, cells), cell), aperture_area=side ** 2)
     if design == "contour":
         return FixedEncoder(psf=np.repeat(contour_psf((s.sensor, s.sensor), s.seed), len(s.optics.wavelengths_nm), 0))
     if design == "radial":
@@ -193,7 +196,7 @@ def build_encoder(design: str, s: DesignSettings) -> Encoder:
 def build_system(design: str, s: DesignSettings, to_psf: MaskToPsf) -> MaskSystem:
     torch.manual_seed(s.seed)  # the same decoder initialisation for every design
     decoder = WienerRefiner(len(s.optics.wavelengths_nm), s.scene, s.sensor, s.width, s.depth, s.lam)
-    return MaskSystem(build_encoder(design, s), decoder, to_psf, s.noise_std)
+    return MaskSystem(build_encoder(design, s), decoder, to_psf, s.noise_std, s.reference_throughput)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,6 +231,7 @@ def train_system(system: MaskSystem, scenes: torch.Tensor, steps: int, s: Design
             p.requires_grad_(False)
         with torch.no_grad():
             teacher_psf, _ = teacher.encoder(teacher.to_psf, 1.0)
+            teacher_mask, teacher_sigma = teacher.encoder.soft_mask, teacher.noise_level()
     system.train()
     bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress, file=sys.stderr, mininterval=2.0)
     for step in bar:
@@ -237,18 +241,20 @@ def train_system(system: MaskSystem, scenes: torch.Tensor, steps: int, s: Design
         cursor += s.batch
         noise = noise_for(step, (x.shape[0], x.shape[1], s.sensor, s.sensor), s.seed)
         progress_fraction = step / max(steps - 1, 1)
-        x_hat, _psf, soft_psf = system(x, noise, progress_fraction, soft=teacher is not None and enc_weight > 0)
+        spectral = teacher is not None and enc_weight > 0 and s.encoder_loss != "mask"
+        x_hat, _psf, soft_psf = system(x, noise, progress_fraction, soft=spectral)
         loss_rec = ((x_hat - x) ** 2).mean()
         loss = loss_rec
         record = {"step": step, "rec": loss_rec.item()}
         if teacher is not None and enc_weight > 0:
-            l_enc = encoder_loss(soft_psf, teacher_psf, s.encoder_loss)
+            l_enc = encoder_loss(soft_psf, teacher_psf, s.encoder_loss) if spectral else \
+                encoder_loss(system.encoder.soft_mask, teacher_mask, "mask")
             loss = loss + enc_weight * l_enc
             record["enc"] = l_enc.item()
         if teacher is not None and dec_weight > 0:
             student_features = list(system.decoder.features)
             with torch.no_grad():
-                y_t = measure(x, teacher_psf, s.sensor, noise, s.noise_std)
+                y_t = measure(x, teacher_psf, s.sensor, noise, teacher_sigma)
                 teacher.decoder(y_t, teacher_psf)
             l_dec = decoder_loss(student_features, teacher.decoder.features)
             loss = loss + dec_weight * l_dec
@@ -278,7 +284,7 @@ def held_out_measurements(system: MaskSystem, scenes: torch.Tensor, seed: int) -
     psf, _ = system.encoder(system.to_psf, 1.0)
     sensor = system.decoder.sensor
     noise = torch.randn((scenes.shape[0], scenes.shape[1], sensor, sensor), generator=torch.Generator().manual_seed(seed))
-    return psf, measure(scenes, psf, sensor, noise, system.noise_std)
+    return psf, measure(scenes, psf, sensor, noise, float(system.noise_level()))
 
 
 @torch.no_grad()

@@ -71,9 +71,9 @@ def save_figure_side_by_side(path: str | os.PathLike, entries: Sequence[Mapping]
 
 def results_table(results: Mapping[str, Mapping]) -> str:
     """One row per design: constraint, conditioning and scores of the decoder and of Wiener."""
-    head = ("| design | mask | fill | constraint | κ(A) | μ(A) | λ | PSNR dec | SSIM dec | LPIPS dec "
+    head = ("| design | mask | fill | constraint | σ | κ(A) | μ(A) | λ | PSNR dec | SSIM dec | LPIPS dec "
             "| PSNR Wiener | SSIM Wiener | LPIPS Wiener |")
-    rule = "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    rule = "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     rows = [head, rule]
     for name, r in results.items():
         check = r.get("constraint")
@@ -81,7 +81,8 @@ def results_table(results: Mapping[str, Mapping]) -> str:
         ok = "–" if check is None else ("exact ✓" if check["satisfied"] else "VIOLATED")
         dec, wie = r["decoder"], r["wiener"]
         rows.append(
-            f"| {name} | {r['mask_kind']} | {_fmt(fill, '.2f')} | {ok} | {_fmt(r['condition_number'], '.3g')} | "
+            f"| {name} | {r['mask_kind']} | {_fmt(fill, '.2f')} | {ok} | {_fmt(r.get('noise_std'), '.4f')} | "
+            f"{_fmt(r['condition_number'], '.3g')} | "
             f"{_fmt(r['gram_coherence'], '.3f')} | {_fmt(r['lam'], '.1e')} | {_fmt(dec['psnr'], '.2f')} | "
             f"{_fmt(dec['ssim'], '.4f')} | {_fmt(dec.get('lpips'), '.4f')} | {_fmt(wie['psnr'], '.2f')} | "
             f"{_fmt(wie['ssim'], '.4f')} | {_fmt(wie.get('lpips'), '.4f')} |")
@@ -130,14 +131,16 @@ def write_report(path: str | os.PathLike, results: Mapping[str, Mapping], settin
          f"pixels of {optics['sensor_pitch_um']} µm; fabrication pitch {optics['feature_um']} µm; wavelengths "
          f"{', '.join(f'{w:g}' for w in optics['wavelengths_nm'])} nm; propagation `{settings['propagation']}`"),
         (f"- scenes {settings['scene']}² through the crop model (as `nsdd-train simulate`), noise σ = "
-         f"{settings['noise_std']}; constraint `{settings['constraint']}`, minimum feature {settings['min_feature']} "
-         f"cells; encoder loss `{settings['encoder_loss']}` (w = {settings['enc_weight']}), decoder-feature loss "
+         f"{settings['noise_std']} at throughput {settings['reference_throughput']}; constraint "
+         f"`{settings['constraint']}`, minimum feature {settings['min_feature']} cells; encoder loss `{settings['encoder_loss']}` (w = {settings['enc_weight']}), decoder-feature loss "
          f"w = {settings['dec_weight']}; {settings['steps']} steps × batch {settings['batch']} per design"),
         "",
         "## Designs side by side",
         "",
-        ("κ(A), μ(A): condition number and Gram coherence of the green channel's crop-model matrix A "
-         "(formed and decomposed exactly). λ: the decoder's learned Wiener λ. Wiener: λ chosen on training scenes."),
+        ("fill: open fraction of the aperture (teacher: mean transmittance). σ: the read noise relative to the "
+         "signal, σ·τ_ref/τ with τ the mask's throughput (PSF-only designs: σ). κ(A), μ(A): condition number and "
+         "Gram coherence of the green channel's crop-model matrix A (formed and decomposed exactly). λ: the "
+         "decoder's learned Wiener λ. Wiener: λ chosen on training scenes."),
         "",
         results_table(results),
         "",

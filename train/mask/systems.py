@@ -15,13 +15,16 @@ design aperture (opaque outside):
 Decoder (:class:`WienerRefiner`): ``x̂ = net(C_scene A†_λ y)`` with ``A†_λ`` the Wiener filter of the
 current PSF at sensor size (circular model, learned ``λ = e^ℓ``) and ``net`` an :class:`EdgeUNet` with an
 input skip. The measurement is the crop model of ``nsdd-train simulate``:
-``y = clip(C F⁻¹[H · F(P x)] + n, 0, 1)``, ``n ~ N(0, σ²)``. Both operators are
+``y = clip(C F⁻¹[H · F(P x)] + n, 0, 1)``, ``n ~ N(0, σ²)``, with ``σ`` scaled by the mask's light
+throughput (:meth:`MaskSystem.noise_level`). Both operators are
 :class:`train.physics.LenslessOperator` built with ``differentiable=True`` from the current PSF.
 
 Transfer losses (Suarez-Rodriguez, Jacome & Arguello): the encoder loss compares the student's
 pre-binarisation PSF with the teacher's through the circular operator's spectrum ``H`` (the Gram matrix
 ``AᵀA`` of a convolution is diagonalised by the DFT, eigenvalues ``|H|²``):
-``gram: Σ(|H_s|² − |H_t|²)² / Σ|H_t|⁴``, ``mtf: Σ(|H_s| − |H_t|)² / Σ|H_t|²``;
+``gram: Σ(|H_s|² − |H_t|²)² / Σ|H_t|⁴``, ``mtf: Σ(|H_s| − |H_t|)² / Σ|H_t|²`` (both blind to shifts and
+flips of the mask, like the Gram matrix itself); ``mask: Σ(p_s − t_t)² / Σ t_t²`` compares the
+pre-binarisation mask with the teacher's directly;
 the decoder loss is ``mean_l ‖F_s^l − F_t^l‖² / ‖F_t^l‖²`` over the refinement network's bottleneck and
 decoder levels.
 """
@@ -53,9 +56,13 @@ def aperture_support(cells: int, side: int) -> torch.Tensor:
 class Encoder(nn.Module):
     """``forward(to_psf, progress, soft) -> (psf, soft_psf)``: the PSF of the mask the camera has and, when
     ``soft``, for the encoder loss, the PSF before binarisation (the same for unconstrained encoders; None
-    when not asked for). ``progress`` ∈ [0, 1] is the fraction of training done (projection sharpness)."""
+    when not asked for). ``progress`` ∈ [0, 1] is the fraction of training done (projection sharpness).
+    A trained encoder keeps its last pre-binarisation mask in ``soft_mask`` (with its autograd graph)."""
 
     kind = "encoder"
+    soft_mask: torch.Tensor | None = None
+    #: intensity throughput of the last forward's mask, ``τ = mean_aperture(t²)`` (None: a PSF-only design)
+    throughput: torch.Tensor | None = None
 
     def mask(self) -> np.ndarray | None:
         """The mask as fabricated (0/1 for constrained encoders), or None for a PSF-only design."""
@@ -84,7 +91,9 @@ class RelaxedEncoder(Encoder):
 
     def forward(self, to_psf: MaskToPsf, progress: float = 1.0, soft: bool = False):
         self.progress = progress
-        psf = to_psf(self.transmittance())
+        self.soft_mask = self.transmittance()
+        self.throughput = (self.soft_mask ** 2).sum() / self.support.sum()
+        psf = to_psf(self.soft_mask)
         return psf, psf
 
     def mask(self) -> np.ndarray:
@@ -146,8 +155,10 @@ class BinaryEncoder(Encoder):
         with torch.no_grad():
             hard, self.last_how, self.eta = self.fabricate(filtered.detach())
         p = self.support * project(filtered, beta, self.eta)
-        self.last_mask = hard
-        return to_psf(hard + (p - p.detach())), (to_psf(p) if soft else None)  # forward value: exactly M
+        self.last_mask, self.soft_mask = hard, p
+        mask = hard + (p - p.detach())  # forward value: exactly M; gradient: through p
+        self.throughput = mask.sum() / self.support.sum()
+        return to_psf(mask), (to_psf(p) if soft else None)
 
     def mask(self) -> np.ndarray:
         with torch.no_grad():
@@ -176,8 +187,10 @@ class LcdEncoder(Encoder):
     def forward(self, to_psf: MaskToPsf, progress: float = 1.0, soft: bool = False):
         s = torch.sigmoid(self.theta)
         states = (s > 0.5).float() + (s - s.detach())
-        return (to_psf(self._place(lcd_pattern(states, self.pitch, self.dead))),
-                to_psf(self._place(lcd_pattern(s, self.pitch, self.dead))) if soft else None)
+        self.soft_mask = self._place(lcd_pattern(s, self.pitch, self.dead))
+        mask = self._place(lcd_pattern(states, self.pitch, self.dead))
+        self.throughput = mask.sum() / (self.theta.shape[0] * self.pitch) ** 2
+        return to_psf(mask), (to_psf(self.soft_mask) if soft else None)
 
     def mask(self) -> np.ndarray:
         states = (torch.sigmoid(self.theta) > 0.5).float().detach()
@@ -189,12 +202,15 @@ class FixedEncoder(Encoder):
 
     kind = "fixed"
 
-    def __init__(self, mask: np.ndarray | None = None, psf: np.ndarray | torch.Tensor | None = None):
+    def __init__(self, mask: np.ndarray | None = None, psf: np.ndarray | torch.Tensor | None = None,
+                 aperture_area: float | None = None):
         super().__init__()
         if (mask is None) == (psf is None):
             raise ValueError("FixedEncoder needs a mask or a PSF")
         self._mask = None if mask is None else np.asarray(mask, dtype=np.float64)
         self._psf = None if psf is None else torch.as_tensor(np.asarray(psf), dtype=torch.float64)
+        if self._mask is not None:
+            self.throughput = torch.tensor(float((self._mask ** 2).sum()) / float(aperture_area or self._mask.size))
 
     def forward(self, to_psf: MaskToPsf, progress: float = 1.0, soft: bool = False):
         if self._psf is None:
@@ -237,33 +253,52 @@ class WienerRefiner(nn.Module):
 
 
 def measure(x: torch.Tensor, psf: torch.Tensor, sensor: int, noise: torch.Tensor | None,
-            noise_std: float) -> torch.Tensor:
+            noise_std: float | torch.Tensor) -> torch.Tensor:
     """``y = clip(C F⁻¹[H · F(P x)] + σ n, 0, 1)`` with the crop model of ``nsdd-train simulate``."""
     scene = tuple(x.shape[-2:])
     op = LenslessOperator(psf, (sensor, sensor), "crop", scene_shape=scene,
                           conv_shape=centred_conv_shape((sensor, sensor), scene), differentiable=True)
     y = op.A(x)
-    if noise is not None and noise_std > 0:
+    if noise is not None:
         y = y + noise_std * noise
     return y.clamp(0.0, 1.0)
 
 
 class MaskSystem(nn.Module):
-    """Encoder + decoder; ``forward(x, noise, progress, soft) -> (x̂, psf, soft_psf)``."""
+    """Encoder + decoder; ``forward(x, noise, progress, soft) -> (x̂, psf, soft_psf)``.
 
-    def __init__(self, encoder: Encoder, decoder: WienerRefiner, to_psf: MaskToPsf, noise_std: float):
+    The PSF sums to one whatever the mask lets through, so the light budget enters through the noise: the
+    exposure is set for a mask of throughput ``τ_ref`` and a mask of throughput ``τ`` (mean of ``t²`` over
+    the aperture) sees the read noise ``σ τ_ref / τ`` relative to its signal (:meth:`noise_level`;
+    ``reference_throughput=None``, and PSF-only designs, whose throughput is unknown: ``σ``).
+    """
+
+    def __init__(self, encoder: Encoder, decoder: WienerRefiner, to_psf: MaskToPsf, noise_std: float,
+                 reference_throughput: float | None = 0.5):
         super().__init__()
         self.encoder, self.decoder, self.to_psf = encoder, decoder, to_psf
         self.noise_std = float(noise_std)
+        self.reference_throughput = reference_throughput
+
+    def noise_level(self) -> float | torch.Tensor:
+        """σ for the mask of the encoder's last call (differentiable in the mask)."""
+        tau = self.encoder.throughput
+        if self.reference_throughput is None or tau is None:
+            return self.noise_std
+        return self.noise_std * self.reference_throughput / tau.clamp_min(1e-3)
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None, progress: float = 1.0, soft: bool = False):
         psf, soft_psf = self.encoder(self.to_psf, progress, soft)
-        y = measure(x, psf, self.decoder.sensor, noise, self.noise_std)
+        y = measure(x, psf, self.decoder.sensor, noise, self.noise_level())
         return self.decoder(y, psf), psf, soft_psf
 
 
-def encoder_loss(psf_student: torch.Tensor, psf_teacher: torch.Tensor, kind: str = "gram") -> torch.Tensor:
-    """Alignment of the sensing operators' spectra on the sensor grid (see the module docstring)."""
+def encoder_loss(student: torch.Tensor, teacher: torch.Tensor, kind: str = "gram") -> torch.Tensor:
+    """``gram`` / ``mtf``: alignment of the sensing operators' spectra on the sensor grid, from the two PSFs
+    (see the module docstring); ``mask``: of the masks themselves, ``Σ(p_s − t_t)² / Σ t_t²``."""
+    if kind == "mask":
+        return ((student - teacher) ** 2).sum() / (teacher ** 2).sum().clamp_min(1e-12)
+    psf_student, psf_teacher = student, teacher
     grid = psf_student.shape[-2:]
     hs = psf_transfer_function(psf_student, grid).abs()
     ht = psf_transfer_function(psf_teacher, grid).abs()
@@ -271,7 +306,7 @@ def encoder_loss(psf_student: torch.Tensor, psf_teacher: torch.Tensor, kind: str
         return ((hs ** 2 - ht ** 2) ** 2).sum() / (ht ** 4).sum()
     if kind == "mtf":
         return ((hs - ht) ** 2).sum() / (ht ** 2).sum()
-    raise ValueError(f"unknown encoder loss {kind!r}; use gram or mtf")
+    raise ValueError(f"unknown encoder loss {kind!r}; use gram, mtf or mask")
 
 
 def decoder_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
