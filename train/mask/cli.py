@@ -86,15 +86,16 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-throughput", type=float, default=0.5,
                    help="mask throughput (mean t² over the aperture) the exposure is set for: a mask passing τ "
                         "sees noise σ·ref/τ; 0: the same σ for every mask")
-    p.add_argument("--steps", type=int, default=600, help="training steps per design (the shared budget)")
-    p.add_argument("--teacher-steps", type=int, default=None, help="teacher steps (default: --steps)")
+    p.add_argument("--steps", type=int, default=400, help="training steps per design (the shared budget)")
+    p.add_argument("--teacher-steps", type=int, default=None,
+                   help="steps of the relaxed teacher, trained once before the students (default: 2 × --steps)")
     p.add_argument("--teacher-beta", type=float, default=16.0,
                    help="final projection sharpness of the relaxed teacher (its mask stays continuous)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr-mask", type=float, default=0.05, help="Adam learning rate of the mask logits")
     p.add_argument("--lr-decoder", type=float, default=2e-3, help="Adam learning rate of the refinement net")
     p.add_argument("--lam", type=float, default=1e-3, help="initial Wiener λ of the decoder (learned)")
-    p.add_argument("--encoder-loss", choices=("gram", "mtf", "mask"), default="gram",
+    p.add_argument("--encoder-loss", choices=("gram", "mtf", "mask"), default="mask",
                    help="encoder transfer loss: Gram (|H|²) or MTF (|H|) alignment, or the masks themselves")
     p.add_argument("--enc-weight", type=float, default=1.0, help="weight of the encoder loss (kd, kd-enc)")
     p.add_argument("--dec-weight", type=float, default=1.0, help="weight of the decoder-feature loss (kd, kd-dec)")
@@ -183,7 +184,7 @@ def run_design(name: str, s: DesignSettings, to_psf: MaskToPsf, train: torch.Ten
             system.eval()
             print(f"{name}: reusing {folder}", file=sys.stderr)
             return system, old
-    steps = (s.teacher_steps or s.steps) if name == "teacher" else s.steps
+    steps = (s.teacher_steps or 2 * s.steps) if name == "teacher" else s.steps
     t0 = time.perf_counter()
     weights = {"kd": (s.enc_weight, s.dec_weight), "kd-enc": (s.enc_weight, 0.0), "kd-dec": (0.0, s.dec_weight)}
     enc_w, dec_w = weights.get(name, (0.0, 0.0))

@@ -76,13 +76,13 @@ class DesignSettings:
     lcd_dead: int = 1
     noise_std: float = 0.005
     reference_throughput: float | None = 0.5
-    steps: int = 600
-    teacher_steps: int | None = None
+    steps: int = 400
+    teacher_steps: int | None = None  # None: 2 × steps
     batch: int = 16
     lr_mask: float = 0.05
     lr_decoder: float = 2e-3
     lam: float = 1e-3
-    encoder_loss: str = "gram"
+    encoder_loss: str = "mask"
     enc_weight: float = 1.0
     dec_weight: float = 1.0
     beta: tuple[float, float] = (1.0, 32.0)

@@ -133,7 +133,8 @@ def write_report(path: str | os.PathLike, results: Mapping[str, Mapping], settin
         (f"- scenes {settings['scene']}² through the crop model (as `nsdd-train simulate`), noise σ = "
          f"{settings['noise_std']} at throughput {settings['reference_throughput']}; constraint "
          f"`{settings['constraint']}`, minimum feature {settings['min_feature']} cells; encoder loss `{settings['encoder_loss']}` (w = {settings['enc_weight']}), decoder-feature loss "
-         f"w = {settings['dec_weight']}; {settings['steps']} steps × batch {settings['batch']} per design"),
+         f"w = {settings['dec_weight']}; {settings['steps']} steps × batch {settings['batch']} per design (teacher: "
+         f"{settings['teacher_steps'] or 2 * settings['steps']}, before the students)"),
         "",
         "## Designs side by side",
         "",
