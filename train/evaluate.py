@@ -652,20 +652,20 @@ def _mean(values: Sequence[float] | None) -> float | None:
     return float(np.mean(values))
 
 
-def _finite_or_none(obj):
+def finite_or_none(obj):
     """Strict JSON: NaN/±Inf (e.g. the PSNR of an exact reconstruction) become ``null``."""
     if isinstance(obj, float):
         return obj if np.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
+        return {k: finite_or_none(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
+        return [finite_or_none(v) for v in obj]
     return obj
 
 
 def _write_json(path: Path, obj) -> None:
     """Atomic strict-JSON write (temporary file + rename; non-finite numbers as ``null``)."""
-    atomic_write_json(path, _finite_or_none(obj), indent=2, allow_nan=False)
+    atomic_write_json(path, finite_or_none(obj), indent=2, allow_nan=False)
 
 
 def _recon_dir_timing(path: Path, ids: Sequence[str]) -> dict:

@@ -31,7 +31,7 @@ import torch
 
 from nsdd_edge.atomic import atomic_save_npy, atomic_write_json
 from nsdd_edge.optics import OpticsError
-from train.evaluate import machine_info
+from train.evaluate import finite_or_none, machine_info
 from train.mask.analysis import conditioning, radial_mtf
 from train.mask.design import (
     DESIGNS,
@@ -159,16 +159,6 @@ def load_scenes(folder: Path, limit: int, n_test: int, size: int, seed: int) -> 
     return out["train"], out["test"]
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
-
-
 def run_design(name: str, s: DesignSettings, to_psf: MaskToPsf, train: torch.Tensor, test: torch.Tensor,
                out: Path, teacher, lpips_weights: str | None, progress: bool):
     """Train (or reuse) and score one design; returns ``(system, result)``."""
@@ -219,7 +209,7 @@ def run_design(name: str, s: DesignSettings, to_psf: MaskToPsf, train: torch.Ten
             write_svg(folder / "mask.svg", mask, s.optics.feature_um)
     atomic_write_json(folder / "loss.json", history)
     torch.save(system.state_dict(), state_path)
-    atomic_write_json(result_path, _jsonable(result), indent=2)
+    atomic_write_json(result_path, finite_or_none(result), indent=2)
     return system, result
 
 
@@ -271,7 +261,7 @@ def design_masks(args: argparse.Namespace) -> dict:
     record = {"settings": s.to_dict(), "designs": names, "primary": primary, "command": command,
               "machine": machine, "seconds": seconds,
               "results": {k: {kk: vv for kk, vv in v.items() if kk != "signature"} for k, v in results.items()}}
-    atomic_write_json(out / "design.json", _jsonable(record), indent=2)
+    atomic_write_json(out / "design.json", finite_or_none(record), indent=2)
     return record
 
 

@@ -22,8 +22,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -333,9 +332,3 @@ def constraint_check(design: str, mask: np.ndarray | None, s: DesignSettings) ->
         out["rule"] = f"minimum feature {s.min_feature} cells = {s.min_feature * s.optics.feature_um:g} µm"
     out["satisfied"] = all(v == 0 for k, v in out.items() if isinstance(v, int))
     return out
-
-
-def timed(fn: Callable, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0

@@ -112,7 +112,6 @@ class BinaryEncoder(Encoder):
         self.theta = nn.Parameter(init.clone())
         self.min_feature, self.radius = int(min_feature), float(radius)
         self.beta, self.fill_range = beta, fill_range
-        self.last_mask: torch.Tensor | None = None
         self.last_how = ""
         self.eta = 0.5
 
@@ -155,7 +154,7 @@ class BinaryEncoder(Encoder):
         with torch.no_grad():
             hard, self.last_how, self.eta = self.fabricate(filtered.detach())
         p = self.support * project(filtered, beta, self.eta)
-        self.last_mask, self.soft_mask = hard, p
+        self.soft_mask = p
         mask = hard + (p - p.detach())  # forward value: exactly M; gradient: through p
         self.throughput = mask.sum() / self.support.sum()
         return to_psf(mask), (to_psf(p) if soft else None)
