@@ -13,10 +13,10 @@ from export.cli import main as export_main
 from nsdd_edge.cli import main as edge_main
 from nsdd_edge.optics import load_psf, read_image01
 from train.cli import main as train_main
-from train.mask.design import DesignSettings, build_system, train_system
+from train.mask.design import DesignError, DesignSettings, build_system, train_system
 from train.mask.fabrication import feature_violations, lcd_violations
 from train.mask.propagation import MaskToPsf
-from train.mask.systems import decoder_loss, encoder_loss
+from train.mask.systems import SensorNoise, decoder_loss, encoder_loss
 
 TINY = ["--limit", "20", "--n-test", "4", "--scene", "16", "--sensor", "32", "--steps", "3", "--batch", "4",
         "--width", "4", "--depth", "1", "--threads", "1", "--quiet"]
@@ -117,18 +117,50 @@ def test_transfer_losses_pull_the_student_towards_the_teacher():
 
 
 def test_noise_follows_the_mask_throughput():
-    """The exposure is set for a mask passing half the light: a mask passing a quarter sees twice the noise,
-    and a PSF-only design (throughput unknown) the nominal σ."""
+    """The exposure is set for a mask passing half the light: a mask passing a quarter sees twice the read
+    noise relative to its signal, and a PSF-only design (throughput unknown) the nominal σ."""
     s = DesignSettings(scene=16, sensor=32, width=4, depth=1, noise_std=0.01)
     to_psf = MaskToPsf(s.optics, (32, 32))
     system = build_system("mura", s, to_psf)
     system.encoder(to_psf)
     tau = float(system.encoder.throughput)
-    assert 0.2 < tau < 0.6
-    assert float(system.noise_level()) == pytest.approx(0.01 * 0.5 / tau)
-    assert build_system("contour", s, to_psf).noise_level() == 0.01
+    assert 0.2 < tau < 0.6 and float(system.throughput_ratio()) == pytest.approx(tau / 0.5)
+    y = torch.full((1, 3, 4, 4), 0.3)
+    assert torch.allclose(system.noise.std(y, system.throughput_ratio()), torch.full_like(y, 0.01 * 0.5 / tau))
+    assert build_system("contour", s, to_psf).throughput_ratio() == 1.0
     s.reference_throughput = None
-    assert build_system("mura", s, to_psf).noise_level() == 0.01
+    assert build_system("mura", s, to_psf).throughput_ratio() == 1.0
+
+
+def test_camera_profile_noise_is_poisson_gaussian_at_the_camera_level():
+    """With a profile: y is brought to the camera's 99th percentile, var = σ_r² + g·y there, then back."""
+    noise = SensorNoise(read_std=0.002, shot_gain=0.01, signal_p99=0.5)
+    y = torch.linspace(0.0, 0.1, 100).reshape(1, 1, 10, 10)
+    level = 0.5 / float(torch.quantile(y.flatten(), 0.99))
+    for ratio in (1.0, 0.5):
+        expected = torch.sqrt(0.002 ** 2 + 0.01 * level * ratio * y) / (level * ratio)
+        torch.testing.assert_close(noise.std(y, ratio), expected)
+    # halving the light raises the relative noise (more where read noise dominates)
+    assert bool((noise.std(y, 0.5) > noise.std(y, 1.0)).all())
+
+
+def test_design_takes_the_noise_of_a_camera_profile(tmp_path):
+    from nsdd_edge.bundle import PreprocessConfig
+    from nsdd_edge.camera import CameraProfile, NoiseModel
+    from nsdd_edge.optics import LenslessGeometry
+
+    psf = np.zeros((1, 16, 16), dtype=np.float32)
+    psf[0, 8, 8] = 1.0
+    profile = CameraProfile(name="test", preprocess=PreprocessConfig(), psf=psf,
+                            geometry=LenslessGeometry.make("circular", (16, 16)), lam=1e-3,
+                            noise=NoiseModel(read_std=0.003, shot_gain=0.02), signal={"p99": 0.4})
+    root = profile.save(tmp_path / "cam")
+    s = DesignSettings(scene=16, sensor=32, width=4, depth=1, profile=str(root))
+    noise = build_system("e2e", s, MaskToPsf(s.optics, (32, 32))).noise
+    assert noise == SensorNoise(read_std=0.003, shot_gain=0.02, signal_p99=0.4)
+    s.profile = str(tmp_path / "missing")
+    with pytest.raises(DesignError, match="--profile"):
+        build_system("e2e", s, MaskToPsf(s.optics, (32, 32)))
 
 
 @pytest.mark.slow
@@ -154,11 +186,19 @@ def test_designed_mask_goes_through_the_whole_chain_to_the_edge_loop(designed, s
     onnx = tmp_path / "model.onnx"
     assert export_main(["onnx", "--student", str(student), "--psf", str(ds / "psf.npy"), "--size", "32", "32",
                         "--out", str(onnx)]) == 0
+    from nsdd_edge.sources import open_source
+
+    # the bundle's preprocessing matches the simulated camera's raw frames (black level, bit depth)
+    camera = open_source("sim://?seed=1", psf=np.load(ds / "psf.npy"),
+                         geometry={"model": "circular", "sensor_shape": [32, 32]})
+    preprocess = tmp_path / "preprocess.json"
+    preprocess.write_text(json.dumps(camera.matching_preprocess()))
     bundle = tmp_path / "bundle"
-    assert export_main(["bundle", "--onnx", str(onnx), "--psf", str(ds / "psf.npy"), "--out", str(bundle)]) == 0
+    assert export_main(["bundle", "--onnx", str(onnx), "--psf", str(ds / "psf.npy"), "--preprocess", str(preprocess),
+                        "--out", str(bundle)]) == 0
     stats = tmp_path / "stats.json"
     assert edge_main(["run", "--model", str(bundle), "--source", "sim://?seed=1", "--engine", "onnx", "--frames",
-                      "3", "--preview", "none", "--stats", str(stats)]) == 0
+                      "3", "--preview", "none", "--stats", str(stats), "--snapshot", str(tmp_path / "preview.png")]) == 0
     figures = json.loads(stats.read_text())
     assert figures["frames_out"] == 3 and figures["rejected"] == 0 and figures["info"]["engine_kind"] == "onnx"
     bundled = json.loads((bundle / "bundle.json").read_text())

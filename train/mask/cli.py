@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from nsdd_edge.atomic import atomic_save_npy, atomic_write_json
+from nsdd_edge.cli_common import add_threads_argument
 from nsdd_edge.optics import OpticsError
 from train.evaluate import finite_or_none, machine_info
 from train.mask.analysis import conditioning, radial_mtf
@@ -48,7 +49,9 @@ from train.mask.design import (
 from train.mask.printing import write_png, write_svg
 from train.mask.propagation import RGB_WAVELENGTHS_NM, MaskOptics, MaskToPsf
 from train.mask.report import save_figure_side_by_side, write_report
+from train.mask.systems import measure
 from train.simulate import list_images, prepare_scene, split_ids
+from train.threads import torch_threads
 
 HELP = "design a binary lensless mask by knowledge distillation from a relaxed teacher, against baselines"
 
@@ -83,6 +86,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lcd-dead", type=int, default=1, help="opaque cells per LCD pixel side (dead space)")
     p.add_argument("--noise-std", type=float, default=0.005,
                    help="Gaussian read noise on the [0, 1] scale, for a mask passing --reference-throughput")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="camera profile (nsdd-edge calibrate): its Poisson–Gaussian noise and signal level instead "
+                        "of --noise-std")
     p.add_argument("--reference-throughput", type=float, default=0.5,
                    help="mask throughput (mean t² over the aperture) the exposure is set for: a mask passing τ "
                         "sees noise σ·ref/τ; 0: the same σ for every mask")
@@ -91,7 +97,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="steps of the relaxed teacher, trained once before the students (default: 2 × --steps)")
     p.add_argument("--teacher-beta", type=float, default=16.0,
                    help="final projection sharpness of the relaxed teacher (its mask stays continuous)")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=16, help="scenes per training step")
     p.add_argument("--lr-mask", type=float, default=0.05, help="Adam learning rate of the mask logits")
     p.add_argument("--lr-decoder", type=float, default=2e-3, help="Adam learning rate of the refinement net")
     p.add_argument("--lam", type=float, default=1e-3, help="initial Wiener λ of the decoder (learned)")
@@ -101,10 +107,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dec-weight", type=float, default=1.0, help="weight of the decoder-feature loss (kd, kd-dec)")
     p.add_argument("--width", type=int, default=16, help="refinement network base channels")
     p.add_argument("--depth", type=int, default=2, help="refinement network levels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the train/test split, the initial weights, the batches and the noise")
     p.add_argument("--radial-psf", default=None, help="real PSF for the radial baseline (.npy)")
     p.add_argument("--lpips-weights", default=None, help="LPIPS-Alex v0.1 weights (.pth); without: no LPIPS")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_threads_argument(p, "torch CPU threads", "train")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -118,6 +125,7 @@ def settings_from_args(args: argparse.Namespace) -> DesignSettings:
                        fill_range=tuple(args.fill_range) if args.fill_range else None,
                        lcd_pitch=args.lcd_pitch, lcd_dead=args.lcd_dead, noise_std=args.noise_std,
                        reference_throughput=args.reference_throughput or None,
+                       profile=str(Path(args.profile).resolve()) if args.profile else None,
                        steps=args.steps, teacher_steps=args.teacher_steps, teacher_beta=args.teacher_beta,
                        batch=args.batch,
                        lr_mask=args.lr_mask, lr_decoder=args.lr_decoder, lam=args.lam,
@@ -159,6 +167,14 @@ def load_scenes(folder: Path, limit: int, n_test: int, size: int, seed: int) -> 
     return out["train"], out["test"]
 
 
+@torch.no_grad()
+def mean_noise(system, scenes: torch.Tensor, psf: torch.Tensor) -> float:
+    """The mean noise σ relative to the signal over the clean measurements of ``scenes``."""
+    ratio = system.throughput_ratio()
+    clean = measure(scenes, psf, system.decoder.sensor, None, system.noise, ratio)
+    return float(system.noise.std(clean, ratio).mean())
+
+
 def run_design(name: str, s: DesignSettings, to_psf: MaskToPsf, train: torch.Tensor, test: torch.Tensor,
                out: Path, teacher, lpips_weights: str | None, progress: bool):
     """Train (or reuse) and score one design; returns ``(system, result)``."""
@@ -192,7 +208,7 @@ def run_design(name: str, s: DesignSettings, to_psf: MaskToPsf, train: torch.Ten
         "mask_kind": {"teacher": "relaxed", "contour": "PSF only", "radial": "PSF only (real)"}.get(
             name, f"{s.constraint if name in STUDENTS else 'binary'}"),
         "constraint": constraint_check(name, mask, s), "lam": system.decoder.lam, "wiener_lam": wiener_lam,
-        "fill_factor": None, "noise_std": float(system.noise_level()),
+        "fill_factor": None, "noise_std": mean_noise(system, test, psf.detach()),
         **conditioning(green, (s.sensor, s.sensor), (s.scene, s.scene)),
         "decoder": score(x_dec, test, lpips_weights), "wiener": score(x_wie, test, lpips_weights),
         "final_loss": history[-1] if history else None,
@@ -266,10 +282,9 @@ def design_masks(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
     try:
-        record = design_masks(args)
+        with torch_threads(args.threads, "train"):
+            record = design_masks(args)
     except (DesignError, OpticsError, ValueError) as exc:
         print(f"nsdd-train design-mask: error: {exc}", file=sys.stderr)
         return 2

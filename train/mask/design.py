@@ -40,6 +40,7 @@ from train.mask.systems import (
     LcdEncoder,
     MaskSystem,
     RelaxedEncoder,
+    SensorNoise,
     WienerRefiner,
     aperture_support,
     decoder_loss,
@@ -75,6 +76,7 @@ class DesignSettings:
     lcd_dead: int = 1
     noise_std: float = 0.005
     reference_throughput: float | None = 0.5
+    profile: str | None = None  # a camera profile: its Poisson–Gaussian noise and signal level replace noise_std
     steps: int = 400
     teacher_steps: int | None = None  # None: 2 × steps
     batch: int = 16
@@ -145,6 +147,8 @@ class DesignSettings:
                 d.pop(k)
         if design != "radial":
             d.pop("radial_psf")
+        if self.profile is None:
+            d.pop("profile")
         return json.loads(json.dumps({"design": design, **d}))  # as result.json records it (tuples → lists)
 
 
@@ -195,7 +199,21 @@ def build_encoder(design: str, s: DesignSettings) -> Encoder:
 def build_system(design: str, s: DesignSettings, to_psf: MaskToPsf) -> MaskSystem:
     torch.manual_seed(s.seed)  # the same decoder initialisation for every design
     decoder = WienerRefiner(len(s.optics.wavelengths_nm), s.scene, s.sensor, s.width, s.depth, s.lam)
-    return MaskSystem(build_encoder(design, s), decoder, to_psf, s.noise_std, s.reference_throughput)
+    return MaskSystem(build_encoder(design, s), decoder, to_psf, sensor_noise(s), s.reference_throughput)
+
+
+def sensor_noise(s: DesignSettings) -> SensorNoise:
+    """Read noise ``--noise-std``, or the Poisson–Gaussian model and signal level of ``--profile``."""
+    if s.profile is None:
+        return SensorNoise(read_std=s.noise_std)
+    from nsdd_edge.camera import ProfileError, load_profile
+
+    try:
+        profile = load_profile(s.profile)
+    except ProfileError as exc:
+        raise DesignError(f"--profile {exc}") from None
+    return SensorNoise(read_std=float(profile.noise.read_std), shot_gain=float(profile.noise.shot_gain),
+                       signal_p99=float(profile.signal.get("p99", 1.0)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,6 +233,8 @@ def train_system(system: MaskSystem, scenes: torch.Tensor, steps: int, s: Design
     Every design sees the same batches (seeded permutation) and the same noise draws."""
     from tqdm import tqdm
 
+    from train.progress import TimeEstimate
+
     enc_params = list(system.encoder.parameters())
     groups = [{"params": list(system.decoder.net.parameters()), "lr": s.lr_decoder},
               {"params": [system.decoder.log_lam], "lr": 0.05}]
@@ -230,9 +250,10 @@ def train_system(system: MaskSystem, scenes: torch.Tensor, steps: int, s: Design
             p.requires_grad_(False)
         with torch.no_grad():
             teacher_psf, _ = teacher.encoder(teacher.to_psf, 1.0)
-            teacher_mask, teacher_sigma = teacher.encoder.soft_mask, teacher.noise_level()
+            teacher_mask, teacher_ratio = teacher.encoder.soft_mask, teacher.throughput_ratio()
     system.train()
     bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress, file=sys.stderr, mininterval=2.0)
+    estimate = TimeEstimate(f"design-mask {desc}".strip(), steps, "step")
     for step in bar:
         if cursor + s.batch > len(order):
             order, cursor = np.random.default_rng(s.seed + step).permutation(len(scenes)), 0
@@ -253,7 +274,7 @@ def train_system(system: MaskSystem, scenes: torch.Tensor, steps: int, s: Design
         if teacher is not None and dec_weight > 0:
             student_features = list(system.decoder.features)
             with torch.no_grad():
-                y_t = measure(x, teacher_psf, s.sensor, noise, teacher_sigma)
+                y_t = measure(x, teacher_psf, s.sensor, noise, teacher.noise, teacher_ratio)
                 teacher.decoder(y_t, teacher_psf)
             l_dec = decoder_loss(student_features, teacher.decoder.features)
             loss = loss + dec_weight * l_dec
@@ -265,6 +286,7 @@ def train_system(system: MaskSystem, scenes: torch.Tensor, steps: int, s: Design
             g["lr"] = lr * scale
         opt.step()
         history.append(record)
+        estimate.update(step + 1)
         if step % 25 == 0:
             bar.set_postfix(psnr=f"{-10 * math.log10(max(record['rec'], 1e-12)):.2f}", lam=f"{system.decoder.lam:.1e}")
     bar.close()
@@ -283,7 +305,7 @@ def held_out_measurements(system: MaskSystem, scenes: torch.Tensor, seed: int) -
     psf, _ = system.encoder(system.to_psf, 1.0)
     sensor = system.decoder.sensor
     noise = torch.randn((scenes.shape[0], scenes.shape[1], sensor, sensor), generator=torch.Generator().manual_seed(seed))
-    return psf, measure(scenes, psf, sensor, noise, float(system.noise_level()))
+    return psf, measure(scenes, psf, sensor, noise, system.noise, float(system.throughput_ratio()))
 
 
 @torch.no_grad()

@@ -131,15 +131,17 @@ def write_report(path: str | os.PathLike, results: Mapping[str, Mapping], settin
          f"pixels of {optics['sensor_pitch_um']} µm; fabrication pitch {optics['feature_um']} µm; wavelengths "
          f"{', '.join(f'{w:g}' for w in optics['wavelengths_nm'])} nm; propagation `{settings['propagation']}`"),
         (f"- scenes {settings['scene']}² through the crop model (as `nsdd-train simulate`), noise σ = "
-         f"{settings['noise_std']} at throughput {settings['reference_throughput']}; constraint "
+         f"{settings['noise_std'] if not settings.get('profile') else 'of the camera profile ' + settings['profile']} "
+         f"at throughput {settings['reference_throughput']}; constraint "
          f"`{settings['constraint']}`, minimum feature {settings['min_feature']} cells; encoder loss `{settings['encoder_loss']}` (w = {settings['enc_weight']}), decoder-feature loss "
          f"w = {settings['dec_weight']}; {settings['steps']} steps × batch {settings['batch']} per design (teacher: "
          f"{settings['teacher_steps'] or 2 * settings['steps']}, before the students)"),
         "",
         "## Designs side by side",
         "",
-        ("fill: open fraction of the aperture (teacher: mean transmittance). σ: the read noise relative to the "
-         "signal, σ·τ_ref/τ with τ the mask's throughput (PSF-only designs: σ). κ(A), μ(A): condition number and "
+        ("fill: open fraction of the aperture (teacher: mean transmittance). σ: the mean noise relative to the "
+         "signal on the held-out scenes; it grows as τ_ref/τ with the mask's throughput τ (PSF-only designs: "
+         "τ = τ_ref). κ(A), μ(A): condition number and "
          "Gram coherence of the green channel's crop-model matrix A (formed and decomposed exactly). λ: the "
          "decoder's learned Wiener λ. Wiener: λ chosen on training scenes."),
         "",

@@ -15,8 +15,8 @@ design aperture (opaque outside):
 Decoder (:class:`WienerRefiner`): ``x̂ = net(C_scene A†_λ y)`` with ``A†_λ`` the Wiener filter of the
 current PSF at sensor size (circular model, learned ``λ = e^ℓ``) and ``net`` an :class:`EdgeUNet` with an
 input skip. The measurement is the crop model of ``nsdd-train simulate``:
-``y = clip(C F⁻¹[H · F(P x)] + n, 0, 1)``, ``n ~ N(0, σ²)``, with ``σ`` scaled by the mask's light
-throughput (:meth:`MaskSystem.noise_level`). Both operators are
+``y = clip(C F⁻¹[H · F(P x)] + n, 0, 1)`` with read (and, from a camera profile, shot) noise whose level
+relative to the signal follows the mask's light throughput (:class:`SensorNoise`). Both operators are
 :class:`train.physics.LenslessOperator` built with ``differentiable=True`` from the current PSF.
 
 Transfer losses (Suarez-Rodriguez, Jacome & Arguello): the encoder loss compares the student's
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -251,44 +252,70 @@ class WienerRefiner(nn.Module):
         return self.net(self.wiener(y, psf))
 
 
+@dataclass(frozen=True)
+class SensorNoise:
+    """Poisson–Gaussian sensor noise ``var = σ_r² + g · y`` (a camera profile's ``noise``, or read noise alone).
+
+    ``signal_p99`` None: ``y`` is on the scenes' [0, 1] scale and ``σ_r``, ``g`` are in those units. Given (a
+    camera profile's ``signal.p99``): each measurement is first brought to the camera's level ``s`` with
+    ``p99(s·y) = signal_p99``, as ``nsdd-train simulate --profile`` does. A mask passing ``r`` times the
+    reference light (:meth:`MaskSystem.throughput_ratio`) has the signal ``s r y``, so relative to ``y`` the
+    noise is ``std = √(σ_r² + g s r y) / (s r)``.
+    """
+
+    read_std: float
+    shot_gain: float = 0.0
+    signal_p99: float | None = None
+
+    def std(self, y: torch.Tensor, ratio: float | torch.Tensor = 1.0) -> torch.Tensor:
+        if self.signal_p99 is None:
+            level = torch.ones((), dtype=y.dtype)
+        else:
+            p99 = torch.quantile(y.detach().flatten(1).float(), 0.99, dim=1).clamp_min(1e-12)
+            level = (self.signal_p99 / p99).to(y.dtype).reshape(-1, *[1] * (y.ndim - 1))
+        scale = level * ratio
+        return torch.sqrt(self.read_std ** 2 + self.shot_gain * scale * y.clamp_min(0.0)) / scale
+
+
 def measure(x: torch.Tensor, psf: torch.Tensor, sensor: int, noise: torch.Tensor | None,
-            noise_std: float | torch.Tensor) -> torch.Tensor:
-    """``y = clip(C F⁻¹[H · F(P x)] + σ n, 0, 1)`` with the crop model of ``nsdd-train simulate``."""
+            sensor_noise: SensorNoise, ratio: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """``y = C F⁻¹[H · F(P x)] + std(y) n`` with the crop model of ``nsdd-train simulate``, clipped to [0, 1]
+    (to ≥ 0 with a camera's signal level, as ``simulate --profile``)."""
     scene = tuple(x.shape[-2:])
     op = LenslessOperator(psf, (sensor, sensor), "crop", scene_shape=scene,
                           conv_shape=centred_conv_shape((sensor, sensor), scene), differentiable=True)
     y = op.A(x)
     if noise is not None:
-        y = y + noise_std * noise
-    return y.clamp(0.0, 1.0)
+        y = y + sensor_noise.std(y, ratio) * noise
+    return y.clamp_min(0.0) if sensor_noise.signal_p99 is not None else y.clamp(0.0, 1.0)
 
 
 class MaskSystem(nn.Module):
     """Encoder + decoder; ``forward(x, noise, progress, soft) -> (x̂, psf, soft_psf)``.
 
     The PSF sums to one whatever the mask lets through, so the light budget enters through the noise: the
-    exposure is set for a mask of throughput ``τ_ref`` and a mask of throughput ``τ`` (mean of ``t²`` over
-    the aperture) sees the read noise ``σ τ_ref / τ`` relative to its signal (:meth:`noise_level`;
-    ``reference_throughput=None``, and PSF-only designs, whose throughput is unknown: ``σ``).
+    exposure is set for a mask of throughput ``τ_ref``, and a mask of throughput ``τ`` (mean of ``t²`` over
+    the aperture) collects ``r = τ / τ_ref`` times that light (:meth:`throughput_ratio`, :class:`SensorNoise`;
+    ``reference_throughput=None``, and PSF-only designs, whose throughput is unknown: ``r = 1``).
     """
 
-    def __init__(self, encoder: Encoder, decoder: WienerRefiner, to_psf: MaskToPsf, noise_std: float,
+    def __init__(self, encoder: Encoder, decoder: WienerRefiner, to_psf: MaskToPsf, noise: SensorNoise,
                  reference_throughput: float | None = 0.5):
         super().__init__()
         self.encoder, self.decoder, self.to_psf = encoder, decoder, to_psf
-        self.noise_std = float(noise_std)
+        self.noise = noise
         self.reference_throughput = reference_throughput
 
-    def noise_level(self) -> float | torch.Tensor:
-        """σ for the mask of the encoder's last call (differentiable in the mask)."""
+    def throughput_ratio(self) -> float | torch.Tensor:
+        """``r = τ / τ_ref`` of the encoder's last call (differentiable in the mask)."""
         tau = self.encoder.throughput
         if self.reference_throughput is None or tau is None:
-            return self.noise_std
-        return self.noise_std * self.reference_throughput / tau.clamp_min(1e-3)
+            return 1.0
+        return tau.clamp_min(1e-3) / self.reference_throughput
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor | None, progress: float = 1.0, soft: bool = False):
         psf, soft_psf = self.encoder(self.to_psf, progress, soft)
-        y = measure(x, psf, self.decoder.sensor, noise, self.noise_level())
+        y = measure(x, psf, self.decoder.sensor, noise, self.noise, self.throughput_ratio())
         return self.decoder(y, psf), psf, soft_psf
 
 
