@@ -50,7 +50,7 @@ from torch import nn
 
 from nsdd_edge.atomic import atomic_write_bytes, atomic_write_json
 from nsdd_edge.bundle import BundleError, parse_support
-from train.physics import LenslessOperator, center_crop, center_pad
+from train.physics import LenslessOperator, center_crop, center_pad, fit_to_grid
 from train.solvers.base import Solver, register
 
 Objective = Literal["nullspace", "full"]
@@ -69,17 +69,6 @@ class StudentError(ValueError):
 # ----------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------
-
-
-def fit_to_grid(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Centre-crop or zero-pad each of the last two axes independently to ``shape``."""
-    h, w = x.shape[-2:]
-    th, tw = int(shape[0]), int(shape[1])
-    if th < h or tw < w:
-        x = center_crop(x, (min(th, h), min(tw, w)))
-    if th > x.shape[-2] or tw > x.shape[-1]:
-        x = center_pad(x, (th, tw))
-    return x
 
 
 def student_inputs(y: torch.Tensor, physics: LenslessOperator) -> tuple[torch.Tensor, torch.Tensor]:
