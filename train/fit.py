@@ -77,6 +77,11 @@ class Stages:
     def budget(self, stage: str) -> float:
         return max(SHARES[stage] * self.left(), 1.0)
 
+    def finished(self, stage: str) -> dict | None:
+        """The recorded details of a stage an earlier run of this command completed, else None."""
+        record = json.loads(self.record.read_text()) if self.record.exists() else {}
+        return record.get("details", {}).get(stage) if stage in record.get("stages", {}) else None
+
     def done(self, stage: str, started: float, **extra) -> None:
         self.times[stage] = round(time.monotonic() - started, 1)
         print(f"[fit] {stage}: {self.times[stage]:.0f} s (budget left {self.left() / 60:.1f} min)", flush=True)
@@ -105,6 +110,11 @@ def run_fit(args: argparse.Namespace) -> dict:
     except ProfileError as exc:
         raise FitError(f"--profile {exc}") from None
     captures = list_captures(args.captures)
+    for path in captures:  # every capture must be a measurement of this camera before any work starts
+        y = profile.measurement(path)
+        if y.shape[0] != profile.channels:
+            raise FitError(f"--captures {path}: {y.shape[0]} channel(s) after the profile's preprocessing, the camera "
+                           f"gives {profile.channels} (a PSF image or another camera's file in the folder? pass a glob)")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(args.budget_minutes, out / "fit.json")
@@ -123,29 +133,35 @@ def run_fit(args: argparse.Namespace) -> dict:
         if rc != 0:
             raise FitError("simulate failed (see above)")
     ds = LenslessDataset(data)
-    stages.done("simulate", t, samples=len(ds.ids("train")), profile_match=ds.meta.get("profile_match"))
+    if stages.finished("simulate") is None:
+        stages.done("simulate", t, samples=len(ds.ids("train")), profile_match=ds.meta.get("profile_match"))
 
     # 2. teacher: the rate on the first batch sizes the label count
     t = time.monotonic()
-    budget = stages.budget("teacher")
-    batch = 8
     interactive = sys.stderr.isatty()
-    common = dict(steps=args.teacher_steps, batch_size=batch, shard_size=batch, device=device, progress=interactive,
-                  prior_path=args.prior, write_png=False)
     teacher_dir = out / "teacher"
-    label_dataset(ds, prior, teacher_dir, split="train", limit=batch, **common)
-    manifest = json.loads((teacher_dir / "teacher.json").read_text())
-    per_image = np.median([v.get("seconds", 0) for v in json.loads((teacher_dir / "recon.json").read_text())
-                           ["images"].values()]) or 1.0
-    n_labels = int(min(len(ds.ids("train")), max(batch, (budget - (time.monotonic() - t)) / per_image)))
-    n_labels = max(batch, n_labels // batch * batch)
-    n_labels = max(n_labels, len(manifest.get("ids", [])))
-    label_dataset(ds, prior, teacher_dir, split="train", limit=n_labels, **common)
-    stages.done("teacher", t, labels=n_labels, seconds_per_image=float(per_image), steps=args.teacher_steps)
+    if (earlier := stages.finished("teacher")) is not None:
+        n_labels = int(earlier["labels"])
+        print(f"[fit] teacher: {n_labels} labels from the earlier run", flush=True)
+    else:
+        budget = stages.budget("teacher")
+        batch = 8
+        common = dict(steps=args.teacher_steps, batch_size=batch, shard_size=batch, device=device,
+                      progress=interactive, prior_path=args.prior, write_png=False)
+        label_dataset(ds, prior, teacher_dir, split="train", limit=batch, **common)
+        manifest = json.loads((teacher_dir / "teacher.json").read_text())
+        per_image = np.median([v.get("seconds", 0) for v in json.loads((teacher_dir / "recon.json").read_text())
+                               ["images"].values()]) or 1.0
+        n_labels = int(min(len(ds.ids("train")), max(batch, (budget - (time.monotonic() - t)) / per_image)))
+        n_labels = max(batch, n_labels // batch * batch)
+        n_labels = max(n_labels, len(manifest.get("ids", [])))
+        label_dataset(ds, prior, teacher_dir, split="train", limit=n_labels, **common)
+        stages.done("teacher", t, labels=n_labels, seconds_per_image=float(per_image), steps=args.teacher_steps)
 
     # 3. student, time-boxed
     t = time.monotonic()
     student_dir = out / "student"
+    distilled = stages.finished("distill")
     lam = args.lam if args.lam == "discrepancy" else float(args.lam)
     settings = DistillSettings(
         data=str(data), targets=str(teacher_dir), out=str(student_dir), student=args.student,
@@ -155,8 +171,11 @@ def run_fit(args: argparse.Namespace) -> dict:
         warmup=20, checkpoint_every=100, samples=4, device=device, fp16=False, progress=interactive, preload=True,
         time_budget=stages.budget("distill"),
         architecture={} if args.student == "paper" else {"width": 16, "depth": 3, "max_width": 128})
-    summary = train_student(settings)
-    stages.done("distill", t, steps=summary["step"], parameters=summary["parameters"])
+    if distilled is None:
+        summary = train_student(settings)
+        stages.done("distill", t, steps=summary["step"], parameters=summary["parameters"])
+    else:
+        print(f"[fit] distill: the student of the earlier run ({distilled.get('steps')} steps)", flush=True)
 
     # 4. export, verify, bundle (the profile's preprocessing, the profile embedded)
     t = time.monotonic()
