@@ -4,13 +4,14 @@
 # ground-truth-free, against held-out labels.
 # Labels come from the GPU paper student (cascade distillation: it is as close to the teacher as the teacher's
 # own noise, at ~1/80 of its cost): 1,124 training measurements, the first 1,024 to train on, the last 100
-# held out. Each student gets the same wall-time budget (TIME minutes) on one thread. Every step resumes.
+# held out. Each student trains the same STEPS steps (batch 16, one thread; the two objectives of one
+# pseudo-inverse side by side, one per core). Every step resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-runs/r64/radial64}
 M=models/gpu-h200-faces64
 OUT=${OUT:-runs/gpu}
-TIME=${TIME:-10}
+STEPS=${STEPS:-800}
 LPIPS=${LPIPS:-../shared/weights/lpips/lpips_alex_full_v0.1.pth}
 nsdd-train solve --method "student:$M/student_paper" --data "$DATA" --split train --limit 1124 --batch-size 16 \
   --threads 1 --out "$OUT/cascade_labels"
@@ -18,9 +19,10 @@ for proj in tikhonov truncated; do
   for obj in nullspace full; do
     nsdd-train distill --data "$DATA" --targets "$OUT/cascade_labels" --limit 1024 --student edge --objective "$obj" \
       --projector "$proj" --lam discrepancy --width 16 --depth 3 --max-width 128 \
-      --lpips-weight 0.1 --lpips-weights "$LPIPS" --steps 100000 --time-budget "$TIME" --batch 16 --lr 5e-4 \
-      --warmup 50 --checkpoint-every 500 --preload --threads 1 --quiet --out "$OUT/projector_${proj}_${obj}"
+      --lpips-weight 0.1 --lpips-weights "$LPIPS" --steps "$STEPS" --batch 16 --lr 5e-4 \
+      --warmup 50 --checkpoint-every 200 --preload --threads 1 --quiet --out "$OUT/projector_${proj}_${obj}" &
   done
+  wait
 done
 students=""
 for proj in tikhonov truncated; do for obj in nullspace full; do students="$students,student:$OUT/projector_${proj}_${obj}"; done; done
