@@ -532,8 +532,9 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
             history.append([step, value, lr])
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4g}", lr=f"{lr:.2e}")
-            estimate.total = s.steps  # --time-budget may have lowered it
-            estimate.update(step)
+            if deadline is None or (probe is not None and step > probe[0] + 10):  # after the budget sized the run
+                estimate.total = s.steps
+                estimate.update(step)
             if step % s.checkpoint_every == 0 or step == s.steps:
                 checkpoint()
             if callback is not None:
