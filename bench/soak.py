@@ -40,16 +40,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nsdd_edge.atomic import atomic_write_bytes  # noqa: E402
-from nsdd_edge.bundle import PreprocessConfig, load_bundle, write_bundle  # noqa: E402
-from nsdd_edge.commands.run import make_preprocessor, open_camera, stop_on_signals  # noqa: E402
-from nsdd_edge.engines import NumpyWienerEngine  # noqa: E402
-from nsdd_edge.loop import LoopConfig, ReconstructionLoop  # noqa: E402
-from nsdd_edge.optics import LenslessGeometry, normalize  # noqa: E402
-from nsdd_edge.psf_sim import simulate_psf  # noqa: E402
-from nsdd_edge.recorder import Recorder, read_recorded_raw  # noqa: E402
-from nsdd_edge.sources import SourceError, SourceStalled, open_source  # noqa: E402
-from nsdd_edge.telemetry import Telemetry  # noqa: E402
+from nsdd_edge.atomic import atomic_write_bytes
+from nsdd_edge.bundle import PreprocessConfig, load_bundle, write_bundle
+from nsdd_edge.commands.run import make_preprocessor, open_camera, stop_on_signals
+from nsdd_edge.engines import NumpyWienerEngine
+from nsdd_edge.loop import LoopConfig, ReconstructionLoop
+from nsdd_edge.optics import LenslessGeometry, normalize
+from nsdd_edge.psf_sim import simulate_psf
+from nsdd_edge.recorder import Recorder, read_recorded_raw
+from nsdd_edge.sources import SourceError, SourceStalled, open_source
+from nsdd_edge.telemetry import Telemetry
 
 
 def rss_mb() -> float:

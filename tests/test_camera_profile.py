@@ -246,9 +246,9 @@ def test_fista_lowers_the_residual_and_stays_non_negative():
 def test_bundle_takes_inline_preprocessing_json_and_a_camera_profile(tmp_path, profile_dir):
     from export.make_bundle import _preprocess_settings
 
-    path, settings, prof = _preprocess_settings('{"downsample": 2, "normalization": "fixed", "scale": 3.0}')
+    _, settings, prof = _preprocess_settings('{"downsample": 2, "normalization": "fixed", "scale": 3.0}')
     assert settings["downsample"] == 2 and prof is None
-    path, settings, prof = _preprocess_settings(profile_dir[0])
+    _, settings, prof = _preprocess_settings(profile_dir[0])
     assert prof == profile_dir[0] and settings["raw_crop"] is not None
     from export.graph import ExportError
 

@@ -109,8 +109,7 @@ def test_jetson_setup_refuses_unsupported_systems(tmp_path, release, message):
 
 
 def test_info_shows_the_jetpack_row_on_a_jetson(tmp_path, monkeypatch):
-    import nsdd_edge.devices as devices
-    import nsdd_edge.trt_runner as trt_runner
+    from nsdd_edge import devices, trt_runner
     from nsdd_edge.commands.info import versions
 
     release = tmp_path / "nv_tegra_release"
@@ -405,9 +404,9 @@ def test_devices_doc_holds_the_version_table_and_a_check_per_issue_item():
     table = doc.split("<!-- device-versions:begin -->\n", 1)[1].split("<!-- device-versions:end -->", 1)[0]
     assert table == markdown_tables()
     checks = doc.split("## Manual checks on the hardware", 1)[1]
-    assert [int(n) for n in re.findall(r"^ ?(\d+)\. \*\*", checks, flags=re.M)] == list(range(1, 13))
+    assert [int(n) for n in re.findall(r"^ ?(\d+)\. \*\*", checks, flags=re.MULTILINE)] == list(range(1, 13))
     named = set(re.findall(r"`(test_[a-z0-9_]+)`", doc))
-    defined = {m for f in (ROOT / "tests").glob("test_*.py") for m in re.findall(r"^def (test_\w+)", f.read_text(), re.M)}
+    defined = {m for f in (ROOT / "tests").glob("test_*.py") for m in re.findall(r"^def (test_\w+)", f.read_text(), re.MULTILINE)}
     assert named and named <= defined, named - defined
 
 

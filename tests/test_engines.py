@@ -164,7 +164,6 @@ def test_plan_engine_precision(tmp_path):
 
 def test_run_and_bench_use_the_bundle_fp16_and_int8_models(tmp_path, capsys):
     from nsdd_edge.cli import main as edge_main
-
     from nsdd_edge.sources import open_source
 
     make_conv_onnx(tmp_path / "fp32.onnx")

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-
 from test_camera_profile import camera_files, profile_dir  # noqa: F401  (fixtures)
 
 

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from nsdd_edge.atomic import atomic_write_bytes
 from nsdd_edge.bundle import PreprocessConfig, write_bundle
 from nsdd_edge.engines import Engine, NumpyWienerEngine
 from nsdd_edge.loop import LatestSlot, LoopConfig, LoopError, ReconstructionLoop
@@ -19,7 +20,6 @@ from nsdd_edge.preprocess import Preprocessor
 from nsdd_edge.psf_sim import simulate_psf
 from nsdd_edge.recorder import Recorder, read_recorded_raw
 from nsdd_edge.sources import EndOfStream, Frame, SourceError, SourceStalled
-from nsdd_edge.atomic import atomic_write_bytes
 
 SIZE = 24
 

@@ -9,6 +9,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_evaluate import make_dataset
+from test_students import SMALL_EDGE, blur_psf, scenes
 from torch import nn
 
 from nsdd_edge.optics import (
@@ -23,9 +25,6 @@ from train.cli import main as train_cli
 from train.physics import LenslessOperator
 from train.prior.base import DiffusionPrior, linear_alphas_cumprod
 from train.solvers.diffusion_common import make_generators, randn_per_sample, respaced_timesteps
-
-from test_evaluate import make_dataset
-from test_students import SMALL_EDGE, blur_psf, scenes
 
 
 # ---- the truncated pseudo-inverse -------------------------------------------------------------------------

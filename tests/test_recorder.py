@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nsdd_edge.recorder import DiskFull, Recorder, RecorderError, read_recorded_raw
 from nsdd_edge.atomic import atomic_write_bytes
+from nsdd_edge.recorder import DiskFull, Recorder, RecorderError, read_recorded_raw
 
 
 def frames(rng):

@@ -496,7 +496,7 @@ def test_unpack_raw_msb_aligned_words(bits):
 
 
 def test_v4l2_raw_alignment_is_msb_on_a_jetson(monkeypatch):
-    import nsdd_edge.sources.capture as capture
+    from nsdd_edge.sources import capture
 
     monkeypatch.setattr(capture, "is_tegra", lambda: True)
     assert open_source("v4l2:///dev/video0?pixelformat=RG12").align == "msb"

@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> dict:
             time_budget=None if tiny else clock.share(SHARES[name]))
         try:
             summary = train_student(settings)
-        except Exception as exc:  # one failing student must not cost the others (or the prior) their outputs
+        except Exception as exc:  # noqa: BLE001  one failing student must not cost the others (or the prior) their outputs
             import traceback
 
             traceback.print_exc()
@@ -341,13 +341,13 @@ def validation_figures(ds, val: list[str], work: Path, lam: float, prior, device
         result["wiener"]["ms_batch1"] = _median_ms(lambda: phys.A_dagger(y1), 3, 20, sync)
         for steps in ((2,) if tiny else (50, 100)):
             solver = DDNM(prior, steps=steps, sigma_y=float(ds.meta["noise_std"]))
-            result["teacher"][f"ms_batch1_{steps}_steps"] = _median_ms(lambda: solver(y1, phys), 1,
+            result["teacher"][f"ms_batch1_{steps}_steps"] = _median_ms(lambda solver=solver: solver(y1, phys), 1,
                                                                          1 if tiny else 5, sync)
         for name in students:
             s = load_student(work / f"student_{name}", device=device)
             x = torch.cat([s(y[k:k + 32], phys) for k in range(0, len(val), 32)])
             result[name] = scores(x)
-            result[name]["ms_batch1"] = _median_ms(lambda: s(y1, phys), 3, 3 if tiny else 50, sync)
+            result[name]["ms_batch1"] = _median_ms(lambda s=s: s(y1, phys), 3, 3 if tiny else 50, sync)
     return result
 
 
