@@ -11,10 +11,10 @@ import numpy as np
 
 from nsdd_edge.optics import (
     IMAGE_SUFFIXES,
+    ForwardModel,
     LenslessGeometry,
     OpticsError,
     WienerSpectra,
-    center_crop,
     center_pad,
     load_psf,
     read_image01,
@@ -169,10 +169,10 @@ class SimCamera(FrameSource):
             raise ValueError(f"camera source {uri!r}: format=rgb needs channels=3")
         options.finish()
         try:
-            spectra = WienerSpectra.from_psf(self.psf, geometry.conv_shape, self.lam)
+            WienerSpectra.from_psf(self.psf, geometry.conv_shape, self.lam)  # validates the PSF and λ for the grid
+            self._model = ForwardModel(self.psf, geometry)  # A x: the same forward model as the runtime's checks
         except OpticsError as exc:
             raise ValueError(f"camera source {uri!r}: {exc}") from None
-        self._H_half = spectra.half("H").astype(np.complex64)
         self._canvas: np.ndarray | None = None
         self._image_files: list[Path] = []
         self._image_cache: dict[int, np.ndarray] = {}
@@ -299,11 +299,7 @@ class SimCamera(FrameSource):
         g = self.geometry
         if tuple(x.shape[-2:]) != g.scene_shape:  # a support-size scene, zero-padded into the scene grid
             x = center_pad(x, g.scene_shape)
-        xp = center_pad(x, g.conv_shape) if g.model == "crop" else x
-        y = np.fft.irfft2(np.fft.rfft2(xp, axes=(-2, -1)) * self._H_half, s=g.conv_shape, axes=(-2, -1))
-        if g.model == "crop":
-            y = center_crop(y, g.sensor_shape)
-        return np.ascontiguousarray(y, dtype=np.float32)
+        return np.ascontiguousarray(self._model(x), dtype=np.float32)
 
     def measurement(self, index: int) -> np.ndarray:
         """The noiseless measurement ``y = A x`` of frame ``index``: float32 ``(C, *sensor_shape)``."""
