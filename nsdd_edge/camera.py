@@ -235,9 +235,11 @@ def fit_noise_model(ys: list[np.ndarray], block: int = 8) -> NoiseModel:
 
 
 def signal_stats(ys: list[np.ndarray]) -> dict:
+    """Percentiles of ``y`` over the captures, their count and their channels."""
     values = np.concatenate([np.asarray(y, np.float32).ravel() for y in ys])
     p50, p99, p999 = np.percentile(values, [50, 99, 99.9])
-    return {"p50": float(p50), "p99": float(p99), "p999": float(p999), "max": float(values.max()), "n": len(ys)}
+    return {"p50": float(p50), "p99": float(p99), "p999": float(p999), "max": float(values.max()), "n": len(ys),
+            "channels": int(np.asarray(ys[0]).shape[0]) if np.asarray(ys[0]).ndim == 3 else 1}
 
 
 # ---- the profile ------------------------------------------------------------------------------------
@@ -266,7 +268,9 @@ class CameraProfile:
 
     @property
     def channels(self) -> int:
-        return 1 if self.preprocess.grayscale else 3
+        """Channels of ``y``: 1 for a grayscale profile or a mono camera (its signal statistics say how many the
+        captures had), else 3."""
+        return 1 if self.preprocess.grayscale or self.signal.get("channels") == 1 else 3
 
     def circular_psf(self) -> np.ndarray:
         """The PSF's centre at sensor size, unit sum: the circular model's PSF (a coarse approximation when

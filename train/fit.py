@@ -116,11 +116,14 @@ def run_fit(args: argparse.Namespace) -> dict:
             raise FitError(f"--captures {path}: {y.shape[0]} channel(s) after the profile's preprocessing, the camera "
                            f"gives {profile.channels} (a PSF image or another camera's file in the folder? pass a glob)")
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    stages = Stages(args.budget_minutes, out / "fit.json")
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
     prior = load_prior(args.prior, device=device)
+    if prior.channels != profile.channels:
+        raise FitError(f"--prior {args.prior} generates {prior.channels}-channel scenes, the camera measures "
+                       f"{profile.channels} channel(s): train or pick a prior with the camera's channels")
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(args.budget_minutes, out / "fit.json")
     size = args.scene_size or prior.image_size
 
     # 1. simulate through the profile
