@@ -42,7 +42,7 @@ from nsdd_edge.optics import (
     array_hash,
     box_downsample,
     check_psf,
-    fit_to,
+    normalize,
 )
 from nsdd_edge.validate import (  # the one validation layer: its ProfileError is the one profiles raise
     MAX_SIDE,
@@ -179,10 +179,10 @@ def prepare_psf(image: np.ndarray, *, center: tuple[float, float], size: tuple[i
     if channels == 1 and psf.shape[0] == 3:
         psf = psf.mean(axis=0, keepdims=True)
     check_psf(psf, "PSF")
-    total = psf.sum(axis=(-2, -1), keepdims=True)
-    if np.any(total <= 0):
-        raise ProfileError("PSF: nothing left above the background in the PSF box")
-    return (psf / total).astype(np.float32)
+    try:
+        return normalize(psf, "sum")
+    except OpticsError:
+        raise ProfileError("PSF: nothing left above the background in the PSF box") from None
 
 
 # ---- noise and signal ------------------------------------------------------------------------------
@@ -271,12 +271,6 @@ class CameraProfile:
         """Channels of ``y``: 1 for a grayscale profile or a mono camera (its signal statistics say how many the
         captures had), else 3."""
         return 1 if self.preprocess.grayscale or self.signal.get("channels") == 1 else 3
-
-    def circular_psf(self) -> np.ndarray:
-        """The PSF's centre at sensor size, unit sum: the circular model's PSF (a coarse approximation when
-        the PSF is as large as the sensor; the profile's own operator is :attr:`geometry`)."""
-        psf = fit_to(self.psf, self.sensor_shape)
-        return (psf / psf.sum(axis=(-2, -1), keepdims=True)).astype(np.float32)
 
     # -- raw → y --------------------------------------------------------------------------------
     def preprocessor(self):

@@ -381,15 +381,17 @@ def exposure_from_name(path: str | os.PathLike) -> float | None:
 
 
 def preprocess_capture(path: str | os.PathLike, config: PreprocessConfig,
-                       bundle_root: str | os.PathLike | None = None, exposure_us: float | None = None) -> np.ndarray:
+                       bundle_root: str | os.PathLike | None = None, exposure_us: float | None = None, *,
+                       preprocessor: Preprocessor | None = None) -> np.ndarray:
     """Prepare a saved raw capture (``.npy``/``.npz``/PNG/TIFF in raw counts) exactly like a live frame; the
-    exposure is ``exposure_us`` or the one the file name states (:func:`exposure_from_name`)."""
+    exposure is ``exposure_us`` or the one the file name states (:func:`exposure_from_name`). A caller that
+    passes its own ``preprocessor`` (built from ``config``) can read its ``saturated_fraction`` afterwards."""
     a = read_array(path)  # float32 (C, H, W), native units
     raw = a[0] if a.shape[0] == 1 else np.moveaxis(a, 0, -1)
     if exposure_us is None:
         exposure_us = exposure_from_name(path)
     try:
-        return Preprocessor(config, bundle_root)(raw, exposure_us=exposure_us)
+        return (preprocessor or Preprocessor(config, bundle_root))(raw, exposure_us=exposure_us)
     except FrameRejected as exc:
         raise FrameRejected(f"{path}: {exc}") from None
     except ValueError as exc:

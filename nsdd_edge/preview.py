@@ -45,16 +45,25 @@ class PreviewError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 
 
-def to_display(img: np.ndarray, *, autoscale: bool) -> np.ndarray:
+def to_display(img: np.ndarray, *, autoscale: bool, percentile: float | None = None,
+               gamma: float = 1.0) -> np.ndarray:
     """(C, H, W) float → (H, W, 3) uint8 BGR. ``autoscale`` divides by the frame's max (for measurements),
-    otherwise values are clipped to [0, 1] (reconstructions)."""
+    otherwise values are clipped to [0, 1] (reconstructions). ``percentile``: divide instead by that percentile
+    of the non-negative part (a view of real reconstructions robust to a few hot pixels); ``gamma`` < 1 lifts
+    faint structure (PSF caustics)."""
     a = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     if a.ndim == 2:
         a = a[None]
-    if autoscale:
+    if percentile is not None:
+        a = np.maximum(a, 0.0)
+        m = float(np.percentile(a, percentile))
+        a = a / m if m > 0 else a
+    elif autoscale:
         m = float(a.max())
         a = a / m if m > 0 else a
     a = np.clip(a, 0.0, 1.0)
+    if gamma != 1.0:
+        a = a ** gamma
     u8 = np.rint(a * 255.0).astype(np.uint8)
     if u8.shape[0] == 1:
         u8 = np.repeat(u8, 3, axis=0)

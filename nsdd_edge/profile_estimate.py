@@ -19,7 +19,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from nsdd_edge.camera import (
     signal_stats,
 )
 from nsdd_edge.optics import LenslessGeometry, OpticsError, WienerFilter, discrepancy_lambda, read_array
-from nsdd_edge.preprocess import exposure_from_name, preprocess_capture
+from nsdd_edge.preprocess import Preprocessor, exposure_from_name, preprocess_capture
 
 
 def _even(n: int) -> int:
@@ -149,14 +148,14 @@ def profile_from_captures(psf_image: str | os.PathLike, captures: str | os.PathL
         np.save(root / "dark.npy", dark_frame.astype(np.float32))
     counts = {}  # counts above black (and dark), binned; no scale yet
     saturated: dict[str, float] = {}
-    for f in files:
+    for f in files:  # one read per capture; the preprocessor measures saturation on the cropped raw frame
         try:
-            counts[f] = preprocess_capture(f, base, root)
+            pre = Preprocessor(base, root)
+            counts[f] = preprocess_capture(f, base, root, preprocessor=pre)
         except (OpticsError, ValueError) as exc:
             raise ProfileError(f"capture {exc}") from None
         if white is not None:
-            raw = read_array(f)
-            saturated[str(f)] = float(np.mean(raw[:, box[0]:box[0] + box[2], box[1]:box[1] + box[3]] >= white))
+            saturated[str(f)] = pre.saturated_fraction
     for f, frac in saturated.items():
         if frac > 0.01:
             say(f"warning: {Path(f).name}: {frac:.0%} of the cropped raw pixels are saturated (≥ {white:g}); its y "
@@ -206,9 +205,3 @@ def profile_from_captures(psf_image: str | os.PathLike, captures: str | os.PathL
               "captures": [str(f) for f in files], "exposures_us": exposures, "wiener": x, "saturated": saturated,
               "y": {str(f): ys[f] for f in files}}
     return profile, report
-
-
-def mean_brightness_ratio(profile: CameraProfile, a: Path, b: Path) -> float:
-    """``mean(y_a) / mean(y_b)`` after the profile's preprocessing (exposure-normalised)."""
-    ya, yb = profile.measurement(a), profile.measurement(b)
-    return float(ya.mean() / yb.mean()) if yb.mean() != 0 else math.inf

@@ -15,16 +15,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from nsdd_edge.preview import to_display
+
 CAMERAS = {"rf128": "full-aperture radial prototype (radial_full, sensor 128²)",
            "dc150": "DiffuserCam hand (sensor 150²)"}
 METHODS = ("wiener", "admm", "fista")
 
 
 def view(x: np.ndarray, side: int = 200) -> np.ndarray:
-    v = np.maximum(x, 0)
-    v = np.clip(v / max(float(np.percentile(v, 99.5)), 1e-12), 0, 1)
-    v = np.moveaxis(np.repeat(v, 3, 0) if v.shape[0] == 1 else v, 0, -1)
-    return cv2.resize((v * 255).astype(np.uint8), (side, side), interpolation=cv2.INTER_AREA)
+    """BGR tile of a reconstruction scaled by its 99.5th percentile (the runtime preview's display rule)."""
+    return cv2.resize(to_display(x, autoscale=True, percentile=99.5), (side, side), interpolation=cv2.INTER_AREA)
 
 
 def main() -> int:
@@ -42,7 +42,7 @@ def main() -> int:
         for i in ids:
             tiles = [view(np.load(args.out / f"{cam}_{m}" / f"{i}.npy")) for m in records]
             rows.append(np.concatenate(tiles, axis=1))
-        cv2.imwrite(str(args.out / f"{cam}.png"), np.concatenate(rows, axis=0)[..., ::-1])
+        cv2.imwrite(str(args.out / f"{cam}.png"), np.concatenate(rows, axis=0))
         lines += [f"## {title}", "", f"![{cam}]({cam}.png) (columns: {', '.join(records)}; rows: {', '.join(ids)})",
                   "", "| capture | " + " | ".join(f"{m} ‖Ax̂−y‖/‖y‖" for m in records) + " | "
                   + " | ".join(f"{m} mean x̂" for m in records) + " |",

@@ -110,8 +110,8 @@ def run_fit(args: argparse.Namespace) -> dict:
     except ProfileError as exc:
         raise FitError(f"--profile {exc}") from None
     captures = list_captures(args.captures)
-    for path in captures:  # every capture must be a measurement of this camera before any work starts
-        y = profile.measurement(path)
+    measured = {path: profile.measurement(path) for path in captures}  # y of every capture, once
+    for path, y in measured.items():  # every capture must be a measurement of this camera before any work starts
         if y.shape[0] != profile.channels:
             raise FitError(f"--captures {path}: {y.shape[0]} channel(s) after the profile's preprocessing, the camera "
                            f"gives {profile.channels} (a PSF image or another camera's file in the folder? pass a glob)")
@@ -201,49 +201,50 @@ def run_fit(args: argparse.Namespace) -> dict:
 
     # 5. the report on the real captures
     t = time.monotonic()
-    report = fit_report(profile, captures, prior, student_dir, out, args.teacher_steps, device)
+    report = fit_report(profile, measured, prior, student_dir, out, args.teacher_steps, device)
     stages.done("report", t, consistency=report["consistency"])
     return json.loads((out / "fit.json").read_text())
 
 
-def fit_report(profile, captures: list[Path], prior, student_dir: Path, out: Path, teacher_steps: int,
+def fit_report(profile, measured: dict[Path, np.ndarray], prior, student_dir: Path, out: Path, teacher_steps: int,
                device: str) -> dict:
-    """Wiener, FISTA, DDNM+ and the student on every real capture: a picture and a consistency table."""
+    """Wiener, FISTA, DDNM+ and the student on every real capture (``measured``: capture → its y): a picture and
+    a consistency table."""
     import cv2
 
+    from nsdd_edge.preview import to_display
     from train.physics import LenslessOperator, center_crop
     from train.solvers.ddnm import DDNM
     from train.solvers.fista import FISTA
     from train.students import load_student
 
     g = profile.geometry
-    sigma = float(np.median([profile.noise.std(np.median(profile.measurement(c))) for c in captures[:4]]))
+    captures = list(measured)
+    sigma = float(np.median([profile.noise.std(np.median(y)) for y in list(measured.values())[:4]]))
     op = LenslessOperator(profile.psf, g.sensor_shape, g.model, lam=profile.lam, scene_shape=g.scene_shape,
                           conv_shape=g.conv_shape, noise_std=sigma).to(device)
     student = load_student(student_dir, device=device)
     sop = LenslessOperator(profile.psf, g.sensor_shape, g.model, lam=float(student.config["lam"]),
                            scene_shape=tuple(student.config["scene_shape"]),
                            conv_shape=tuple(student.config["geometry"]["conv_shape"]), noise_std=sigma).to(device)
-    methods = {"Wiener": lambda y: op.A_dagger(y), "FISTA": lambda y: FISTA(iters=300)(y, op),
-               "DDNM+ teacher": lambda y: DDNM(prior, steps=teacher_steps)(y, sop),
-               "student": lambda y: student(y, sop)}
+    fista, teacher = FISTA(iters=300), DDNM(prior, steps=teacher_steps)
+    methods = {"Wiener": lambda y: op.A_dagger(y), "FISTA": lambda y: fista(y, op),
+               "DDNM+ teacher": lambda y: teacher(y, sop), "student": lambda y: student(y, sop)}
     rows, table = [], {m: [] for m in methods}
     window = profile.support.shape if profile.support else tuple(student.config.get("support_shape") or g.scene_shape)
     for path in captures:
-        y = torch.from_numpy(profile.measurement(path))[None].to(device)
+        y = torch.from_numpy(measured[path])[None].to(device)
         tiles = []
         for name, fn in methods.items():
             with torch.no_grad():
                 x = fn(y)
             physics = sop if name in ("DDNM+ teacher", "student") else op
             table[name].append(float(physics.consistency(x, y)))
-            v = center_crop(x, window)[0].clamp_min(0).cpu().numpy()
-            v = np.clip(v / max(float(np.percentile(v, 99.5)), 1e-12), 0, 1)
-            v = np.moveaxis(np.repeat(v, 3, 0) if v.shape[0] == 1 else v, 0, -1)
-            tiles.append(cv2.resize((v * 255).astype(np.uint8), (160, 160), interpolation=cv2.INTER_AREA))
+            view = to_display(center_crop(x, window)[0].cpu().numpy(), autoscale=True, percentile=99.5)
+            tiles.append(cv2.resize(view, (160, 160), interpolation=cv2.INTER_AREA))
         rows.append(np.concatenate(tiles, axis=1))
     grid = np.concatenate(rows, axis=0)
-    cv2.imwrite(str(out / "report.png"), grid[..., ::-1])
+    cv2.imwrite(str(out / "report.png"), grid)
     means = {k: float(np.mean(v)) for k, v in table.items()}
     lines = [f"# Fit report: {profile.name}", "", f"Columns: {', '.join(methods)}; rows: "
              + ", ".join(p.name for p in captures), "", "![reconstructions](report.png)", "",

@@ -158,10 +158,14 @@ class LenslessOperator(torch.nn.Module):
         projector = projector or self.projector
         if float(lam) == self.lam and projector == self.projector:
             return self
-        g = self.geometry
-        op = LenslessOperator(self._psf_np, g.sensor_shape, g.model, lam=lam, scene_shape=g.scene_shape,
-                              conv_shape=g.conv_shape, noise_std=self.noise_std, projector=projector)
-        return op.to(device=self._H.device)
+        key = (float(lam), projector, str(self._H.device))
+        cache = self.__dict__.setdefault("_variants", {})  # a student or Wiener with its own λ asks every call
+        if key not in cache:
+            g = self.geometry
+            cache[key] = LenslessOperator(self._psf_np, g.sensor_shape, g.model, lam=lam, scene_shape=g.scene_shape,
+                                          conv_shape=g.conv_shape, noise_std=self.noise_std,
+                                          projector=projector).to(device=self._H.device)
+        return cache[key]
 
     # ---- operators ------------------------------------------------------------------------
     def A(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,14 +15,7 @@ import numpy as np
 
 from nsdd_edge.atomic import atomic_write_bytes
 from nsdd_edge.camera import ProfileError
-
-
-def _view(img: np.ndarray, gamma: float = 1.0) -> np.ndarray:
-    """8-bit RGB view ``(H, W, 3)`` of a ``(C, H, W)`` array scaled by its 99.5th percentile."""
-    a = np.maximum(np.asarray(img, np.float32), 0)
-    a = np.clip(a / max(float(np.percentile(a, 99.5)), 1e-12), 0, 1) ** gamma
-    a = np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a
-    return (np.moveaxis(a, 0, -1) * 255 + 0.5).astype(np.uint8)
+from nsdd_edge.preview import to_display
 
 
 def calibration_picture(psf: np.ndarray, y: np.ndarray, x: np.ndarray, support: tuple[int, int] | None,
@@ -32,16 +25,17 @@ def calibration_picture(psf: np.ndarray, y: np.ndarray, x: np.ndarray, support: 
 
     tiles = []
     for a, gamma in ((psf, 0.5), (y, 1.0), (x, 1.0)):
-        tiles.append(cv2.resize(_view(a, gamma), (side, side), interpolation=cv2.INTER_AREA))
+        view = to_display(a, autoscale=True, percentile=99.5, gamma=gamma)
+        tiles.append(cv2.resize(view, (side, side), interpolation=cv2.INTER_AREA))
     if support is not None:
         H, W = x.shape[-2:]
         h, w = support
         top, left = (H - h) // 2 * side / H, (W - w) // 2 * side / W
         cv2.rectangle(tiles[2], (int(left), int(top)), (int(left + w * side / W) - 1, int(top + h * side / H) - 1),
-                      (255, 0, 0), 1)
+                      (0, 0, 255), 1)
     gap = np.full((side, 4, 3), 255, np.uint8)
     row = np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1)
-    return np.ascontiguousarray(row[..., ::-1])
+    return np.ascontiguousarray(row)
 
 
 def run(args: argparse.Namespace) -> int:
