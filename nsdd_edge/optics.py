@@ -552,6 +552,24 @@ class ForwardModel:
         return center_crop(y, g.sensor_shape).astype(np.float32) if g.sensor_shape != g.conv_shape \
             else y.astype(np.float32)
 
+    def adjoint(self, y: np.ndarray) -> np.ndarray:
+        """``Aᵀ y = Pᵀ F⁻¹[conj(H) · F(Cᵀ y)]`` (``Cᵀ`` zero-pads the sensor into the convolution grid, ``Pᵀ``
+        crops the scene)."""
+        g = self.geometry
+        y = np.asarray(y, dtype=np.float32)
+        if tuple(y.shape[-2:]) != g.sensor_shape:
+            raise OpticsError(f"measurement of spatial size {tuple(y.shape[-2:])} does not match the model's sensor "
+                              f"grid {g.sensor_shape}")
+        yp = center_pad(y, g.conv_shape) if g.sensor_shape != g.conv_shape else y
+        x = np.fft.irfft2(np.fft.rfft2(yp, axes=(-2, -1)) * np.conj(self._H_half), s=g.conv_shape, axes=(-2, -1))
+        return center_crop(x, g.scene_shape).astype(np.float32) if g.scene_shape != g.conv_shape \
+            else x.astype(np.float32)
+
+    @property
+    def lipschitz(self) -> float:
+        """``max |H|² ≥ ‖A‖²``: the step ``1/L`` of a gradient method on ``½‖A x − y‖²``."""
+        return float(np.max(np.abs(self._H_half)) ** 2)
+
     def consistency(self, x: np.ndarray, y: np.ndarray) -> float:
         """``‖A x − y‖ / ‖y‖`` over the whole array."""
         r = float(np.linalg.norm(self(x) - y))

@@ -1,0 +1,151 @@
+"""PSF warps and the ground-truth-free PSF refinement (issue 18): simulated mismatch is recovered."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from nsdd_edge.optics import ForwardModel, LenslessGeometry, OpticsError, box_downsample, normalize, read_image01
+from nsdd_edge.psf_warp import PsfWarp, psf_with_snr, warp_psf
+from nsdd_edge.refine import RefineError, SelfConsistency, fft_size, refine_warp, search_geometry
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+RADIAL = SHARED / "data" / "psf" / "radial_6per_256.npy"
+FACES = sorted(glob.glob(str(SHARED / "data" / "faces" / "utkface" / "*.jpg")))
+
+
+def point(shape=(33, 33), at=(16, 26)) -> np.ndarray:
+    p = np.zeros((1,) + shape, np.float32)
+    p[0, at[0], at[1]] = 1.0
+    return p
+
+
+def peak(a: np.ndarray) -> tuple[int, int]:
+    return tuple(int(v) for v in np.unravel_index(np.argmax(a[0]), a.shape[-2:]))
+
+
+def test_warp_moves_a_point_as_documented():
+    assert peak(warp_psf(point(), PsfWarp(shift=(2, -3)))) == (18, 23)
+    assert peak(warp_psf(point(), PsfWarp(rotation_deg=90))) == (6, 16)  # counter-clockwise on screen
+    assert peak(warp_psf(point(), PsfWarp(scale=1.5))) == (16, 31)
+    assert peak(warp_psf(point(), PsfWarp(scale=0.5))) == (16, 21)
+    assert np.array_equal(warp_psf(point(), PsfWarp()), point())
+
+
+def test_warp_keeps_the_light_of_a_smooth_psf_and_normalises_on_request():
+    yy, xx = np.mgrid[:64, :64]
+    blob = np.exp(-((yy - 32.0) ** 2 + (xx - 30.0) ** 2) / (2 * 5.0**2)).astype(np.float32)[None]
+    for s in (0.8, 1.25):
+        assert warp_psf(blob, PsfWarp(scale=s)).sum() == pytest.approx(blob.sum(), rel=0.01)
+    assert warp_psf(blob, PsfWarp(scale=1.2, rotation_deg=3), normalize="sum").sum() == pytest.approx(1.0, abs=1e-5)
+    assert warp_psf(blob[0], PsfWarp(scale=1.1)).shape == (64, 64)
+
+
+@pytest.mark.parametrize("bad", [dict(scale=0), dict(scale=float("nan")), dict(shift=(np.inf, 0)),
+                                 dict(rotation_deg=float("nan"))])
+def test_bad_warps_are_named(bad):
+    with pytest.raises(OpticsError, match="PSF warp"):
+        PsfWarp(**bad)
+
+
+def test_warp_round_trips_through_json_and_rejects_garbage():
+    w = PsfWarp(1.07, (0.5, -1.25), 2.0)
+    assert PsfWarp.from_dict(w.to_dict()) == w
+    with pytest.raises(OpticsError, match="not a warp"):
+        PsfWarp.from_dict({"scale": "big"})
+
+
+def test_psf_with_snr_adds_noise_at_the_requested_level():
+    rng = np.random.default_rng(0)
+    psf = normalize(np.random.default_rng(1).random((1, 64, 64)).astype(np.float32), "sum")
+    for snr in (20.0, 0.0):
+        noisy = psf_with_snr(psf, snr, np.random.default_rng(2))
+        assert noisy.min() >= 0 and noisy.sum() == pytest.approx(psf.sum(), rel=1e-4)
+    noise = psf_with_snr(psf, 20.0, rng) - psf
+    measured = 10 * np.log10(np.mean(psf.astype(np.float64) ** 2) / np.var(noise))
+    assert measured == pytest.approx(20.0, abs=1.0)  # the clip at 0 and the renormalisation move it a little
+
+
+@pytest.mark.parametrize("geometry", [LenslessGeometry.make("crop", (16, 16), (9, 9), (8, 8), (24, 24)),
+                                      LenslessGeometry.make("crop", (16, 16), (9, 9)),
+                                      LenslessGeometry.make("circular", (16, 16), (9, 9))])
+def test_forward_model_adjoint_is_the_transpose(geometry):
+    rng = np.random.default_rng(0)
+    A = ForwardModel(rng.random((1, 9, 9)), geometry)
+    x, y = rng.random((2,) + geometry.scene_shape), rng.random((2,) + geometry.sensor_shape)
+    assert np.sum(A(x) * y) == pytest.approx(np.sum(x * A.adjoint(y)), rel=1e-5)
+    with pytest.raises(OpticsError, match="sensor grid"):
+        A.adjoint(np.zeros((1, 5, 5)))
+
+
+def test_search_geometry_makes_room_for_the_largest_scale():
+    psf = np.ones((1, 40, 40), np.float32)
+    p, g = search_geometry(psf, LenslessGeometry.make("crop", (64, 64), (40, 40), (32, 32), (128, 128)), 1.5)
+    assert p.shape == (1, 60, 60) and g.scene_shape == (32, 32) and g.conv_shape == (128, 128)
+    p, g = search_geometry(psf, LenslessGeometry.make("crop", (64, 64), (40, 40), (104, 104), (104, 104)), 1.5)
+    assert p.shape == (1, 60, 60) and g.conv_shape == (fft_size(124),) * 2 and g.scene_shape == g.conv_shape
+    assert fft_size(124) == 125 and fft_size(128) == 128
+
+
+def small_camera(true: PsfWarp, n: int = 3, noise: float = 0.005):
+    """A 64² sensor behind the shared radial PSF (at 1/4 size), 32² face scenes, y made with the warped PSF."""
+    if not RADIAL.exists() or len(FACES) < n:
+        pytest.skip("needs ../shared (radial PSF and face crops)")
+    psf = np.load(RADIAL).astype(np.float32)
+    psf = normalize(box_downsample(psf[None] if psf.ndim == 2 else psf, 4), "sum")
+    geometry = LenslessGeometry.make("crop", (64, 64), psf.shape[-2:], (32, 32), (128, 128))
+    scenes = [cv2.resize(read_image01(f).transpose(1, 2, 0), (32, 32), interpolation=cv2.INTER_AREA).transpose(2, 0, 1)
+              for f in FACES[:n]]
+    A, rng = ForwardModel(warp_psf(psf, true), geometry), np.random.default_rng(0)
+    ys = [A(x) + noise * rng.standard_normal(A(x).shape).astype(np.float32) for x in scenes]
+    return psf, geometry, ys
+
+
+def test_refinement_recovers_scale_shift_and_rotation():
+    true = PsfWarp(1.1, (1.5, -1.0), 2.0)
+    psf, geometry, ys = small_camera(true)
+    result, _ = refine_warp(psf, geometry, ys, iters=80)
+    w = result.warp
+    assert abs(w.scale / true.scale - 1) < 0.02
+    assert max(abs(a - b) for a, b in zip(w.shift, true.shift)) < 0.5
+    assert abs(w.rotation_deg - true.rotation_deg) < 0.5
+    assert result.criterion < 0.6 * result.start_criterion
+    assert result.notes == []
+
+
+@pytest.mark.parametrize("depth_scale", [0.86, 1.18])
+def test_a_depth_change_is_recovered_by_the_scale_search_alone(depth_scale):
+    psf, geometry, ys = small_camera(PsfWarp(depth_scale), n=2)
+    result, crit = refine_warp(psf, geometry, ys, parameters=("scale",), iters=60, rounds=2)
+    assert abs(result.warp.scale / depth_scale - 1) < 0.02
+    assert min(result.scale_curve, key=lambda e: e.criterion).criterion >= result.criterion
+    assert len(crit.evaluations) == len(result.evaluations)
+
+
+def test_full_field_geometry_does_not_pretend_to_find_a_shift():
+    rng = np.random.default_rng(0)
+    psf = normalize(rng.random((1, 16, 16)).astype(np.float32) ** 8, "sum")
+    geometry = LenslessGeometry.make("crop", (32, 32), (16, 16))  # scene = conv grid: full field
+    y = ForwardModel(psf, geometry)(rng.random((1,) + geometry.scene_shape).astype(np.float32))
+    result, _ = refine_warp(psf, geometry, [y], n_scales=3, iters=5, rounds=1)
+    assert any("shift not refined" in n for n in result.notes)
+    assert all(e.warp.shift == (0.0, 0.0) for e in result.evaluations)
+
+
+def test_bad_refinement_input_is_named():
+    psf = np.ones((1, 8, 8), np.float32)
+    geometry = LenslessGeometry.make("crop", (16, 16), (8, 8))
+    with pytest.raises(RefineError, match="no captures"):
+        SelfConsistency(psf, geometry, [])
+    with pytest.raises(RefineError, match="capture 0 has shape"):
+        SelfConsistency(psf, geometry, [np.ones((1, 9, 9))])
+    with pytest.raises(RefineError, match="empty or not finite"):
+        SelfConsistency(psf, geometry, [np.full((1, 16, 16), np.nan)])
+    with pytest.raises(RefineError, match="scale_min"):
+        refine_warp(psf, geometry, [np.ones((1, 16, 16))], scale_range=(1.2, 0.8))
+    with pytest.raises(RefineError, match="unknown parameter"):
+        refine_warp(psf, geometry, [np.ones((1, 16, 16))], parameters=("gain",))
