@@ -27,6 +27,7 @@ import numpy as np
 from nsdd_edge.bundle import PreprocessConfig
 from nsdd_edge.camera import (
     CameraProfile,
+    NoiseModel,
     ProfileError,
     SupportWindow,
     centred_box,
@@ -67,6 +68,19 @@ def scene_extent(x: np.ndarray, energy: float = 0.9, multiple: int = 16) -> tupl
         if e[r : r + side, c : c + side].sum() >= energy * total:
             return side, side
     return H, W
+
+
+def reconstruction_lambda(psf: np.ndarray, geometry: LenslessGeometry, ys: list[np.ndarray],
+                          noise: NoiseModel) -> tuple[float, str, float]:
+    """λ of the reconstruction operator by the discrepancy principle at the captures' typical noise level
+    (``rms(y − A A†y) = σ``, σ from the noise model at the median signal): ``(λ, the rule in words, σ)``; λ = 1e-3
+    if the principle finds none."""
+    sigma = float(np.median([noise.std(np.median(y)) for y in ys]))
+    try:
+        lam = discrepancy_lambda(psf, geometry, np.stack(ys), sigma)
+        return float(lam), f"discrepancy principle: rms(y − A A†y) = σ = {sigma:.3g} on {len(ys)} captures", sigma
+    except OpticsError as exc:
+        return 1e-3, f"1e-3 (the discrepancy principle found no λ: {exc})", sigma
 
 
 def profile_from_captures(psf_image: str | os.PathLike, captures: str | os.PathLike, *, sensor: int = 128,
@@ -180,14 +194,8 @@ def profile_from_captures(psf_image: str | os.PathLike, captures: str | os.PathL
                                         "center_rule": center if isinstance(center, str) else "given",
                                         "box": centred_box((cy, cx), (psf_side, psf_side)),
                                         "downsample": int(downsample), "dark_level": level_rule})
-    sigma = float(np.median([noise.std(np.median(y)) for y in ref_ys]))
-    stack = np.stack(ref_ys)
-    try:
-        lam = discrepancy_lambda(psf, geometry, stack, sigma)
-        lam_rule = f"discrepancy principle: rms(y − A A†y) = σ = {sigma:.3g} on {len(ref_ys)} captures"
-    except OpticsError as exc:
-        lam, lam_rule = 1e-3, f"1e-3 (the discrepancy principle found no λ: {exc})"
-    profile.lam, profile.lam_rule = float(lam), lam_rule
+    lam, lam_rule, sigma = reconstruction_lambda(psf, geometry, ref_ys, noise)
+    profile.lam, profile.lam_rule = lam, lam_rule
     say(f"λ = {lam:.3g} ({lam_rule})")
 
     # where the scenes are: the centred window holding most of the Wiener reconstructions' contrast

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import glob
 from pathlib import Path
 
@@ -149,3 +151,47 @@ def test_bad_refinement_input_is_named():
         refine_warp(psf, geometry, [np.ones((1, 16, 16))], scale_range=(1.2, 0.8))
     with pytest.raises(RefineError, match="unknown parameter"):
         refine_warp(psf, geometry, [np.ones((1, 16, 16))], parameters=("gain",))
+
+
+def test_refine_psf_command_finds_the_depth_of_a_profile_and_writes_a_refined_profile(tmp_path):
+    """``nsdd-train refine-psf`` on a camera whose captures were made at another depth (PSF ×1.12)."""
+    from nsdd_edge.bundle import PreprocessConfig
+    from nsdd_edge.camera import CameraProfile, NoiseModel, load_profile
+    from nsdd_edge.optics import array_hash
+    from train.cli import main as train_main
+
+    true = PsfWarp(1.12)
+    psf, geometry, ys = small_camera(true, n=2)
+    profile = CameraProfile(name="sim", preprocess=PreprocessConfig(normalization="none"), psf=psf, geometry=geometry,
+                            lam=1e-3, noise=NoiseModel(0.005))
+    profile.save(tmp_path / "camera")
+    captures = tmp_path / "captures"
+    captures.mkdir()
+    for i, y in enumerate(ys):
+        np.save(captures / f"scene{i}.npy", y)
+    out = tmp_path / "refined"
+    rc = train_main(["refine-psf", "--profile", str(tmp_path / "camera"), "--captures", str(captures), "--out",
+                     str(out), "--scales", "0.9:1.3:7", "--parameters", "scale", "--iters", "50", "--rounds", "2",
+                     "--recon-iters", "10", "--compare-scale", "1.3"])
+    assert rc == 0
+    summary = json.loads((out / "refine.json").read_text())
+    assert abs(summary["result"]["warp"]["scale"] / 1.12 - 1) < 0.02
+    assert all(abs(s / 1.12 - 1) < 0.05 for s in summary["best_scale_per_capture"].values())
+    refined = load_profile(out)
+    assert refined.psf_recipe["refined"]["warp"]["scale"] == summary["result"]["warp"]["scale"]
+    assert refined.psf_recipe["refined"]["from_psf_sha256"] == array_hash(profile.psf)
+    assert refined.geometry.scene_shape == geometry.scene_shape and refined.psf.sum() == pytest.approx(1.0, rel=1e-5)
+    # the refined profile explains the captures better than the calibrated one did
+    crit = SelfConsistency(refined.psf, refined.geometry, ys, iters=50)
+    assert crit(PsfWarp()).criterion < summary["result"]["start_criterion"]
+    assert (out / "refine.png").stat().st_size > 10_000 and "θ" in (out / "report.md").read_text()
+
+
+def test_refine_psf_command_names_bad_input(tmp_path, capsys):
+    from train.cli import main as train_main
+
+    assert train_main(["refine-psf", "--profile", str(tmp_path / "nope"), "--captures", str(tmp_path),
+                       "--out", str(tmp_path / "o")]) == 2
+    assert "refine-psf:" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_main(["refine-psf", "--profile", "p", "--captures", "c", "--out", "o", "--scales", "0.8-1.2"])

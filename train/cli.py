@@ -1,5 +1,5 @@
 """``nsdd-train``: the workstation pipeline (simulate → solve → prior → teacher → distill → evaluate), and
-``design-mask`` (a mask for a new camera, whose PSF then feeds ``simulate``)."""
+``refine-psf`` (the PSF warp that explains real captures), ``design-mask`` (a mask for a new camera, whose PSF then feeds ``simulate``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ COMMANDS = {
     "teacher-progress": "train.teacher_progress",
     "distill": "train.distill",
     "fit": "train.fit",
+    "refine-psf": "train.refine_psf",
     "design-mask": "train.mask.cli",
 }
 
