@@ -6,7 +6,9 @@ pseudo-inverse on the sensor grid and ``g`` on the scenes' support window (``exp
 and timed with the project's one protocol: ONNX Runtime CPU, ``--threads`` (1) intra-op thread, batch 1, one
 warm-up call per graph, then ``--rounds`` round-robin rounds (one call of every graph per round, so load hits all
 alike), the median. The weights are untrained (seeded random): a graph's cost does not depend on its weights, so
-this is a real speed measurement, and it says nothing about quality.
+this is a real speed measurement, and it says nothing about quality. Beside the wall-clock median, the median CPU
+time of the calling thread (ONNX Runtime on one intra-op thread computes in it): on a shared machine under load
+the wall clock also counts the time other processes hold the core, the CPU time does not (``--choose-by cpu``).
 
 Budget: the live loop must reach ``--fps`` with its own overhead at most ``--loop-overhead`` of the engine time,
 so the engine may take ``1000 / fps / (1 + overhead)`` ms (31.7 ms at 30 fps and 5 %). Among the graphs whose
@@ -59,13 +61,13 @@ def fp16_megabytes(params: int) -> float:
     return 2.0 * params / 1e6
 
 
-def fits(row: dict, budget_ms: float, max_weights_mb: float) -> bool:
-    return row["ms_median"] <= budget_ms and fp16_megabytes(row["params"]) <= max_weights_mb
+def fits(row: dict, budget_ms: float, max_weights_mb: float, by: str = "ms_median") -> bool:
+    return row[by] <= budget_ms and fp16_megabytes(row["params"]) <= max_weights_mb
 
 
-def choose(rows: list[dict], budget_ms: float, max_weights_mb: float) -> dict | None:
-    """The fitting row with the most network GFLOPs (dense before separable, then fewer parameters)."""
-    fits_ = [r for r in rows if fits(r, budget_ms, max_weights_mb)]
+def choose(rows: list[dict], budget_ms: float, max_weights_mb: float, by: str = "ms_median") -> dict | None:
+    """The fitting row (time ``by``) with the most network GFLOPs (dense before separable, then fewer parameters)."""
+    fits_ = [r for r in rows if fits(r, budget_ms, max_weights_mb, by)]
     return max(fits_, key=lambda r: (r["gflop_net"], not r["arch"]["separable"], -r["params"]), default=None)
 
 
@@ -81,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=float, default=30.0, help="the live loop's frame-rate target")
     ap.add_argument("--loop-overhead", type=float, default=0.05, help="the loop's allowed overhead on engine time")
     ap.add_argument("--max-weights-mb", type=float, default=4.0, help="largest fp16 weights file to choose (MB)")
+    ap.add_argument("--choose-by", choices=["wall", "cpu"], default="wall",
+                    help="the time held to the budget: wall-clock median (the protocol), or the calling thread's CPU "
+                         "time (for a shared machine under load)")
     ap.add_argument("--json", type=Path, default=None, help="write the rows and the choice here")
     args = ap.parse_args(argv)
 
@@ -124,43 +129,48 @@ def main(argv: list[str] | None = None) -> int:
         for s in sessions.values():  # warm-up
             s.run(None, {"y": y})
         times: dict = {k: [] for k in sessions}
+        cpu: dict = {k: [] for k in sessions}
         for _ in range(args.rounds):
             for k, s in sessions.items():
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.thread_time()
                 s.run(None, {"y": y})
                 times[k].append((time.perf_counter() - t) * 1e3)
+                cpu[k].append((time.thread_time() - c) * 1e3)
     for k, row in enumerate(rows):
         row["ms_median"], row["ms_min"] = statistics.median(times[k]), min(times[k])
-    wiener_ms = statistics.median(times["wiener"])
-    chosen = choose(rows, budget, args.max_weights_mb)
+        row["cpu_ms_median"] = statistics.median(cpu[k])
+    wiener_ms, wiener_cpu = statistics.median(times["wiener"]), statistics.median(cpu["wiener"])
+    by = "ms_median" if args.choose_by == "wall" else "cpu_ms_median"
+    chosen = choose(rows, budget, args.max_weights_mb, by)
     load = os.getloadavg()
     print(f"\n{size}² sensor (circular A† by matmul DFT, {psf_name}), network on the centred {args.support}² window, "
           f"3 channels; ONNX Runtime CPU, {args.threads} thread(s), batch 1, 1 warm-up call then the median of "
           f"{args.rounds} round-robin rounds; untrained seeded weights (speed only); load average "
           f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
     print(f"budget: {args.fps:g} fps with ≤ {100 * args.loop_overhead:g}% loop overhead → engine ≤ {budget:.1f} ms; "
-          f"fp16 weights ≤ {args.max_weights_mb:g} MB; Wiener-only graph: {wiener_ms:.1f} ms\n")
+          f"fp16 weights ≤ {args.max_weights_mb:g} MB; held to the budget: {args.choose_by} time; Wiener-only graph: "
+          f"{wiener_ms:.1f} ms wall, {wiener_cpu:.1f} ms CPU\n")
     print("| unshuffle | width | depth | max | separable | params (M) | fp16 MB | GFLOP net | GFLOP physics | "
-          "ms median | ms min | fps | fits |")
-    print("|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
-    for row in sorted(rows, key=lambda r: r["ms_median"]):
+          "ms median | ms min | CPU ms median | fps | fits |")
+    print("|---:|---:|---:|---:|:---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
+    for row in sorted(rows, key=lambda r: r[by]):
         a = row["arch"]
-        mark = "**chosen**" if row is chosen else ("yes" if fits(row, budget, args.max_weights_mb) else
-                                                    "no" if row["ms_median"] > budget else "too big")
+        mark = "**chosen**" if row is chosen else ("yes" if fits(row, budget, args.max_weights_mb, by) else
+                                                    "no" if row[by] > budget else "too big")
         print(f"| {a['unshuffle']} | {a['width']} | {a['depth']} | {a['max_width']} | "
               f"{'yes' if a['separable'] else ''} | {row['params'] / 1e6:.2f} | {fp16_megabytes(row['params']):.1f} | "
               f"{row['gflop_net']:.2f} | "
-              f"{row['gflop_physics']:.2f} | {row['ms_median']:.1f} | {row['ms_min']:.1f} | "
-              f"{1e3 / row['ms_median']:.0f} | {mark} |")
+              f"{row['gflop_physics']:.2f} | {row['ms_median']:.1f} | {row['ms_min']:.1f} | {row['cpu_ms_median']:.1f} | "
+              f"{1e3 / row[by]:.0f} | {mark} |")
     if chosen is None:
         print("\nno configuration fits the budget")
     else:
-        print(f"\nchosen (most network GFLOPs within {budget:.1f} ms and {args.max_weights_mb:g} MB): "
+        print(f"\nchosen (most network GFLOPs within {budget:.1f} ms {args.choose_by} time and {args.max_weights_mb:g} MB): "
               f"{json.dumps(chosen['arch'])}")
     if args.json:
         args.json.write_text(json.dumps({"sensor": size, "support": args.support, "threads": args.threads,
-                                         "rounds": args.rounds, "budget_ms": budget,
-                                         "max_weights_mb": args.max_weights_mb, "wiener_ms": wiener_ms,
+                                         "rounds": args.rounds, "budget_ms": budget, "choose_by": args.choose_by,
+                                         "max_weights_mb": args.max_weights_mb, "wiener_ms": wiener_ms, "wiener_cpu_ms": wiener_cpu,
                                          "load_average": load, "rows": rows,
                                          "chosen": chosen["arch"] if chosen else None}, indent=2) + "\n")
     return 0 if chosen else 1
