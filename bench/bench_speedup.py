@@ -13,8 +13,8 @@ Students are timed round-robin (one image each per round, ``--rounds`` rounds af
 busy moment of a shared CPU hits every variant alike; the teacher runs each image once (a run is 100
 network calls, long enough to average the load). Medians are reported, with the CPU load average.
 
-    python bench/bench_speedup.py --data runs/r64/radial64 --prior models/cpu-demo-faces64/prior64 \\
-        --student models/cpu-demo-faces64/student_nullspace_lpips [--teacher-steps 50 100] [--images 3]
+    python bench/bench_speedup.py --data runs/r64/radial64 --prior models/gpu-h200-faces64/prior64 \\
+        --student models/gpu-h200-faces64/student_lean [--teacher-steps 50 100] [--images 3]
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ default; ``percentile``: the P-th percentile of |x|, ``--percentile`` 99.99; ``m
 Wiener and projection parts stay FP32. Runs in ONNX Runtime CPU. The method is in the report
 (``calibration``) and in the metadata (``nsdd.int8_calibration``).
 
-Measured on the trained student ``models/cpu-demo-faces64/student_contour05`` (exported at 128×128 with
+Measured on the trained student ``models/cpu-demo-faces64/student_contour05`` (in git history since issue 17:
+``scripts/restore_models.sh``; exported at 128×128 with
 ``runs/r64/contour05/psf.npy``, support 64×64), calibrated on the first 64 measurements of
 ``runs/r64/contour05``, scored on 16 test-split measurements (000080…000588, none in the calibration set);
 PSNR vs GT on the centre 64×64 clipped to [0, 1], mean over frames:

@@ -9,11 +9,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-runs/r64/radial64}
-M=models/gpu-h200-faces64
+# the GPU paper student left the tree (device payload, issue 17): restored from history into runs/restored/
+PAPER=${PAPER:-runs/restored/models/gpu-h200-faces64/student_paper}
+[ -d "$PAPER" ] || scripts/restore_models.sh models/gpu-h200-faces64/student_paper
 OUT=${OUT:-runs/gpu}
 STEPS=${STEPS:-800}
 LPIPS=${LPIPS:-../shared/weights/lpips/lpips_alex_full_v0.1.pth}
-nsdd-train solve --method "student:$M/student_paper" --data "$DATA" --split train --limit 1124 --batch-size 16 \
+nsdd-train solve --method "student:$PAPER" --data "$DATA" --split train --limit 1124 --batch-size 16 \
   --threads 1 --out "$OUT/cascade_labels"
 for proj in tikhonov truncated; do
   for obj in nullspace full; do

@@ -411,7 +411,7 @@ def test_devices_doc_holds_the_version_table_and_a_check_per_issue_item():
 
 
 def test_bench_flops_counts_conv_and_matmul(tmp_path):
-    """bench/bench_flops.py (the FLOPs behind DEVICES.md's frame-time estimates) on a two-node graph."""
+    """bench/bench_flops.py (the FLOPs and bytes behind DEVICES.md's frame-time estimates) on a two-node graph."""
     import importlib.util
 
     import onnx
@@ -429,3 +429,11 @@ def test_bench_flops_counts_conv_and_matmul(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.graph_flops(tmp_path / "g.onnx") == {"physics": 2 * 64 * 8, "student": 2 * 4 * 64 * 9}
+    # bytes: the initializers once (float32), every node output (t: 64, y: 256 values) written and read once
+    assert bench.graph_bytes(tmp_path / "g.onnx") == {"weights": 4 * (36 + 64), "activations": 2 * 4 * (64 + 256)}
+    # the roofline is the slower of compute and memory
+    assert bench.roofline_ms(1e9, 1e6, 100.0, 10.0, 0.5, 0.5) == pytest.approx(20.0)  # compute: 1 GFLOP at 50 GFLOP/s
+    assert bench.roofline_ms(1e6, 1e9, 100.0, 10.0, 0.5, 0.5) == pytest.approx(200.0)  # memory: 1 GB at 5 GB/s
+    pi = bench.devices()
+    assert pi["Raspberry Pi 5 CPU, 1 core"] == pytest.approx((38.4, 17.068))  # 2 pipes × 4 lanes × FMA × 2.4 GHz
+    assert pi["Raspberry Pi 5 CPU, 4 cores"][0] == pytest.approx(153.6)
