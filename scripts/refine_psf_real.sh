@@ -17,5 +17,7 @@ mkdir -p "$OUT" docs/refine-psf
 [ -f "$OUT/pawns/refine.json" ] || nsdd-train refine-psf --profile "$PROFILE" --captures "$RF/pawns_*us.tiff" \
   --compare-scale 1.31 --out "$OUT/pawns"
 [ -f "$OUT/study.json" ] || python3 scripts/refine_study.py --data runs/r64/radial64 --faces 4 --out "$OUT/study.json"
-cp "$OUT/faces15/refine.png" docs/refine-psf/faces15.png
-cp "$OUT/pawns/refine.png" docs/refine-psf/pawns.png
+for n in faces15 pawns; do  # JPEG q85 copies for the docs (the device payload budget, scripts/gpu_payload.sh)
+  python3 -c "import cv2, sys; cv2.imwrite(sys.argv[2], cv2.imread(sys.argv[1]), [cv2.IMWRITE_JPEG_QUALITY, 85])" \
+    "$OUT/$n/refine.png" "docs/refine-psf/$n.jpg"
+done
