@@ -156,7 +156,7 @@ def save_curves(path: Path, results: Mapping, reference: Mapping | None, methods
     from train.robustness import IDENTITY, format_level
 
     kinds = list(results)
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds) + 2.4, 4.0), squeeze=False)
     markers = "osD^vP*Xh<>p"
     colours = plt.get_cmap("tab10").colors
     for ax, kind in zip(axes[0], kinds):
@@ -177,10 +177,9 @@ def save_curves(path: Path, results: Mapping, reference: Mapping | None, methods
         ax.set_title(kind)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(title)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, frameon=False)
+    handles, labels = axes[0][0].get_legend_handles_labels()  # beside the last panel: tight_layout makes room
+    axes[0][-1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9, frameon=False)
     fig.suptitle(f"{title} under PSF mismatch")
-    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 5), 1, 1))
     return save_figure(fig, path)
 
 
