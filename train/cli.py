@@ -11,6 +11,7 @@ COMMANDS = {
     "simulate": "train.simulate",
     "solve": "train.solve",
     "evaluate": "train.evaluate",
+    "robustness": "train.robustness",
     "prior": "train.prior.train_prior",
     "teacher": "train.teacher",
     "teacher-progress": "train.teacher_progress",

@@ -386,17 +386,18 @@ def _resume_state(root: Path | None, key: dict, ids: Sequence[str]) -> dict[str,
     return {i: done[i] for i in ids if i in done and (root / f"{i}.npy").exists()}
 
 
-def _per_sample_call(solver: Callable, physics: LenslessOperator) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """``(y, k) → x̂`` for sample ``k`` of the split; seeded solvers (``__call__(…, seeds=)``, the diffusion
-    methods) get ``seeds=[solver.seed + k]``, so one-at-a-time runs equal one batched run of the split."""
+def seeded_call(solver: Callable, physics: LenslessOperator) -> Callable[[torch.Tensor, Sequence[int]], torch.Tensor]:
+    """``(y, ks) → x̂`` for the samples ``ks`` of the split (one per row of ``y``); seeded solvers
+    (``__call__(…, seeds=)``, the diffusion methods) get ``seeds=[solver.seed + k for k in ks]``, so
+    one-at-a-time runs equal one batched run of the split."""
     try:
         takes_seeds = "seeds" in inspect.signature(solver.__call__).parameters
     except (TypeError, ValueError):
         takes_seeds = False
     if not takes_seeds:
-        return lambda y, k: solver(y, physics)
+        return lambda y, ks: solver(y, physics)
     base = int(getattr(solver, "seed", 0) or 0)
-    return lambda y, k: solver(y, physics, seeds=[base + k])
+    return lambda y, ks: solver(y, physics, seeds=[base + int(k) for k in ks])
 
 
 def run_method(solver: Callable, ds: LenslessDataset, ids: Sequence[str], physics: LenslessOperator,
@@ -415,11 +416,11 @@ def run_method(solver: Callable, ds: LenslessDataset, ids: Sequence[str], physic
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
     todo = [i for i in ids if i not in done]
-    call = _per_sample_call(solver, physics)
+    call = seeded_call(solver, physics)
     if todo:
         torch.manual_seed(seed)
         with torch.no_grad():
-            call(ds.measurements(todo[:1]).to(device), ids.index(todo[0]))
+            call(ds.measurements(todo[:1]).to(device), [ids.index(todo[0])])
         _sync(device)
     results: dict[str, torch.Tensor] = {}
     estimate = TimeEstimate(f"evaluate {name}", len(todo), "image", after=2)
@@ -430,7 +431,7 @@ def run_method(solver: Callable, ds: LenslessDataset, ids: Sequence[str], physic
             _sync(device)
             t0 = time.perf_counter()
             with torch.no_grad():
-                x = call(y, ids.index(sample_id))
+                x = call(y, [ids.index(sample_id)])
             _sync(device)
             seconds = time.perf_counter() - t0
         if not torch.is_tensor(x) or x.ndim != 4 or x.shape[0] != 1:
@@ -478,8 +479,7 @@ def score(x_full: torch.Tensor, ids: Sequence[str], ds: LenslessDataset, physics
     y = ds.measurements(ids)
     if x_full.shape[1] != y.shape[1]:
         raise EvaluationError(f"{name}: reconstructions have {x_full.shape[1]} channels, measurements {y.shape[1]}")
-    forward = ds.forward_physics().to(device)
-    cons = M.consistency(fit_to_scene(x_full, forward.scene_shape).to(device), y.to(device), forward).cpu()
+    cons = forward_consistency(x_full, y, ds.forward_physics().to(device))
     cons_recon = M.consistency(x_full.to(device), y.to(device), physics).cpu()
     out: dict[str, list] = {"consistency": [float(v) for v in cons],
                             "consistency_recon": [float(v) for v in cons_recon]}
@@ -491,17 +491,31 @@ def score(x_full: torch.Tensor, ids: Sequence[str], ds: LenslessDataset, physics
                                       f"(first: {missing[:3]}); image metrics need all of them")
             return out  # real captures: consistency only
         reference = torch.from_numpy(np.stack([ds.ground_truth(i) for i in ids]))
+    out.update(image_scores(x_full, reference, use_lpips, lpips_weights, device, name))
+    return out
+
+
+def image_scores(x_full: torch.Tensor, reference: torch.Tensor, use_lpips: bool, lpips_weights: str | None,
+                 device: str, name: str = "method") -> dict[str, list]:
+    """Per-image PSNR, SSIM and LPIPS of ``x_full`` centre-cropped to the reference's size and both clipped to
+    [0, 1] (the scene sits in the centre of the reconstruction grid)."""
     gh, gw = reference.shape[-2:]
     if x_full.shape[-2] < gh or x_full.shape[-1] < gw:
         raise EvaluationError(f"{name}: reconstructions {tuple(x_full.shape[-2:])} are smaller than the reference "
                               f"{(gh, gw)}")
     x = center_crop(x_full, (gh, gw)).clamp(0, 1)
     gt = reference.clamp(0, 1)
-    out["psnr"] = [float(v) for v in M.psnr(x, gt)]
-    out["ssim"] = [float(v) for v in M.ssim(x, gt)]
+    out = {"psnr": [float(v) for v in M.psnr(x, gt)], "ssim": [float(v) for v in M.ssim(x, gt)]}
     if use_lpips:
         out["lpips"] = [float(v) for v in M.lpips(x.to(device), gt.to(device), lpips_weights)]
     return out
+
+
+def forward_consistency(x_full: torch.Tensor, y: torch.Tensor, forward: LenslessOperator) -> torch.Tensor:
+    """``‖A x̂ − y‖ / ‖y‖`` per image under a forward operator ``A`` (e.g. the one that made ``y``), ``x̂``
+    centre-cropped or zero-padded to its scene grid; on the CPU."""
+    device = forward.singular_values().device
+    return M.consistency(fit_to_scene(x_full, forward.scene_shape).to(device), y.to(device), forward).cpu()
 
 
 def against_reference(ds: LenslessDataset, ids: Sequence[str], directory: Path) -> torch.Tensor:

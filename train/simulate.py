@@ -91,6 +91,18 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def measurement_noise(y_clean: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+    """The standard-normal noise of image number ``index``: ``randn`` from a generator seeded ``seed + index``
+    (the same for any batch, and for any PSF that made ``y_clean``)."""
+    g = torch.Generator().manual_seed(int(seed) + int(index))
+    return torch.randn(y_clean.shape, generator=g, dtype=y_clean.dtype)
+
+
+def noisy_measurement(y_clean: torch.Tensor, noise_std: float, seed: int, index: int) -> torch.Tensor:
+    """``y = clip(A x + σ n, 0, 1)`` for one image, ``n`` = :func:`measurement_noise` (the simulation's rule)."""
+    return (y_clean + float(noise_std) * measurement_noise(y_clean, seed, index)).clamp(0.0, 1.0)
+
+
 def list_images(folder: Path, limit: int | None = None) -> list[Path]:
     """Image files of ``folder`` (non-recursive) in sorted order, at most ``limit``."""
     if not folder.is_dir():
@@ -317,11 +329,10 @@ def simulate(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             clean = forward.A(x)
         for (index, sid, scene), y_clean in zip(pending, clean):
-            g = torch.Generator().manual_seed(int(args.seed) + index)
-            noise = torch.randn(y_clean.shape, generator=g, dtype=y_clean.dtype)
             if profile is None:
-                y = (y_clean + float(args.noise_std) * noise).clamp(0.0, 1.0)
+                y = noisy_measurement(y_clean, float(args.noise_std), int(args.seed), index)
             else:  # the camera's signal level and Poisson–Gaussian noise: var = σ_r² + g·y
+                noise = measurement_noise(y_clean, int(args.seed), index)
                 level = float(profile.signal.get("p99", 1.0)) / max(float(torch.quantile(y_clean, 0.99)), 1e-12)
                 scene = (scene * level).astype(np.float32)
                 y_clean = y_clean * level
