@@ -20,7 +20,7 @@ LIMIT=${LIMIT:-}; N_TEST=${N_TEST:-200}
 TEACHER_N=${TEACHER_N:-384}; TEACHER_STEPS=${TEACHER_STEPS:-50}; TEACHER_BATCH=${TEACHER_BATCH:-16}
 STUDENT_STEPS=${STUDENT_STEPS:-2000}; STUDENT_LAM=${STUDENT_LAM:-1e-3}
 THREADS=${THREADS:-1}; DEVICE=${DEVICE:-cpu}
-FIGURE=${FIGURE:-docs/img/diffusercam_hand_student.png}
+FIGURE=${FIGURE:-docs/img/diffusercam_hand_student.jpg}
 D=$SHARED/data/lensless/diffusercam
 DATA=$RUNS/faces$SIZE
 STUDENT=$RUNS/student_nullspace
