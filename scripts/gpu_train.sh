@@ -12,7 +12,8 @@
 #   LPIPS  LPIPS-Alex weights (default .gpu/lpips_alex_fp16.pth, the float16 copy `pack` writes)
 #   OUT    output folder (default $OUT on the device machine, else runs/gpu_oneshot)
 #   BUDGET wall-time budget in seconds (default 510)
-# Before a device call: scripts/gpu_payload.sh (the working tree + .gpu/ must stay under the device's 64 MiB;
+# Before a device call: scripts/gpu_prepare.sh makes all of the above here if missing and ends with
+# scripts/gpu_payload.sh (the working tree + .gpu/ must stay under the device's 64 MiB;
 # budgets tracked ≤ 34 MiB, .gpu ≤ 22 MiB, total ≤ 56 MiB; exit 1 when over).
 # Extra arguments go to `python -m train.gpu_oneshot run` (e.g. --tiny for one step of everything on a CPU).
 set -euo pipefail
