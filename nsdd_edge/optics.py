@@ -541,29 +541,26 @@ class ForwardModel:
         H = psf_transfer_function(psf, geometry.conv_shape)
         self._H_half = H[..., : H.shape[-1] // 2 + 1].astype(np.complex64)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def _filter(self, a: np.ndarray, source: tuple[int, int], target: tuple[int, int], spectrum: np.ndarray,
+                what: str) -> np.ndarray:
+        """``C_target F⁻¹[spectrum · F(P a)]`` on the convolution grid (``P`` pads ``source``, ``C`` crops)."""
         g = self.geometry
-        x = np.asarray(x, dtype=np.float32)
-        if tuple(x.shape[-2:]) != g.scene_shape:
-            raise OpticsError(f"scene of spatial size {tuple(x.shape[-2:])} does not match the model's scene grid "
-                              f"{g.scene_shape}")
-        xp = center_pad(x, g.conv_shape) if g.scene_shape != g.conv_shape else x
-        y = np.fft.irfft2(np.fft.rfft2(xp, axes=(-2, -1)) * self._H_half, s=g.conv_shape, axes=(-2, -1))
-        return center_crop(y, g.sensor_shape).astype(np.float32) if g.sensor_shape != g.conv_shape \
-            else y.astype(np.float32)
+        a = np.asarray(a, dtype=np.float32)
+        if tuple(a.shape[-2:]) != source:
+            raise OpticsError(f"{what} of spatial size {tuple(a.shape[-2:])} does not match the model's {what} grid "
+                              f"{source}")
+        ap = center_pad(a, g.conv_shape) if source != g.conv_shape else a
+        b = np.fft.irfft2(np.fft.rfft2(ap, axes=(-2, -1)) * spectrum, s=g.conv_shape, axes=(-2, -1))
+        return (center_crop(b, target) if target != g.conv_shape else b).astype(np.float32)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self._filter(x, self.geometry.scene_shape, self.geometry.sensor_shape, self._H_half, "scene")
 
     def adjoint(self, y: np.ndarray) -> np.ndarray:
         """``Aᵀ y = Pᵀ F⁻¹[conj(H) · F(Cᵀ y)]`` (``Cᵀ`` zero-pads the sensor into the convolution grid, ``Pᵀ``
         crops the scene)."""
-        g = self.geometry
-        y = np.asarray(y, dtype=np.float32)
-        if tuple(y.shape[-2:]) != g.sensor_shape:
-            raise OpticsError(f"measurement of spatial size {tuple(y.shape[-2:])} does not match the model's sensor "
-                              f"grid {g.sensor_shape}")
-        yp = center_pad(y, g.conv_shape) if g.sensor_shape != g.conv_shape else y
-        x = np.fft.irfft2(np.fft.rfft2(yp, axes=(-2, -1)) * np.conj(self._H_half), s=g.conv_shape, axes=(-2, -1))
-        return center_crop(x, g.scene_shape).astype(np.float32) if g.scene_shape != g.conv_shape \
-            else x.astype(np.float32)
+        return self._filter(y, self.geometry.sensor_shape, self.geometry.scene_shape, np.conj(self._H_half),
+                            "sensor")
 
     @property
     def lipschitz(self) -> float:
