@@ -70,6 +70,29 @@ def scene_extent(x: np.ndarray, energy: float = 0.9, multiple: int = 16) -> tupl
     return H, W
 
 
+def saturation_map(profile: CameraProfile, path: str | os.PathLike) -> np.ndarray | None:
+    """``(C, H, W)`` bool like ``y``: the pixels of each channel of ``y`` that a saturated raw pixel (≥ the profile's
+    white level, else the integer file's maximum) reaches, or None when nothing saturates or no level is known.
+
+    The raw indicator goes through the profile's own preprocessing (crop, Bayer binning, downsample, flips) with
+    no black level, background, normalisation or exposure scaling: one raw → y path, also for the mask."""
+    from dataclasses import replace
+
+    white = profile.preprocess.white_level or _white_level(Path(path))
+    if white is None:
+        return None
+    a = read_array(path)
+    raw = a[0] if a.shape[0] == 1 else np.moveaxis(a, 0, -1)
+    hit = (raw >= white).astype(np.float32)
+    if not hit.any():
+        return None
+    plain = replace(profile.preprocess, black_level=0.0, white_level=None, background_file=None,
+                    background_sha256=None, normalization="none", scale=1.0, reference_exposure_us=None)
+    covered = Preprocessor(plain, profile.root)(hit)
+    mask = np.asarray(covered).reshape((-1,) + tuple(covered.shape[-2:])) > 0
+    return mask if mask.any() else None
+
+
 def reconstruction_lambda(psf: np.ndarray, geometry: LenslessGeometry, ys: list[np.ndarray],
                           noise: NoiseModel) -> tuple[float, str, float]:
     """λ of the reconstruction operator by the discrepancy principle at the captures' typical noise level

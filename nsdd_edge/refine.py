@@ -39,25 +39,21 @@ class RefineError(OpticsError):
     """Bad input to the PSF refinement (no captures, wrong shapes, an empty search range)."""
 
 
-def nonneg_least_squares(A: ForwardModel, y: np.ndarray, iters: int) -> np.ndarray:
-    """``argmin_{x ≥ 0} ½‖A x − y‖²`` by ``iters`` FISTA steps from 0 (Beck & Teboulle 2009):
-    ``x_{k+1} = max(z_k − Aᵀ(A z_k − y)/L, 0)``, ``z_{k+1} = x_{k+1} + (t_k − 1)/t_{k+1} (x_{k+1} − x_k)``."""
+def nonneg_least_squares(A: ForwardModel, y: np.ndarray, iters: int, weight: np.ndarray | None = None) -> np.ndarray:
+    """``argmin_{x ≥ 0} ½‖W(A x − y)‖²`` by ``iters`` FISTA steps from 0 (Beck & Teboulle 2009):
+    ``x_{k+1} = max(z_k − Aᵀ W(A z_k − y)/L, 0)``, ``z_{k+1} = x_{k+1} + (t_k − 1)/t_{k+1} (x_{k+1} − x_k)``.
+    ``weight`` (0/1, broadcast to ``y``; default all 1) leaves pixels out, e.g. saturated ones."""
     y = np.asarray(y, dtype=np.float32)
+    w = np.float32(1.0) if weight is None else np.asarray(weight, dtype=np.float32)
     step = 1.0 / max(A.lipschitz, 1e-30)
     x = np.zeros(y.shape[:-2] + A.geometry.scene_shape, dtype=np.float32)
     z, t = x, 1.0
     for _ in range(int(iters)):
-        x_next = np.maximum(z - np.float32(step) * A.adjoint(A(z) - y), 0.0)
+        x_next = np.maximum(z - np.float32(step) * A.adjoint(w * (A(z) - y)), 0.0)
         t_next = (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
         z = x_next + np.float32((t - 1.0) / t_next) * (x_next - x)
         x, t = x_next, t_next
     return x
-
-
-def per_capture_consistency(A: ForwardModel, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """``‖A x_i − y_i‖ / ‖y_i‖`` for each capture ``i`` of a ``(N, C, H, W)`` batch."""
-    r = (A(x) - y).reshape(len(y), -1)
-    return np.linalg.norm(r, axis=1) / np.maximum(np.linalg.norm(y.reshape(len(y), -1), axis=1), 1e-12)
 
 
 def fft_size(n: int) -> int:
@@ -125,12 +121,12 @@ class SelfConsistency:
     """``c(θ)`` on a fixed set of captures (see the module docstring), memoised per θ."""
 
     def __init__(self, psf: np.ndarray, geometry: LenslessGeometry, ys: Sequence[np.ndarray], *, iters: int = 150,
-                 max_scale: float = 1.5):
+                 max_scale: float = 1.5, excluded: Sequence[np.ndarray | None] | None = None):
         if len(ys) == 0:
             raise RefineError("PSF refinement: no captures")
         if int(iters) < 1:
             raise RefineError(f"PSF refinement: iters must be ≥ 1, got {iters}")
-        mono = []
+        checked = []
         for i, y in enumerate(ys):
             y = np.asarray(y, dtype=np.float32)
             y = y[None] if y.ndim == 2 else y
@@ -139,8 +135,35 @@ class SelfConsistency:
                                   f"{geometry.sensor_shape}")
             if not np.all(np.isfinite(y)) or not np.any(y):
                 raise RefineError(f"PSF refinement: capture {i} is empty or not finite")
-            mono.append(y.mean(axis=0, keepdims=True))
-        self.ys = np.stack(mono)
+            checked.append(y)
+        if excluded is not None and len(excluded) != len(ys):
+            raise RefineError(f"PSF refinement: {len(excluded)} exclusion masks for {len(ys)} captures")
+        # Without exclusions each capture is scored as its channel mean (one FFT per capture). With them, each
+        # channel is its own measurement (the PSF is shared) with weight 0 where that channel is excluded: a
+        # capture saturated in red keeps its green and blue.
+        rows, weights, owner = [], [], []
+        for i, y in enumerate(checked):
+            e = None if excluded is None else excluded[i]
+            if excluded is None or all(m is None for m in excluded):
+                rows.append(y.mean(axis=0, keepdims=True))
+                weights.append(np.ones_like(rows[-1]))
+                owner.append(i)
+                continue
+            mask = np.zeros(y.shape, bool) if e is None else np.asarray(e, dtype=bool)
+            if tuple(mask.shape[-2:]) != geometry.sensor_shape:
+                raise RefineError(f"PSF refinement: exclusion mask {i} has shape {mask.shape}, the sensor grid is "
+                                  f"{geometry.sensor_shape}")
+            mask = np.broadcast_to(mask.reshape((-1,) + geometry.sensor_shape), y.shape)
+            if mask.all():
+                raise RefineError(f"PSF refinement: capture {i} has no pixel left after the exclusion mask")
+            for c in range(y.shape[0]):
+                rows.append(y[c : c + 1])
+                weights.append((~mask[c : c + 1]).astype(np.float32))
+                owner.append(i)
+        self.ys = np.stack(rows)
+        self.weight = None if all(w.all() for w in weights) else np.stack(weights)
+        self.owner = np.asarray(owner)
+        self.captures = len(checked)
         p = np.asarray(psf, dtype=np.float32)
         p = p.mean(axis=0, keepdims=True) if p.ndim == 3 and p.shape[0] == 3 else p
         self.psf, self.geometry = search_geometry(p, geometry, max_scale)
@@ -151,16 +174,24 @@ class SelfConsistency:
     def operator(self, warp: PsfWarp) -> ForwardModel:
         return ForwardModel(warp_psf(self.psf, warp), self.geometry)
 
-    def reconstruct(self, warp: PsfWarp, ys: np.ndarray | None = None, iters: int | None = None) -> np.ndarray:
-        """``x̂_θ`` of ``ys`` (default: the criterion's mono captures)."""
+    def reconstruct(self, warp: PsfWarp, ys: np.ndarray | None = None, iters: int | None = None,
+                    weight: np.ndarray | None = None) -> np.ndarray:
+        """``x̂_θ`` of ``ys`` with ``weight`` (default: the criterion's mono captures and their weights)."""
         A = self.operator(warp)
-        return nonneg_least_squares(A, self.ys if ys is None else ys, self.iters if iters is None else iters)
+        if ys is None:
+            return nonneg_least_squares(A, self.ys, self.iters if iters is None else iters, self.weight)
+        return nonneg_least_squares(A, ys, self.iters if iters is None else iters, weight)
 
     def __call__(self, warp: PsfWarp) -> Evaluation:
         key = (round(warp.scale, 9), round(warp.shift[0], 9), round(warp.shift[1], 9), round(warp.rotation_deg, 9))
         if key not in self._memo:
             A = self.operator(warp)
-            per = per_capture_consistency(A, nonneg_least_squares(A, self.ys, self.iters), self.ys)
+            x = nonneg_least_squares(A, self.ys, self.iters, self.weight)
+            w = np.float32(1.0) if self.weight is None else self.weight
+            r2 = np.sum((w * (A(x) - self.ys)) ** 2, axis=(1, 2, 3))
+            y2 = np.sum((w * self.ys) ** 2, axis=(1, 2, 3))
+            per = np.sqrt(np.bincount(self.owner, r2, self.captures)
+                          / np.maximum(np.bincount(self.owner, y2, self.captures), 1e-24))
             e = Evaluation(warp, float(per.mean()), [float(v) for v in per])
             self._memo[key] = e
             self.evaluations.append(e)
@@ -193,14 +224,15 @@ def _get(warp: PsfWarp, name: str) -> float:
 def refine_warp(psf: np.ndarray, geometry: LenslessGeometry, ys: Sequence[np.ndarray], *,
                 scale_range: tuple[float, float] = (0.8, 1.25), n_scales: int = 10,
                 parameters: Sequence[str] = PARAMETERS, iters: int = 150, rounds: int = 3,
-                steps: dict | None = None,
+                steps: dict | None = None, excluded: Sequence[np.ndarray | None] | None = None,
                 progress: Callable[[Evaluation], None] | None = None) -> tuple[RefineResult, SelfConsistency]:
     """Find ``θ`` minimising the self-consistency ``c(θ)`` of ``ys`` (module docstring).
 
     ``scale_range``/``n_scales``: the coarse geometric grid of scales (include 1.0 in the range to compare with
     the calibration). ``parameters``: any of ``scale``, ``shift``, ``rotation`` to refine after the coarse
     search (``scale`` only: a depth search). ``steps``: the first finite-difference steps (default scale 2%,
-    shift 1 px, rotation 1°), halved each of ``rounds`` rounds."""
+    shift 1 px, rotation 1°), halved each of ``rounds`` rounds. ``excluded``: per capture, a boolean mask of
+    sensor pixels to leave out of the data term (saturated ones: a clipped pixel is not ``A x``)."""
     lo, hi = (float(v) for v in scale_range)
     if not (0 < lo < hi) or int(n_scales) < 3:
         raise RefineError(f"PSF refinement: need 0 < scale_min < scale_max and ≥ 3 scales, got {scale_range}, "
@@ -208,7 +240,7 @@ def refine_warp(psf: np.ndarray, geometry: LenslessGeometry, ys: Sequence[np.nda
     unknown = set(parameters) - set(PARAMETERS)
     if unknown:
         raise RefineError(f"PSF refinement: unknown parameter(s) {sorted(unknown)}; use {', '.join(PARAMETERS)}")
-    crit = SelfConsistency(psf, geometry, ys, iters=iters, max_scale=hi * 1.1)
+    crit = SelfConsistency(psf, geometry, ys, iters=iters, max_scale=hi * 1.1, excluded=excluded)
     notes = []
 
     def evaluate(w: PsfWarp) -> Evaluation:

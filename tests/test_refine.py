@@ -195,3 +195,51 @@ def test_refine_psf_command_names_bad_input(tmp_path, capsys):
     assert "refine-psf:" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_main(["refine-psf", "--profile", "p", "--captures", "c", "--out", "o", "--scales", "0.8-1.2"])
+
+
+def test_saturated_pixels_left_out_keep_the_scale_right():
+    """A capture clipped in one channel (70% of its red pixels): the clipped pixels are not ``A x``; scored as they
+    are they bias the scale, left out (weight 0, each channel its own measurement) they do not."""
+    true = PsfWarp(1.12)
+    psf, geometry, ys = small_camera(true, n=3)
+    clipped, masks = [], []
+    for y in ys:
+        y = y.copy()
+        level = np.percentile(y[0], 30)
+        mask = np.zeros(y.shape, bool)
+        mask[0] = y[0] >= level
+        y[0] = np.minimum(y[0], level)
+        clipped.append(y)
+        masks.append(mask)
+    plain, _ = refine_warp(psf, geometry, clipped, parameters=("scale",), iters=60, rounds=2)
+    left_out, crit = refine_warp(psf, geometry, clipped, parameters=("scale",), iters=60, rounds=2,
+                                 excluded=[masks[0], None, masks[2]])
+    assert abs(left_out.warp.scale / true.scale - 1) < 0.01 < abs(plain.warp.scale / true.scale - 1)
+    assert crit.ys.shape[0] == 9 and crit.weight is not None and crit.weight[3:6].all()  # capture 1: all kept
+    with pytest.raises(RefineError, match="exclusion masks for"):
+        SelfConsistency(psf, geometry, clipped, excluded=[None])
+    with pytest.raises(RefineError, match="no pixel left"):
+        SelfConsistency(psf, geometry, clipped[:1], excluded=[np.ones((3, 64, 64), bool)])
+
+
+def test_saturation_map_follows_the_profiles_own_raw_to_y_path(tmp_path):
+    from nsdd_edge.bundle import PreprocessConfig
+    from nsdd_edge.camera import CameraProfile, NoiseModel
+    from nsdd_edge.profile_estimate import saturation_map
+
+    geometry = LenslessGeometry.make("crop", (8, 8), (4, 4))
+    profile = CameraProfile(name="sat", preprocess=PreprocessConfig(downsample=2, normalization="none"),
+                            psf=np.ones((1, 4, 4), np.float32) / 16, geometry=geometry, lam=1e-3,
+                            noise=NoiseModel(0.01), root=tmp_path)
+    raw = np.full((16, 16, 3), 100, np.uint8)  # RGB order on disk via OpenCV (BGR): channel 2 of the file is R
+    cv2.imwrite(str(tmp_path / "clean.png"), raw)
+    raw[0:3, 4:8, 2] = 255  # red saturated in rows 0–2, columns 4–7
+    cv2.imwrite(str(tmp_path / "sat.png"), raw)
+    assert saturation_map(profile, tmp_path / "clean.png") is None
+    mask = saturation_map(profile, tmp_path / "sat.png")
+    assert mask.shape == (3, 8, 8) and not mask[1:].any()
+    assert np.array_equal(np.argwhere(mask[0]), [[0, 2], [0, 3], [1, 2], [1, 3]])
+    np.save(tmp_path / "float.npy", raw[..., ::-1].astype(np.float32))  # RGB floats: no level known unless the
+    assert saturation_map(profile, tmp_path / "float.npy") is None      # profile has one
+    profile.preprocess.white_level = 255.0
+    assert np.array_equal(saturation_map(profile, tmp_path / "float.npy"), mask)

@@ -28,7 +28,7 @@ import numpy as np
 from nsdd_edge.atomic import atomic_write_text
 from nsdd_edge.camera import CameraProfile, ProfileError, list_captures, load_profile
 from nsdd_edge.optics import OpticsError, array_hash, center_pad, normalize
-from nsdd_edge.profile_estimate import reconstruction_lambda
+from nsdd_edge.profile_estimate import reconstruction_lambda, saturation_map
 from nsdd_edge.psf_warp import PsfWarp, warp_psf
 from nsdd_edge.refine import PARAMETERS, RefineError, RefineResult, SelfConsistency, refine_warp
 
@@ -59,6 +59,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare-scale", type=float, action="append", default=[],
                    help="also reconstruct at this scale for the pictures (repeatable, e.g. a lab's hand-picked 1.31)")
     p.add_argument("--recon-iters", type=int, default=300, help="FISTA iterations of the pictures (default 300)")
+    p.add_argument("--keep-saturated", action="store_true",
+                   help="score saturated pixels too (default: pixels of y that a saturated raw pixel reaches are left "
+                        "out of the data term, per channel; a clipped pixel is not A x)")
 
 
 def best_scale_per_capture(curve) -> list[float]:
@@ -100,7 +103,9 @@ def refined_profile(profile: CameraProfile, crit: SelfConsistency, result: Refin
 
 def picture(crit: SelfConsistency, warps: list[tuple[str, PsfWarp]], ys: list[np.ndarray], names: list[str],
             iters: int, out: Path, curve_plot) -> None:
-    """``refine.png``: the criterion curve on top, then one row per capture, one column per warp."""
+    """``refine.png``: the criterion curve on top, then one row per capture, one column per warp (every pixel used:
+    a clipped value still says "at least this bright", and leaving a saturated channel out of a picture leaves its
+    colour to chance)."""
     import cv2
     import matplotlib
 
@@ -145,12 +150,17 @@ def main(args: argparse.Namespace) -> int:
         if not files:
             raise ProfileError(f"--captures {args.captures}: no captures found")
         ys = [profile.measurement(f) for f in files]
+        masks = [None if args.keep_saturated else saturation_map(profile, f) for f in files]
     except (ProfileError, OpticsError) as exc:
         print(f"refine-psf: {exc}", file=sys.stderr)
         return 2
     params = tuple(p.strip() for p in args.parameters.split(",") if p.strip())
     used = ys[: max(1, int(args.max_captures))]
     lo, hi, n = args.scales
+    for f, m in zip(files, masks):
+        if m is not None:
+            print(f"refine-psf: {Path(f).name}: {m.mean():.0%} of its y pixels (channel-wise mean) reached by "
+                  f"saturated raw pixels, left out")
     print(f"refine-psf: {len(files)} captures ({len(used)} in the criterion), scales {lo}–{hi} ({n}), "
           f"refining {', '.join(params) or 'nothing'} after the scale search; {args.iters} FISTA iterations each")
     count = [0]
@@ -163,7 +173,8 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         result, crit = refine_warp(profile.psf, profile.geometry, used, scale_range=(lo, hi), n_scales=n,
-                                   parameters=params, iters=args.iters, rounds=args.rounds, progress=progress)
+                                   parameters=params, iters=args.iters, rounds=args.rounds, progress=progress,
+                                   excluded=masks[: len(used)])
     except (RefineError, OpticsError) as exc:
         print(f"refine-psf: {exc}", file=sys.stderr)
         return 2
@@ -183,7 +194,8 @@ def main(args: argparse.Namespace) -> int:
     refined.save(out)
     summary = {"profile": str(args.profile), "captures": [str(f) for f in files], "criterion_captures": len(used),
                "settings": {"scales": [lo, hi, n], "parameters": list(params), "iters": args.iters,
-                            "rounds": args.rounds},
+                            "rounds": args.rounds, "saturated_left_out": not args.keep_saturated},
+               "saturated_fraction": {Path(f).name: (0.0 if m is None else float(m.mean())) for f, m in zip(files, masks)},
                "result": result.to_dict(), "best_scale_per_capture": per_capture, "search_seconds": search_s,
                "search_geometry": crit.geometry.to_dict(), "refined_lam": refined.lam}
     atomic_write_text(out / "refine.json", json.dumps(summary, indent=2) + "\n")
