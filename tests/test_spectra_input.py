@@ -205,3 +205,21 @@ def test_spectra_feed_names_and_shapes():
     assert SpectraFeed(circular, LAM).names == ("g_spec", "null_spec")
     assert set(feeds) == {"g_spec", "h_spec"} and feeds["h_spec"].shape == (1, 32, 2 * 16) == feeds["g_spec"].shape
     assert feeds["g_spec"].dtype == np.float32
+
+
+def test_verify_feeds_the_spectra_and_quantize_refuses_by_name(wiener_models, tmp_path, capsys):
+    from test_export_helpers import make_dataset
+
+    from export.quantize import quantize_file
+    from export.verify import configure_parser as verify_parser
+    from export.verify import main as verify_main
+
+    data = make_dataset(tmp_path / "data", wiener_models["psf"], n=3, size=(16, 16), lam=LAM)
+    p = argparse.ArgumentParser()
+    verify_parser(p)
+    report = tmp_path / "verify.json"
+    assert verify_main(p.parse_args([str(wiener_models["fed"]), "--data", str(data), "--json", str(report)])) == 0
+    r = json.loads(report.read_text())
+    assert r["spectra"] == "input" and r["fp32_vs_torch_ok"] and "not applicable" in r["fp16"]
+    with pytest.raises(Exception, match="spectra as inputs"):
+        quantize_file(wiener_models["fed"], "fp16", tmp_path / "fp16.onnx")
