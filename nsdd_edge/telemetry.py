@@ -162,13 +162,15 @@ class Telemetry:
                      if st.samples and k != "record"}
             refocus = self.sections.get("refocus")
             consistency = self.gauges.get("consistency", {}).get("last")
+            support = self.gauges.get("consistency_support", {}).get("last")
         fps = self.recent_fps() or self.fps()
         ms = "  ".join(f"{k[:4]} {v:.1f}" for k, v in means.items())
         lines = [(f"{fps:.1f} fps  in {c['frames_in']} out {c['frames_out']} "
                   f"drop {c['dropped']} rej {c['rejected']}"), f"ms: {ms}"]
         if refocus is not None:
             lines.append(f"refocus: scale {refocus['scale']:.3f}, {refocus['swaps']} swaps"
-                         + (f", consistency {consistency:.4f}" if consistency is not None else ""))
+                         + (f", consistency {consistency:.4f}" if consistency is not None else "")
+                         + (f" (window {support:.4f})" if support is not None else ""))
         return lines
 
     def write_json(self, path: str | os.PathLike) -> None:

@@ -47,6 +47,32 @@ def export_spectra_input(student_dir: str, psf: np.ndarray, out: Path) -> tuple[
                                       "config": info.config}
 
 
+def write_figure(tiles: dict[tuple[str, float], np.ndarray], scales: list[float], path: Path, zoom: int = 2) -> None:
+    """One row per scale; columns: the truth, every method fed A_s†, the students fed A_1† (no refocus); each tile
+    the face ×``zoom`` (nearest). A ``.jpg`` path is written at quality 92 (a PNG of noisy faces is large)."""
+    import cv2
+
+    names = list(dict.fromkeys(name for name, _ in tiles))
+    columns = (["truth"] + [n for n in names if n.endswith("A_s†")]
+               + [n for n in names if n.endswith("A_1†") and not n.startswith("Wiener")])
+    h, w = next(iter(tiles.values())).shape[-2:]
+    th, tw, top, left, gap = h * zoom, w * zoom, 34, 52, 4
+    grid = np.full((top + len(scales) * (th + gap), left + len(columns) * (tw + gap), 3), 255, np.uint8)
+    for c, name in enumerate(columns):
+        for k, line in enumerate(name.replace(", ", ",\n").splitlines()):
+            cv2.putText(grid, line, (left + c * (tw + gap), 13 + 14 * k), cv2.FONT_HERSHEY_SIMPLEX, 0.36, (0, 0, 0), 1,
+                        cv2.LINE_AA)
+    for r, s in enumerate(scales):
+        y0 = top + r * (th + gap)
+        cv2.putText(grid, f"s={s:g}", (2, y0 + th // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        for c, name in enumerate(columns):
+            tile = np.clip(np.moveaxis(tiles[(name, s)], 0, -1), 0, 1)
+            tile = np.repeat(np.repeat((tile * 255 + 0.5).astype(np.uint8), zoom, 0), zoom, 1)
+            x0 = left + c * (tw + gap)
+            grid[y0 : y0 + th, x0 : x0 + tw] = tile if tile.shape[-1] == 3 else tile[..., :1]
+    cv2.imwrite(str(path), grid[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92] if path.suffix == ".jpg" else [])
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="dataset directory with a test split and ground truth")
@@ -58,6 +84,10 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads")
     p.add_argument("--out", required=True, help="output directory (ONNX graphs, metrics.json, metrics.md)")
+    p.add_argument("--figure", default=None, metavar="PNG",
+                   help="also write a grid (.png or .jpg) of one test face (--figure-image) at every scale: the truth, "
+                        "then the methods")
+    p.add_argument("--figure-image", type=int, default=0, help="which test face the figure shows")
     args = p.parse_args()
     import onnxruntime as ort
 
@@ -91,6 +121,7 @@ def main() -> int:
     sigma = float(dataset.meta.get("noise_std") or 0.0)
     results: dict = {"data": str(Path(args.data).resolve()), "ids": ids, "scales": scales, "noise_std": sigma,
                      "students": dict(zip(names, dirs)), "rows": {}}
+    tiles: dict[tuple[str, float], np.ndarray] = {}  # (column, scale) -> the figure face, (C, h, w) in [0, 1]
     for k, s in enumerate(scales):
         _, forward = operators(s)
         x = fit_to_grid(truth, forward.scene_shape)
@@ -110,8 +141,11 @@ def main() -> int:
                        "consistency": float(M.consistency(fit_to_grid(x_hat, forward.scene_shape), y, forward).mean()),
                        "ms_per_image": ms}
                 results["rows"].setdefault(f"{name} | {kind}", {})[str(s)] = row
+                tiles[(f"{name}, A_s†" if kind == "true" else f"{name}, A_1†", s)] = \
+                    window[args.figure_image].numpy()
                 print(f"s = {s:.2f} {name:>24} fed {kind:>10} A†: PSNR {row['psnr']:.2f} LPIPS {row['lpips']:.3f} "
                       f"consistency {row['consistency']:.4f}", file=sys.stderr, flush=True)
+        tiles[("truth", s)] = truth[args.figure_image].numpy()
         floor = float(M.consistency(x, y, forward).mean())
         results.setdefault("ground_truth_consistency", {})[str(s)] = floor
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -128,6 +162,9 @@ def main() -> int:
     lines.append("| ground truth (floor) | | " + " | ".join(
         f"{results['ground_truth_consistency'][str(s)]:.4f}" for s in scales) + " |")
     (out / "metrics.md").write_text("\n".join(lines) + "\n")
+    if args.figure:
+        write_figure(tiles, scales, Path(args.figure))
+        print(f"wrote {args.figure}", file=sys.stderr)
     print(f"wrote {out / 'metrics.md'} and {out / 'metrics.json'}", file=sys.stderr)
     return 0
 

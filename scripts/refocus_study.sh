@@ -20,4 +20,5 @@ nsdd-train distill "${common[@]}" --psf-scale-range 0.85 1.2 --out "$OUT/student
 nsdd-train distill "${common[@]}" --psf-scale-range 1 1 --out "$OUT/student_single_psf" &
 wait
 python3 scripts/refocus_study.py --data "$DATA" --students "$OUT/student_scale_range,$OUT/student_single_psf" \
-  --names "scale range 0.85–1.2,single PSF" --lpips-weights "$LPIPS" --limit 30 --out "$OUT/study"
+  --names "scale range 0.85-1.2,single PSF" --lpips-weights "$LPIPS" --limit 30 --out "$OUT/study" \
+  --figure docs/img/refocus_study.jpg
