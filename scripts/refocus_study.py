@@ -49,7 +49,7 @@ def export_spectra_input(student_dir: str, psf: np.ndarray, out: Path) -> tuple[
 
 def write_figure(tiles: dict[tuple[str, float], np.ndarray], scales: list[float], path: Path, zoom: int = 2) -> None:
     """One row per scale; columns: the truth, every method fed A_s†, the students fed A_1† (no refocus); each tile
-    the face ×``zoom`` (nearest). A ``.jpg`` path is written at quality 92 (a PNG of noisy faces is large)."""
+    the face ×``zoom`` (nearest). A ``.jpg`` path is written at quality 82 (a PNG of noisy faces is large)."""
     import cv2
 
     names = list(dict.fromkeys(name for name, _ in tiles))
@@ -70,7 +70,7 @@ def write_figure(tiles: dict[tuple[str, float], np.ndarray], scales: list[float]
             tile = np.repeat(np.repeat((tile * 255 + 0.5).astype(np.uint8), zoom, 0), zoom, 1)
             x0 = left + c * (tw + gap)
             grid[y0 : y0 + th, x0 : x0 + tw] = tile if tile.shape[-1] == 3 else tile[..., :1]
-    cv2.imwrite(str(path), grid[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92] if path.suffix == ".jpg" else [])
+    cv2.imwrite(str(path), grid[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 82] if path.suffix == ".jpg" else [])
 
 
 def main() -> int:
