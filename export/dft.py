@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from nsdd_edge.graph_spectra import pack_half_spectrum  # noqa: F401  (the packing of the spectra, re-exported)
+
 
 def rdft_matrices(height: int, width: int) -> dict[str, np.ndarray]:
     """Float64 matrices of the orthonormal real 2-D DFT and its inverse.
@@ -48,12 +50,6 @@ def rdft_matrices(height: int, width: int) -> dict[str, np.ndarray]:
     ang_h = 2.0 * np.pi * np.outer(m, m) / height  # (H, H), symmetric
     h_stack = np.concatenate([np.cos(ang_h), np.sin(ang_h)], axis=0) / np.sqrt(height)
     return {"w_fwd": w_fwd, "w_inv": w_inv, "h_stack": h_stack}
-
-
-def pack_half_spectrum(spectrum: np.ndarray) -> np.ndarray:
-    """Complex ``(C, H, Wr)`` → real ``(C, H, 2Wr)`` ``[Re | Im]`` (float64)."""
-    s = np.asarray(spectrum)
-    return np.concatenate([s.real, s.imag], axis=-1).astype(np.float64)
 
 
 class MatmulRDFT2(torch.nn.Module):

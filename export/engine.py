@@ -294,6 +294,9 @@ def build_engine(onnx_path: str | Path, out: str | Path, precision: str, *, work
         shapes[inp.name] = {"min": [lo, *dims[1:]], "opt": [opt, *dims[1:]], "max": [hi, *dims[1:]]}
     else:
         shapes[inp.name] = dims
+    for i in range(1, network.num_inputs):  # a spectra-input graph's spectra: static shapes, fed at run time
+        extra = network.get_input(i)
+        shapes[extra.name] = list(extra.shape)
     cache = None
     if timing_cache is not None:
         blob = Path(timing_cache).read_bytes() if Path(timing_cache).exists() else b""

@@ -34,10 +34,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from export.dft import CentredRDFT2, MatmulRDFT2, complex_multiply_packed, pack_half_spectrum
+from export.dft import CentredRDFT2, MatmulRDFT2, complex_multiply_packed
 from export.errors import ExportError
 from nsdd_edge.bundle import BundleError, parse_support
-from nsdd_edge.optics import LenslessGeometry, OpticsError, WienerSpectra, array_hash
+from nsdd_edge.graph_spectra import SPECTRA_KINDS, graph_spectra, spectra_names
+from nsdd_edge.optics import LenslessGeometry, OpticsError, array_hash
 
 Objective = Literal["nullspace", "full", "wiener"]
 DftForm = Literal["matmul", "onnx"]
@@ -57,6 +58,7 @@ class GraphSpec:
     dft: DftForm
     support_shape: tuple[int, int] | None = None  # None: g covers the whole scene grid
     projector: str = "tikhonov"  # the pseudo-inverse kind (nsdd_edge.optics.WienerSpectra)
+    spectra: str = "fixed"  # fixed: the PSF's spectra are constants; input: fed beside y (nsdd_edge.graph_spectra)
 
     def metadata(self) -> dict[str, str]:
         import json
@@ -66,6 +68,9 @@ class GraphSpec:
                  "nsdd.objective": self.objective, "nsdd.dft": self.dft, "nsdd.projector": self.projector}
         if self.support_shape is not None:
             props["nsdd.support_shape"] = json.dumps(list(self.support_shape))
+        if self.spectra == "input":  # absent: fixed (graphs exported before the choice existed stay unchanged)
+            props["nsdd.spectra"] = "input"
+            props["nsdd.spectra_inputs"] = json.dumps(list(spectra_names(self.geometry)))
         return props
 
     @staticmethod
@@ -83,10 +88,13 @@ class GraphSpec:
                 support = check_support(json.loads(props["nsdd.support_shape"]), geometry.scene_shape)
             except (json.JSONDecodeError, ExportError) as exc:
                 raise ExportError(f"model metadata nsdd.support_shape={props['nsdd.support_shape']!r}: {exc}") from None
+        spectra = props.get("nsdd.spectra", "fixed")
+        if spectra not in SPECTRA_KINDS:
+            raise ExportError(f"model metadata nsdd.spectra={spectra!r}: expected one of {SPECTRA_KINDS}")
         return GraphSpec(psf_sha256=props["nsdd.psf_sha256"], lam=float(props["nsdd.lam"]),
                          geometry=geometry, channels=int(props["nsdd.channels"]),
                          objective=props["nsdd.objective"], dft=props["nsdd.dft"],  # type: ignore[arg-type]
-                         support_shape=support, projector=props.get("nsdd.projector", "tikhonov"))
+                         support_shape=support, projector=props.get("nsdd.projector", "tikhonov"), spectra=spectra)
 
 
 def check_support(support: object, grid: Sequence[int]) -> tuple[int, int] | None:
@@ -156,12 +164,17 @@ def _multiply_half_spectrum(z: torch.Tensor, packed: torch.Tensor, wr: int, real
 class ReconstructionGraph(torch.nn.Module):
     """``y (N, C, Hs, Ws)`` on the sensor grid → ``x̂ (N, C, H, W)`` on the scene grid (see the module
     docstring). ``geometry``: a :class:`LenslessGeometry`, or a sensor size for the circular model. ``net``
-    maps ``(N, 2C, H, W) → (N, C, H, W)`` (on the support window when there is one)."""
+    maps ``(N, 2C, H, W) → (N, C, H, W)`` (on the support window when there is one).
+
+    ``spectra_input=False`` (default): the spectra of ``psf`` (:func:`nsdd_edge.graph_spectra.graph_spectra`)
+    are constants of the graph, ``forward(y)``. ``True``: they are inputs, ``forward(y, g_spec, null_spec)``
+    (circular) or ``forward(y, g_spec, h_spec)`` (crop), so the runtime can feed those of another PSF (a warped
+    one: live refocus); ``psf`` then only gives their shapes, the example values and the recorded hash."""
 
     def __init__(self, psf: np.ndarray, geometry: LenslessGeometry | Sequence[int], lam: float, *,
                  net: torch.nn.Module | None = None, objective: Objective = "nullspace",
                  dft: DftForm = "matmul", channels: int = 3, support_shape: Sequence[int] | None = None,
-                 projector: str = "tikhonov"):
+                 projector: str = "tikhonov", spectra_input: bool = False):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ExportError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
@@ -175,7 +188,7 @@ class ReconstructionGraph(torch.nn.Module):
         if psf.shape[0] not in (1, channels):
             raise ExportError(f"PSF has {psf.shape[0]} channels; the graph has {channels}")
         try:
-            spectra = WienerSpectra.from_psf(psf, geometry.conv_shape, lam, projector)  # type: ignore[arg-type]
+            spectra = graph_spectra(psf, geometry, lam, projector)  # type: ignore[arg-type]
         except OpticsError as exc:
             raise ExportError(str(exc)) from None
         support = check_support(tuple(support_shape) if support_shape is not None else None, geometry.scene_shape)
@@ -184,25 +197,24 @@ class ReconstructionGraph(torch.nn.Module):
         if support == geometry.scene_shape:
             support = None  # the whole grid: no crop/pad nodes
         self.spec = GraphSpec(array_hash(psf), float(lam), geometry, int(channels), objective, dft, support,
-                              spectra.projector)
+                              projector, "input" if spectra_input else "fixed")
         self.net = net
         self.crop = geometry.model == "crop"
         self.height, self.width = geometry.scene_shape  # the output grid (= the sensor for the circular model)
-        g_packed = pack_half_spectrum(spectra.half("G"))
-        self.register_buffer("g_spec", torch.from_numpy(g_packed.astype(np.float32)))
+        self.spectra_names = spectra_names(geometry)
+        # example values of the inputs (spectra_input), never part of the graph; else the graph's constants
+        self.spectra_example = {k: torch.from_numpy(v) for k, v in spectra.items()} if spectra_input else None
+        if not spectra_input:
+            for name in self.spectra_names:
+                self.register_buffer(name, torch.from_numpy(spectra[name]))
         if self.crop:  # A = C_sensor F⁻¹ H F P_conv and A† = C_scene F⁻¹ G F P_conv on the convolution grid
             self.wr = geometry.conv_shape[1] // 2 + 1
-            self.register_buffer("h_spec", torch.from_numpy(
-                pack_half_spectrum(spectra.half("H")).astype(np.float32)))
             self.dft_module = None
             matmul = dft == "matmul"
             self.scene_dft = CentredRDFT2(geometry.conv_shape, geometry.scene_shape) if matmul else None
             self.sensor_dft = CentredRDFT2(geometry.conv_shape, geometry.sensor_shape) if matmul else None
             return
         self.wr = self.width // 2 + 1
-        null = 1.0 - spectra.half("R").real  # I − A†A multiplier, float64 before the cast
-        self.register_buffer("null_spec", torch.from_numpy(
-            np.concatenate([null, null], axis=-1).astype(np.float32)))
         self.dft_module = MatmulRDFT2(self.height, self.width) if dft == "matmul" else None
 
     # ---- transforms ------------------------------------------------------------------------
@@ -228,23 +240,34 @@ class ReconstructionGraph(torch.nn.Module):
         full = torch.fft.irfft2(torch.view_as_complex(z.contiguous()), s=g.conv_shape, norm="ortho")
         return centre_crop(full, g.scene_shape if target == "scene" else g.sensor_shape)
 
-    def pseudo_inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """``A†y = F⁻¹[G · F(y)]`` (circular) or ``C_scene F⁻¹[G · F(P_conv y)]`` (crop)."""
-        if self.crop:
-            return self._crop_filter(y, self.g_spec, "sensor", "scene")
-        return self._filter(y, self.g_spec, real=False)
+    def _spectra(self, given: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The two spectra by name: the graph's constants, or the inputs ``given`` (spectra-input graph)."""
+        if self.spectra_example is None:
+            if given:
+                raise ExportError("this graph holds its spectra as constants; it takes y only")
+            return {name: getattr(self, name) for name in self.spectra_names}
+        if len(given) != len(self.spectra_names):
+            raise ExportError(f"this graph takes its spectra as inputs: forward(y, {', '.join(self.spectra_names)})")
+        return dict(zip(self.spectra_names, given))
 
-    def forward_model(self, x: torch.Tensor) -> torch.Tensor:
+    def pseudo_inverse(self, y: torch.Tensor, *spectra: torch.Tensor) -> torch.Tensor:
+        """``A†y = F⁻¹[G · F(y)]`` (circular) or ``C_scene F⁻¹[G · F(P_conv y)]`` (crop)."""
+        g_spec = self._spectra(spectra)["g_spec"]
+        if self.crop:
+            return self._crop_filter(y, g_spec, "sensor", "scene")
+        return self._filter(y, g_spec, real=False)
+
+    def forward_model(self, x: torch.Tensor, *spectra: torch.Tensor) -> torch.Tensor:
         """Crop model: ``A x = C_sensor F⁻¹[H · F(P_conv x)]`` (the circular graph needs no ``A``)."""
         if not self.crop:
             raise ExportError("forward_model is part of the crop-model graph only (circular: I − A†A is one multiplier)")
-        return self._crop_filter(x, self.h_spec, "scene", "sensor")
+        return self._crop_filter(x, self._spectra(spectra)["h_spec"], "scene", "sensor")
 
-    def null_project(self, x: torch.Tensor) -> torch.Tensor:
+    def null_project(self, x: torch.Tensor, *spectra: torch.Tensor) -> torch.Tensor:
         """``(I − A†A) x``: ``F⁻¹[(1 − R) · F(x)]`` (circular) or ``x − A†(A x)`` (crop)."""
         if self.crop:
-            return x - self.pseudo_inverse(self.forward_model(x))
-        return self._filter(x, self.null_spec, real=True)
+            return x - self.pseudo_inverse(self.forward_model(x, *spectra), *spectra)
+        return self._filter(x, self._spectra(spectra)["null_spec"], real=True)
 
     def student_g(self, inputs: torch.Tensor) -> torch.Tensor:
         """``g``: the network on the whole grid, or on the support window (Slice) zero-padded back (Concat)."""
@@ -253,15 +276,19 @@ class ReconstructionGraph(torch.nn.Module):
             return self.net(inputs)
         return centre_pad(self.net(centre_crop(inputs, self.spec.support_shape)), (self.height, self.width))
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
-        x_dagger = self.pseudo_inverse(y)
+    def forward(self, y: torch.Tensor, g_spec: torch.Tensor | None = None,
+                aux_spec: torch.Tensor | None = None) -> torch.Tensor:
+        """``x̂`` of ``y``; a spectra-input graph takes its two spectra after ``y`` (:attr:`spectra_names`:
+        ``g_spec``, then ``aux_spec`` = ``null_spec`` (circular) or ``h_spec`` (crop))."""
+        spectra = tuple(s for s in (g_spec, aux_spec) if s is not None)
+        x_dagger = self.pseudo_inverse(y, *spectra)
         if self.net is None:
             return x_dagger
         y_fit = fit_to_grid(y, (self.height, self.width)) if self.crop else y
         g = self.student_g(torch.cat([y_fit, x_dagger], dim=1))
         if self.spec.objective == "full":
             return g
-        return x_dagger + self.null_project(g)
+        return x_dagger + self.null_project(g, *spectra)
 
 
 def reconstruction_operator(psf: np.ndarray, geometry: LenslessGeometry, lam: float,

@@ -53,6 +53,8 @@ def _same(a: GraphSpec, b: GraphSpec) -> list[str]:
         diffs.append(f"objective ({a.objective} vs {b.objective})")
     if a.support_shape != b.support_shape:
         diffs.append(f"support window ({a.support_shape} vs {b.support_shape})")
+    if a.spectra != b.spectra:
+        diffs.append(f"spectra ({a.spectra} vs {b.spectra}: one takes them as inputs, the other holds them)")
     return diffs
 
 
@@ -147,6 +149,10 @@ def make_bundle(onnx_files: list[str | Path], psf: Any, out: str | Path, *, engi
         plan_psf = record.get("onnx_metadata", {}).get("nsdd.psf_sha256")
         if plan_psf and plan_psf != spec.psf_sha256:
             raise ExportError(f"{plan}: built from a model for another PSF ({plan_psf[:12]}…)")
+        plan_spectra = record.get("onnx_metadata", {}).get("nsdd.spectra", "fixed") if record else spec.spectra
+        if plan_spectra != spec.spectra:
+            raise ExportError(f"{plan}: built from a model with {plan_spectra} spectra, the ONNX models' are "
+                              f"{spec.spectra} (build the plan from the same export)")
         models["engine"] = {"path": str(plan), "precision": record.get("precision"),
                             "tensorrt_version": record.get("tensorrt_version"), "gpu": record.get("gpu")}
     if preprocess is not None and preprocess_json is not None:
@@ -189,7 +195,8 @@ def make_bundle(onnx_files: list[str | Path], psf: Any, out: str | Path, *, engi
     try:
         return write_bundle(out, psf=psf, geometry=spec.geometry, lam=spec.lam, channels=spec.channels,
                             preprocess=preprocess, models=models, name=name, provenance=provenance,
-                            extra_files=extra_files, support_shape=spec.support_shape, projector=spec.projector)
+                            extra_files=extra_files, support_shape=spec.support_shape, projector=spec.projector,
+                            spectra=spec.spectra)
     except BundleError as exc:
         raise ExportError(str(exc)) from exc
 
@@ -220,5 +227,6 @@ def main(args: argparse.Namespace) -> int:
     g = bundle.geometry
     grids = f"{g.sensor_shape}" if g.model == "circular" else f"crop: sensor {g.sensor_shape} → scene {g.scene_shape}"
     print(f"wrote bundle {bundle.root}: {grids} C={bundle.channels} λ={bundle.lam:g} "
-          f"models={sorted(bundle.models)}" + (f" support={bundle.support_shape}" if bundle.support_shape else ""))
+          f"models={sorted(bundle.models)}" + (f" support={bundle.support_shape}" if bundle.support_shape else "")
+          + (" spectra=input (refocusable: nsdd-edge run --refocus)" if bundle.spectra == "input" else ""))
     return 0

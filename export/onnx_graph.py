@@ -205,14 +205,20 @@ def export_graph(graph: ReconstructionGraph, out: str | Path, *, batch: int | No
     graph = graph.eval()
     h, w = graph.spec.geometry.sensor_shape
     example = torch.zeros((batch or 2, graph.spec.channels, h, w), dtype=torch.float32)
-    dynamic = {INPUT_NAME: {0: torch.export.Dim("batch", min=1, max=4096)}} if batch is None else None
+    # a spectra-input graph takes the PSF's packed spectra after y (nsdd_edge.graph_spectra), static shapes
+    spectra = tuple(graph.spectra_example[n] for n in graph.spectra_names) if graph.spectra_example else ()
+    input_names = [INPUT_NAME, *(graph.spectra_names if spectra else ())]
+    dynamic = None
+    if batch is None:
+        batch_dim = torch.export.Dim("batch", min=1, max=4096)
+        dynamic = {INPUT_NAME: {0: batch_dim}, **({"g_spec": None, "aux_spec": None} if spectra else {})}
     import contextlib
     import io
     import warnings
 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _without_torchvision_notices():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(graph, (example,), None, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        program = torch.onnx.export(graph, (example, *spectra), None, input_names=input_names, output_names=[OUTPUT_NAME],
                                     opset_version=max(opset, 18), dynamo=True, dynamic_shapes=dynamic,
                                     external_data=False)
     # name scopes survive only without the exporter's own version conversion: name first, convert after
@@ -306,6 +312,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dft", choices=DFT_FORMS, default="matmul",
                    help="matmul: DFT as cos/sin matrix products (TensorRT 10.x); onnx: ONNX DFT operator")
     p.add_argument("--batch", default="1", help="static batch size N, or 'dynamic'")
+    p.add_argument("--spectra-input", action="store_true",
+                   help="take the PSF's pseudo-inverse spectra as inputs beside y (g_spec and null_spec, or h_spec for "
+                        "the crop model; nsdd_edge.graph_spectra) instead of constants, so the runtime can feed those "
+                        "of a warped PSF without re-exporting (nsdd-edge run --refocus); default: fixed spectra")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset of the file (≥ 17; TensorRT 10.3 reads 17)")
     p.add_argument("--out", required=True, help="output .onnx file")
 
@@ -351,7 +361,7 @@ def build_from_args(args: argparse.Namespace) -> tuple[ReconstructionGraph, dict
         lam = float(args.lam) if args.lam is not None else 1e-6
         channels = int(args.channels or 3)
         return ReconstructionGraph(psf, geometry, lam, net=None, objective="wiener", dft=args.dft,
-                                   channels=channels), extra
+                                   channels=channels, spectra_input=args.spectra_input), extra
     info = load_student_info(args.student)
     geometry = geometry_from_args(args, psf.shape[-2:], info)
     lam = float(args.lam) if args.lam is not None else (info.lam if info.lam is not None else 1e-6)
@@ -364,7 +374,7 @@ def build_from_args(args: argparse.Namespace) -> tuple[ReconstructionGraph, dict
     net = info.net.float().eval()
     return ReconstructionGraph(psf, geometry, lam, net=net, objective=info.objective,  # type: ignore[arg-type]
                                dft=args.dft, channels=channels, support_shape=info.support_shape,
-                               projector=info.projector), extra
+                               projector=info.projector, spectra_input=args.spectra_input), extra
 
 
 def main(args: argparse.Namespace) -> int:
@@ -381,7 +391,8 @@ def main(args: argparse.Namespace) -> int:
              f"model=crop sensor={g.sensor_shape} scene={g.scene_shape} conv={g.conv_shape}")
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB): objective={s.objective} dft={s.dft} "
           f"{grids} C={s.channels} λ={s.lam:g} batch={'dynamic' if batch is None else batch} "
-          f"psf={s.psf_sha256[:12]}" + (f" support={s.support_shape}" if s.support_shape else ""))
+          f"psf={s.psf_sha256[:12]}" + (f" support={s.support_shape}" if s.support_shape else "")
+          + (f" spectra=inputs({', '.join(graph.spectra_names)})" if s.spectra == "input" else ""))
     return 0
 
 

@@ -146,11 +146,13 @@ def batches(frames: np.ndarray, batch: int | None) -> Iterable[tuple[np.ndarray,
         yield chunk, valid
 
 
-def run_model(session: Any, frames: np.ndarray, batch: int | None, outputs: list[str] | None = None) -> list[np.ndarray]:
-    """Run ``frames`` through a session in batches; returns the requested outputs stacked."""
+def run_model(session: Any, frames: np.ndarray, batch: int | None, outputs: list[str] | None = None,
+              feeds: dict[str, np.ndarray] | None = None) -> list[np.ndarray]:
+    """Run ``frames`` through a session in batches (``feeds``: the other inputs, e.g. a spectra-input graph's
+    spectra); returns the requested outputs stacked."""
     results: list[list[np.ndarray]] = []
     for chunk, valid in batches(frames, batch):
-        outs = session.run(outputs, {session.get_inputs()[0].name: chunk})
+        outs = session.run(outputs, {session.get_inputs()[0].name: chunk, **(feeds or {})})
         if not results:
             results = [[] for _ in outs]
         for acc, o in zip(results, outs):
@@ -518,6 +520,9 @@ def load_fp32(path: str | Path) -> Any:
     meta = read_metadata(path)
     if meta.get("nsdd.precision", "fp32") != "fp32":
         raise ExportError(f"{path}: is already {meta['nsdd.precision']}; quantise the FP32 export")
+    if meta.get("nsdd.spectra") == "input":
+        raise ExportError(f"{path}: takes its spectra as inputs (nsdd-export onnx --spectra-input); quantising such a "
+                          "graph is not supported yet: quantise the fixed-spectra export")
     return onnx.load(str(path))
 
 

@@ -32,6 +32,7 @@ from export.onnx_graph import (
 )
 from export.quantize import input_shape, load_measurements, make_session, psnr, quantize_file, run_model
 from export.trt_ops import TENSORRT_VERSION, unsupported_nodes
+from nsdd_edge.graph_spectra import graph_spectra
 from nsdd_edge.optics import OpticsError, array_hash, load_psf, read_array
 
 HELP = "check an exported graph: ONNX checker, TensorRT 10.3 ops, ORT vs torch, FP16/INT8 PSNR, consistency"
@@ -171,7 +172,14 @@ def verify(model_path: str | Path, data_dir: str | Path, args: argparse.Namespac
                                              spec.support_shape, spec.projector, spec.geometry).numpy()
 
     outputs: dict[str, np.ndarray] = {}
-    outputs["fp32"] = run_model(make_session(model_path), frames, batch)[0]
+    feeds = None
+    report["spectra"] = spec.spectra
+    if spec.spectra == "input":  # fed the spectra of the PSF it was exported for (what the runtime feeds at scale 1)
+        feeds = graph_spectra(psf, spec.geometry, spec.lam, spec.projector)  # type: ignore[arg-type]
+        if args.fp16 or args.int8:
+            raise ExportError(f"{model_path}: takes its spectra as inputs; such graphs are not quantised (drop "
+                              "--fp16/--int8)")
+    outputs["fp32"] = run_model(make_session(model_path), frames, batch, feeds=feeds)[0]
     err = float(np.abs(outputs["fp32"] - reference).max())
     scale = max(1.0, float(np.abs(reference).max()))  # scenes of a camera profile are in y's units, not [0, 1]
     report["fp32_vs_torch_max_abs_error"] = err
@@ -187,6 +195,9 @@ def verify(model_path: str | Path, data_dir: str | Path, args: argparse.Namespac
             if path is None and precision == "int8" and not any(n.op_type in ("Conv", "ConvTranspose")
                                                                 for n in model.graph.node):
                 report["int8"] = "not applicable: the graph has no convolutions (INT8 is for the student only)"
+                continue
+            if feeds is not None:
+                report[precision] = "not applicable: a spectra-input graph is not quantised (nsdd-export quantize)"
                 continue
             if path is None and not args.no_quantize:
                 path = str(Path(tmp) / f"model.{precision}.onnx")

@@ -13,7 +13,12 @@ A bundle is a directory::
      "psf": {"file": "psf.npy", "sha256": array_hash(psf)},
      "preprocess": PreprocessConfig fields,
      "models": {"onnx_fp32"|"onnx_fp16"|"onnx_int8"|"engine": {"file", "sha256", ...extra}},
+     "spectra": "input",
      "provenance": {...}}
+
+``spectra`` (optional; absent: ``fixed``): ``input`` says the models take the pseudo-inverse spectra as inputs
+beside ``y`` (``nsdd-export onnx --spectra-input``): the runtime computes them from the PSF
+(:func:`nsdd_edge.graph_spectra.graph_spectra`) — from a warped PSF with ``nsdd-edge run --refocus``.
 
 ``geometry`` is the reconstruction's: ``circular`` (the reconstruction has the measurement's size) or ``crop``
 (measurements on the sensor grid, reconstructions on the scene grid: :attr:`Bundle.input_shape` and
@@ -140,6 +145,7 @@ class Bundle:
     support_shape: tuple[int, int] | None = None
     projector: str = "tikhonov"  # the pseudo-inverse kind of A† (nsdd_edge.optics.WienerSpectra)
     verification: list[str] = field(default_factory=list)  # what loading verified, one line per check
+    spectra: str = "fixed"  # fixed: the models hold the PSF's spectra; input: the runtime feeds them (refocus)
 
     @property
     def psf_sha256(self) -> str:
@@ -201,12 +207,14 @@ def write_bundle(out: str | os.PathLike, *, psf: np.ndarray, geometry: LenslessG
                  channels: int, preprocess: PreprocessConfig | None = None,
                  models: dict[str, str | os.PathLike | dict] | None = None, name: str | None = None,
                  provenance: dict | None = None, extra_files: dict[str, str | os.PathLike] | None = None,
-                 support_shape: tuple[int, int] | list[int] | None = None, projector: str = "tikhonov") -> Bundle:
+                 support_shape: tuple[int, int] | list[int] | None = None, projector: str = "tikhonov",
+                 spectra: str = "fixed") -> Bundle:
     """Write a bundle atomically: build it in a temporary sibling directory, then rename.
 
     ``models`` maps a kind to a source file path, or to a dict ``{"path": ..., **extra}`` whose extra
     keys (precision, TensorRT version, …) are recorded. ``extra_files`` (e.g. a background frame) are
     copied under their given names. ``support_shape``: the scenes' centred window (``geometry.support_shape``).
+    ``spectra``: ``input`` when the models take the spectra as inputs (recorded; ``fixed`` is left out).
 
     An existing bundle that cannot be renamed — its parent is not writable (``/bundle`` in a container) or it
     is a mount point (a bind mount: ``EBUSY``) — is rewritten in place instead (:func:`_install_into`): the
@@ -246,7 +254,7 @@ def write_bundle(out: str | os.PathLike, *, psf: np.ndarray, geometry: LenslessG
                 "geometry": geometry_record, "lam": float(lam), "projector": projector, "channels": int(channels),
                 "psf": {"file": "psf.npy", "sha256": array_hash(psf)},
                 "preprocess": asdict(preprocess), "models": recorded,
-                "provenance": provenance or {}}
+                **({"spectra": spectra} if spectra != "fixed" else {}), "provenance": provenance or {}}
         (tmp / "bundle.json").write_text(json.dumps(meta, indent=2))
         if in_place:
             _install_into(tmp, out)

@@ -5,6 +5,11 @@ returns reconstructions ``(N, C', H', W')`` float32 on the bundle's scene grid (
 the sensor size for the circular model, the scene grid of the crop model; a model whose output has another
 shape is refused with :class:`EngineError`). ``select_engine(bundle, prefer)`` picks
 TensorRT plan > ONNX Runtime > numpy Wiener from the bundle's models and what is installed, and says why.
+
+Refocus: ``engine.set_psf(psf)`` swaps the pseudo-inverse spectra for those of another PSF (a warped one) between
+two frames: the numpy Wiener engine always can; an ONNX/TensorRT model only when it takes the spectra as inputs
+(a bundle with ``spectra: input``, :class:`nsdd_edge.graph_spectra.SpectraFeed`). The new spectra are computed
+in the caller's thread and take effect at the next :meth:`Engine.infer`; a frame in flight is never touched.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from nsdd_edge.bundle import Bundle, BundleError
-from nsdd_edge.optics import WienerFilter
+from nsdd_edge.graph_spectra import SpectraFeed, check_feeds
+from nsdd_edge.optics import OpticsError, WienerFilter
 from nsdd_edge.trt_runner import TrtUnavailable, available_cuda_bindings, module_available
 
 ENGINE_NAMES = ("trt", "onnx", "wiener")
@@ -32,12 +38,19 @@ class ModelLoadError(EngineError):
 
 
 class Engine:
-    """Common interface. Subclasses set ``name`` and implement :meth:`infer`."""
+    """Common interface. Subclasses set ``name`` and implement :meth:`infer`; refocusable ones
+    :meth:`set_psf`."""
 
     name = "engine"
+    refocusable = False  # whether set_psf can swap the spectra (see the module docstring)
 
     def infer(self, y: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def set_psf(self, psf: np.ndarray) -> None:
+        """Use the pseudo-inverse of ``psf`` (same box and channels as the bundle's) from the next frame on."""
+        raise EngineError(f"{self.describe()}: its model holds fixed spectra, they cannot be swapped (export the "
+                          "model with nsdd-export onnx --spectra-input)")
 
     def describe(self) -> str:
         return self.name
@@ -73,6 +86,7 @@ class NumpyWienerEngine(Engine):
     """``x = A†y = F⁻¹[conj(H) Y / (|H|² + λ)]`` with :class:`nsdd_edge.optics.WienerFilter` (no model)."""
 
     name = "wiener"
+    refocusable = True
 
     def __init__(self, bundle: Bundle):
         self.bundle = bundle
@@ -81,7 +95,14 @@ class NumpyWienerEngine(Engine):
 
     def infer(self, y: np.ndarray) -> np.ndarray:
         y = self._check_input(y, self.input_shape, "wiener engine")
-        return self.filter(y)
+        return self.filter(y)  # one read of the attribute: a filter swapped meanwhile serves the next frame
+
+    def set_psf(self, psf: np.ndarray) -> None:
+        b = self.bundle
+        try:
+            self.filter = WienerFilter(psf, b.geometry, b.lam, b.projector)  # built first, then one assignment
+        except OpticsError as exc:
+            raise EngineError(f"wiener engine: cannot use the new PSF: {exc}") from None
 
     def describe(self) -> str:
         g = self.bundle.geometry
@@ -96,7 +117,10 @@ class OnnxRuntimeEngine(Engine):
     name = "onnx"
 
     def __init__(self, model_path: str | os.PathLike, *, device: str = "cpu", threads: int = 0,
-                 input_shape: tuple[int, int, int] | None = None, output_shape: tuple[int, int, int] | None = None):
+                 input_shape: tuple[int, int, int] | None = None, output_shape: tuple[int, int, int] | None = None,
+                 spectra: SpectraFeed | None = None, psf: np.ndarray | None = None):
+        """``spectra`` and ``psf``: a model that takes its spectra as inputs is fed ``spectra.feeds(psf)``
+        (:meth:`set_psf` changes them); such a model without them, or a fixed one with them, is refused."""
         ok, why = module_available("onnxruntime")
         if not ok:
             raise EngineError(f"ONNX Runtime engine: {why}; pip install onnxruntime (or onnxruntime-gpu)")
@@ -124,9 +148,20 @@ class OnnxRuntimeEngine(Engine):
             raise ModelLoadError(f"{self.model_path}: ONNX Runtime cannot load the model "
                                  f"({type(exc).__name__}: {str(exc)[:300]})") from exc
         inputs = self.session.get_inputs()
-        if len(inputs) != 1:
-            raise ModelLoadError(f"{self.model_path}: expected one input (the measurement y), got "
-                                 f"{[i.name for i in inputs]}")
+        self.spectra = spectra
+        self._feeds: dict[str, np.ndarray] = {}
+        extra = [i.name for i in inputs[1:]]
+        if spectra is None and extra:
+            raise ModelLoadError(f"{self.model_path}: the model takes {[i.name for i in inputs]}: the spectra "
+                                 "inputs need a bundle that says spectra: input")
+        if spectra is not None:
+            if sorted(extra) != sorted(spectra.names):
+                raise ModelLoadError(f"{self.model_path}: the bundle says the model takes the spectra "
+                                     f"{list(spectra.names)} beside y, the model takes {[i.name for i in inputs]}")
+            self._shapes = {i.name: tuple(i.shape) for i in inputs[1:]}
+            if psf is None:
+                raise EngineError(f"{self.model_path}: a spectra-input model needs the PSF to compute them from")
+            self.set_psf(psf)
         self.input_name = inputs[0].name
         self.output_name = self.session.get_outputs()[0].name
         model_shape = inputs[0].shape
@@ -148,13 +183,30 @@ class OnnxRuntimeEngine(Engine):
         self.threads = threads
         self._binding = self.session.io_binding() if device == "cuda" else None
 
+    @property
+    def refocusable(self) -> bool:  # type: ignore[override]
+        return self.spectra is not None
+
+    def set_psf(self, psf: np.ndarray) -> None:
+        if self.spectra is None:
+            Engine.set_psf(self, psf)
+        try:
+            feeds = check_feeds(self.spectra.feeds(psf), self.spectra.names, self._shapes,  # type: ignore[union-attr]
+                                f"onnx engine {self.model_path.name}")
+        except OpticsError as exc:
+            raise EngineError(str(exc)) from None
+        self._feeds = feeds  # one assignment: infer reads the dict once per frame
+
     def infer(self, y: np.ndarray) -> np.ndarray:
         y = self._check_input(y, self.input_shape, f"onnx engine {self.model_path.name}")
         who = f"onnx engine {self.model_path.name}"
+        feeds = self._feeds
         if self._binding is None:
-            x = np.asarray(self.session.run([self.output_name], {self.input_name: y})[0], dtype=np.float32)
+            x = np.asarray(self.session.run([self.output_name], {self.input_name: y, **feeds})[0], dtype=np.float32)
             return self._check_output(x, self.output_shape, who)
         b = self._binding
+        for name, value in feeds.items():
+            b.bind_cpu_input(name, value)
         b.bind_cpu_input(self.input_name, y)
         b.bind_output(self.output_name, "cuda")
         self.session.run_with_iobinding(b)
@@ -175,7 +227,8 @@ class TensorRTEngine(Engine):
     name = "trt"
 
     def __init__(self, plan_path: str | os.PathLike, *, input_shape: tuple[int, int, int] | None = None,
-                 output_shape: tuple[int, int, int] | None = None, **options):
+                 output_shape: tuple[int, int, int] | None = None, spectra: SpectraFeed | None = None,
+                 psf: np.ndarray | None = None, **options):
         from nsdd_edge.trt_runner import TrtRunner
 
         try:
@@ -184,6 +237,28 @@ class TensorRTEngine(Engine):
             raise EngineError(str(exc)) from exc
         self.input_shape = input_shape
         self.output_shape = output_shape
+        self.spectra = spectra
+        extra = sorted(self.runner.extra_inputs)
+        if (spectra is None) != (not extra) or (spectra is not None and extra != sorted(spectra.names)):
+            self.runner.close()
+            raise EngineError(f"{plan_path}: the plan takes {[self.runner.input.name, *extra]}, the bundle says "
+                              + (f"spectra {list(spectra.names)} beside y" if spectra else "y only (fixed spectra)"))
+        if spectra is not None:
+            if psf is None:
+                raise EngineError(f"{plan_path}: a spectra-input plan needs the PSF to compute them from")
+            self.set_psf(psf)
+
+    @property
+    def refocusable(self) -> bool:  # type: ignore[override]
+        return self.spectra is not None
+
+    def set_psf(self, psf: np.ndarray) -> None:
+        if self.spectra is None:
+            Engine.set_psf(self, psf)
+        try:
+            self.runner.set_inputs(self.spectra.feeds(psf))  # type: ignore[union-attr]  # applied before the next frame
+        except (OpticsError, TrtUnavailable) as exc:
+            raise EngineError(f"TensorRT engine: {exc}") from None
 
     def infer(self, y: np.ndarray) -> np.ndarray:
         x = self.runner.infer(self._check_input(y, self.input_shape, "TensorRT engine"))
@@ -341,10 +416,19 @@ def build_engine(bundle: Bundle, choice: EngineChoice, *, device: str = "cpu", t
     path = bundle.model_path(choice.model or "")
     if path is None:
         raise BundleError(f"{bundle.root}: no model {choice.model!r}")
+    feed = spectra_feed(bundle)
     if choice.kind == "onnx":
         return OnnxRuntimeEngine(path, device=device, threads=threads, input_shape=bundle.input_shape,
-                                 output_shape=bundle.output_shape)
-    return TensorRTEngine(path, input_shape=bundle.input_shape, output_shape=bundle.output_shape)
+                                 output_shape=bundle.output_shape, spectra=feed, psf=bundle.psf)
+    return TensorRTEngine(path, input_shape=bundle.input_shape, output_shape=bundle.output_shape, spectra=feed,
+                          psf=bundle.psf)
+
+
+def spectra_feed(bundle: Bundle) -> SpectraFeed | None:
+    """What the bundle's models are fed beside ``y`` (``spectra: input``), else None (fixed spectra)."""
+    if bundle.spectra != "input":
+        return None
+    return SpectraFeed(bundle.geometry, bundle.lam, bundle.projector)  # type: ignore[arg-type]
 
 
 def select_engine(bundle: Bundle, prefer: str | None = None, *, device: str = "cpu", threads: int = 0,

@@ -131,10 +131,12 @@ class ReconstructionLoop:
                  config: LoopConfig | None = None, preview: Preview | None = None,
                  recorder: Recorder | None = None, telemetry: Telemetry | None = None,
                  frame_meta: dict | None = None, log: Callable[[str], None] | None = None,
-                 consistency: Callable[[np.ndarray, np.ndarray], float] | None = None,
-                 alert: Callable[[str], None] | None = None):
+                 consistency: Callable[[np.ndarray, np.ndarray], float | dict[str, float]] | None = None,
+                 alert: Callable[[str], None] | None = None, observe: Callable[[np.ndarray], None] | None = None):
         self.source, self.preprocess, self.engine = source, preprocess, engine
-        self.consistency = consistency  # (x̂, y) -> ‖A x̂ − y‖/‖y‖ with the bundle's forward model
+        # (x̂, y) -> ‖A x̂ − y‖/‖y‖ with the bundle's forward model, or several such figures by name
+        self.consistency = consistency
+        self.observe = observe  # sees every accepted measurement y before inference (the live refocus keeps a few)
         try:
             self._preprocess_takes_meta = "meta" in inspect.signature(preprocess).parameters
         except (TypeError, ValueError):  # a builtin without a signature
@@ -411,6 +413,8 @@ class ReconstructionLoop:
             self._processed += 1
             return
         tel.add_time("preprocess", (time.perf_counter() - t0) * 1e3)
+        if self.observe is not None:
+            self.observe(y)
         with tel.time("infer"):
             try:
                 x = self.engine.infer(y[None])[0]
@@ -424,7 +428,9 @@ class ReconstructionLoop:
         every = cfg.consistency_every
         if self.consistency is not None and every and (self._processed - 1) % every == 0:
             with tel.time("consistency"):
-                tel.gauge("consistency", self.consistency(x, y), every_frames=every)
+                values = self.consistency(x, y)
+                for name, value in (values if isinstance(values, dict) else {"consistency": values}).items():
+                    tel.gauge(name, value, every_frames=every)
         with tel.time("output"):
             shown = self._shown(x)
             truth = getattr(frame, "truth", None)

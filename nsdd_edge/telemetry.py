@@ -61,6 +61,7 @@ class Telemetry:
         self.events: deque[dict] = deque(maxlen=50)
         self.info: dict = {}
         self.gauges: dict[str, dict] = {}  # sampled values (e.g. consistency every N frames): last, mean, count
+        self.sections: dict[str, dict] = {}  # figures a component reports as a whole (e.g. "refocus")
 
     # -- reporting ---------------------------------------------------------------------------------
     def add_time(self, stage: str, ms: float) -> None:
@@ -95,6 +96,11 @@ class Telemetry:
             g["last"] = float(value)
             g.update(extra)
 
+    def section(self, name: str, values: dict) -> None:
+        """Replace the figures of section ``name`` (a JSON-ready dict, e.g. the live refocus's scale and swaps)."""
+        with self._lock:
+            self.sections[name] = dict(values)
+
     def event(self, kind: str, message: str) -> None:
         """Remember a notable event (fault, reopen, warning) with its time."""
         with self._lock:
@@ -127,11 +133,12 @@ class Telemetry:
             events = list(self.events)
             blocked = self.blocked_ms
             gauges = {k: dict(v) for k, v in self.gauges.items()}
+            sections = {k: dict(v) for k, v in self.sections.items()}
         return {"elapsed_s": round(elapsed, 3), "started": self.started_wall,
                 "fps": round(counters["frames_out"] / elapsed, 3) if elapsed > 0 else 0.0,
                 "recent_fps": round(self.recent_fps(), 3), **counters,
                 "backpressure_blocked_ms": round(blocked, 3), "stages": stages, "events": events,
-                "info": dict(self.info), **gauges}
+                "info": dict(self.info), **gauges, **sections}
 
     def line(self) -> str:
         """One console line: FPS, counters and mean ms per stage."""
@@ -142,6 +149,8 @@ class Telemetry:
             parts.append(f"rec {s['recorded']}")
         if s["source_faults"]:
             parts.append(f"faults {s['source_faults']}")
+        if "refocus" in s:
+            parts.append(f"scale {s['refocus']['scale']:.3f} ({s['refocus']['swaps']} swaps)")
         ms = " ".join(f"{k} {v['mean_ms']:.1f}" for k, v in s["stages"].items() if v["mean_ms"] is not None)
         return " | ".join(parts) + (f" | ms: {ms}" if ms else "")
 
@@ -151,10 +160,18 @@ class Telemetry:
             c = dict(self.counters)
             means = {k: sum(st.samples) / len(st.samples) for k, st in self.stages.items()
                      if st.samples and k != "record"}
+            refocus = self.sections.get("refocus")
+            consistency = self.gauges.get("consistency", {}).get("last")
+            support = self.gauges.get("consistency_support", {}).get("last")
         fps = self.recent_fps() or self.fps()
         ms = "  ".join(f"{k[:4]} {v:.1f}" for k, v in means.items())
-        return [(f"{fps:.1f} fps  in {c['frames_in']} out {c['frames_out']} "
-                 f"drop {c['dropped']} rej {c['rejected']}"), f"ms: {ms}"]
+        lines = [(f"{fps:.1f} fps  in {c['frames_in']} out {c['frames_out']} "
+                  f"drop {c['dropped']} rej {c['rejected']}"), f"ms: {ms}"]
+        if refocus is not None:
+            lines.append(f"refocus: scale {refocus['scale']:.3f}, {refocus['swaps']} swaps"
+                         + (f", consistency {consistency:.4f}" if consistency is not None else "")
+                         + (f" (window {support:.4f})" if support is not None else ""))
+        return lines
 
     def write_json(self, path: str | os.PathLike) -> None:
         """Write :meth:`snapshot` as JSON, atomically."""

@@ -7,6 +7,11 @@
   attribute) they are *mapped* (zero-copy): the GPU reads and writes the host memory directly, no copies.
 - With cuda-python, the execute call (plus copies) is captured into a CUDA graph after one warm-up run and
   replayed (pycuda has no graph API, so it runs the plain stream path).
+- A plan of a spectra-input graph (``nsdd-export onnx --spectra-input``) has more inputs than ``y``: the
+  pseudo-inverse spectra (static shapes). :meth:`TrtRunner.set_inputs` stages new values from any thread; the
+  next :meth:`TrtRunner.infer` copies them into their bindings before it enqueues the frame (stream-ordered
+  ``cudaMemcpyAsync`` outside the captured graph; with mapped memory a plain host write between frames), so
+  a frame in flight never sees half-written spectra.
 
 TensorRT, pycuda and cuda-python are optional: importing this module never needs them, and using the
 runner without them raises :class:`TrtUnavailable` with the reason. The pure decisions (which CUDA
@@ -18,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,10 +299,19 @@ class TrtRunner:
                 dtype=np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))))
         inputs = [t for t in self.tensors if t.is_input]
         outputs = [t for t in self.tensors if not t.is_input]
-        if len(inputs) != 1 or not outputs:
-            raise TrtUnavailable(f"{self.plan_path}: expected one input and at least one output, got "
+        measured = [t for t in inputs if t.name == "y"] or inputs[:1]  # export.onnx_graph.INPUT_NAME
+        if not measured or not outputs:
+            raise TrtUnavailable(f"{self.plan_path}: expected the input y and at least one output, got "
                                  f"{[t.name for t in inputs]} / {[t.name for t in outputs]}")
-        self.input, self.output = inputs[0], outputs[0]
+        self.input, self.output = measured[0], outputs[0]
+        # the other inputs (a spectra-input graph's spectra): static shapes, values from set_inputs
+        self.extra_inputs = {t.name: t for t in inputs if t.name != self.input.name}
+        for t in self.extra_inputs.values():
+            if any(d < 0 for d in t.shape):
+                raise TrtUnavailable(f"{self.plan_path}: input {t.name} has a dynamic shape {t.shape}; only y may")
+        self._extra_values: dict[str, np.ndarray] = {}
+        self._pending: dict[str, np.ndarray] | None = None
+        self._pending_lock = threading.Lock()
         self._shape: tuple[int, ...] | None = None
         self._graph = self._graph_exec = None
         self.graph_error: str | None = None
@@ -322,6 +337,42 @@ class TrtRunner:
             self.context.set_tensor_address(t.name, dev)
         self._shape = shape
         self._runs = 0
+        self._buffers_have_extra = not self.extra_inputs
+
+    def set_inputs(self, values: dict[str, np.ndarray]) -> None:
+        """Stage new values of the extra inputs (all of them, each of its binding's shape); they are copied in
+        before the next frame (see the module docstring). Safe to call from another thread."""
+        if set(values) != set(self.extra_inputs):
+            raise TrtUnavailable(f"{self.plan_path}: the plan's extra inputs are {sorted(self.extra_inputs)}, got "
+                                 f"{sorted(values)}")
+        staged = {}
+        for name, t in self.extra_inputs.items():
+            a = np.ascontiguousarray(values[name], dtype=t.dtype)
+            if tuple(a.shape) != tuple(t.shape):
+                raise TrtUnavailable(f"{self.plan_path}: input {name} has shape {t.shape}, got {a.shape}")
+            staged[name] = a
+        with self._pending_lock:
+            self._pending = staged
+
+    def _apply_pending(self) -> None:
+        """Copy staged extra inputs into their bindings (between frames, on the inference thread)."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
+        if pending is not None:
+            self._extra_values = pending
+        elif not self._buffers_have_extra:
+            pending = self._extra_values  # new buffers (first frame, new batch size): fill them again
+        else:
+            return
+        missing = sorted(set(self.extra_inputs) - set(self._extra_values))
+        if missing:
+            raise TrtUnavailable(f"{self.plan_path}: no values for the inputs {missing} (set_inputs first)")
+        for name, value in self._extra_values.items():
+            host, dev = self._buffers[name]
+            np.copyto(host, value)
+            if self.memory != "mapped":
+                self.cuda.htod(dev, host)  # stream-ordered before the frame's own copies and execution
+        self._buffers_have_extra = True
 
     def _enqueue(self) -> None:
         """Copies in, execute, copies out (copies skipped with mapped memory)."""
@@ -342,6 +393,8 @@ class TrtRunner:
             self._allocate(tuple(y.shape))
         host_in, _ = self._buffers[self.input.name]
         np.copyto(host_in, y, casting="same_kind")
+        if self.extra_inputs:
+            self._apply_pending()
         if self._graph_exec is not None:
             self.cuda.launch(self._graph_exec)
         elif self.graph_requested and self._runs >= 1:  # warm-up done: capture the whole enqueue once

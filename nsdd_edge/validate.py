@@ -47,6 +47,7 @@ from nsdd_edge.bundle import (
     file_sha256,
     parse_support,
 )
+from nsdd_edge.graph_spectra import SPECTRA_KINDS
 from nsdd_edge.optics import PROJECTORS, LenslessGeometry, OpticsError, array_hash, read_array
 
 MAX_BUNDLE_JSON_BYTES = 1 << 20
@@ -63,7 +64,7 @@ MAX_COUNTS = float(1 << 32)  # raw counts: black/white level and the fixed scale
 PSF_NEGATIVE_TOLERANCE = 1e-3
 MODEL_KINDS = ("onnx_fp32", "onnx_fp16", "onnx_int8", "engine")
 TOP_LEVEL_FIELDS = ("format", "version", "name", "geometry", "lam", "projector", "channels", "psf", "preprocess",
-                    "models", "provenance")
+                    "models", "spectra", "provenance")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}")
 
@@ -449,6 +450,7 @@ def verify_bundle(root: str | os.PathLike, *, verify_files: bool = True,
     channels = check_int(meta["channels"], f"{mp}: channels", minimum=1, maximum=3)
     if channels == 2:
         raise BundleError(f"{mp}: channels must be 1 or 3, got 2")
+    spectra = check_choice(meta.get("spectra", "fixed"), f"{mp}: spectra", SPECTRA_KINDS)
 
     psf_rec = meta["psf"]
     if not isinstance(psf_rec, dict) or set(psf_rec) - {"file", "sha256"}:
@@ -471,7 +473,8 @@ def verify_bundle(root: str | os.PathLike, *, verify_files: bool = True,
                 f"{psf_hash[:16]}…")
     done.append(f"geometry: {geometry.model}, sensor {list(geometry.sensor_shape)}, scene {list(geometry.scene_shape)},"
                 f" conv {list(conv)}" + (f", support {list(support)}" if support else "")
-                + f"; λ = {lam:g} in (0, {MAX_LAM:g}], projector {projector}, {channels} channel(s); estimated runtime "
+                + f"; λ = {lam:g} in (0, {MAX_LAM:g}], projector {projector}, {channels} channel(s), spectra {spectra}"
+                "; estimated runtime "
                 f"memory {estimate_memory_bytes(geometry, channels, psf.shape[0]) / 2**20:.1f} MiB "
                 f"(limit {max_runtime_bytes / 2**20:.0f} MiB)")
 
@@ -525,7 +528,7 @@ def verify_bundle(root: str | os.PathLike, *, verify_files: bool = True,
     if not isinstance(provenance, dict):
         raise BundleError(f"{mp}: provenance must be an object, got {_show(provenance)}")
     return Bundle(root=root, name=name, geometry=geometry, lam=lam, channels=channels, psf=psf, preprocess=preprocess,
-                  models=models, provenance=provenance, support_shape=support, projector=projector,
+                  models=models, provenance=provenance, support_shape=support, projector=projector, spectra=spectra,
                   verification=done)
 
 
@@ -553,14 +556,15 @@ def check_onnx_model(bundle: Bundle, kind: str, *, threads: int = 1) -> str:
     """Load model ``kind`` in ONNX Runtime and run it once on zeros: the output must have the bundle's
     reconstruction shape and be finite. Returns what was verified; ``EngineError`` if it fails,
     ``ImportError`` if ONNX Runtime is not installed (then nothing could be checked)."""
-    from nsdd_edge.engines import EngineError, OnnxRuntimeEngine
+    from nsdd_edge.engines import EngineError, OnnxRuntimeEngine, spectra_feed
     from nsdd_edge.trt_runner import module_available
 
     ok, why = module_available("onnxruntime")
     if not ok:
         raise ImportError(why)
     path = bundle.model_path(kind)
-    engine = OnnxRuntimeEngine(path, threads=threads, input_shape=bundle.input_shape, output_shape=bundle.output_shape)
+    engine = OnnxRuntimeEngine(path, threads=threads, input_shape=bundle.input_shape, output_shape=bundle.output_shape,
+                               spectra=spectra_feed(bundle), psf=bundle.psf)
     try:
         y = np.zeros((1, *bundle.input_shape), np.float32)
         x = engine.infer(y)
@@ -570,4 +574,5 @@ def check_onnx_model(bundle: Bundle, kind: str, *, threads: int = 1) -> str:
     if tuple(x.shape) != want or not np.isfinite(x).all():
         raise EngineError(f"{path}: on a zero measurement the model gives shape {tuple(x.shape)} "
                           f"({'finite' if np.isfinite(x).all() else 'NaN/Inf'}), expected finite {want}")
-    return f"{path.name}: ONNX Runtime loads it and one inference gives a finite {list(want)} reconstruction"
+    fed = f", fed the spectra of the bundle's PSF ({', '.join(engine.spectra.names)})" if engine.spectra else ""
+    return f"{path.name}: ONNX Runtime loads it and one inference gives a finite {list(want)} reconstruction{fed}"

@@ -14,7 +14,7 @@
 #   BUDGET wall-time budget in seconds (default 510)
 # Before a device call: scripts/gpu_prepare.sh makes all of the above here if missing and ends with
 # scripts/gpu_payload.sh (the working tree + .gpu/ must stay under the device's 64 MiB;
-# budgets tracked ≤ 34 MiB, .gpu ≤ 22 MiB, total ≤ 56 MiB; exit 1 when over).
+# budgets tracked ≤ 35 MiB, .gpu ≤ 22 MiB, total ≤ 57 MiB; exit 1 when over).
 # Extra arguments go to `python -m train.gpu_oneshot run` (e.g. --tiny for one step of everything on a CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."

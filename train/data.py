@@ -88,8 +88,9 @@ class LenslessDataset:
         return LenslessGeometry.from_dict(self.meta["forward"])
 
     def physics(self, model: str | None = None, lam: float | None = None,
-                projector: str = "tikhonov") -> LenslessOperator:
-        """The reconstruction operator (``recon`` settings of dataset.json unless overridden).
+                projector: str = "tikhonov", psf: np.ndarray | None = None) -> LenslessOperator:
+        """The reconstruction operator (``recon`` settings of dataset.json unless overridden; ``psf``: another PSF
+        on the same grids, e.g. the dataset's warped to another depth).
 
         Its spectra are float64/complex128 and follow each input's dtype, so one operator serves float32
         and float64 alike.
@@ -99,11 +100,12 @@ class LenslessDataset:
         model = model or recon.get("model", fwd["model"])
         lam = float(lam if lam is not None else recon.get("lam", 1e-6))
         sensor = fwd["sensor_shape"]
+        psf = self.psf if psf is None else psf
         if model == "circular":
-            op = LenslessOperator(self.psf, sensor, "circular", lam=lam, noise_std=self.meta.get("noise_std", 0.0),
+            op = LenslessOperator(psf, sensor, "circular", lam=lam, noise_std=self.meta.get("noise_std", 0.0),
                                   projector=projector)
         else:
-            op = LenslessOperator(self.psf, sensor, "crop", lam=lam,
+            op = LenslessOperator(psf, sensor, "crop", lam=lam,
                                   scene_shape=recon.get("scene_shape", fwd["scene_shape"]),
                                   conv_shape=recon.get("conv_shape", fwd["conv_shape"]),
                                   noise_std=self.meta.get("noise_std", 0.0), projector=projector)
@@ -127,10 +129,12 @@ class LenslessDataset:
         except OpticsError as exc:
             raise DatasetError(f"{self.root}: {exc}") from None
 
-    def forward_physics(self) -> LenslessOperator:
-        """The operator that produced the measurements (for simulation and physical consistency)."""
+    def forward_physics(self, psf: np.ndarray | None = None) -> LenslessOperator:
+        """The operator that produced the measurements (for simulation and physical consistency; ``psf``: another
+        PSF on its convolution grid)."""
         g = self.forward_geometry
-        return LenslessOperator(self.psf, g.sensor_shape, g.model, lam=float(self.meta.get("recon", {}).get(
+        psf = self.psf if psf is None else psf
+        return LenslessOperator(psf, g.sensor_shape, g.model, lam=float(self.meta.get("recon", {}).get(
             "lam", 1e-6)), scene_shape=g.scene_shape, conv_shape=g.conv_shape, noise_std=self.meta.get("noise_std", 0.0))
 
 

@@ -14,6 +14,10 @@ resumes from the checkpoint; the result equals an uninterrupted run. Ctrl-C / SI
 progress, write a checkpoint and exit (130); a second signal stops at once, keeping the last checkpoint.
 Under ``torchrun`` the run is data parallel (``--batch`` global, rank 0 writes; :mod:`train.distributed`).
 
+Over a range of PSF scales (``--psf-scale-range LO HI``, a scene at another depth: :mod:`train.scale_range`):
+each sample's measurement is simulated from its target through the PSF scaled by its own ``s``, and the student
+learns under that sample's ``A_s``.
+
 λ: ``A†`` uses the dataset's ``recon.lam`` unless ``--lam`` is given. With very small λ (1e-6) and noisy
 measurements ``A†y`` is dominated by amplified noise in the range, which a null-space student cannot
 remove; a larger λ (≈1e-3 on the simulated radial-PSF data) gives the student far better inputs. The λ is
@@ -45,6 +49,7 @@ from train.distill_data import BatchOrder, DistillError, TargetSet, choose_ids
 from train.distributed import DistContext, init_distributed
 from train.physics import LenslessOperator
 from train.progress import TimeEstimate
+from train.scale_range import ScaleOperators, ScaleRangeData, check_scale_range
 from train.students import (
     KINDS,
     OBJECTIVES,
@@ -62,6 +67,7 @@ from train.threads import torch_threads
 
 HELP = "distill a one-pass NSDD student (edge or paper) from teacher targets"
 CHECKPOINT_NAME = "checkpoint.pt"
+SAMPLE_KEY = 2**31  # the scale-range draw of the sample grids (training steps use keys 0, 1, …)
 
 
 @dataclass
@@ -100,6 +106,7 @@ class DistillSettings:
     progress: bool = True
     time_budget: float | None = None  # seconds for this invocation: sizes `steps` from the measured step rate
     preload: bool = False  # hold every (y, target) pair in memory (on the training device)
+    psf_scale_range: list[float] | None = None  # [lo, hi]: y simulated from the targets, PSF scaled per sample
 
     def validate(self) -> None:
         if self.student not in KINDS:
@@ -125,6 +132,8 @@ class DistillSettings:
             raise DistillError(f"--projector must be tikhonov or truncated, got {self.projector!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise DistillError(f"--amp must be auto, bf16 or off, got {self.amp!r}")
+        if self.psf_scale_range is not None:
+            self.psf_scale_range = list(check_scale_range(self.psf_scale_range))
         parse_support(self.support)
 
     def signature(self) -> dict:
@@ -132,7 +141,10 @@ class DistillSettings:
         keep = ("student", "objective", "loss", "lpips_weight", "batch", "lr", "weight_decay", "warmup",
                 "ema", "grad_clip", "split", "limit", "model", "lam", "projector", "support", "architecture", "seed")
         d = asdict(self)
-        return {k: d[k] for k in keep}
+        out = {k: d[k] for k in keep}
+        if self.psf_scale_range is not None:  # absent otherwise: checkpoints written before it existed still resume
+            out["psf_scale_range"] = list(self.psf_scale_range)
+        return out
 
 
 def parse_support(text: str) -> tuple[int, int] | str | None:
@@ -372,6 +384,13 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
         extra["prior"] = {"dir": str(Path(s.prior).resolve()) if s.prior else None,
                           "config": getattr(prior, "config", {}),
                           "image_size": getattr(prior, "image_size", None)}
+    scale_data = None
+    if s.psf_scale_range is not None:  # measurements simulated from the targets through the PSF scaled per sample
+        scale_data = ScaleRangeData(data, ScaleOperators(dataset, model=s.model, lam=physics.lam,
+                                                         projector=physics.projector, device=device),
+                                    s.psf_scale_range, seed=s.seed, noise_std=float(dataset.meta.get("noise_std") or 0))
+        extra["training"]["scale_range"] = scale_data.describe()
+        extra["psf_scale_range"] = list(s.psf_scale_range)
     support = resolve_support(s.support, dataset, physics)
     config = make_config(s.student, s.objective, data.channels, physics, arch, support,  # type: ignore[arg-type]
                          **extra)
@@ -445,11 +464,15 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
                                                                "lr": [h[2] for h in history]}) + "\n")
             write_loss_curve(history, out / "loss_curve.png")
         if sample_ids:
-            y, t = data.batch(sample_ids)
+            if scale_data is not None:  # the same draw every time (a key no training step uses)
+                y, t, sample_physics = scale_data.batch(sample_ids, SAMPLE_KEY)
+            else:
+                y, t = data.batch(sample_ids)
+                sample_physics = physics
             y, t = y.to(device), t.to(device)
             with torch.no_grad():
                 x_hat, x_dag = Student(ema_net, s.objective, config.get("support_shape"))(
-                    y, physics, return_parts=True)
+                    y, sample_physics, return_parts=True)
             view = measurement_view(y, physics.scene_shape)
             rows = [[view[i], x_dag[i], x_hat[i], t[i]] for i in range(len(sample_ids))]
             write_sample_grid(rows, out / "samples" / f"step_{step:07d}.png")
@@ -507,14 +530,18 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
                     s.steps = step  # out of time: end here (the checkpoint below saves this step)
                     break
             batch_ids = ctx.local([data.ids[i] for i in order.next()])  # this process's rows of the global batch
-            y, target = data.batch(batch_ids)
+            if scale_data is not None:
+                y, target, step_physics = scale_data.batch(batch_ids, step)
+            else:
+                y, target = data.batch(batch_ids)
+                step_physics = physics
             y, target = y.to(device, non_blocking=True), target.to(device, non_blocking=True)
             lr = learning_rate(step, s.lr, s.steps, min(s.warmup, s.steps // 10))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                x_hat = student(y, physics)
-            loss = distill_loss(x_hat, target, physics, s.objective, s.loss)
+                x_hat = student(y, step_physics)
+            loss = distill_loss(x_hat, target, step_physics, s.objective, s.loss)
             if lpips_net is not None:
                 loss = loss + s.lpips_weight * lpips_net(x_hat.float(), target.float()).mean()
             mean_loss = ctx.mean(loss.detach())  # the global batch's loss (the same on every process)
@@ -617,6 +644,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "--steps lowered to what fits (the learning-rate schedule follows)")
     p.add_argument("--preload", action="store_true",
                    help="read all measurements and targets once and keep them in memory (on the GPU when training there)")
+    p.add_argument("--psf-scale-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="train over a range of PSF scales (a scene at another depth): each sample's measurement is "
+                        "simulated from its target through the PSF scaled by s ~ log-uniform[LO, HI] (dataset noise), "
+                        "and the student learns under that A_s (LO = HI = 1: the same pipeline for one PSF)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -647,7 +678,8 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
         limit=args.limit,
         model=args.model, lam=args.lam, projector=args.projector, prior=args.prior, support=args.support, architecture=arch, seed=args.seed, device=args.device,
         amp=args.amp, fp16=args.fp16, progress=not args.quiet,
-        time_budget=None if args.time_budget is None else 60.0 * args.time_budget, preload=args.preload)
+        time_budget=None if args.time_budget is None else 60.0 * args.time_budget, preload=args.preload,
+        psf_scale_range=list(args.psf_scale_range) if args.psf_scale_range is not None else None)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -28,6 +28,9 @@ from nsdd_edge.bundle import Bundle, BundleError, load_bundle
 from nsdd_edge.cli_common import add_threads_argument, resolve_threads
 from nsdd_edge.engines import PRECISION_HELP, PRECISIONS
 from nsdd_edge.optics import array_hash
+from nsdd_edge.refocus import ConsistencyGauge, RefocusError, RefocusSettings
+
+RefocusDefaults = RefocusSettings()
 
 HELP = "live reconstruction: camera → preprocess → engine → preview / recorder (default: simulated camera)"
 
@@ -56,6 +59,9 @@ SIM_OPTIONS = (
     ("size=N", "size of the simulated contour PSF when there is no psf=", "256"),
     ("support=HxW", "render the scene at HxW in the centre of the scene grid", "a crop bundle's support window"),
     ("lam=λ", "Wiener λ of the simulated camera's spectra", "1e-3"),
+    ("psf_scale=S1,S2,…", "a scene at a changing depth: the PSF magnified by S1, then S2, … (see --refocus)", "1"),
+    ("psf_scale_hold=S", "seconds of frame time each psf_scale is held (the last one holds on)", "2"),
+    ("psf_scale_ramp=0|1", "1: move linearly from one psf_scale to the next instead of stepping", "0"),
 )
 EPILOG = ('sim:// options (the query of --source, e.g. "sim://?images=DIR&motion=static&start=1"):\n'
           + "\n".join(f"  {opt:<31} {text} [{default}]" if default else f"  {opt:<31} {text}"
@@ -179,6 +185,24 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no live console line")
     p.add_argument("--max-reconnects", type=int, default=None,
                    help="give up after this many failed camera reopen attempts in a row (default: never)")
+    p.add_argument("--consistency-every", type=int, default=30, metavar="N",
+                   help="report ‖A x̂ − y‖/‖y‖ under the bundle's forward model every N frames (0: never)")
+    r = p.add_argument_group("live refocus (a scene at another depth: the PSF scaled; docs/refocus.md)")
+    r.add_argument("--refocus", action="store_true",
+                   help="re-estimate the PSF scale from recent frames in a background thread and swap the "
+                        "pseudo-inverse spectra when it fits better (needs a bundle exported with nsdd-export onnx "
+                        "--spectra-input, or --engine wiener); the stats report the scale, swaps and consistency")
+    r.add_argument("--refocus-span", type=float, default=None, metavar="F",
+                   help=f"each search covers scales s/(1+F) … s·(1+F) around the current s [{RefocusDefaults.span}]")
+    r.add_argument("--refocus-limits", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help=f"never refocus beyond these scales [{RefocusDefaults.scale_limits[0]} "
+                        f"{RefocusDefaults.scale_limits[1]}]")
+    r.add_argument("--refocus-period", type=float, default=None, metavar="S",
+                   help=f"seconds between two searches [{RefocusDefaults.period_s}]")
+    r.add_argument("--refocus-frames", type=int, default=None, metavar="N",
+                   help=f"recent measurements each search uses [{RefocusDefaults.frames}]")
+    r.add_argument("--refocus-iters", type=int, default=None, metavar="K",
+                   help=f"FISTA iterations per scale evaluated (more: sharper, slower) [{RefocusDefaults.iters}]")
 
 
 def _err(msg: str) -> int:
@@ -199,6 +223,12 @@ def main(args: argparse.Namespace) -> int:
         return _err(f"--frames {args.frames}: must be ≥ 0")
     if args.live and args.record:
         return _err("--live drops frames, --record keeps every frame: choose one")
+    if args.consistency_every < 0:
+        return _err(f"--consistency-every {args.consistency_every}: must be ≥ 0")
+    try:
+        refocus_settings = refocus_settings_from_args(args)
+    except RefocusError as exc:
+        return _err(str(exc))
     shown_source = redact(args.source)
     for opt, value, default in (("--snapshot", args.snapshot, DEFAULT_SNAPSHOT), ("--stats", args.stats, DEFAULT_STATS)):
         if value and not Path(value).parent.exists():
@@ -227,11 +257,22 @@ def main(args: argparse.Namespace) -> int:
                                       threads=resolve_threads(args.threads, "loop"))
     except (EngineError, BundleError) as exc:
         return _err(str(exc) if str(exc).startswith("--engine") else f"--engine {args.engine}: {exc}")
+    telemetry = Telemetry()
+    refocuser = None
+    if refocus_settings is not None:
+        from nsdd_edge.refocus import Refocuser
+
+        try:
+            refocuser = Refocuser(bundle.psf, bundle.sim_geometry(), engine, refocus_settings,
+                                  gauge=ConsistencyGauge.for_bundle(bundle), telemetry=telemetry,
+                                  log=lambda m: print(m, file=sys.stderr, flush=True))
+        except (RefocusError, EngineError) as exc:
+            engine.close()
+            return _err(str(exc))
 
     frames = args.frames
     if frames is None:
         frames = DEFAULT_SIM_FRAMES if args.source.startswith("sim://") else 0
-    telemetry = Telemetry()
     telemetry.info.update({"bundle": str(bundle.root), "bundle_name": bundle.name, "engine_kind": choice.kind,
                            "engine_reason": choice.reason, "source": shown_source})
 
@@ -256,6 +297,11 @@ def main(args: argparse.Namespace) -> int:
               f"({'; '.join(choice.skipped)}); the numpy Wiener filter A†y runs instead.{advice}", file=sys.stderr)
     print(f"nsdd-edge run: source {shown_source}" + (f", {frames} frames" if frames else ", until Ctrl-C"),
           file=sys.stderr)
+    if refocuser is not None:
+        s = refocuser.settings
+        print(f"nsdd-edge run: refocus: every {s.period_s:g} s, scales ×/÷ {1 + s.span:g} around the current one "
+              f"(limits {s.scale_limits[0]:g}–{s.scale_limits[1]:g}), {s.frames} frame(s) at 1/{refocuser.downsample} "
+              f"resolution, {s.iters} FISTA iterations per scale", file=sys.stderr)
 
     preview = recorder = None
     loop: ReconstructionLoop | None = None
@@ -279,14 +325,17 @@ def main(args: argparse.Namespace) -> int:
                             snapshot_path=Path(args.snapshot) if args.snapshot else None,
                             console_interval=0.0 if args.quiet else 1.0, max_reopen_attempts=args.max_reconnects,
                             expected_input_shape=bundle.input_shape, display_support=bundle.support_shape,
-                            lossless=False if args.live else None, on_record_error=args.on_record_error)
-        from nsdd_edge.optics import ForwardModel
-
-        forward = ForwardModel(bundle.psf, bundle.geometry)
+                            lossless=False if args.live else None, on_record_error=args.on_record_error,
+                            consistency_every=args.consistency_every)
+        consistency, observe = ConsistencyGauge.for_bundle(bundle), None
+        if refocuser is not None:
+            consistency, observe = refocuser.consistency, refocuser.observe
         loop = ReconstructionLoop(source, preprocess, engine, config=config, preview=preview, recorder=recorder,
                                   telemetry=telemetry, frame_meta=frame_meta, log=log, alert=alert,
-                                  consistency=forward.consistency)
+                                  consistency=consistency, observe=observe)
         holder["loop"] = loop
+        if refocuser is not None:
+            refocuser.start()
         with stop_on_signals(loop.request_stop):
             summary = loop.run()
     except (PreviewError, RecorderError) as exc:
@@ -301,6 +350,13 @@ def main(args: argparse.Namespace) -> int:
         print("nsdd-edge run: interrupted", file=sys.stderr)
         return 130
     finally:
+        if refocuser is not None:  # a search still running when the loop ended: its figures go in the stats too
+            refocuser.stop()
+            if args.stats and loop is not None and loop.written.get("stats"):
+                try:
+                    telemetry.write_json(args.stats)
+                except OSError:
+                    pass  # the loop has said that the stats file cannot be written
         if preview is not None:
             preview.close()
         engine.close()
@@ -318,10 +374,34 @@ def main(args: argparse.Namespace) -> int:
     if loop.recording_stopped:
         print(f"nsdd-edge run: error: recording stopped: {loop.recording_stopped}", file=sys.stderr)
         return 3
+    if refocuser is not None:
+        r = refocuser.report()
+        print(f"nsdd-edge run: refocus: PSF scale {r['scale']:.4f} after {r['swaps']} swap(s) in {r['searches']} "
+              f"search(es) ({r['mean_search_ms'] or 0:.0f} ms each on average"
+              + (f", {r['failures']} failed" if r["failures"] else "") + ")", file=sys.stderr)
     if summary["frames_out"] == 0:
         print("nsdd-edge run: error: no frame was reconstructed", file=sys.stderr)
         return 1
     return 0
+
+
+def refocus_settings_from_args(args: argparse.Namespace) -> RefocusSettings | None:
+    """``--refocus`` and its options as :class:`RefocusSettings` (None without ``--refocus``); an option without
+    ``--refocus``, or a value out of range, is a :class:`RefocusError` naming it."""
+    given = {"span": args.refocus_span, "scale_limits": tuple(args.refocus_limits) if args.refocus_limits else None,
+             "period_s": args.refocus_period, "frames": args.refocus_frames, "iters": args.refocus_iters}
+    flags = {"span": "--refocus-span", "scale_limits": "--refocus-limits", "period_s": "--refocus-period",
+             "frames": "--refocus-frames", "iters": "--refocus-iters"}
+    if not args.refocus:
+        stray = [flags[k] for k, v in given.items() if v is not None]
+        if stray:
+            raise RefocusError(f"{', '.join(stray)} without --refocus: add --refocus, or leave them out")
+        return None
+    try:
+        return RefocusSettings(**{k: v for k, v in given.items() if v is not None})
+    except RefocusError as exc:
+        names = [flags[k] for k, v in given.items() if v is not None]
+        raise RefocusError(f"{' / '.join(names) or '--refocus'}: {exc}") from None
 
 
 def _safe_describe(source) -> Any:

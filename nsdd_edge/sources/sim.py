@@ -19,6 +19,7 @@ from nsdd_edge.optics import (
     load_psf,
     read_image01,
 )
+from nsdd_edge.psf_warp import PsfWarp, warp_psf
 from nsdd_edge.sources.base import (
     EndOfStream,
     Frame,
@@ -86,6 +87,12 @@ class SimCamera(FrameSource):
     zero-padded centrally by the forward model, as ``nsdd-train simulate`` makes training data.
     ``support=(h, w)`` (keyword only; a crop-model bundle's support window): the scene is rendered at that size
     and zero-padded centrally into the geometry's scene grid before ``A`` (``truth`` is the ``h × w`` scene).
+
+    A scene at a changing depth: ``psf_scale=1.0,1.15,0.9`` images frame ``k`` through the PSF magnified by
+    ``s(k)`` (:func:`nsdd_edge.psf_warp.warp_psf`, energy kept; on a crop geometry the PSF is first zero-padded
+    to the convolution grid so a magnified PSF keeps its light, as on a real sensor): each scale is held
+    ``psf_scale_hold`` seconds of frame time (``k / fps``; the last one holds on), or with ``psf_scale_ramp=1``
+    ``s`` moves linearly from one to the next over that time. Each frame's ``meta["psf_scale"]`` is its scale.
     """
 
     scheme = "sim"
@@ -150,6 +157,9 @@ class SimCamera(FrameSource):
             raise TypeError(f"camera source {uri!r}: geometry= must be a LenslessGeometry or its dict")
         self.geometry = geometry
         self.scene_window = self._scene_window(uri, o.raw("support"), geometry.scene_shape)
+        self.psf_scales = self._scales(uri, o.raw("psf_scale"))
+        self.psf_scale_hold = o.float("psf_scale_hold", 2.0, positive=True)
+        self.psf_scale_ramp = o.bool("psf_scale_ramp", False)
         self.channels = o.int("channels", 3, minimum=1)
         if self.channels not in (1, 3):
             raise ValueError(f"camera source {uri!r}: channels={self.channels} must be 1 or 3")
@@ -171,6 +181,9 @@ class SimCamera(FrameSource):
         try:
             WienerSpectra.from_psf(self.psf, geometry.conv_shape, self.lam)  # validates the PSF and λ for the grid
             self._model = ForwardModel(self.psf, geometry)  # A x: the same forward model as the runtime's checks
+            self._models: dict[float, ForwardModel] = {1.0: self._model}  # the depth change's, per scale (a few)
+            for scale in self.psf_scales:
+                self._model_at(scale)  # a scale whose PSF leaves nothing in the box is refused here
         except OpticsError as exc:
             raise ValueError(f"camera source {uri!r}: {exc}") from None
         self._canvas: np.ndarray | None = None
@@ -193,6 +206,47 @@ class SimCamera(FrameSource):
             raise ValueError(f"camera source {uri!r}: support={[h, w]} must be positive and within the scene grid "
                              f"{list(grid)}")
         return h, w
+
+    @staticmethod
+    def _scales(uri: str, value: Any) -> tuple[float, ...]:
+        """``psf_scale``: positive scales, comma-separated (a string) or a sequence; () when not given."""
+        if value is None:
+            return ()
+        items = str(value).split(",") if isinstance(value, str) else list(value)
+        try:
+            scales = tuple(float(v) for v in items)
+        except (TypeError, ValueError):
+            raise ValueError(f"camera source {uri!r}: psf_scale={value!r} must be numbers separated by commas "
+                             "(e.g. 1.0,1.15,0.9)") from None
+        if not scales or not all(math.isfinite(v) and 0.25 <= v <= 4.0 for v in scales):
+            raise ValueError(f"camera source {uri!r}: psf_scale={value!r}: every scale must be in [0.25, 4]")
+        return scales
+
+    def psf_scale_at(self, index: int) -> float:
+        """The PSF scale of frame ``index`` (1.0 without ``psf_scale``; see the class docstring)."""
+        if not self.psf_scales:
+            return 1.0
+        position = index / self.fps / self.psf_scale_hold
+        k = int(position)
+        if k >= len(self.psf_scales) - 1:
+            return self.psf_scales[-1]
+        if not self.psf_scale_ramp:
+            return self.psf_scales[k]
+        a, b = self.psf_scales[k], self.psf_scales[k + 1]
+        return a + (b - a) * (position - k)
+
+    def _model_at(self, scale: float) -> ForwardModel:
+        """``A`` through the PSF warped by ``scale`` (a few kept; a ramp builds one per frame, ~ms)."""
+        key = round(float(scale), 6)
+        model = self._models.get(key)
+        if model is None:
+            g = self.geometry
+            canvas = center_pad(self.psf, g.conv_shape) if g.model == "crop" else self.psf
+            model = ForwardModel(warp_psf(canvas, PsfWarp(key)), g)
+            if len(self._models) >= 8:
+                self._models.pop(next(k for k in self._models if k != 1.0))
+            self._models[key] = model
+        return model
 
     # -- scenes ---------------------------------------------------------------------------------
 
@@ -266,7 +320,7 @@ class SimCamera(FrameSource):
         if self.scene_kind == "point":
             x = np.zeros((self.channels, sh, sw), np.float32)
             x[:, sh // 2, sw // 2] = 1.0
-            y_peak = float(self._forward(x).max())  # scale the point so the brightest pixel of y is point_level
+            y_peak = float(self._forward(x, index).max())  # the point's brightest measurement is point_level
             return x * np.float32(self.point_level / y_peak) if y_peak > 0 else x
         if self.scene_kind == "shapes":
             if self._canvas is None:
@@ -295,15 +349,16 @@ class SimCamera(FrameSource):
             x = x.mean(axis=0, keepdims=True)
         return np.ascontiguousarray(np.clip(x, 0.0, 1.0), dtype=np.float32)
 
-    def _forward(self, x: np.ndarray) -> np.ndarray:
+    def _forward(self, x: np.ndarray, index: int) -> np.ndarray:
         g = self.geometry
         if tuple(x.shape[-2:]) != g.scene_shape:  # a support-size scene, zero-padded into the scene grid
             x = center_pad(x, g.scene_shape)
-        return np.ascontiguousarray(self._model(x), dtype=np.float32)
+        return np.ascontiguousarray(self._model_at(self.psf_scale_at(index))(x), dtype=np.float32)
 
     def measurement(self, index: int) -> np.ndarray:
-        """The noiseless measurement ``y = A x`` of frame ``index``: float32 ``(C, *sensor_shape)``."""
-        return self._forward(self.scene(index))
+        """The noiseless measurement ``y = A_s x`` of frame ``index`` (``s``: its PSF scale): float32
+        ``(C, *sensor_shape)``."""
+        return self._forward(self.scene(index), index)
 
     def matching_preprocess(self) -> dict[str, Any]:
         """PreprocessConfig settings that map this camera's raw frames back to ``y``."""
@@ -354,12 +409,14 @@ class SimCamera(FrameSource):
         except FrameUnreadable:
             self._next_index = index + 1  # skipped: the next read goes on with the next frame
             raise
-        data = self._raw_from(self._forward(scene), index)
+        data = self._raw_from(self._forward(scene, index), index)
         self._next_index = index + 1
         meta = {"source": "sim", "black_level": self.black_level, "white_level": self.white_level,
                 "gain": self.gain, "bit_depth": self.bits, "bayer_pattern": self.bayer_pattern,
                 "exposure_us": 1e6 / self.fps, "analogue_gain": 1.0, "scene": self.scene_kind,
                 "motion": self.motion, "seed": self.seed}
+        if self.psf_scales:
+            meta["psf_scale"] = self.psf_scale_at(index)
         return Frame(data=data, index=index, timestamp=stamp, meta=meta, truth=scene)
 
     def describe(self) -> dict[str, Any]:
@@ -367,7 +424,9 @@ class SimCamera(FrameSource):
         d.update({"kind": "simulated lensless camera", "psf": self.psf_name, "psf_shape": list(self.psf.shape),
                   "geometry": self.geometry.to_dict(), "scene_window": list(self.scene_window), "format": self.format, "bayer_pattern": self.bayer_pattern,
                   "scene": self.scene_kind, "motion": self.motion, "seed": self.seed, "noise": self.noise,
-                  "hold_s": self.hold,
+                  "hold_s": self.hold, "psf_scale": list(self.psf_scales) or None,
+                  "psf_scale_hold_s": self.psf_scale_hold if self.psf_scales else None,
+                  "psf_scale_ramp": self.psf_scale_ramp if self.psf_scales else None,
                   "photons": self.photons, "black_level": self.black_level, "gain": self.gain,
                   "bit_depth": self.bits, "frames": self.max_frames,
                   "preprocess": self.matching_preprocess()})

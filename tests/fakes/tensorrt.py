@@ -125,6 +125,10 @@ class _Network:
     def get_layer(self, index: int) -> _Layer:
         return self.layers[index]
 
+    @property
+    def num_inputs(self) -> int:
+        return len(self.inputs)
+
     def get_input(self, index: int) -> _Tensor:
         return self.inputs[index]
 
@@ -148,6 +152,7 @@ class OnnxParser:
             return False
         d = json.loads(spec.read_text())
         self.network.inputs = [_Tensor(d["input"]["name"], DataType.FLOAT, tuple(d["input"]["shape"]))]
+        self.network.inputs += [_Tensor(e["name"], DataType.FLOAT, tuple(e["shape"])) for e in d.get("extra_inputs", [])]
         for name, kind, dtype in d["layers"]:
             self.network.layers.append(_Layer(self.network, name, LayerType[kind], DataType[dtype]))
         return True
