@@ -57,6 +57,7 @@ class GraphSpec:
     dft: DftForm
     support_shape: tuple[int, int] | None = None  # None: g covers the whole scene grid
     projector: str = "tikhonov"  # the pseudo-inverse kind (nsdd_edge.optics.WienerSpectra)
+    support_taper: int = 0  # px: g fades out over this border of the support window (0: a hard window)
 
     def metadata(self) -> dict[str, str]:
         import json
@@ -66,6 +67,8 @@ class GraphSpec:
                  "nsdd.objective": self.objective, "nsdd.dft": self.dft, "nsdd.projector": self.projector}
         if self.support_shape is not None:
             props["nsdd.support_shape"] = json.dumps(list(self.support_shape))
+        if self.support_taper:
+            props["nsdd.support_taper"] = str(int(self.support_taper))
         return props
 
     @staticmethod
@@ -83,10 +86,27 @@ class GraphSpec:
                 support = check_support(json.loads(props["nsdd.support_shape"]), geometry.scene_shape)
             except (json.JSONDecodeError, ExportError) as exc:
                 raise ExportError(f"model metadata nsdd.support_shape={props['nsdd.support_shape']!r}: {exc}") from None
+        try:
+            taper = int(props.get("nsdd.support_taper") or 0)
+        except ValueError:
+            raise ExportError(f"model metadata nsdd.support_taper={props['nsdd.support_taper']!r} is not an "
+                              "integer") from None
         return GraphSpec(psf_sha256=props["nsdd.psf_sha256"], lam=float(props["nsdd.lam"]),
                          geometry=geometry, channels=int(props["nsdd.channels"]),
                          objective=props["nsdd.objective"], dft=props["nsdd.dft"],  # type: ignore[arg-type]
-                         support_shape=support, projector=props.get("nsdd.projector", "tikhonov"))
+                         support_shape=support, projector=props.get("nsdd.projector", "tikhonov"),
+                         support_taper=taper)
+
+
+def student_window(support: tuple[int, int] | None, taper: int) -> np.ndarray | None:
+    """The student's soft-edge window on its support (:func:`train.students.support_window`), its errors as
+    :class:`ExportError`."""
+    from train.students import StudentError, check_taper, support_window
+
+    try:
+        return support_window(support, check_taper(taper, support))
+    except StudentError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def check_support(support: object, grid: Sequence[int]) -> tuple[int, int] | None:
@@ -161,7 +181,7 @@ class ReconstructionGraph(torch.nn.Module):
     def __init__(self, psf: np.ndarray, geometry: LenslessGeometry | Sequence[int], lam: float, *,
                  net: torch.nn.Module | None = None, objective: Objective = "nullspace",
                  dft: DftForm = "matmul", channels: int = 3, support_shape: Sequence[int] | None = None,
-                 projector: str = "tikhonov"):
+                 projector: str = "tikhonov", support_taper: int = 0):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ExportError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
@@ -181,10 +201,12 @@ class ReconstructionGraph(torch.nn.Module):
         support = check_support(tuple(support_shape) if support_shape is not None else None, geometry.scene_shape)
         if support is not None and net is None:
             raise ExportError("support_shape is the student network's window; the Wiener-only graph has none")
-        if support == geometry.scene_shape:
+        if support == geometry.scene_shape and not support_taper:
             support = None  # the whole grid: no crop/pad nodes
+        window = student_window(support, support_taper)
         self.spec = GraphSpec(array_hash(psf), float(lam), geometry, int(channels), objective, dft, support,
-                              spectra.projector)
+                              spectra.projector, int(support_taper))
+        self.register_buffer("window", None if window is None else torch.from_numpy(window))
         self.net = net
         self.crop = geometry.model == "crop"
         self.height, self.width = geometry.scene_shape  # the output grid (= the sensor for the circular model)
@@ -251,7 +273,10 @@ class ReconstructionGraph(torch.nn.Module):
         assert self.net is not None
         if self.spec.support_shape is None:
             return self.net(inputs)
-        return centre_pad(self.net(centre_crop(inputs, self.spec.support_shape)), (self.height, self.width))
+        g = self.net(centre_crop(inputs, self.spec.support_shape))
+        if self.window is not None:  # the soft edge (Mul by a constant window)
+            g = g * self.window
+        return centre_pad(g, (self.height, self.width))
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         x_dagger = self.pseudo_inverse(y)
@@ -277,7 +302,8 @@ def reconstruction_operator(psf: np.ndarray, geometry: LenslessGeometry, lam: fl
 
 def reference_reconstruction(psf: np.ndarray, y: torch.Tensor, lam: float, net: torch.nn.Module | None,
                              objective: Objective, support_shape: Sequence[int] | None = None,
-                             projector: str = "tikhonov", geometry: LenslessGeometry | None = None) -> torch.Tensor:
+                             projector: str = "tikhonov", geometry: LenslessGeometry | None = None,
+                             support_taper: int = 0) -> torch.Tensor:
     """The same computation by the training code (the verification reference): ``A†y`` of
     :class:`train.physics.LenslessOperator` (``geometry``; default: circular at ``y``'s size), or the
     :class:`train.students.Student` around ``net`` (with its ``support_shape`` window)."""
@@ -288,4 +314,4 @@ def reference_reconstruction(psf: np.ndarray, y: torch.Tensor, lam: float, net: 
             return op.A_dagger(y)
         from train.students import Student
 
-        return Student(net, objective, support_shape)(y, op)
+        return Student(net, objective, support_shape, support_taper)(y, op)

@@ -53,6 +53,8 @@ def _same(a: GraphSpec, b: GraphSpec) -> list[str]:
         diffs.append(f"objective ({a.objective} vs {b.objective})")
     if a.support_shape != b.support_shape:
         diffs.append(f"support window ({a.support_shape} vs {b.support_shape})")
+    if a.support_taper != b.support_taper:
+        diffs.append(f"support taper ({a.support_taper} vs {b.support_taper} px)")
     return diffs
 
 
