@@ -59,6 +59,7 @@ class GraphSpec:
     support_shape: tuple[int, int] | None = None  # None: g covers the whole scene grid
     projector: str = "tikhonov"  # the pseudo-inverse kind (nsdd_edge.optics.WienerSpectra)
     spectra: str = "fixed"  # fixed: the PSF's spectra are constants; input: fed beside y (nsdd_edge.graph_spectra)
+    support_taper: int = 0  # px: g fades out over this border of the support window (0: a hard window)
 
     def metadata(self) -> dict[str, str]:
         import json
@@ -71,6 +72,8 @@ class GraphSpec:
         if self.spectra == "input":  # absent: fixed (graphs exported before the choice existed stay unchanged)
             props["nsdd.spectra"] = "input"
             props["nsdd.spectra_inputs"] = json.dumps(list(spectra_names(self.geometry)))
+        if self.support_taper:
+            props["nsdd.support_taper"] = str(int(self.support_taper))
         return props
 
     @staticmethod
@@ -91,10 +94,27 @@ class GraphSpec:
         spectra = props.get("nsdd.spectra", "fixed")
         if spectra not in SPECTRA_KINDS:
             raise ExportError(f"model metadata nsdd.spectra={spectra!r}: expected one of {SPECTRA_KINDS}")
+        try:
+            taper = int(props.get("nsdd.support_taper") or 0)
+        except ValueError:
+            raise ExportError(f"model metadata nsdd.support_taper={props['nsdd.support_taper']!r} is not an "
+                              "integer") from None
         return GraphSpec(psf_sha256=props["nsdd.psf_sha256"], lam=float(props["nsdd.lam"]),
                          geometry=geometry, channels=int(props["nsdd.channels"]),
                          objective=props["nsdd.objective"], dft=props["nsdd.dft"],  # type: ignore[arg-type]
-                         support_shape=support, projector=props.get("nsdd.projector", "tikhonov"), spectra=spectra)
+                         support_shape=support, projector=props.get("nsdd.projector", "tikhonov"), spectra=spectra,
+                         support_taper=taper)
+
+
+def student_window(support: tuple[int, int] | None, taper: int) -> np.ndarray | None:
+    """The student's soft-edge window on its support (:func:`train.students.support_window`), its errors as
+    :class:`ExportError`."""
+    from train.students import StudentError, check_taper, support_window
+
+    try:
+        return support_window(support, check_taper(taper, support))
+    except StudentError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def check_support(support: object, grid: Sequence[int]) -> tuple[int, int] | None:
@@ -174,7 +194,7 @@ class ReconstructionGraph(torch.nn.Module):
     def __init__(self, psf: np.ndarray, geometry: LenslessGeometry | Sequence[int], lam: float, *,
                  net: torch.nn.Module | None = None, objective: Objective = "nullspace",
                  dft: DftForm = "matmul", channels: int = 3, support_shape: Sequence[int] | None = None,
-                 projector: str = "tikhonov", spectra_input: bool = False):
+                 projector: str = "tikhonov", spectra_input: bool = False, support_taper: int = 0):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ExportError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
@@ -194,10 +214,12 @@ class ReconstructionGraph(torch.nn.Module):
         support = check_support(tuple(support_shape) if support_shape is not None else None, geometry.scene_shape)
         if support is not None and net is None:
             raise ExportError("support_shape is the student network's window; the Wiener-only graph has none")
-        if support == geometry.scene_shape:
+        if support == geometry.scene_shape and not support_taper:
             support = None  # the whole grid: no crop/pad nodes
+        window = student_window(support, support_taper)
         self.spec = GraphSpec(array_hash(psf), float(lam), geometry, int(channels), objective, dft, support,
-                              projector, "input" if spectra_input else "fixed")
+                              projector, "input" if spectra_input else "fixed", int(support_taper))
+        self.register_buffer("window", None if window is None else torch.from_numpy(window))
         self.net = net
         self.crop = geometry.model == "crop"
         self.height, self.width = geometry.scene_shape  # the output grid (= the sensor for the circular model)
@@ -274,7 +296,10 @@ class ReconstructionGraph(torch.nn.Module):
         assert self.net is not None
         if self.spec.support_shape is None:
             return self.net(inputs)
-        return centre_pad(self.net(centre_crop(inputs, self.spec.support_shape)), (self.height, self.width))
+        g = self.net(centre_crop(inputs, self.spec.support_shape))
+        if self.window is not None:  # the soft edge (Mul by a constant window)
+            g = g * self.window
+        return centre_pad(g, (self.height, self.width))
 
     def forward(self, y: torch.Tensor, g_spec: torch.Tensor | None = None,
                 aux_spec: torch.Tensor | None = None) -> torch.Tensor:
@@ -304,7 +329,8 @@ def reconstruction_operator(psf: np.ndarray, geometry: LenslessGeometry, lam: fl
 
 def reference_reconstruction(psf: np.ndarray, y: torch.Tensor, lam: float, net: torch.nn.Module | None,
                              objective: Objective, support_shape: Sequence[int] | None = None,
-                             projector: str = "tikhonov", geometry: LenslessGeometry | None = None) -> torch.Tensor:
+                             projector: str = "tikhonov", geometry: LenslessGeometry | None = None,
+                             support_taper: int = 0) -> torch.Tensor:
     """The same computation by the training code (the verification reference): ``A†y`` of
     :class:`train.physics.LenslessOperator` (``geometry``; default: circular at ``y``'s size), or the
     :class:`train.students.Student` around ``net`` (with its ``support_shape`` window)."""
@@ -315,4 +341,4 @@ def reference_reconstruction(psf: np.ndarray, y: torch.Tensor, lam: float, net: 
             return op.A_dagger(y)
         from train.students import Student
 
-        return Student(net, objective, support_shape)(y, op)
+        return Student(net, objective, support_shape, support_taper)(y, op)

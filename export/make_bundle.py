@@ -55,6 +55,8 @@ def _same(a: GraphSpec, b: GraphSpec) -> list[str]:
         diffs.append(f"support window ({a.support_shape} vs {b.support_shape})")
     if a.spectra != b.spectra:
         diffs.append(f"spectra ({a.spectra} vs {b.spectra}: one takes them as inputs, the other holds them)")
+    if a.support_taper != b.support_taper:
+        diffs.append(f"support taper ({a.support_taper} vs {b.support_taper} px)")
     return diffs
 
 

@@ -51,6 +51,7 @@ class StudentInfo:
     support_shape: tuple[int, int] | None = None  # the centred window g runs on (None: the whole scene grid)
     projector: str = "tikhonov"  # the student's pseudo-inverse kind
     geometry: LenslessGeometry | None = None  # the reconstruction operator's grids (None: not recorded)
+    support_taper: int = 0  # px of soft edge of the support window (train.students.Student)
 
 
 def _config_dict(config: Any) -> dict:
@@ -113,7 +114,8 @@ def student_info(student: Any, source: str = "student") -> StudentInfo:
                        sensor_shape=tuple(int(v) for v in sensor) if sensor is not None else None,
                        lam=float(lam) if lam is not None else None,
                        channels=int(channels) if channels is not None else None, config=cfg, model=model,
-                       support_shape=support, projector=str(cfg.get("projector", "tikhonov")), geometry=recorded)
+                       support_shape=support, projector=str(cfg.get("projector", "tikhonov")), geometry=recorded,
+                       support_taper=int(cfg.get("support_taper") or getattr(inner, "support_taper", 0) or 0))
 
 
 def load_student_info(directory: str | Path) -> StudentInfo:
@@ -374,7 +376,8 @@ def build_from_args(args: argparse.Namespace) -> tuple[ReconstructionGraph, dict
     net = info.net.float().eval()
     return ReconstructionGraph(psf, geometry, lam, net=net, objective=info.objective,  # type: ignore[arg-type]
                                dft=args.dft, channels=channels, support_shape=info.support_shape,
-                               projector=info.projector, spectra_input=args.spectra_input), extra
+                               projector=info.projector, spectra_input=args.spectra_input,
+                               support_taper=info.support_taper), extra
 
 
 def main(args: argparse.Namespace) -> int:

@@ -101,12 +101,14 @@ def torch_fp16_emulation(psf: np.ndarray, spec: GraphSpec, net: Any, frames: np.
         whole = ReconstructionGraph(psf, spec.geometry, spec.lam,
                                     net=copy.deepcopy(net) if net is not None else None,
                                     objective=spec.objective, channels=spec.channels,
-                                    support_shape=spec.support_shape, projector=spec.projector).half()
+                                    support_shape=spec.support_shape, projector=spec.projector,
+                                    support_taper=spec.support_taper).half()
         out["whole_graph"] = psnr(reference, whole(y.half()).float().numpy())
         if net is not None:
             part = ReconstructionGraph(psf, spec.geometry, spec.lam, net=_half_net(copy.deepcopy(net)),
                                        objective=spec.objective, channels=spec.channels,
-                                       support_shape=spec.support_shape, projector=spec.projector)
+                                       support_shape=spec.support_shape, projector=spec.projector,
+                                       support_taper=spec.support_taper)
             out["student_only"] = psnr(reference, part(y).numpy())
     return out
 
@@ -159,6 +161,9 @@ def verify(model_path: str | Path, data_dir: str | Path, args: argparse.Namespac
     if student is not None:
         info = load_student_info(student)
         check_student_matches(info, spec.psf_sha256, spec.geometry, spec.lam, student)
+        if info.support_taper != spec.support_taper:
+            raise ExportError(f"{student}: student's support taper {info.support_taper} px is not the model's "
+                              f"{spec.support_taper} (nsdd.support_taper): exported from another student?")
         if info.support_shape != spec.support_shape:
             raise ExportError(f"{student}: student's support window {info.support_shape} is not the model's "
                               f"{spec.support_shape} (nsdd.support_shape): exported from another student?")
@@ -169,7 +174,8 @@ def verify(model_path: str | Path, data_dir: str | Path, args: argparse.Namespac
     log(f"torch reference and ONNX Runtime FP32 on {len(frames)} measurements of {data_dir}")
     with torch.no_grad():
         reference = reference_reconstruction(psf, torch.from_numpy(frames), spec.lam, net, spec.objective,
-                                             spec.support_shape, spec.projector, spec.geometry).numpy()
+                                             spec.support_shape, spec.projector, spec.geometry,
+                                             spec.support_taper).numpy()
 
     outputs: dict[str, np.ndarray] = {}
     feeds = None

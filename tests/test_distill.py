@@ -355,3 +355,23 @@ def test_support_window_auto_full_explicit_and_refused(tmp_path):
     y = torch.from_numpy(np.stack([dataset.measurement(i) for i in dataset.ids("test")]))
     x_hat = solver(y, dataset.physics(lam=cfg["lam"]))
     assert seen == [(16, 16)] and x_hat.shape[-2:] == (SIZE, SIZE)
+
+    # a soft edge: recorded, used by the loaded student, refused by name when it does not fit the window
+    soft = tmp_path / "soft"
+    train_student(settings(data, targets, soft, support="auto", support_taper=3))
+    assert json.loads((soft / "config.json").read_text())["support_taper"] == 3
+    assert load_student(soft).student.support_taper == 3
+    with pytest.raises(DistillError, match="--support-taper"):
+        train_student(settings(data, targets, tmp_path / "bad", support="auto", support_taper=8))
+
+
+def test_fit_gives_the_student_the_profiles_soft_edge_as_a_fraction_of_its_window():
+    from types import SimpleNamespace
+
+    from nsdd_edge.camera import SupportWindow
+    from train.fit import student_taper
+
+    assert student_taper(SimpleNamespace(support=SupportWindow((256, 256), 32)), 64) == 8
+    assert student_taper(SimpleNamespace(support=SupportWindow((256, 256), 0)), 64) == 0
+    assert student_taper(SimpleNamespace(support=None), 64) == 0
+    assert student_taper(SimpleNamespace(support=SupportWindow((16, 16), 7)), 8) == 3  # capped below half

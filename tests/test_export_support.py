@@ -136,3 +136,82 @@ def test_support_metadata_is_optional_and_checked(env, tmp_path):
     assert np.abs(got - ref).max() <= 1e-5
     nz = np.argwhere(np.abs(got[0, 0]) > 0)
     assert (nz[:, 0].min(), nz[:, 0].max(), nz[:, 1].min(), nz[:, 1].max()) == (8, 22, 7, 23)
+
+
+def make_tapered_student(root, psf, taper=4, objective="nullspace"):
+    from train.physics import LenslessOperator
+    from train.students import build_student, make_config, save_student
+
+    torch.manual_seed(0)
+    op = LenslessOperator(psf, SENSOR, "circular", lam=LAM)
+    cfg = make_config("edge", objective, 3, op, architecture={"width": 4, "depth": 2, "max_width": 8, "blocks": 1},
+                      support_shape=SUPPORT, support_taper=taper)
+    student = build_student(cfg)
+    with torch.no_grad():
+        student.net.head.bias.add_(0.5)
+    save_student(root, student.net, cfg)
+    return root
+
+
+def test_soft_support_fades_g_out_instead_of_a_box_edge(env):
+    """``g`` is 0 at the window's border and rises smoothly (raised cosine) to the network's value inside."""
+    from nsdd_edge.camera import support_mask
+    from train.physics import LenslessOperator
+    from train.students import Student, StudentError
+
+    class Ones(torch.nn.Module):
+        def forward(self, x):
+            return torch.ones(x.shape[0], 3, *x.shape[-2:])
+
+    op = LenslessOperator(env["psf"], SENSOR, "circular", lam=LAM)
+    y = torch.rand(1, 3, *SENSOR)
+    hard = Student(Ones(), "full", SUPPORT)(y, op)[0, 0].numpy()
+    soft = Student(Ones(), "full", SUPPORT, support_taper=4)(y, op)[0, 0].numpy()
+    assert np.array_equal(hard, support_mask(SENSOR, SUPPORT, 0))
+    assert np.allclose(soft, support_mask(SENSOR, SUPPORT, 4))
+    row = soft[SENSOR[0] // 2]
+    inside = row[8:24]
+    assert inside[0] < 0.05 and np.all(np.diff(inside[:5]) > 0) and inside[4:12].min() == 1.0
+    for bad, match in ((-1, "integer ≥ 0"), (8, "does not fit"), (2.5, "integer")):
+        with pytest.raises(StudentError, match=match):
+            Student(Ones(), "full", SUPPORT, support_taper=bad)
+    with pytest.raises(StudentError, match="needs a support window"):
+        Student(Ones(), "full", None, support_taper=2)
+
+
+@pytest.mark.parametrize("objective", ["nullspace", "full"])
+def test_soft_support_graph_matches_training_student_and_verifies(env, objective, tmp_path):
+    student_dir = make_tapered_student(tmp_path / "student", env["psf"], objective=objective)
+    info = load_student_info(student_dir)
+    assert info.support_taper == 4
+    out = tmp_path / "m.onnx"
+    assert main_argv(["--student", str(student_dir), "--psf", str(env["psf_file"]), "--out", str(out)]) == 0
+    spec = read_spec(out)
+    assert spec.support_taper == 4 and spec.support_shape == SUPPORT
+    assert unsupported_nodes(onnx.load(str(out))) == []
+    y = np.stack([np.load(p) for p in sorted((env["data"] / "measurements").glob("*.npy"))])[:1]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"y": y})[0]
+    ref = reference_reconstruction(env["psf"], torch.from_numpy(y), LAM, info.net.float().eval(), objective,
+                                   SUPPORT, support_taper=4).numpy()
+    hard = reference_reconstruction(env["psf"], torch.from_numpy(y), LAM, info.net.float().eval(), objective,
+                                    SUPPORT).numpy()
+    assert np.abs(got - ref).max() <= 1e-4 and np.abs(got - hard).max() > 1e-2
+    p = argparse.ArgumentParser()
+    configure_parser(p)
+    assert verify_main(p.parse_args([str(out), "--data", str(env["data"]), "--student", str(student_dir),
+                                     "--json", str(tmp_path / "r.json"), "--no-quantize"])) == 0
+    hard_dir = make_support_student(tmp_path / "hard", env["psf"], objective)
+    assert verify_main(p.parse_args([str(out), "--data", str(env["data"]), "--student", str(hard_dir),
+                                     "--json", str(tmp_path / "r2.json"), "--no-quantize"])) == 2
+
+
+def test_taper_metadata_round_trips_and_is_checked():
+    from nsdd_edge.optics import LenslessGeometry
+
+    spec = GraphSpec("0" * 64, 1e-3, LenslessGeometry.make("circular", SENSOR), 3, "nullspace", "matmul", SUPPORT,
+                     support_taper=3)
+    assert GraphSpec.from_metadata(spec.metadata()) == spec
+    assert "nsdd.support_taper" not in GraphSpec("0" * 64, 1e-3, spec.geometry, 3, "nullspace", "matmul",
+                                                 SUPPORT).metadata()
+    with pytest.raises(ExportError, match="support_taper"):
+        GraphSpec.from_metadata({**spec.metadata(), "nsdd.support_taper": "soft"})

@@ -53,7 +53,6 @@ from train.scale_range import ScaleOperators, ScaleRangeData, check_scale_range
 from train.students import (
     KINDS,
     OBJECTIVES,
-    Student,
     StudentError,
     build_student,
     count_parameters,
@@ -62,6 +61,7 @@ from train.students import (
     load_prior_dir,
     make_config,
     save_student,
+    wrap_student,
 )
 from train.threads import torch_threads
 
@@ -98,6 +98,7 @@ class DistillSettings:
     projector: str = "tikhonov"
     prior: str | None = None
     support: str = "auto"
+    support_taper: int = 0
     architecture: dict = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"
@@ -139,7 +140,7 @@ class DistillSettings:
     def signature(self) -> dict:
         """Settings that must not change when resuming (``steps``, I/O and display may)."""
         keep = ("student", "objective", "loss", "lpips_weight", "batch", "lr", "weight_decay", "warmup",
-                "ema", "grad_clip", "split", "limit", "model", "lam", "projector", "support", "architecture", "seed")
+                "ema", "grad_clip", "split", "limit", "model", "lam", "projector", "support", "support_taper", "architecture", "seed")
         d = asdict(self)
         out = {k: d[k] for k in keep}
         if self.psf_scale_range is not None:  # absent otherwise: checkpoints written before it existed still resume
@@ -392,8 +393,11 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
         extra["training"]["scale_range"] = scale_data.describe()
         extra["psf_scale_range"] = list(s.psf_scale_range)
     support = resolve_support(s.support, dataset, physics)
-    config = make_config(s.student, s.objective, data.channels, physics, arch, support,  # type: ignore[arg-type]
-                         **extra)
+    try:
+        config = make_config(s.student, s.objective, data.channels, physics, arch, support,  # type: ignore[arg-type]
+                             support_taper=int(s.support_taper), **extra)
+    except StudentError as exc:
+        raise DistillError(f"--support-taper: {exc}") from None
 
     torch.manual_seed(s.seed)
     student = build_student(config, prior=prior).to(device)
@@ -471,8 +475,7 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
                 sample_physics = physics
             y, t = y.to(device), t.to(device)
             with torch.no_grad():
-                x_hat, x_dag = Student(ema_net, s.objective, config.get("support_shape"))(
-                    y, sample_physics, return_parts=True)
+                x_hat, x_dag = wrap_student(ema_net, config)(y, sample_physics, return_parts=True)
             view = measurement_view(y, physics.scene_shape)
             rows = [[view[i], x_dag[i], x_hat[i], t[i]] for i in range(len(sample_ids))]
             write_sample_grid(rows, out / "samples" / f"step_{step:07d}.png")
@@ -623,6 +626,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--support", default="auto",
                    help="window of the scene grid the network fills (H[xW] px, centred; full: all of it; auto: the "
                         "simulated scenes' size when it is smaller than the grid, the rest being their black padding)")
+    p.add_argument("--support-taper", type=int, default=0,
+                   help="px: g fades out over this border of the support window (raised cosine) instead of stopping "
+                        "at a box edge (a camera profile's support.taper; default 0: a hard window)")
     p.add_argument("--t-fixed", type=int, default=None, help="paper student: timestep of the diffusion UNet")
     p.add_argument("--width", type=int, default=None, help="base channels of the (edge / g_φ) UNet")
     p.add_argument("--depth", type=int, default=None, help="number of ×2 downsamplings (input divisible by 2^depth)")
@@ -676,7 +682,7 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
         batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, ema=args.ema,
         grad_clip=args.grad_clip, checkpoint_every=args.checkpoint_every, samples=args.samples, split=args.split,
         limit=args.limit,
-        model=args.model, lam=args.lam, projector=args.projector, prior=args.prior, support=args.support, architecture=arch, seed=args.seed, device=args.device,
+        model=args.model, lam=args.lam, projector=args.projector, prior=args.prior, support=args.support, support_taper=args.support_taper, architecture=arch, seed=args.seed, device=args.device,
         amp=args.amp, fp16=args.fp16, progress=not args.quiet,
         time_budget=None if args.time_budget is None else 60.0 * args.time_budget, preload=args.preload,
         psf_scale_range=list(args.psf_scale_range) if args.psf_scale_range is not None else None)

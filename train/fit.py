@@ -91,6 +91,15 @@ class Stages:
         atomic_write_text(self.record, json.dumps(record, indent=2) + "\n")
 
 
+def student_taper(profile, size: int) -> int:
+    """The student's soft edge on its ``size``² window: the profile's support taper, as the same fraction of the
+    window (``support.taper / support side``; 0 when the profile has no soft support)."""
+    if profile.support is None or not profile.support.taper:
+        return 0
+    fraction = profile.support.taper / min(profile.support.shape)
+    return max(1, min(int(round(fraction * size)), size // 2 - 1))
+
+
 def _complete(path: Path, key: str = "complete") -> bool:
     try:
         return bool(json.loads(path.read_text()).get(key))
@@ -172,7 +181,7 @@ def run_fit(args: argparse.Namespace) -> dict:
         if profile.geometry.model == "crop" else None, lpips_weight=0.1 if args.lpips_weights else 0.0,
         lpips_weights=args.lpips_weights, steps=100_000, batch=8, lr=2e-4 if args.student == "paper" else 5e-4,
         warmup=20, checkpoint_every=100, samples=4, device=device, fp16=False, progress=interactive, preload=True,
-        time_budget=stages.budget("distill"),
+        time_budget=stages.budget("distill"), support_taper=student_taper(profile, size),
         architecture={} if args.student == "paper" else {"width": 16, "depth": 3, "max_width": 128})
     if distilled is None:
         summary = train_student(settings)

@@ -44,6 +44,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -213,6 +214,29 @@ def count_parameters(net: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def check_taper(taper: Any, support: Sequence[int] | None) -> int:
+    """``support_taper``: an integer ≥ 0, below half the support window's shorter side; 0 without a window."""
+    if isinstance(taper, bool) or not isinstance(taper, (int, np.integer)) or taper < 0:
+        raise StudentError(f"support_taper must be an integer ≥ 0 (pixels), got {taper!r}")
+    if taper and support is None:
+        raise StudentError("support_taper needs a support window (support_shape)")
+    if taper and 2 * int(taper) >= min(support):  # type: ignore[arg-type]
+        raise StudentError(f"support_taper {taper} px does not fit the {support[0]}x{support[1]} support window "
+                           f"(at most {min(support) // 2 - 1})")  # type: ignore[index]
+    return int(taper)
+
+
+def support_window(support: Sequence[int] | None, taper: int) -> np.ndarray | None:
+    """The raised-cosine window ``w`` on the support (``None`` without a taper): one formula with the camera
+    profile's soft support (:func:`nsdd_edge.camera.support_mask`)."""
+    if support is None or taper <= 0:
+        return None
+    from nsdd_edge.camera import support_mask
+
+    shape = (int(support[0]), int(support[1]))
+    return support_mask(shape, shape, int(taper))
+
+
 class Student(nn.Module):
     """``x̂ = A†y + (I − A†A) g(y, A†y)`` (``nullspace``) or ``x̂ = g(y, A†y)`` (``full``).
 
@@ -220,22 +244,32 @@ class Student(nn.Module):
     zero-padded to the sensor): ``g`` then runs on the centre crop of its inputs and is zero-padded back,
     ``g = P_support g_net(C_support(y, A†y))``, which costs the network only the support's pixels.
 
+    ``support_taper`` τ > 0 (px): ``g = P_support (w ⊙ g_net(C_support(y, A†y)))`` with the raised-cosine window
+    ``w`` of :func:`nsdd_edge.camera.support_mask` (1 inside, ``½(1 − cos(π d/τ))`` within τ of the window's edge):
+    ``g`` fades out instead of stopping at a box edge (real scenes a little larger than the window).
+
     ``g`` may run under autocast (bf16 on a GPU); the physics (FFTs) always runs in float32.
     """
 
     def __init__(self, net: nn.Module, objective: Objective = "nullspace",
-                 support_shape: Sequence[int] | None = None):
+                 support_shape: Sequence[int] | None = None, support_taper: int = 0):
         super().__init__()
         if objective not in OBJECTIVES:
             raise StudentError(f"unknown objective {objective!r}; use {' or '.join(OBJECTIVES)}")
         self.net = net
         self.objective = objective
         self.support_shape = tuple(int(v) for v in support_shape) if support_shape else None
+        self.support_taper = check_taper(support_taper, self.support_shape)
+        window = support_window(self.support_shape, self.support_taper)
+        self.register_buffer("_window", None if window is None else torch.from_numpy(window), persistent=False)
 
     def forward(self, y: torch.Tensor, physics: LenslessOperator, return_parts: bool = False):
         inputs, x_dagger = student_inputs(y, physics)
         if self.support_shape is not None:  # g sees and fills only the scene's known support; black outside
-            g = center_pad(self.net(center_crop(inputs, self.support_shape)).float(), physics.scene_shape)
+            g = self.net(center_crop(inputs, self.support_shape)).float()
+            if self._window is not None:
+                g = g * self._window
+            g = center_pad(g, physics.scene_shape)
         else:
             g = self.net(inputs).float()
         with torch.autocast(device_type=y.device.type, enabled=False):
@@ -327,15 +361,16 @@ def physics_record(physics: LenslessOperator) -> dict:
 
 def make_config(kind: str, objective: Objective, channels: int, physics: LenslessOperator,
                 architecture: dict | None = None, support_shape: Sequence[int] | None = None,
-                **extra: Any) -> dict:
-    """A student ``config.json`` (kind, architecture, objective, channels, sizes, support, PSF hash,
+                support_taper: int = 0, **extra: Any) -> dict:
+    """A student ``config.json`` (kind, architecture, objective, channels, sizes, support and its taper, PSF hash,
     geometry, λ); ``support_shape`` None: ``g`` covers the whole scene grid."""
+    check_taper(support_taper, support_shape)
     arch = {**default_architecture(kind, objective), **(architecture or {})}
     cfg = {"format": STUDENT_FORMAT, "version": STUDENT_VERSION, "kind": kind, "objective": objective,
            "architecture": arch, "channels": int(channels), "in_channels": 2 * int(channels),
            "scene_shape": list(physics.scene_shape), "sensor_shape": list(physics.sensor_shape),
            "support_shape": [int(v) for v in support_shape] if support_shape is not None else None,
-           **physics_record(physics), "step": 0}
+           "support_taper": int(support_taper), **physics_record(physics), "step": 0}
     cfg.update(extra)
     return cfg
 
@@ -363,7 +398,13 @@ def build_student(config: dict, prior: Any | None = None) -> Student:
         what = "support" if support is not None else "scene size"
         raise StudentError(f"{what} {h}x{w} is not divisible by 2^depth = {multiple} "
                            f"(depth {arch.get('depth')}); lower the depth or change the {what}")
-    return Student(net, config.get("objective", "nullspace"), support)
+    return wrap_student(net, {**config, "support_shape": support})
+
+
+def wrap_student(net: nn.Module, config: dict) -> Student:
+    """The :class:`Student` around ``net`` that a config describes (objective, support window, taper)."""
+    return Student(net, config.get("objective", "nullspace"), config.get("support_shape"),
+                   config.get("support_taper", 0))
 
 
 def save_student(directory: str | os.PathLike, net: nn.Module, config: dict, *, fp16: bool = False) -> Path:
