@@ -34,18 +34,18 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from nsdd_edge.atomic import atomic_write, atomic_write_bytes, atomic_write_text
+from nsdd_edge.atomic import atomic_write, atomic_write_text
 from nsdd_edge.cli_common import add_threads_argument
 from nsdd_edge.optics import OpticsError
 from train.data import DatasetError, LenslessDataset
 from train.distill_data import BatchOrder, DistillError, TargetSet, choose_ids
+from train.distill_figures import measurement_view, write_loss_curve, write_sample_grid
 from train.distributed import DistContext, init_distributed
 from train.physics import LenslessOperator
 from train.progress import TimeEstimate
@@ -57,7 +57,6 @@ from train.students import (
     build_student,
     count_parameters,
     default_architecture,
-    fit_to_grid,
     load_prior_dir,
     make_config,
     save_student,
@@ -215,62 +214,6 @@ def ema_decay(step: int, decay: float) -> float:
 
 def _atomic_torch_save(obj: dict, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def write_loss_curve(history: list[list[float]], path: Path) -> None:
-    """Loss against step (log scale) with a moving average, as a PNG (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = np.array([h[0] for h in history])
-    loss = np.array([h[1] for h in history])
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(steps, loss, lw=0.6, alpha=0.4, label="loss")
-    if len(loss) >= 5:
-        k = max(len(loss) // 50, 5)
-        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
-    if np.all(loss > 0):
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    from train.report import save_figure
-
-    save_figure(fig, path, dpi=100)
-
-
-def _to_uint8_rgb(img: torch.Tensor) -> np.ndarray:
-    a = img.detach().float().cpu().clamp(0, 1).numpy()
-    if a.shape[0] == 1:
-        a = np.repeat(a, 3, axis=0)
-    return (np.moveaxis(a[:3], 0, -1) * 255.0 + 0.5).astype(np.uint8)
-
-
-def measurement_view(y: torch.Tensor, scene_shape: Sequence[int]) -> torch.Tensor:
-    """A measurement on the scene grid, scaled by its own maximum for display."""
-    v = fit_to_grid(y, scene_shape)
-    return v / v.flatten(1).amax(dim=1).clamp_min(1e-12)[:, None, None, None]
-
-
-def write_sample_grid(rows: Sequence[Sequence[torch.Tensor]], path: Path, gap: int = 2) -> None:
-    """PNG grid: one row per sample, columns measurement view | A†y | student | teacher."""
-    import cv2
-
-    tiles = [[_to_uint8_rgb(t) for t in row] for row in rows]
-    h, w = tiles[0][0].shape[:2]
-    ncol = len(tiles[0])
-    grid = np.full((len(tiles) * (h + gap) - gap, ncol * (w + gap) - gap, 3), 255, np.uint8)
-    for r, row in enumerate(tiles):
-        for c, tile in enumerate(row):
-            grid[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = tile
-    ok, png = cv2.imencode(".png", np.ascontiguousarray(grid[:, :, ::-1]))  # OpenCV wants BGR
-    if not ok:
-        raise DistillError(f"{path}: PNG encoding failed")
-    atomic_write_bytes(path, png.tobytes())
 
 
 def _resolve_device(name: str) -> torch.device:
