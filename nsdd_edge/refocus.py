@@ -30,7 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -44,7 +44,7 @@ from nsdd_edge.optics import (
     fit_to,
 )
 from nsdd_edge.psf_warp import PsfWarp, warp_psf
-from nsdd_edge.refine import refine_warp
+from nsdd_edge.refine import refine_warp, shift_identifiable
 
 
 class RefocusError(OpticsError):
@@ -62,10 +62,16 @@ def coarse_geometry(geometry: LenslessGeometry, psf_shape: tuple[int, ...], d: i
                                (g.scene_shape[0] // d, g.scene_shape[1] // d), (g.conv_shape[0] // d, g.conv_shape[1] // d))
 
 
+SUPPORT_ITERS, FULL_FIELD_ITERS = 30, 150
+
+
 @dataclass(frozen=True)
 class RefocusSettings:
     """``span``: the search covers scales ``s/(1+span) … s·(1+span)`` around the current ``s`` (``n_scales``
-    geometric steps, odd so ``s`` itself is one); ``iters`` FISTA iterations per evaluation; ``rounds``
+    geometric steps, odd so ``s`` itself is one); ``iters`` FISTA iterations per evaluation (None: 30 when the
+    scenes have a support smaller than the convolution grid, 150 on a full-field camera, where a 30-iteration
+    reconstruction is far from converged and favours the smaller PSF: on the real radial prototype it ran to
+    the lower limit; ``docs/refocus.md``); ``rounds``
     finite-difference refinement rounds; ``frames``: how many recent measurements the criterion uses;
     ``period_s``: seconds between searches (thread); ``every_frames``: frames between searches (``inline``);
     ``min_gain``: relative improvement of the criterion a swap needs; ``scale_limits``: never beyond these;
@@ -74,7 +80,7 @@ class RefocusSettings:
 
     span: float = 0.12
     n_scales: int = 5
-    iters: int = 30
+    iters: int | None = None
     rounds: int = 1
     frames: int = 2
     period_s: float = 1.0
@@ -87,7 +93,7 @@ class RefocusSettings:
         lo, hi = self.scale_limits
         checks = [(self.span > 0 and math.isfinite(self.span), f"span must be > 0, got {self.span}"),
                   (self.n_scales >= 3, f"n_scales must be ≥ 3, got {self.n_scales}"),
-                  (self.iters >= 1, f"iters must be ≥ 1, got {self.iters}"),
+                  (self.iters is None or self.iters >= 1, f"iters must be ≥ 1, got {self.iters}"),
                   (self.rounds >= 0, f"rounds must be ≥ 0, got {self.rounds}"),
                   (self.frames >= 1, f"frames must be ≥ 1, got {self.frames}"),
                   (self.period_s > 0 and math.isfinite(self.period_s), f"period must be > 0 s, got {self.period_s}"),
@@ -186,6 +192,9 @@ class Refocuser:
         self.downsample, self.search_geometry = coarse_geometry(search_geometry, self.psf.shape[-2:],
                                                                 self.settings.downsample)
         self._search_psf = box_downsample(self.psf, self.downsample)
+        if self.settings.iters is None:  # the default depends on the camera (see RefocusSettings)
+            full_field = not shift_identifiable(self.search_geometry)
+            self.settings = replace(self.settings, iters=FULL_FIELD_ITERS if full_field else SUPPORT_ITERS)
         self.engine, self.inline, self.telemetry = engine, inline, telemetry
         self.log = log or (lambda message: None)
         self._frames: deque[np.ndarray] = deque(maxlen=self.settings.frames)

@@ -177,3 +177,21 @@ def test_run_refocus_cli_figures_in_the_stats_and_named_errors(bundle, tmp_path,
     assert "--refocus-span" in capsys.readouterr().err
     assert edge_main(["run", "--model", str(bundle.root), "--consistency-every", "-1", "--quiet"]) == 2
     assert "--consistency-every" in capsys.readouterr().err
+
+
+def test_default_iterations_follow_the_camera(bundle):
+    """30 FISTA iterations where the scenes have a support window, 150 on a full-field camera (where 30 favour the
+    smaller PSF: on the real radial prototype the search ran to the lower limit); a given value is kept."""
+    from nsdd_edge.refocus import FULL_FIELD_ITERS, SUPPORT_ITERS
+
+    gauge = ConsistencyGauge.for_bundle(bundle)
+    sensor = bundle.geometry.sensor_shape
+    with_support = LenslessGeometry.make("crop", sensor, bundle.psf.shape[-2:], scene_shape=(16, 16),
+                                         conv_shape=(2 * sensor[0], 2 * sensor[1]))
+    full_field = LenslessGeometry.make("crop", sensor, bundle.psf.shape[-2:])
+    engine = NumpyWienerEngine(bundle)
+    assert Refocuser(bundle.psf, with_support, engine, gauge=gauge).settings.iters == SUPPORT_ITERS == 30
+    assert Refocuser(bundle.psf, full_field, engine, gauge=gauge).settings.iters == FULL_FIELD_ITERS == 150
+    assert Refocuser(bundle.psf, full_field, engine, RefocusSettings(iters=40), gauge=gauge).settings.iters == 40
+    with pytest.raises(RefocusError, match="iters must be"):
+        RefocusSettings(iters=0)
