@@ -26,7 +26,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from nsdd_edge.optics import OpticsError, check_psf
+from nsdd_edge.optics import LenslessGeometry, OpticsError, check_psf
 
 WarpNormalization = Literal["energy", "sum"]
 
@@ -122,3 +122,27 @@ def psf_with_snr(psf: np.ndarray, snr_db: float, rng: np.random.Generator) -> np
     if total <= 0:
         raise OpticsError(f"PSF at SNR {snr_db} dB: nothing left after clipping")
     return (noisy * (float(h.sum()) / total)).astype(np.float32)
+
+
+def psf_on_canvas(psf: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """``psf`` ``(…, h, w)`` zero-padded to ``shape`` with its centre pixel ``(h // 2, w // 2)`` on the canvas's
+    ``(H // 2, W // 2)``: where :func:`warp_psf` and :func:`nsdd_edge.optics.psf_transfer_function` take the optical
+    axis of the padded PSF to be. (:func:`nsdd_edge.optics.center_pad` puts an odd PSF on an even canvas one pixel
+    before that centre.)"""
+    a = np.asarray(psf, dtype=np.float32)
+    h, w = a.shape[-2:]
+    H, W = int(shape[0]), int(shape[1])
+    if h > H or w > W:
+        raise OpticsError(f"PSF of size {h}x{w} does not fit a {H}x{W} canvas")
+    top, left = H // 2 - h // 2, W // 2 - w // 2
+    out = np.zeros(a.shape[:-2] + (H, W), dtype=np.float32)
+    out[..., top : top + h, left : left + w] = a
+    return out
+
+
+def psf_at_scale(psf: np.ndarray, geometry: LenslessGeometry, scale: float) -> np.ndarray:
+    """The PSF a scene at another depth sees (``warp_psf`` by ``scale``), for a camera of ``geometry``: on the
+    crop model's convolution grid, so a magnified pattern keeps the light that leaves the calibrated PSF's box,
+    as on a sensor; the circular model's PSF keeps its box (the sensor grid)."""
+    canvas = psf_on_canvas(psf, geometry.conv_shape) if geometry.model == "crop" else psf
+    return warp_psf(canvas, PsfWarp(float(scale)))

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nsdd_edge.optics import ForwardModel, LenslessGeometry, OpticsError, center_pad, check_psf
-from nsdd_edge.psf_warp import PsfWarp, warp_psf
+from nsdd_edge.optics import ForwardModel, LenslessGeometry, OpticsError, check_psf
+from nsdd_edge.psf_warp import PsfWarp, psf_on_canvas, warp_psf
 
 PARAMETERS = ("scale", "shift", "rotation")
 
@@ -76,12 +76,12 @@ def search_geometry(psf: np.ndarray, geometry: LenslessGeometry, max_scale: floa
     grows with it, a smaller scene support is kept. ``circular``: the canvas is the sensor grid."""
     psf = check_psf(np.asarray(psf, dtype=np.float32), "PSF")
     if geometry.model == "circular":
-        return center_pad(psf, geometry.sensor_shape), geometry
+        return psf_on_canvas(psf, geometry.sensor_shape), geometry
     side = tuple(int(math.ceil(n * max(max_scale, 1.0) / 2.0) * 2) for n in psf.shape[-2:])
     canvas = (max(side[0], psf.shape[-2]), max(side[1], psf.shape[-1]))
     conv = tuple(max(c, fft_size(s + k)) for c, s, k in zip(geometry.conv_shape, geometry.sensor_shape, canvas))
     scene = conv if geometry.scene_shape == geometry.conv_shape else geometry.scene_shape
-    return center_pad(psf, canvas), LenslessGeometry.make("crop", geometry.sensor_shape, canvas, scene, conv)
+    return psf_on_canvas(psf, canvas), LenslessGeometry.make("crop", geometry.sensor_shape, canvas, scene, conv)
 
 
 def shift_identifiable(geometry: LenslessGeometry) -> bool:

@@ -40,10 +40,9 @@ from nsdd_edge.optics import (
     OpticsError,
     box_downsample,
     center_crop,
-    center_pad,
     fit_to,
 )
-from nsdd_edge.psf_warp import PsfWarp, warp_psf
+from nsdd_edge.psf_warp import PsfWarp, psf_at_scale, warp_psf
 from nsdd_edge.refine import refine_warp, shift_identifiable
 
 
@@ -156,9 +155,7 @@ class ConsistencyGauge:
         recon = ForwardModel(warp_psf(self.psf, PsfWarp(scale)), self.recon_geometry)
         support = None
         if self.support_geometry is not None:
-            g = self.support_geometry
-            canvas = center_pad(self.psf, g.conv_shape) if g.model == "crop" else self.psf
-            support = ForwardModel(warp_psf(canvas, PsfWarp(scale)), g)
+            support = ForwardModel(psf_at_scale(self.psf, self.support_geometry, scale), self.support_geometry)
         self._models = (recon, support)
 
     def __call__(self, x: np.ndarray, y: np.ndarray) -> dict[str, float]:

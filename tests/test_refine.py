@@ -243,3 +243,21 @@ def test_saturation_map_follows_the_profiles_own_raw_to_y_path(tmp_path):
     assert saturation_map(profile, tmp_path / "float.npy") is None      # profile has one
     profile.preprocess.white_level = 255.0
     assert np.array_equal(saturation_map(profile, tmp_path / "float.npy"), mask)
+
+
+def test_an_odd_psf_keeps_its_optical_axis_on_a_larger_canvas():
+    """Padding a 15² PSF to the 64² convolution grid must not move the measurement (center_pad would, by 1 px)."""
+    from nsdd_edge.optics import center_pad
+    from nsdd_edge.psf_warp import psf_at_scale, psf_on_canvas
+
+    psf = np.zeros((1, 15, 15), np.float32)
+    psf[0, 7, 7] = 1.0
+    geometry = LenslessGeometry.make("crop", (32, 32), (15, 15), (32, 32), (64, 64))
+    x = np.zeros((1, 32, 32), np.float32)
+    x[0, 16, 16] = 1.0
+    direct = ForwardModel(psf, geometry)(x)
+    assert np.allclose(ForwardModel(psf_on_canvas(psf, (64, 64)), geometry)(x), direct, atol=1e-6)
+    assert np.allclose(ForwardModel(psf_at_scale(psf, geometry, 1.0), geometry)(x), direct, atol=1e-6)
+    assert not np.allclose(ForwardModel(center_pad(psf, (64, 64)), geometry)(x), direct, atol=1e-3)
+    with pytest.raises(OpticsError, match="does not fit"):
+        psf_on_canvas(psf, (8, 8))

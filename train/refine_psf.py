@@ -27,9 +27,9 @@ import numpy as np
 
 from nsdd_edge.atomic import atomic_write_text
 from nsdd_edge.camera import CameraProfile, ProfileError, list_captures, load_profile
-from nsdd_edge.optics import OpticsError, array_hash, center_pad, normalize
+from nsdd_edge.optics import OpticsError, array_hash, normalize
 from nsdd_edge.profile_estimate import reconstruction_lambda, saturation_map
-from nsdd_edge.psf_warp import PsfWarp, warp_psf
+from nsdd_edge.psf_warp import PsfWarp, psf_on_canvas, warp_psf
 from nsdd_edge.refine import PARAMETERS, RefineError, RefineResult, SelfConsistency, refine_warp
 
 HELP = "refine the PSF (scale/depth, shift, rotation) from real captures alone; writes a refined camera profile"
@@ -86,7 +86,7 @@ def refined_profile(profile: CameraProfile, crit: SelfConsistency, result: Refin
                     source: Path) -> CameraProfile:
     """The profile with the warped PSF (unit sum) on the search canvas and geometry, and λ again by discrepancy."""
     # a per-channel PSF: each channel on the search canvas, warped the same way
-    psf = normalize(warp_psf(center_pad(profile.psf, crit.psf.shape[-2:]), result.warp), "sum")
+    psf = normalize(warp_psf(psf_on_canvas(profile.psf, crit.psf.shape[-2:]), result.warp), "sum")
     lam, lam_rule, _sigma = reconstruction_lambda(psf, crit.geometry, ys, profile.noise)
     recipe = dict(profile.psf_recipe)
     recipe["refined"] = {"warp": result.warp.to_dict(), "criterion": result.criterion,

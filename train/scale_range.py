@@ -28,8 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from nsdd_edge.optics import center_pad as np_center_pad
-from nsdd_edge.psf_warp import PsfWarp, warp_psf
+from nsdd_edge.psf_warp import PsfWarp, psf_at_scale, warp_psf
 from train.data import LenslessDataset
 from train.distill_data import DistillError, TargetSet
 from train.physics import LenslessOperator, fit_to_grid
@@ -107,9 +106,6 @@ class ScaleOperators:
     def __init__(self, dataset: LenslessDataset, *, model: str | None, lam: float, projector: str,
                  device: torch.device, cache: int = 96):
         self.dataset, self.model, self.lam, self.projector, self.device = dataset, model, lam, projector, device
-        fwd = dataset.forward_geometry
-        self._forward_canvas = (np_center_pad(dataset.psf, fwd.conv_shape) if fwd.model == "crop"
-                                else dataset.psf)
         self.cache = int(cache)
         self._ops: OrderedDict[float, tuple[LenslessOperator, LenslessOperator]] = OrderedDict()
 
@@ -125,7 +121,8 @@ class ScaleOperators:
             return self._ops[key]
         recon = self.dataset.physics(model=self.model, lam=self.lam, projector=self.projector,
                                      psf=self.recon_psf(key)).to(self.device)
-        forward = self.dataset.forward_physics(psf=warp_psf(self._forward_canvas, PsfWarp(key))).to(self.device)
+        forward = self.dataset.forward_physics(psf=psf_at_scale(self.dataset.psf, self.dataset.forward_geometry,
+                                                                 key)).to(self.device)
         self._ops[key] = (recon, forward)
         if len(self._ops) > self.cache:
             self._ops.popitem(last=False)

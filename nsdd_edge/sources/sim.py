@@ -19,7 +19,7 @@ from nsdd_edge.optics import (
     load_psf,
     read_image01,
 )
-from nsdd_edge.psf_warp import PsfWarp, warp_psf
+from nsdd_edge.psf_warp import psf_at_scale
 from nsdd_edge.sources.base import (
     EndOfStream,
     Frame,
@@ -240,9 +240,7 @@ class SimCamera(FrameSource):
         key = round(float(scale), 6)
         model = self._models.get(key)
         if model is None:
-            g = self.geometry
-            canvas = center_pad(self.psf, g.conv_shape) if g.model == "crop" else self.psf
-            model = ForwardModel(warp_psf(canvas, PsfWarp(key)), g)
+            model = ForwardModel(psf_at_scale(self.psf, self.geometry, key), self.geometry)
             if len(self._models) >= 8:
                 self._models.pop(next(k for k in self._models if k != 1.0))
             self._models[key] = model
