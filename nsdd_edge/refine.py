@@ -225,6 +225,7 @@ def refine_warp(psf: np.ndarray, geometry: LenslessGeometry, ys: Sequence[np.nda
                 scale_range: tuple[float, float] = (0.8, 1.25), n_scales: int = 10,
                 parameters: Sequence[str] = PARAMETERS, iters: int = 150, rounds: int = 3,
                 steps: dict | None = None, excluded: Sequence[np.ndarray | None] | None = None,
+                start: PsfWarp | None = None,
                 progress: Callable[[Evaluation], None] | None = None) -> tuple[RefineResult, SelfConsistency]:
     """Find ``θ`` minimising the self-consistency ``c(θ)`` of ``ys`` (module docstring).
 
@@ -232,7 +233,9 @@ def refine_warp(psf: np.ndarray, geometry: LenslessGeometry, ys: Sequence[np.nda
     the calibration). ``parameters``: any of ``scale``, ``shift``, ``rotation`` to refine after the coarse
     search (``scale`` only: a depth search). ``steps``: the first finite-difference steps (default scale 2%,
     shift 1 px, rotation 1°), halved each of ``rounds`` rounds. ``excluded``: per capture, a boolean mask of
-    sensor pixels to leave out of the data term (saturated ones: a clipped pixel is not ``A x``)."""
+    sensor pixels to leave out of the data term (saturated ones: a clipped pixel is not ``A x``). ``start``: the
+    warp the result is compared with and falls back to (default: the calibration, the identity). Every scale tried
+    stays within ``scale_range``."""
     lo, hi = (float(v) for v in scale_range)
     if not (0 < lo < hi) or int(n_scales) < 3:
         raise RefineError(f"PSF refinement: need 0 < scale_min < scale_max and ≥ 3 scales, got {scale_range}, "
@@ -250,7 +253,7 @@ def refine_warp(psf: np.ndarray, geometry: LenslessGeometry, ys: Sequence[np.nda
             progress(e)
         return e
 
-    start = evaluate(PsfWarp())
+    start = evaluate(start or PsfWarp())
     grid = np.exp(np.linspace(math.log(lo), math.log(hi), int(n_scales)))
     curve = [evaluate(PsfWarp(float(s))) for s in grid]
     k = int(np.argmin([e.criterion for e in curve]))
@@ -285,13 +288,17 @@ def refine_warp(psf: np.ndarray, geometry: LenslessGeometry, ys: Sequence[np.nda
         for name in names:
             d = step[name] * (best.warp.scale if name == "scale" else 1.0)
             c = _get(best.warp, name)
-            minus, plus = evaluate(_with(best.warp, name, c - d)), evaluate(_with(best.warp, name, c + d))
-            v = _parabola_vertex([c - d, c, c + d], [minus.criterion, best.criterion, plus.criterion])
+            low, high = (lo, hi) if name == "scale" else (-math.inf, math.inf)  # scales stay in the searched range
+            if name == "scale" and not low < c < high:
+                continue  # the fallback to ``start`` outside the range: nothing to refine inside it
+            minus = evaluate(_with(best.warp, name, max(c - d, low)))
+            plus = evaluate(_with(best.warp, name, min(c + d, high)))
             candidates = [minus, plus]
+            xs = [_get(minus.warp, name), c, _get(plus.warp, name)]
+            v = _parabola_vertex(xs, [minus.criterion, best.criterion, plus.criterion]) if len(set(xs)) == 3 else None
             if v is not None:
-                v = float(np.clip(v, c - 2 * d, c + 2 * d))
-                if name != "scale" or v > 0:
-                    candidates.append(evaluate(_with(best.warp, name, v)))
+                v = float(np.clip(v, max(c - 2 * d, low), min(c + 2 * d, high)))
+                candidates.append(evaluate(_with(best.warp, name, v)))
             for e in candidates:
                 if e.criterion < best.criterion:
                     best = e

@@ -243,10 +243,12 @@ class Refocuser:
         t0 = time.perf_counter()
         try:
             lo, hi = s.search_range(current)
-            result, crit = refine_warp(self._search_psf, self.search_geometry, ys, scale_range=(lo, hi),
-                                       n_scales=s.n_scales, parameters=("scale",), iters=s.iters, rounds=s.rounds)
-            before = crit(PsfWarp(current)).criterion
-            best, after = result.warp.scale, result.criterion
+            result, _ = refine_warp(self._search_psf, self.search_geometry, ys, scale_range=(lo, hi),
+                                    n_scales=s.n_scales, parameters=("scale",), iters=s.iters, rounds=s.rounds,
+                                    start=PsfWarp(current))
+            before = result.start_criterion
+            best = min(max(result.warp.scale, s.scale_limits[0]), s.scale_limits[1])
+            after = result.criterion
             swap = None
             if best != current and after < (1.0 - s.min_gain) * before:
                 self.engine.set_psf(warp_psf(self.psf, PsfWarp(best)))  # computed here, used from the next frame

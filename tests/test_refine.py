@@ -261,3 +261,14 @@ def test_an_odd_psf_keeps_its_optical_axis_on_a_larger_canvas():
     assert not np.allclose(ForwardModel(center_pad(psf, (64, 64)), geometry)(x), direct, atol=1e-3)
     with pytest.raises(OpticsError, match="does not fit"):
         psf_on_canvas(psf, (8, 8))
+
+
+def test_every_scale_tried_stays_in_the_searched_range_and_start_is_the_fallback():
+    psf, geometry, ys = small_camera(PsfWarp(1.3), n=1)
+    result, crit = refine_warp(psf, geometry, ys, scale_range=(0.9, 1.2), n_scales=4, parameters=("scale",),
+                               iters=30, rounds=2)
+    assert all(0.9 - 1e-9 <= e.warp.scale <= 1.2 + 1e-9 for e in crit.evaluations)
+    assert result.warp.scale == pytest.approx(1.2) and result.notes  # the edge, and it says so
+    again, crit2 = refine_warp(psf, geometry, ys, scale_range=(1.1, 1.2), n_scales=3, parameters=("scale",),
+                               iters=30, rounds=1, start=PsfWarp(1.15))
+    assert crit2.evaluations[0].warp == PsfWarp(1.15) and again.start_criterion == crit2.evaluations[0].criterion

@@ -16,7 +16,7 @@ from nsdd_edge.engines import Engine, NumpyWienerEngine
 from nsdd_edge.loop import LoopConfig, ReconstructionLoop
 from nsdd_edge.optics import ForwardModel, LenslessGeometry, center_pad
 from nsdd_edge.psf_sim import simulate_psf
-from nsdd_edge.psf_warp import PsfWarp, warp_psf
+from nsdd_edge.psf_warp import psf_at_scale
 from nsdd_edge.refocus import ConsistencyGauge, Refocuser, RefocusError, RefocusSettings
 from nsdd_edge.sources import open_source
 from nsdd_edge.telemetry import Telemetry
@@ -43,7 +43,7 @@ def test_sim_psf_scale_schedule_steps_ramps_and_images_through_the_warped_psf(bu
     assert ramp.psf_scale_at(25) == 0.9  # the last scale holds on
     g = bundle.sim_geometry()
     scene = cam.scene(12)
-    want = ForwardModel(warp_psf(center_pad(bundle.psf, g.conv_shape), PsfWarp(1.2)), g)(center_pad(scene, g.scene_shape))
+    want = ForwardModel(psf_at_scale(bundle.psf, g, 1.2), g)(center_pad(scene, g.scene_shape))
     np.testing.assert_allclose(cam.measurement(12), want, atol=1e-6)
     cam.open()
     frames = [cam.read(1.0) for _ in range(12)]
@@ -195,3 +195,14 @@ def test_default_iterations_follow_the_camera(bundle):
     assert Refocuser(bundle.psf, full_field, engine, RefocusSettings(iters=40), gauge=gauge).settings.iters == 40
     with pytest.raises(RefocusError, match="iters must be"):
         RefocusSettings(iters=0)
+
+
+def test_refocus_never_goes_beyond_its_limits(bundle):
+    """A scene beyond the upper limit (×2.3 with limits 0.5–2.0, starting at 2.0): the scale stays at the limit."""
+    settings = RefocusSettings(downsample=1, iters=20, frames=2, every_frames=3, span=0.15, scale_limits=(0.5, 2.0))
+    refocuser = Refocuser(bundle.psf, bundle.sim_geometry(), NumpyWienerEngine(bundle), settings,
+                          gauge=ConsistencyGauge.for_bundle(bundle), inline=True, telemetry=Telemetry(),
+                          initial_scale=2.0)
+    run_loop(bundle, "sim://?realtime=0&fps=10&psf_scale=2.3&frames=9&noise=0.002", refocuser, frames=9)
+    assert refocuser.searches >= 2 and refocuser.scale <= 2.0
+    assert all(s.scale_to <= 2.0 for s in refocuser.swaps)
