@@ -244,9 +244,13 @@ class TensorRTEngine(Engine):
             raise EngineError(f"{plan_path}: the plan takes {[self.runner.input.name, *extra]}, the bundle says "
                               + (f"spectra {list(spectra.names)} beside y" if spectra else "y only (fixed spectra)"))
         if spectra is not None:
-            if psf is None:
-                raise EngineError(f"{plan_path}: a spectra-input plan needs the PSF to compute them from")
-            self.set_psf(psf)
+            try:
+                if psf is None:
+                    raise EngineError(f"{plan_path}: a spectra-input plan needs the PSF to compute them from")
+                self.set_psf(psf)
+            except BaseException:
+                self.runner.close()  # the CUDA context and buffers go with the failed engine
+                raise
 
     @property
     def refocusable(self) -> bool:  # type: ignore[override]

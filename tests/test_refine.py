@@ -272,3 +272,11 @@ def test_every_scale_tried_stays_in_the_searched_range_and_start_is_the_fallback
     again, crit2 = refine_warp(psf, geometry, ys, scale_range=(1.1, 1.2), n_scales=3, parameters=("scale",),
                                iters=30, rounds=1, start=PsfWarp(1.15))
     assert crit2.evaluations[0].warp == PsfWarp(1.15) and again.start_criterion == crit2.evaluations[0].criterion
+
+
+def test_refine_psf_refuses_a_scale_that_is_not_one():
+    from train.cli import main as train_main
+
+    for bad in ("0", "-1", "nan", "big"):
+        with pytest.raises(SystemExit):
+            train_main(["refine-psf", "--profile", "p", "--captures", "c", "--out", "o", "--compare-scale", bad])

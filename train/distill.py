@@ -139,11 +139,13 @@ class DistillSettings:
     def signature(self) -> dict:
         """Settings that must not change when resuming (``steps``, I/O and display may)."""
         keep = ("student", "objective", "loss", "lpips_weight", "batch", "lr", "weight_decay", "warmup",
-                "ema", "grad_clip", "split", "limit", "model", "lam", "projector", "support", "support_taper", "architecture", "seed")
+                "ema", "grad_clip", "split", "limit", "model", "lam", "projector", "support", "architecture", "seed")
         d = asdict(self)
         out = {k: d[k] for k in keep}
         if self.psf_scale_range is not None:  # absent otherwise: checkpoints written before it existed still resume
             out["psf_scale_range"] = list(self.psf_scale_range)
+        if self.support_taper:  # likewise
+            out["support_taper"] = int(self.support_taper)
         return out
 
 

@@ -262,6 +262,19 @@ def skip_256_reason(share256: float, count128: int, n_val128: int) -> str | None
 
 
 def run(args: argparse.Namespace) -> dict:
+    """The one-shot (module docstring); a background simulation whose stages did not run (skipped, or an earlier
+    stage failed) is killed, not left behind on the device machine."""
+    background: list[subprocess.Popen] = []
+    try:
+        return _run(args, background)
+    finally:
+        for proc in background:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+
+def _run(args: argparse.Namespace, background: list[subprocess.Popen]) -> dict:
     import torch
 
     from train.data import LenslessDataset
@@ -295,6 +308,7 @@ def run(args: argparse.Namespace) -> dict:
     # the data sets, simulated on the CPU while the prior trains on the GPU
     data = work / "data"
     sim = _simulate(faces, args.psf, 64, 2, n_val, data)
+    background.append(sim)
     if why_not_256 is None:
         faces128 = work / "faces128"
         faces128.mkdir(exist_ok=True)
@@ -303,6 +317,7 @@ def run(args: argparse.Namespace) -> dict:
                 (faces128 / name).symlink_to(faces / name)
         _split_faces(faces128, names128, n_val128, work / "prior_faces128")
         sim256 = _simulate(faces128, args.psf, SCENE128, 1, n_val128, work / "data256")
+        background.append(sim256)
         clock.hold(args.share256 * args.budget_seconds)  # the 64 px stages run without this share
 
     # 1. prior

@@ -44,6 +44,17 @@ def parse_scales(text: str) -> tuple[float, float, int]:
         raise argparse.ArgumentTypeError(f"--scales wants LO:HI:N (e.g. 0.8:1.4:13), got {text!r}") from None
 
 
+def positive_scale(text: str) -> float:
+    """``--compare-scale``: a finite scale > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"--compare-scale wants a PSF scale > 0 (e.g. 1.31), got {text!r}")
+    return value
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", required=True, type=Path, help="camera profile directory (nsdd-edge calibrate)")
     p.add_argument("--captures", required=True, help="real captures: a folder or a glob")
@@ -56,7 +67,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=3, help="finite-difference refinement rounds (default 3)")
     p.add_argument("--max-captures", type=int, default=4,
                    help="captures used by the criterion (the first N; default 4); all are reconstructed")
-    p.add_argument("--compare-scale", type=float, action="append", default=[],
+    p.add_argument("--compare-scale", type=positive_scale, action="append", default=[],
                    help="also reconstruct at this scale for the pictures (repeatable, e.g. a lab's hand-picked 1.31)")
     p.add_argument("--recon-iters", type=int, default=300, help="FISTA iterations of the pictures (default 300)")
     p.add_argument("--keep-saturated", action="store_true",
