@@ -32,7 +32,13 @@ from nsdd_edge.refocus import ConsistencyGauge, Refocuser, RefocusSettings
 
 
 def psnr(x: np.ndarray, truth: np.ndarray) -> float:
-    return float(10 * np.log10(1.0 / max(float(np.mean((np.clip(x, 0, 1) - truth) ** 2)), 1e-12)))
+    """PSNR of the clipped reconstruction against the sim scene (train.metrics.psnr, the evaluation's metric)."""
+    import torch
+
+    from train.metrics import psnr as psnr_batch
+
+    shown = torch.from_numpy(np.clip(np.asarray(x, np.float32), 0, 1))[None]
+    return float(psnr_batch(shown, torch.from_numpy(np.asarray(truth, np.float32))[None])[0])
 
 
 def run_pass(bundle, source: str, frames: int, engine_kind: str, settings: RefocusSettings | None) -> dict:
