@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -149,7 +150,10 @@ class OnnxRuntimeEngine(Engine):
                                  f"({type(exc).__name__}: {str(exc)[:300]})") from exc
         inputs = self.session.get_inputs()
         self.spectra = spectra
+        self.device = device
+        self._binding = self.session.io_binding() if device == "cuda" else None
         self._feeds: dict[str, np.ndarray] = {}
+        self._device_feeds: dict[str, Any] = {}  # with CUDA: the spectra on the GPU, uploaded once per swap
         extra = [i.name for i in inputs[1:]]
         if spectra is None and extra:
             raise ModelLoadError(f"{self.model_path}: the model takes {[i.name for i in inputs]}: the spectra "
@@ -179,9 +183,7 @@ class OnnxRuntimeEngine(Engine):
                                          "(its scene grid): a model made for another geometry")
         self.input_shape = input_shape
         self.output_shape = output_shape
-        self.device = device
         self.threads = threads
-        self._binding = self.session.io_binding() if device == "cuda" else None
 
     @property
     def refocusable(self) -> bool:  # type: ignore[override]
@@ -195,6 +197,9 @@ class OnnxRuntimeEngine(Engine):
                                 f"onnx engine {self.model_path.name}")
         except OpticsError as exc:
             raise EngineError(str(exc)) from None
+        if self._binding is not None:  # upload once here, not on every frame (OrtValue on the CUDA device)
+            self._device_feeds = {name: self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), "cuda", 0)
+                                  for name, value in feeds.items()}
         self._feeds = feeds  # one assignment: infer reads the dict once per frame
 
     def infer(self, y: np.ndarray) -> np.ndarray:
@@ -205,8 +210,8 @@ class OnnxRuntimeEngine(Engine):
             x = np.asarray(self.session.run([self.output_name], {self.input_name: y, **feeds})[0], dtype=np.float32)
             return self._check_output(x, self.output_shape, who)
         b = self._binding
-        for name, value in feeds.items():
-            b.bind_cpu_input(name, value)
+        for name, value in self._device_feeds.items():  # already on the GPU: binding is a pointer, no copy
+            b.bind_ortvalue_input(name, value)
         b.bind_cpu_input(self.input_name, y)
         b.bind_output(self.output_name, "cuda")
         self.session.run_with_iobinding(b)

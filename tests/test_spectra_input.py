@@ -223,3 +223,70 @@ def test_verify_feeds_the_spectra_and_quantize_refuses_by_name(wiener_models, tm
     assert r["spectra"] == "input" and r["fp32_vs_torch_ok"] and "not applicable" in r["fp16"]
     with pytest.raises(Exception, match="spectra as inputs"):
         quantize_file(wiener_models["fed"], "fp16", tmp_path / "fp16.onnx")
+
+
+class _FakeOrtValue:
+    uploads = 0
+
+    def __init__(self, array):
+        self.array = array
+
+    @classmethod
+    def ortvalue_from_numpy(cls, array, device_type="cpu", device_id=0):
+        assert device_type == "cuda" and device_id == 0
+        cls.uploads += 1
+        return cls(np.array(array))
+
+
+class _FakeBinding:
+    """ONNX Runtime's IOBinding methods that the CUDA path of OnnxRuntimeEngine.infer calls, over a CPU session."""
+
+    def __init__(self):
+        self.inputs, self.calls = {}, []
+
+    def bind_ortvalue_input(self, name, value):
+        self.calls.append(("ortvalue", name))
+        self.inputs[name] = value.array
+
+    def bind_cpu_input(self, name, value):
+        self.calls.append(("cpu", name))
+        self.inputs[name] = value
+
+    def bind_output(self, name, device):
+        self.output = name
+
+    def copy_outputs_to_cpu(self):
+        return self.result
+
+
+class _BindingSession:
+    def __init__(self, session):
+        self.session = session
+
+    def run_with_iobinding(self, b):
+        b.result = self.session.run([b.output], b.inputs)
+
+
+def test_cuda_binding_uploads_the_spectra_once_per_swap_not_per_frame(wiener_models, tmp_path):
+    """The CUDA path (no GPU here: ONNX Runtime's IOBinding and OrtValue stood in for, same method names): the
+    spectra go to the device when the PSF is set, each frame binds them by reference and uploads y only."""
+    import types
+
+    psf = wiener_models["psf"]
+    bundle = make_bundle([wiener_models["fed"]], psf, tmp_path / "bundle")
+    engine, _ = select_engine(bundle, "onnx")
+    engine.ort = types.SimpleNamespace(OrtValue=_FakeOrtValue, __version__=engine.ort.__version__)
+    engine._binding, engine.session = _FakeBinding(), _BindingSession(engine.session)
+    _FakeOrtValue.uploads = 0
+    engine.set_psf(psf)
+    assert _FakeOrtValue.uploads == 2  # g_spec and null_spec
+    y = np.random.default_rng(2).random((1, 3, 16, 16)).astype(np.float32)
+    for _ in range(3):
+        x = engine.infer(y)
+    assert _FakeOrtValue.uploads == 2
+    assert sorted({c for c in engine._binding.calls if c[0] == "cpu"}) == [("cpu", engine.input_name)]
+    np.testing.assert_allclose(x[0], WienerFilter(psf, bundle.geometry, LAM)(y[0]), atol=1e-4)
+    warped = warp_psf(psf, PsfWarp(0.9))
+    engine.set_psf(warped)
+    assert _FakeOrtValue.uploads == 4
+    np.testing.assert_allclose(engine.infer(y)[0], WienerFilter(warped, bundle.geometry, LAM)(y[0]), atol=1e-4)
