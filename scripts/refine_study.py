@@ -20,9 +20,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nsdd_edge.optics import ForwardModel, LenslessGeometry  # noqa: E402
-from nsdd_edge.psf_warp import PsfWarp, warp_psf  # noqa: E402
-from nsdd_edge.refine import refine_warp  # noqa: E402
+from nsdd_edge.optics import ForwardModel, LenslessGeometry
+from nsdd_edge.psf_warp import PsfWarp, warp_psf
+from nsdd_edge.refine import refine_warp
 
 CASES = [  # (name, true warp, parameters refined)
     ("depth: PSF ×0.85", PsfWarp(0.85), ("scale",)),
@@ -52,8 +52,8 @@ def main() -> int:
     sigma = float(meta["noise_std"])
     rows = []
     print(f"{len(scenes)} test faces, σ = {sigma}, geometry {geometry}, {args.iters} FISTA iterations per evaluation")
-    print(f"| case | true θ | found θ | scale error | shift error (px) | rotation error (°) | c start → end | "
-          f"evaluations | s |")
+    print("| case | true θ | found θ | scale error | shift error (px) | rotation error (°) | c start → end | "
+          "evaluations | s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for k, (name, true, params) in enumerate(CASES):
         rng = np.random.default_rng(k)

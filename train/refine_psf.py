@@ -233,14 +233,14 @@ def main(args: argparse.Namespace) -> int:
     print(f"refine-psf: reconstructing {len(files)} captures at {len(warps)} warps for the picture …", flush=True)
     picture(crit, warps, [np.asarray(y, np.float32) for y in ys], names, args.recon_iters, out / "refine.png",
             curve_plot)
-    lines = [f"# PSF refinement of `{args.profile}`", "",
-             f"`nsdd-train refine-psf --profile {args.profile} --captures '{args.captures}' --out {out}`"
-             f" (scales {lo}–{hi} in {n} steps, refining {', '.join(params)}, {args.iters} FISTA iterations per "
-             f"evaluation, {len(used)} captures in the criterion)", "",
-             f"- **θ**: scale {w.scale:.4f}, shift ({w.shift[0]:+.3f}, {w.shift[1]:+.3f}) px, rotation "
-             f"{w.rotation_deg:+.3f}°",
-             f"- **criterion** c = mean ‖A_θ x̂ − y‖/‖y‖: {result.start_criterion:.5f} at the calibration → "
-             f"{result.criterion:.5f} ({len(result.evaluations)} evaluations, {search_s:.0f} s)",
+    command = (f"`nsdd-train refine-psf --profile {args.profile} --captures '{args.captures}' --out {out}`"
+               f" (scales {lo}–{hi} in {n} steps, refining {', '.join(params)}, {args.iters} FISTA iterations per "
+               f"evaluation, {len(used)} captures in the criterion)")
+    theta = (f"- **θ**: scale {w.scale:.4f}, shift ({w.shift[0]:+.3f}, {w.shift[1]:+.3f}) px, rotation "
+             f"{w.rotation_deg:+.3f}°")
+    criterion = (f"- **criterion** c = mean ‖A_θ x̂ − y‖/‖y‖: {result.start_criterion:.5f} at the calibration → "
+                 f"{result.criterion:.5f} ({len(result.evaluations)} evaluations, {search_s:.0f} s)")
+    lines = [f"# PSF refinement of `{args.profile}`", "", command, "", theta, criterion,
              f"- refined λ {refined.lam:.3g} ({refined.lam_rule})", ""]
     lines += [f"- note: {note}" for note in result.notes]
     lines += ["", "| scale | c (mean) | " + " | ".join(names[: len(used)]) + " |",
