@@ -111,7 +111,31 @@ class NumpyWienerEngine(Engine):
         return f"numpy Wiener A† ({g.model}, {grids}, λ={self.bundle.lam:g})"
 
 
-class OnnxRuntimeEngine(Engine):
+class SpectraInputEngine(Engine):
+    """An engine whose model may take the pseudo-inverse spectra as inputs (``spectra``: their feed, None for a
+    model that holds fixed spectra). :meth:`set_psf` computes them once per swap; :meth:`_use_spectra` hands
+    them to the runtime."""
+
+    spectra: SpectraFeed | None = None
+
+    @property
+    def refocusable(self) -> bool:  # type: ignore[override]
+        return self.spectra is not None
+
+    def set_psf(self, psf: np.ndarray) -> None:
+        if self.spectra is None:
+            Engine.set_psf(self, psf)
+        try:
+            feeds = self.spectra.feeds(psf)  # type: ignore[union-attr]
+        except OpticsError as exc:
+            raise EngineError(f"{self.name} engine: cannot use the new PSF: {exc}") from None
+        self._use_spectra(feeds)
+
+    def _use_spectra(self, feeds: dict[str, np.ndarray]) -> None:  # pragma: no cover - every subclass has one
+        raise NotImplementedError
+
+
+class OnnxRuntimeEngine(SpectraInputEngine):
     """ONNX Runtime session; ``device='cpu'`` or ``'cuda'`` (IO binding keeps the output on the GPU
     until copied back once). ``threads`` sets intra-op threads (0 = ONNX Runtime's default)."""
 
@@ -185,15 +209,9 @@ class OnnxRuntimeEngine(Engine):
         self.output_shape = output_shape
         self.threads = threads
 
-    @property
-    def refocusable(self) -> bool:  # type: ignore[override]
-        return self.spectra is not None
-
-    def set_psf(self, psf: np.ndarray) -> None:
-        if self.spectra is None:
-            Engine.set_psf(self, psf)
+    def _use_spectra(self, feeds: dict[str, np.ndarray]) -> None:
         try:
-            feeds = check_feeds(self.spectra.feeds(psf), self.spectra.names, self._shapes,  # type: ignore[union-attr]
+            feeds = check_feeds(feeds, self.spectra.names, self._shapes,  # type: ignore[union-attr]
                                 f"onnx engine {self.model_path.name}")
         except OpticsError as exc:
             raise EngineError(str(exc)) from None
@@ -226,7 +244,7 @@ class OnnxRuntimeEngine(Engine):
         self.session = None
 
 
-class TensorRTEngine(Engine):
+class TensorRTEngine(SpectraInputEngine):
     """A serialized TensorRT plan through :class:`nsdd_edge.trt_runner.TrtRunner`."""
 
     name = "trt"
@@ -257,16 +275,10 @@ class TensorRTEngine(Engine):
                 self.runner.close()  # the CUDA context and buffers go with the failed engine
                 raise
 
-    @property
-    def refocusable(self) -> bool:  # type: ignore[override]
-        return self.spectra is not None
-
-    def set_psf(self, psf: np.ndarray) -> None:
-        if self.spectra is None:
-            Engine.set_psf(self, psf)
+    def _use_spectra(self, feeds: dict[str, np.ndarray]) -> None:
         try:
-            self.runner.set_inputs(self.spectra.feeds(psf))  # type: ignore[union-attr]  # applied before the next frame
-        except (OpticsError, TrtUnavailable) as exc:
+            self.runner.set_inputs(feeds)  # applied before the next frame
+        except TrtUnavailable as exc:
             raise EngineError(f"TensorRT engine: {exc}") from None
 
     def infer(self, y: np.ndarray) -> np.ndarray:
