@@ -151,6 +151,26 @@ def _wait(proc: subprocess.Popen, what: str) -> None:
         raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{output[-2000:]}")
 
 
+def _prior_stage(name: str, images: Path, size: int, arch: list[str], batch: int, seconds: float | None,
+                 prior_dir: Path, sim: subprocess.Popen, data: Path, figures: dict, out: Path, clock: Clock,
+                 device: str, tiny: bool):
+    """Train the prior (``OUT/<name>.tar``), then wait for its simulated data set and score the prior's held-out
+    denoising error on the data set's validation faces: ``(prior, its figures, the data set)``."""
+    from train.data import LenslessDataset
+
+    t = time.monotonic()
+    prior, prior_figures = _train_prior(images, size, arch, batch, seconds, device, prior_dir, tiny)
+    clock.done(name, t)
+    figures["files"][f"{name}.tar"] = _tar(prior_dir, out / f"{name}.tar")
+    _write_figures(out, figures, clock)
+    t = time.monotonic()
+    _wait(sim, f"simulate for {name}")
+    clock.done(f"simulate for {name} (wait)", t)
+    ds = LenslessDataset(data)
+    prior_figures["heldout_denoising_mse"] = _heldout_check(prior, ds, ds.ids("test"), device)
+    return prior, prior_figures, ds
+
+
 def _train_prior(images: Path, size: int, arch: list[str], batch: int, seconds: float | None, device: str,
                  out: Path, tiny: bool):
     """``nsdd-train prior`` stopped by ``--time-limit``; returns the EMA prior and its figures."""
@@ -277,7 +297,6 @@ def run(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace, background: list[subprocess.Popen]) -> dict:
     import torch
 
-    from train.data import LenslessDataset
 
     tiny = args.tiny
     clock = Clock(args.budget_seconds, reserve_s=5.0 if tiny else 25.0)
@@ -321,20 +340,11 @@ def _run(args: argparse.Namespace, background: list[subprocess.Popen]) -> dict:
         clock.hold(args.share256 * args.budget_seconds)  # the 64 px stages run without this share
 
     # 1. prior
-    t = time.monotonic()
     prior_dir = work / "prior"
-    prior, figures["prior"] = _train_prior(
-        work / "prior_faces", 64, TINY_PRIOR_ARCH if tiny else PRIOR_ARCH, 4 if tiny else args.prior_batch,
-        None if tiny else clock.share(SHARES["prior"]), device, prior_dir, tiny)
-    clock.done("prior", t)
-    figures["files"]["prior.tar"] = _tar(prior_dir, out / "prior.tar")
-    _write_figures(out, figures, clock)
-    t = time.monotonic()
-    _wait(sim, "simulate")
-    clock.done("simulate (wait)", t)
-    ds = LenslessDataset(data)
+    prior, figures["prior"], ds = _prior_stage(
+        "prior", work / "prior_faces", 64, TINY_PRIOR_ARCH if tiny else PRIOR_ARCH, 4 if tiny else args.prior_batch,
+        None if tiny else clock.share(SHARES["prior"]), prior_dir, sim, data, figures, out, clock, device, tiny)
     val = ds.ids("test")
-    figures["prior"]["heldout_denoising_mse"] = _heldout_check(prior, ds, val, device)
 
     # 2. teacher, 3. λ
     t = time.monotonic()
@@ -385,26 +395,16 @@ def geometry256(work: Path, out: Path, figures: dict, clock: Clock, args: argpar
                 lpips_w: str | None, sim: subprocess.Popen) -> dict:
     """128 px scenes on a 256 px sensor: the 128 px prior, DDNM+ labels, λ and the lean 256² student, with
     the validation figures; ``prior128.tar`` and ``student_lean256.tar`` in ``out``."""
-    from train.data import LenslessDataset
 
     tiny = args.tiny
     result: dict = {"scene": SCENE128, "sensor": 2 * SCENE128, "psf_downsample": 1}
     figures["geometry256"] = result
-    t = time.monotonic()
-    prior_dir = work / "prior128"
-    prior, result["prior"] = _train_prior(
-        work / "prior_faces128", SCENE128, TINY_PRIOR_ARCH if tiny else PRIOR128_ARCH,
-        4 if tiny else args.prior128_batch, None if tiny else clock.share(SHARES256["prior"]), device, prior_dir, tiny)
-    clock.done("prior128", t)
-    figures["files"]["prior128.tar"] = _tar(prior_dir, out / "prior128.tar")
-    _write_figures(out, figures, clock)
-    t = time.monotonic()
-    _wait(sim, "simulate (256² sensor)")
-    clock.done("simulate256 (wait)", t)
-    data = work / "data256"
-    ds = LenslessDataset(data)
+    prior_dir, data = work / "prior128", work / "data256"
+    prior, result["prior"], ds = _prior_stage(
+        "prior128", work / "prior_faces128", SCENE128, TINY_PRIOR_ARCH if tiny else PRIOR128_ARCH,
+        4 if tiny else args.prior128_batch, None if tiny else clock.share(SHARES256["prior"]), prior_dir, sim,
+        data, figures, out, clock, device, tiny)
     val = ds.ids("test")
-    result["prior"]["heldout_denoising_mse"] = _heldout_check(prior, ds, val, device)
     t = time.monotonic()
     result["teacher"] = _teacher(ds, prior, prior_dir, work / "teacher_val256", work / "teacher_train256",
                                  clock.share(SHARES256["teacher"]), args, device)
