@@ -33,7 +33,7 @@ def test_fit_goes_from_a_profile_to_a_bundle_that_runs(profile_dir, camera_files
                      "--threads", "1"])
     assert rc == 0
     record = json.loads((out / "fit.json").read_text())
-    assert set(record["stages"]) == {"simulate", "teacher", "distill", "export", "report"}
+    assert set(record["stages"]) == {"simulate", "teacher", "distill", "export", "heldout", "report"}
     assert all(v >= 0 for v in record["stages"].values())
     bundle = load_bundle(out / "bundle")
     assert bundle.geometry.model == "crop" and (out / "bundle" / "camera" / "camera.json").exists()
@@ -41,7 +41,14 @@ def test_fit_goes_from_a_profile_to_a_bundle_that_runs(profile_dir, camera_files
     report = (out / "report.md").read_text()
     assert "student" in report and (out / "report.png").exists()
     cons = record["details"]["report"]["consistency"]
-    assert set(cons) == {"Wiener", "FISTA", "DDNM+ teacher", "student"} and all(np.isfinite(v) for v in cons.values())
+    assert {"Wiener", "FISTA", "DDNM+ teacher", "student"} <= set(cons) and all(np.isfinite(v) for v in cons.values())
+    # held-out simulated faces of the profile, scored against their ground truth; the gap to the teacher reported
+    heldout = record["details"]["heldout"]
+    assert heldout["images"] >= 2 and set(heldout["metrics"]) == {"Wiener", "DDNM+ teacher", "student"}
+    assert all(np.isfinite(m["psnr"]) for m in heldout["metrics"].values())
+    gap = heldout["metrics"]["student"]["psnr"] - heldout["metrics"]["DDNM+ teacher"]["psnr"]
+    assert heldout["student_minus_teacher_psnr"] == pytest.approx(gap)
+    assert "Held-out simulated faces" in report and "Student − teacher" not in report  # no LPIPS weights given
     # the bundle runs live on the captures folder through its own preprocessing
     assert edge_main(["run", "--model", str(out / "bundle"), "--source", f"file://{root / 'captures'}",
                       "--frames", "3", "--quiet", "--stats", str(tmp_path / "stats.json"),
@@ -49,3 +56,28 @@ def test_fit_goes_from_a_profile_to_a_bundle_that_runs(profile_dir, camera_files
                       "--snapshot", str(tmp_path / "snap.png")]) == 0
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["frames_out"] == 3 and stats["rejected"] == 0
+
+
+@pytest.mark.parametrize("per_image, budget, available, expected", [
+    (10.0, 100.0, 32, 10),   # the budget decides
+    (10.0, 1e4, 32, 32),     # never more than the test split
+    (10.0, 5.0, 32, 2),      # at least two faces, even over budget
+    (10.0, 5.0, 1, 1),       # a one-face test split
+])
+def test_heldout_images_follow_the_budget(per_image, budget, available, expected):
+    from train.fit import heldout_images
+
+    assert heldout_images(per_image, budget, available) == expected
+
+
+def test_heldout_lines_state_whether_the_lpips_target_is_met():
+    from train.fit import heldout_lines
+
+    record = {"images": 4, "metrics": {"DDNM+ teacher": {"psnr": 25.0, "lpips": 0.05},
+                                       "student": {"psnr": 24.0, "lpips": 0.08}},
+              "student_minus_teacher_lpips": 0.03}
+    text = "\n".join(heldout_lines(record))
+    assert "| student | 24.00 | — | 0.0800 | — |" in text and "+0.0300" in text and "not met" in text
+    record["student_minus_teacher_lpips"] = 0.01
+    assert "(target ≤ 0.02: met)" in "\n".join(heldout_lines(record))
+    assert heldout_lines(None) == []

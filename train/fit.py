@@ -7,13 +7,16 @@ One resumable command, stage by stage (a stage whose output is complete is skipp
     distill   the student (paper by default) on those labels, time-boxed                   OUT/student
     export    student + the profile's pseudo-inverse as one ONNX graph, verified           OUT/model.onnx
     bundle    the graph, the profile's preprocessing and the profile itself               OUT/bundle
-    report    the real captures through Wiener, FISTA, the teacher and the student, side by
-              side, with ‖A x̂ − y‖/‖y‖ under the profile's forward operator                OUT/report.md, .png
+    held-out  the simulated test faces of this profile: Wiener, the teacher and the student
+              scored against their ground truth (PSNR, LPIPS; the only use of it)           OUT/heldout
+    report    the real captures through Wiener (the profile's λ and the student's), FISTA, the
+              teacher and the student, side by side, with ‖A x̂ − y‖/‖y‖ under the profile's
+              forward operator, and the held-out table                                     OUT/report.md, .png
 
 ``--budget-minutes B`` sizes the work for the machine it runs on: the teacher's label count comes from its
 measured rate, the student's steps from its measured step rate; each stage gets a share of the time left.
-Every stage prints its wall time; ``OUT/fit.json`` records them. No ground truth is read (the simulated
-scenes' ground truth is only used by ``nsdd-train evaluate``).
+Every stage prints its wall time; ``OUT/fit.json`` records them. Nothing is chosen on ground truth: the
+simulated scenes' ground truth only scores the held-out stage (through ``nsdd-train evaluate``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from train.threads import torch_threads
 HELP = "fit a real camera: profile + scenes + prior + captures → simulate, teacher, student, export, bundle, report"
 
 # share of the time left when each stage starts
-SHARES = {"simulate": 0.08, "teacher": 0.45, "distill": 0.80, "report": 1.0}
+SHARES = {"simulate": 0.08, "teacher": 0.40, "distill": 0.70, "heldout": 0.5, "report": 1.0}
 
 
 class FitError(ValueError):
@@ -208,17 +211,60 @@ def run_fit(args: argparse.Namespace) -> dict:
         raise FitError("bundle failed (see above)")
     stages.done("export", t)
 
-    # 5. the report on the real captures
+    # 5. held-out simulated faces of this profile, scored against their ground truth
     t = time.monotonic()
-    report = fit_report(profile, measured, prior, student_dir, out, args.teacher_steps, device)
+    if (heldout := stages.finished("heldout")) is None:
+        per_image = float(stages.finished("teacher")["seconds_per_image"])
+        heldout = heldout_scores(data, student_dir, args, device, per_image, stages.budget("heldout"), len(ds.ids("test")))
+        stages.done("heldout", t, **heldout)
+
+    # 6. the report on the real captures
+    t = time.monotonic()
+    report = fit_report(profile, measured, prior, student_dir, out, args.teacher_steps, device, heldout)
     stages.done("report", t, consistency=report["consistency"])
     return json.loads((out / "fit.json").read_text())
 
 
+def heldout_images(per_image: float, budget: float, available: int, minimum: int = 2) -> int:
+    """How many held-out faces fit the budget: the teacher dominates (``per_image`` s each, the student and
+    Wiener are free beside it); at least ``minimum``, at most ``available``."""
+    return max(min(minimum, available), min(available, int(budget / max(per_image, 1e-3))))
+
+
+def heldout_scores(data: Path, student_dir: Path, args: argparse.Namespace, device: str, per_image: float,
+                   budget: float, available: int) -> dict:
+    """``nsdd-train evaluate`` of Wiener, the DDNM+ teacher and the student on the first held-out (test) faces
+    of the simulated data: the issue's check that the student stays within LPIPS 0.02 of its teacher on faces
+    of this camera. Returns the means per method and the student − teacher gaps."""
+    from train.cli import main as train_main
+
+    n = heldout_images(per_image, budget, available)
+    if n == 0:
+        raise FitError(f"held-out: the simulated data {data} has no test split")
+    out = args.out / "heldout"
+    cmd = ["evaluate", "--data", str(data), "--split", "test", "--limit", str(n), "--prior", str(args.prior),
+           "--methods", f"wiener,ddnm,student:{student_dir}", "--names", "Wiener,DDNM+ teacher,student",
+           "--set", f"ddnm.steps={args.teacher_steps}", "--out", str(out), "--device", device,
+           "--report", str(out / "report.md")]
+    cmd += ["--lpips-weights", str(args.lpips_weights)] if args.lpips_weights else ["--no-lpips"]
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    if train_main(cmd) != 0:
+        raise FitError("held-out evaluation failed (see above)")
+    metrics = json.loads((out / "metrics.json").read_text())
+    keep = ("psnr", "ssim", "lpips", "consistency", "n")
+    means = {name: {k: m.get(k) for k in keep if k in m} for name, m in metrics.items()}
+    result: dict = {"images": n, "metrics": means}
+    teacher, student = means.get("DDNM+ teacher", {}), means.get("student", {})
+    for key in ("psnr", "lpips"):
+        if teacher.get(key) is not None and student.get(key) is not None:
+            result[f"student_minus_teacher_{key}"] = float(student[key]) - float(teacher[key])
+    return result
+
+
 def fit_report(profile, measured: dict[Path, np.ndarray], prior, student_dir: Path, out: Path, teacher_steps: int,
-               device: str) -> dict:
-    """Wiener, FISTA, DDNM+ and the student on every real capture (``measured``: capture → its y): a picture and
-    a consistency table."""
+               device: str, heldout: dict | None = None) -> dict:
+    """Wiener (at the profile's λ and, when it differs, at the student's), FISTA, DDNM+ and the student on every
+    real capture (``measured``: capture → its y): a picture and a consistency table; then the held-out table."""
     import cv2
 
     from nsdd_edge.preview import to_display
@@ -237,8 +283,11 @@ def fit_report(profile, measured: dict[Path, np.ndarray], prior, student_dir: Pa
                            scene_shape=tuple(student.config["scene_shape"]),
                            conv_shape=tuple(student.config["geometry"]["conv_shape"]), noise_std=sigma).to(device)
     fista, teacher = FISTA(iters=300), DDNM(prior, steps=teacher_steps)
-    methods = {"Wiener": lambda y: op.A_dagger(y), "FISTA": lambda y: fista(y, op),
-               "DDNM+ teacher": lambda y: teacher(y, sop), "student": lambda y: student(y, sop)}
+    methods = {"Wiener": lambda y: op.A_dagger(y)}
+    if not np.isclose(float(student.config["lam"]), profile.lam, rtol=1e-6):  # the issue's "at the same λ"
+        methods[f"Wiener (student's λ {float(student.config['lam']):.3g})"] = lambda y: sop.A_dagger(y)
+    methods |= {"FISTA": lambda y: fista(y, op), "DDNM+ teacher": lambda y: teacher(y, sop),
+                "student": lambda y: student(y, sop)}
     rows, table = [], {m: [] for m in methods}
     window = profile.support.shape if profile.support else tuple(student.config.get("support_shape") or g.scene_shape)
     for path in captures:
@@ -247,7 +296,7 @@ def fit_report(profile, measured: dict[Path, np.ndarray], prior, student_dir: Pa
         for name, fn in methods.items():
             with torch.no_grad():
                 x = fn(y)
-            physics = sop if name in ("DDNM+ teacher", "student") else op
+            physics = op if name in ("Wiener", "FISTA") else sop
             table[name].append(float(physics.consistency(x, y)))
             view = to_display(center_crop(x, window)[0].cpu().numpy(), autoscale=True, percentile=99.5)
             tiles.append(cv2.resize(view, (160, 160), interpolation=cv2.INTER_AREA))
@@ -258,8 +307,28 @@ def fit_report(profile, measured: dict[Path, np.ndarray], prior, student_dir: Pa
     lines = [f"# Fit report: {profile.name}", "", f"Columns: {', '.join(methods)}; rows: "
              + ", ".join(p.name for p in captures), "", "![reconstructions](report.png)", "",
              "| method | mean ‖Ax̂ − y‖/‖y‖ |", "|---|---:|"] + [f"| {k} | {v:.4f} |" for k, v in means.items()]
+    lines += heldout_lines(heldout)
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
     return {"consistency": means, "per_capture": table}
+
+
+def heldout_lines(heldout: dict | None) -> list[str]:
+    """The held-out table of the report (Markdown lines; none without a held-out record)."""
+    if not heldout:
+        return []
+
+    def cell(v, fmt: str) -> str:
+        return "—" if v is None else format(float(v), fmt)
+
+    lines = ["", f"## Held-out simulated faces of this profile ({heldout['images']}, scored against ground truth)",
+             "", "| method | PSNR | SSIM | LPIPS | consistency |", "|---|---:|---:|---:|---:|"]
+    for name, m in heldout["metrics"].items():
+        lines.append(f"| {name} | {cell(m.get('psnr'), '.2f')} | {cell(m.get('ssim'), '.3f')} | "
+                     f"{cell(m.get('lpips'), '.4f')} | {cell(m.get('consistency'), '.4f')} |")
+    gap = heldout.get("student_minus_teacher_lpips")
+    if gap is not None:
+        lines += ["", f"Student − teacher LPIPS: {gap:+.4f} (target ≤ 0.02: {'met' if gap <= 0.02 else 'not met'})."]
+    return lines
 
 
 def main(args: argparse.Namespace) -> int:
