@@ -7,6 +7,7 @@ from train.solvers import (  # noqa: F401  (importing a method module registers 
     diffpir,
     dps,
     fista,
+    tikhonov,
     wiener,
 )
 from train.solvers.base import SOLVERS, Solver, make_solver, register
