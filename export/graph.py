@@ -38,7 +38,7 @@ from export.dft import CentredRDFT2, MatmulRDFT2, complex_multiply_packed
 from export.errors import ExportError
 from nsdd_edge.bundle import BundleError, parse_support
 from nsdd_edge.graph_spectra import SPECTRA_KINDS, graph_spectra, spectra_names
-from nsdd_edge.optics import LenslessGeometry, OpticsError, array_hash
+from nsdd_edge.optics import CG_ITERATIONS, LenslessGeometry, OpticsError, array_hash
 
 Objective = Literal["nullspace", "full", "wiener"]
 DftForm = Literal["matmul", "onnx"]
@@ -211,6 +211,9 @@ class ReconstructionGraph(torch.nn.Module):
             spectra = graph_spectra(psf, geometry, lam, projector)  # type: ignore[arg-type]
         except OpticsError as exc:
             raise ExportError(str(exc)) from None
+        if projector == "cg" and spectra_input:
+            raise ExportError("the cg pseudo-inverse iterates inside the graph; it has no spectra inputs to swap "
+                              "(live refocus needs tikhonov or truncated)")
         support = check_support(tuple(support_shape) if support_shape is not None else None, geometry.scene_shape)
         if support is not None and net is None:
             raise ExportError("support_shape is the student network's window; the Wiener-only graph has none")
@@ -273,11 +276,39 @@ class ReconstructionGraph(torch.nn.Module):
         return dict(zip(self.spectra_names, given))
 
     def pseudo_inverse(self, y: torch.Tensor, *spectra: torch.Tensor) -> torch.Tensor:
-        """``A†y = F⁻¹[G · F(y)]`` (circular) or ``C_scene F⁻¹[G · F(P_conv y)]`` (crop)."""
-        g_spec = self._spectra(spectra)["g_spec"]
+        """``A†y = F⁻¹[G · F(y)]`` (circular) or ``C_scene F⁻¹[G · F(P_conv y)]`` (crop); ``cg``: conjugate
+        gradient on ``(AᵀA + λI) x = Aᵀy`` (:meth:`_cg_tikhonov`)."""
+        named = self._spectra(spectra)
+        if self.spec.projector == "cg":
+            return self._cg_tikhonov(y, named["h_spec"])
         if self.crop:
-            return self._crop_filter(y, g_spec, "sensor", "scene")
-        return self._filter(y, g_spec, real=False)
+            return self._crop_filter(y, named["g_spec"], "sensor", "scene")
+        return self._filter(y, named["g_spec"], real=False)
+
+    def _cg_tikhonov(self, y: torch.Tensor, h_spec: torch.Tensor) -> torch.Tensor:
+        """:data:`CG_ITERATIONS` steps of :func:`nsdd_edge.optics.cg_tikhonov`, unrolled. ``y`` is first scaled to
+        unit RMS per sample (CG is homogeneous, so the result is scaled back) and the step sizes use means
+        (ReduceSum of pre-scaled products: ReduceMean's opset-18 form does not convert to 17) rather than sums:
+        the same ratios, in a range FP16 engines can hold."""
+        hc_spec = torch.cat([h_spec[..., : self.wr], -h_spec[..., self.wr:]], dim=-1)  # conj(H), packed
+
+        def mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # ⟨a, b⟩ / n per sample
+            return (a * (b * (1.0 / float(a[0].numel())))).sum(dim=(1, 2, 3), keepdim=True)
+
+        scale = mean(y, y).sqrt() + 1e-6
+        b = self._crop_filter(y / scale, hc_spec, "sensor", "scene")
+        x, r, p = torch.zeros_like(b), b, b
+        rs = mean(r, r)
+        for _ in range(CG_ITERATIONS):
+            ap = self._crop_filter(self._crop_filter(p, h_spec, "scene", "sensor"), hc_spec, "sensor", "scene")
+            ap = ap + self.spec.lam * p
+            alpha = rs / (mean(p, ap) + 1e-12)
+            x = x + alpha * p
+            r = r - alpha * ap
+            rs_new = mean(r, r)
+            p = r + (rs_new / (rs + 1e-12)) * p
+            rs = rs_new
+        return x * scale
 
     def forward_model(self, x: torch.Tensor, *spectra: torch.Tensor) -> torch.Tensor:
         """Crop model: ``A x = C_sensor F⁻¹[H · F(P_conv x)]`` (the circular graph needs no ``A``)."""

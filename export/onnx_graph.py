@@ -220,9 +220,11 @@ def export_graph(graph: ReconstructionGraph, out: str | Path, *, batch: int | No
 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _without_torchvision_notices():
         warnings.simplefilter("ignore")
+        # the exporter's rewriter is quadratic in the node count: minutes on the unrolled cg pseudo-inverse, for
+        # no change to what runs (ONNX Runtime and TensorRT fold constants themselves)
         program = torch.onnx.export(graph, (example, *spectra), None, input_names=input_names, output_names=[OUTPUT_NAME],
                                     opset_version=max(opset, 18), dynamo=True, dynamic_shapes=dynamic,
-                                    external_data=False)
+                                    external_data=False, optimize=graph.spec.projector != "cg")
     # name scopes survive only without the exporter's own version conversion: name first, convert after
     for node in program.model.graph:
         node.name = _scope_prefix(node) + (node.name or node.op_type)

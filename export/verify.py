@@ -188,9 +188,20 @@ def verify(model_path: str | Path, data_dir: str | Path, args: argparse.Namespac
     outputs["fp32"] = run_model(make_session(model_path), frames, batch, feeds=feeds)[0]
     err = float(np.abs(outputs["fp32"] - reference).max())
     scale = max(1.0, float(np.abs(reference).max()))  # scenes of a camera profile are in y's units, not [0, 1]
+    tolerance = FP32_TOLERANCE * scale
+    if spec.projector == "cg":  # iterations amplify float32 rounding: allow what torch itself shows, fp32 vs fp64
+        with torch.no_grad():
+            exact = reference_reconstruction(psf, torch.from_numpy(frames).double(), spec.lam,
+                                             None if net is None else net.double(), spec.objective,
+                                             spec.support_shape, spec.projector, spec.geometry,
+                                             spec.support_taper).float().numpy()
+        if net is not None:
+            net.float()
+        report["torch_fp32_vs_fp64_max_abs_error"] = float(np.abs(reference - exact).max())
+        tolerance = max(tolerance, 2.0 * report["torch_fp32_vs_fp64_max_abs_error"])
     report["fp32_vs_torch_max_abs_error"] = err
-    report["fp32_vs_torch_tolerance"] = FP32_TOLERANCE * scale
-    report["fp32_vs_torch_ok"] = bool(err <= FP32_TOLERANCE * scale)
+    report["fp32_vs_torch_tolerance"] = tolerance
+    report["fp32_vs_torch_ok"] = bool(err <= tolerance)
     report["reference_range"] = [float(reference.min()), float(reference.max())]
 
     with tempfile.TemporaryDirectory(prefix="nsdd-verify-") as tmp:

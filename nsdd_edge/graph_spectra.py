@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from nsdd_edge.optics import LenslessGeometry, OpticsError, Projector, WienerSpectra
+from nsdd_edge.optics import LenslessGeometry, OpticsError, Projector, WienerSpectra, check_projector
 
 SPECTRA_NAMES: dict[str, tuple[str, str]] = {"circular": ("g_spec", "null_spec"), "crop": ("g_spec", "h_spec")}
 SPECTRA_KINDS = ("fixed", "input")  # a graph's spectra: constants in the graph, or inputs fed by the runtime
@@ -50,6 +50,7 @@ def graph_spectra(psf: np.ndarray, geometry: LenslessGeometry, lam: float,
     ``circular``: ``{"g_spec": [Re G | Im G], "null_spec": [1 − R | 1 − R]}``; ``crop``: ``{"g_spec", "h_spec":
     [Re H | Im H]}``; ``G``, ``R``, ``H`` of :meth:`WienerSpectra.from_psf` on the convolution grid (float64, then
     cast). Raises :class:`OpticsError` for a PSF that does not fit the grid."""
+    check_projector(projector, geometry.model)
     psf = np.asarray(psf, dtype=np.float32)
     if geometry.model == "circular" and (psf.shape[-2] > geometry.conv_shape[0] or psf.shape[-1] > geometry.conv_shape[1]):
         raise OpticsError(f"PSF of size {tuple(psf.shape[-2:])} is larger than the circular grid {geometry.conv_shape}")

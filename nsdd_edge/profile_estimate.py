@@ -93,6 +93,14 @@ def saturation_map(profile: CameraProfile, path: str | os.PathLike) -> np.ndarra
     return mask if mask.any() else None
 
 
+def pseudo_inverse_kind(psf_shape: tuple[int, ...], sensor_shape: tuple[int, int]) -> str:
+    """The profile's ``A†``: ``cg`` (:func:`nsdd_edge.optics.cg_tikhonov`) when the PSF on y's grid is larger than
+    the sensor in either direction, else ``tikhonov``. The zero-padded Wiener filter treats the light that falls
+    outside the sensor as 0; with a PSF larger than the sensor that is most of it, and real captures come out
+    as streaks (docs/real-cameras.md), while conjugate gradient on the crop model gives the scene."""
+    return "cg" if psf_shape[-2] > sensor_shape[0] or psf_shape[-1] > sensor_shape[1] else "tikhonov"
+
+
 def reconstruction_lambda(psf: np.ndarray, geometry: LenslessGeometry, ys: list[np.ndarray],
                           noise: NoiseModel) -> tuple[float, str, float]:
     """λ of the reconstruction operator by the discrepancy principle at the captures' typical noise level
@@ -219,10 +227,13 @@ def profile_from_captures(psf_image: str | os.PathLike, captures: str | os.PathL
                                         "downsample": int(downsample), "dark_level": level_rule})
     lam, lam_rule, sigma = reconstruction_lambda(psf, geometry, ref_ys, noise)
     profile.lam, profile.lam_rule = lam, lam_rule
-    say(f"λ = {lam:.3g} ({lam_rule})")
+    profile.projector = pseudo_inverse_kind(psf.shape[-2:], geometry.sensor_shape)
+    say(f"λ = {lam:.3g} ({lam_rule}); pseudo-inverse {profile.projector}"
+        + (" (the PSF is larger than the sensor: A† solves the crop model by conjugate gradient)"
+           if profile.projector == "cg" else ""))
 
     # where the scenes are: the centred window holding most of the Wiener reconstructions' contrast
-    wiener = WienerFilter(psf, geometry, lam)
+    wiener = WienerFilter(psf, geometry, lam, profile.projector)
     x = np.stack([wiener(y) for y in ref_ys])
     h, w = scene_extent(x, energy)
     grid = geometry.scene_shape

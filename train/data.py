@@ -88,9 +88,10 @@ class LenslessDataset:
         return LenslessGeometry.from_dict(self.meta["forward"])
 
     def physics(self, model: str | None = None, lam: float | None = None,
-                projector: str = "tikhonov", psf: np.ndarray | None = None) -> LenslessOperator:
-        """The reconstruction operator (``recon`` settings of dataset.json unless overridden; ``psf``: another PSF
-        on the same grids, e.g. the dataset's warped to another depth).
+                projector: str | None = None, psf: np.ndarray | None = None) -> LenslessOperator:
+        """The reconstruction operator (``recon`` settings of dataset.json unless overridden: model, λ, the
+        pseudo-inverse kind ``projector``; ``psf``: another PSF on the same grids, e.g. the dataset's warped to
+        another depth).
 
         Its spectra are float64/complex128 and follow each input's dtype, so one operator serves float32
         and float64 alike.
@@ -99,6 +100,7 @@ class LenslessDataset:
         fwd = self.meta["forward"]
         model = model or recon.get("model", fwd["model"])
         lam = float(lam if lam is not None else recon.get("lam", 1e-6))
+        projector = projector or str(recon.get("projector", "tikhonov"))
         sensor = fwd["sensor_shape"]
         psf = self.psf if psf is None else psf
         if model == "circular":

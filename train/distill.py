@@ -42,7 +42,7 @@ import torch
 
 from nsdd_edge.atomic import atomic_write, atomic_write_text
 from nsdd_edge.cli_common import add_threads_argument
-from nsdd_edge.optics import OpticsError
+from nsdd_edge.optics import PROJECTORS, OpticsError
 from train.data import DatasetError, LenslessDataset
 from train.distill_data import BatchOrder, DistillError, TargetSet, choose_ids
 from train.distill_figures import measurement_view, write_loss_curve, write_sample_grid
@@ -94,7 +94,7 @@ class DistillSettings:
     limit: int | None = None
     model: str | None = None
     lam: float | str | None = None  # a number, "discrepancy" (resolved on the training measurements) or the dataset's
-    projector: str = "tikhonov"
+    projector: str | None = None  # None: the data set's (dataset.json recon.projector, else tikhonov)
     prior: str | None = None
     support: str = "auto"
     support_taper: int = 0
@@ -128,8 +128,8 @@ class DistillSettings:
             raise DistillError("--student paper needs --prior DIR (the pretrained diffusion prior to fine-tune)")
         if self.time_budget is not None and not self.time_budget > 0:
             raise DistillError(f"--time-budget must be > 0 minutes, got {self.time_budget / 60:g}")
-        if self.projector not in ("tikhonov", "truncated"):
-            raise DistillError(f"--projector must be tikhonov or truncated, got {self.projector!r}")
+        if self.projector is not None and self.projector not in PROJECTORS:
+            raise DistillError(f"--projector must be one of {', '.join(PROJECTORS)}, got {self.projector!r}")
         if self.amp not in ("auto", "bf16", "off"):
             raise DistillError(f"--amp must be auto, bf16 or off, got {self.amp!r}")
         if self.psf_scale_range is not None:
@@ -310,7 +310,11 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
         lam_rule = "discrepancy principle on the first 64 training measurements"
         if s.progress:
             print(f"λ = {s.lam:.4g} (discrepancy principle)", file=sys.stderr)
-    physics = dataset.physics(model=s.model, lam=s.lam, projector=s.projector).to(device)
+    try:
+        physics = dataset.physics(model=s.model, lam=s.lam, projector=s.projector).to(device)
+    except ValueError as exc:
+        raise DistillError(f"--projector {s.projector}: {exc}") from None
+    s.projector = physics.projector  # resolved (the data set's by default): resume signatures name the kind
     data = TargetSet(dataset, s.targets, ids, physics.scene_shape)
     if physics.channels not in (1, data.channels):
         raise DistillError(f"{s.data}: PSF has {physics.channels} channels, measurements {data.channels}")
@@ -564,9 +568,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", type=lam_value, default=None,
                    help="λ of the student's A†: a number, or 'discrepancy' (the λ whose Wiener residual matches the "
                         "data set's noise level, no ground truth); default: dataset.json recon.lam")
-    p.add_argument("--projector", choices=("tikhonov", "truncated"), default="tikhonov",
-                   help="the student's pseudo-inverse: tikhonov A† = conj(H)/(|H|²+λ), or truncated A† = conj(H)/|H|² "
-                        "where |H| > √λ (then I − A†A is an exact projector)")
+    p.add_argument("--projector", choices=PROJECTORS, default=None,
+                   help="the student's pseudo-inverse: tikhonov A† = conj(H)/(|H|²+λ), truncated A† = conj(H)/|H|² "
+                        "where |H| > √λ (then I − A†A is an exact projector), or cg (crop model: conjugate gradient on "
+                        "(AᵀA + λI)x = Aᵀy, for PSFs larger than the sensor); default: the data set's (tikhonov)")
     p.add_argument("--prior", default=None, help="diffusion prior directory (paper student)")
     p.add_argument("--support", default="auto",
                    help="window of the scene grid the network fills (H[xW] px, centred; full: all of it; auto: the "

@@ -277,15 +277,16 @@ def fit_report(profile, measured: dict[Path, np.ndarray], prior, student_dir: Pa
     captures = list(measured)
     sigma = float(np.median([profile.noise.std(np.median(y)) for y in list(measured.values())[:4]]))
     op = LenslessOperator(profile.psf, g.sensor_shape, g.model, lam=profile.lam, scene_shape=g.scene_shape,
-                          conv_shape=g.conv_shape, noise_std=sigma).to(device)
+                          conv_shape=g.conv_shape, noise_std=sigma).to(device)  # the zero-padded Wiener filter
     student = load_student(student_dir, device=device)
     sop = LenslessOperator(profile.psf, g.sensor_shape, g.model, lam=float(student.config["lam"]),
                            scene_shape=tuple(student.config["scene_shape"]),
-                           conv_shape=tuple(student.config["geometry"]["conv_shape"]), noise_std=sigma).to(device)
+                           conv_shape=tuple(student.config["geometry"]["conv_shape"]), noise_std=sigma,
+                           projector=student.config.get("projector", "tikhonov")).to(device)
     fista, teacher = FISTA(iters=300), DDNM(prior, steps=teacher_steps)
     methods = {"Wiener": lambda y: op.A_dagger(y)}
-    if not np.isclose(float(student.config["lam"]), profile.lam, rtol=1e-6):  # the "at the same λ"
-        methods[f"Wiener (student's λ {float(student.config['lam']):.3g})"] = lambda y: sop.A_dagger(y)
+    if sop.projector != "tikhonov" or not np.isclose(sop.lam, profile.lam, rtol=1e-6):  # "at the same λ"
+        methods[f"A†y (the student's: {sop.projector}, λ {sop.lam:.3g})"] = lambda y: sop.A_dagger(y)
     methods |= {"FISTA": lambda y: fista(y, op), "DDNM+ teacher": lambda y: teacher(y, sop),
                 "student": lambda y: student(y, sop)}
     rows, table = [], {m: [] for m in methods}

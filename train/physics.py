@@ -15,7 +15,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nsdd_edge.optics import LenslessGeometry, Model, Projector, WienerSpectra, array_hash, psf_centre_shift
+from nsdd_edge.optics import (
+    CG_ITERATIONS,
+    LenslessGeometry,
+    Model,
+    OpticsError,
+    Projector,
+    WienerSpectra,
+    array_hash,
+    check_projector,
+    psf_centre_shift,
+)
 
 
 def _center_offsets(small: Sequence[int], big: Sequence[int]) -> tuple[int, int]:
@@ -68,7 +78,9 @@ class LenslessOperator(torch.nn.Module):
     ``"truncated"``: ``A† = F⁻¹[conj(H)/|H|²]`` on ``|H| > √λ`` and 0 below, ``I − A†A`` an exact projector.
     ``crop``: ``A x = C F⁻¹[H · F(P x)]`` (zero-pad ``P`` to the convolution grid, centre crop ``C`` to
     the sensor); ``Aᵀ y = Pᵀ F⁻¹[conj(H) · F(Cᵀ y)]``; ``A†`` is the Wiener filter on the convolution
-    grid applied to ``Cᵀ y`` (an approximation: ``A†A`` is then not a projector).
+    grid applied to ``Cᵀ y`` (an approximation: ``A†A`` is then not a projector); ``projector="cg"``: ``A†y`` is
+    :data:`~nsdd_edge.optics.CG_ITERATIONS` conjugate-gradient steps on ``(AᵀA + λI) x = Aᵀy`` from 0
+    (:func:`nsdd_edge.optics.cg_tikhonov`, the crop model itself; homogeneous, not linear in ``y``).
 
     The PSF is ``(C, H, W)`` with ``C`` = 1 (shared by all channels) or the image's channels.
     ``differentiable=True``: ``psf`` (and optionally ``lam``) are torch tensors and the spectra are built
@@ -88,6 +100,10 @@ class LenslessOperator(torch.nn.Module):
             psf_np = psf_np[None]
         sensor = tuple(sensor_shape) if sensor_shape is not None else psf_np.shape[-2:]
         self.geometry = LenslessGeometry.make(model, sensor, psf_np.shape[-2:], scene_shape, conv_shape)
+        try:
+            check_projector(projector, model)
+        except OpticsError as exc:
+            raise ValueError(str(exc)) from None
         if differentiable:
             psf_t = psf if psf.ndim == 3 else psf[None]
             self.spectra = WienerSpectra.from_transfer(
@@ -182,8 +198,12 @@ class LenslessOperator(torch.nn.Module):
 
     def A_dagger(self, y: torch.Tensor) -> torch.Tensor:
         """Pseudo-inverse ``A†y = Pᵀ F⁻¹[G F(Cᵀ y)]``: Tikhonov ``G = conj(H)/(|H|² + λ)`` or truncated
-        ``G = conj(H)/|H|²`` on ``|H| > √λ`` (:class:`nsdd_edge.optics.WienerSpectra`)."""
+        ``G = conj(H)/|H|²`` on ``|H| > √λ`` (:class:`nsdd_edge.optics.WienerSpectra`); ``cg`` (crop model):
+        conjugate gradient on ``(AᵀA + λI) x = Aᵀy`` (:func:`nsdd_edge.optics.cg_tikhonov`)."""
         self._check(y, self.sensor_shape, "measurement y")
+        if self.projector == "cg":
+            zero = torch.zeros(y.shape[:-2] + tuple(self.scene_shape), dtype=y.dtype, device=y.device)
+            return self.prox_l2(zero, y, self.lam, cg_iters=CG_ITERATIONS)
         x = self._filter(center_pad(y, self.conv_shape), "G")
         return center_crop(x, self.scene_shape)
 

@@ -278,6 +278,7 @@ def simulate(args: argparse.Namespace) -> dict:
     out: Path = args.out
     if profile is not None:
         recon["lam"] = float(profile.lam)
+        recon["projector"] = profile.projector  # the camera's pseudo-inverse kind (cg: PSF larger than the sensor)
     settings = {"psf_sha256": array_hash(psf), "forward": geometry.to_dict(), "recon": recon,
                 "noise_std": float(args.noise_std), "seed": int(args.seed), "channels": channels,
                 "scene_size": int(args.size), "images": str(args.images.resolve()), "n_files": len(files)}

@@ -85,7 +85,9 @@ class DDNM(DiffusionSolver):
         sigma = physics.noise_std if self.sigma_y is None else float(self.sigma_y)
         y_m, sigma_m = measurement_to_model_space(y, physics, sigma)
         x = randn_per_sample(gens, shape, y)
-        spectral = self._spectral_setup(physics, y) if sigma_m > 0 else None
+        # DDNM+'s per-frequency scaling assumes Fourier singular vectors; the cg pseudo-inverse regularises by
+        # stopping early instead, so it takes the noise-free replacement
+        spectral = self._spectral_setup(physics, y) if sigma_m > 0 and physics.projector != "cg" else None
 
         x0_hat = x
         calls = 0
