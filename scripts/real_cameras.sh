@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 [ -f "$OUT/diffusercam_150/camera.json" ] || nsdd-edge calibrate --psf-image "$DC/psf_sample.tif" \
   --captures "$DC/rawdata_hand_sample.tif" --sensor 150 --black-level corner --name diffusercam \
   --out "$OUT/diffusercam_150"
-for m in wiener admm fista; do
+for m in wiener tikhonov admm fista; do
   nsdd-train solve --method "$m" --capture "$RF/*us.tiff" --profile "$OUT/radial_full_128" --batch-size 1 \
     --threads "$THREADS" --out "$OUT/rf128_$m"
   nsdd-train solve --method "$m" --capture "$DC/rawdata_hand_sample.tif" --profile "$OUT/diffusercam_150" \

@@ -19,7 +19,7 @@ from nsdd_edge.preview import to_display
 
 CAMERAS = {"rf128": "full-aperture radial prototype (radial_full, sensor 128²)",
            "dc150": "DiffuserCam hand (sensor 150²)"}
-METHODS = ("wiener", "admm", "fista")
+METHODS = ("wiener", "tikhonov", "admm", "fista")
 
 
 def view(x: np.ndarray, side: int = 200) -> np.ndarray:
