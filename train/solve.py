@@ -177,12 +177,14 @@ def load_capture(args: argparse.Namespace, trained_for: dict | None = None
         psf, g = profile.psf, profile.geometry
         sigma = float(np.median([profile.noise.std(np.median(y)) for y in ys]))
         lam = profile.lam if args.lam is None else args.lam
+        projector = profile.projector  # the camera's A† (cg where its PSF is larger than the sensor)
         info = {"profile": str(args.profile), "profile_name": profile.name, "psf_sha256": array_hash(psf),
                 "noise_rule": "camera profile"}
         geometry = (g.model, g.sensor_shape, g.scene_shape, g.conv_shape)
     else:
         if args.psf is None:
             raise OpticsError("--capture needs --psf FILE or --profile DIR")
+        projector = "tikhonov"
         background = args.background or ("none" if args.dark is not None else "corner")
         common = {"dark": args.dark, "background": background, "downsample": args.downsample}
         try:
@@ -221,14 +223,16 @@ def load_capture(args: argparse.Namespace, trained_for: dict | None = None
     if geo and args.model in (None, geo["model"]) and tuple(geo["sensor_shape"]) == sensor:
         lam = float(trained_for.get("lam", lam)) if args.lam is None else args.lam
         op = LenslessOperator(psf, sensor, geo["model"], lam=lam, scene_shape=geo["scene_shape"],
-                              conv_shape=geo["conv_shape"], noise_std=noise)
+                              conv_shape=geo["conv_shape"], noise_std=noise,
+                              projector=trained_for.get("projector", "tikhonov"))
     else:
         model, _, scene, conv = geometry
         if args.model is not None and args.profile is not None and args.model != model:
             scene = conv = None
             model = args.model
         if model == "crop":  # profile: its grids; else scene = conv = 2× sensor (DiffuserCam)
-            op = LenslessOperator(psf, sensor, "crop", lam=lam, scene_shape=scene, conv_shape=conv, noise_std=noise)
+            op = LenslessOperator(psf, sensor, "crop", lam=lam, scene_shape=scene, conv_shape=conv, noise_std=noise,
+                                  projector=projector)
         else:
             op = LenslessOperator(psf if psf.shape[-2] <= sensor[0] and psf.shape[-1] <= sensor[1]
                                   else fit_to(psf, sensor) / fit_to(psf, sensor).sum(), sensor, "circular", lam=lam,

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     first = report["captures"][0]
     y = report["y"][first]
-    x = WienerFilter(profile.psf, profile.geometry, profile.lam)(y)
+    x = WienerFilter(profile.psf, profile.geometry, profile.lam, profile.projector)(y)
     ok, png = cv2.imencode(".png", calibration_picture(profile.psf, y, x, profile.support.shape if profile.support
                                                        else None))
     if ok:
