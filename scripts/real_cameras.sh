@@ -16,10 +16,13 @@ mkdir -p "$OUT"
 [ -f "$OUT/diffusercam_150/camera.json" ] || nsdd-edge calibrate --psf-image "$DC/psf_sample.tif" \
   --captures "$DC/rawdata_hand_sample.tif" --sensor 150 --black-level corner --name diffusercam \
   --out "$OUT/diffusercam_150"
-for m in wiener tikhonov admm fista; do
-  nsdd-train solve --method "$m" --capture "$RF/*us.tiff" --profile "$OUT/radial_full_128" --batch-size 1 \
-    --threads "$THREADS" --out "$OUT/rf128_$m"
-  nsdd-train solve --method "$m" --capture "$DC/rawdata_hand_sample.tif" --profile "$OUT/diffusercam_150" \
-    --batch-size 1 --threads "$THREADS" --out "$OUT/dc150_$m"
+# wiener: the profile's A† (cg where the PSF is larger than the sensor); wiener_padded: the zero-padded Wiener filter
+for m in wiener_padded wiener admm fista; do
+  method=$m; set_=()
+  [ "$m" = wiener_padded ] && method=wiener && set_=(--set projector=tikhonov)
+  nsdd-train solve --method "$method" "${set_[@]}" --capture "$RF/*us.tiff" --profile "$OUT/radial_full_128" \
+    --batch-size 1 --threads "$THREADS" --out "$OUT/rf128_$m"
+  nsdd-train solve --method "$method" "${set_[@]}" --capture "$DC/rawdata_hand_sample.tif" \
+    --profile "$OUT/diffusercam_150" --batch-size 1 --threads "$THREADS" --out "$OUT/dc150_$m"
 done
 python3 scripts/real_cameras_figure.py --out "$OUT"

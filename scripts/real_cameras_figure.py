@@ -19,7 +19,7 @@ from nsdd_edge.preview import to_display
 
 CAMERAS = {"rf128": "full-aperture radial prototype (radial_full, sensor 128²)",
            "dc150": "DiffuserCam hand (sensor 150²)"}
-METHODS = ("wiener", "tikhonov", "admm", "fista")
+METHODS = ("wiener_padded", "wiener", "admm", "fista")  # wiener: the profile's A† (cg or Wiener)
 
 
 def view(x: np.ndarray, side: int = 200) -> np.ndarray:
