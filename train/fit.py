@@ -122,6 +122,10 @@ def run_fit(args: argparse.Namespace) -> dict:
     measured = {path: profile.measurement(path) for path in captures}  # y of every capture, once
     for path, y in measured.items():  # every capture must be a measurement of this camera before any work starts
         if y.shape[0] != profile.channels:
+            if "channels" not in profile.signal:  # calibrated before profiles recorded the captures' channels
+                raise FitError(f"--captures {path}: {y.shape[0]} channel(s) after the profile's preprocessing; the "
+                               f"profile {args.profile} does not record its captures' channels (an older calibration "
+                               "that counts as 3): run nsdd-edge calibrate again")
             raise FitError(f"--captures {path}: {y.shape[0]} channel(s) after the profile's preprocessing, the camera "
                            f"gives {profile.channels} (a PSF image or another camera's file in the folder? pass a glob)")
     out: Path = args.out
