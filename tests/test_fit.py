@@ -111,3 +111,16 @@ def test_fit_names_a_profile_that_does_not_record_its_channels(mono_camera, tiny
                        "--prior", str(tiny_prior_dir), "--captures", str(mono_camera / "captures"),
                        "--out", str(tmp_path / "fit"), "--threads", "1"]) == 2
     assert "does not record its captures' channels" in capsys.readouterr().err
+
+
+def test_report_tiles_clip_the_profiles_window_to_a_smaller_grid():
+    from train.fit import report_tile
+
+    x = np.zeros((1, 300, 300), np.float32)
+    x[:, 120:180, 120:180] = 1.0  # a bright square in the middle of the student's 300² grid
+    tile = report_tile(x, (304, 304)).astype(np.float32)  # the profile's window is larger than that grid
+    tile = tile if tile.ndim == 2 else tile.mean(axis=-1)
+    assert tile.shape == (160, 160)
+    assert tile[70:90, 70:90].mean() > 200 and tile[:40, :40].mean() < 20  # the square, centred, on black
+    same = report_tile(np.pad(x, ((0, 0), (5, 5), (5, 5))), (300, 300)).astype(np.float32)  # a window inside the grid
+    assert np.abs(same.reshape(tile.shape[0], tile.shape[1], -1).mean(-1) - tile).max() < 1.0

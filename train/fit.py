@@ -219,14 +219,26 @@ def run_fit(args: argparse.Namespace) -> dict:
     return json.loads((out / "fit.json").read_text())
 
 
+def report_tile(x: np.ndarray, window: tuple[int, int], side: int = 160) -> np.ndarray:
+    """A report picture of ``x`` ``(C, H, W)``: its centre ``window`` (clipped to ``x``'s grid: the student's and
+    the teacher's grid may be smaller than the profile's), autoscaled to the 99.5th percentile, ``side``² px."""
+    import cv2
+
+    from nsdd_edge.preview import to_display
+
+    h, w = min(int(window[0]), x.shape[-2]), min(int(window[1]), x.shape[-1])
+    r, c = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+    view = to_display(np.ascontiguousarray(x[..., r:r + h, c:c + w]), autoscale=True, percentile=99.5)
+    return cv2.resize(view, (side, side), interpolation=cv2.INTER_AREA)
+
+
 def fit_report(profile, measured: dict[Path, np.ndarray], prior, student_dir: Path, out: Path, teacher_steps: int,
                device: str) -> dict:
     """Wiener, FISTA, DDNM+ and the student on every real capture (``measured``: capture → its y): a picture and
     a consistency table."""
     import cv2
 
-    from nsdd_edge.preview import to_display
-    from train.physics import LenslessOperator, center_crop
+    from train.physics import LenslessOperator
     from train.solvers.ddnm import DDNM
     from train.solvers.fista import FISTA
     from train.students import load_student
@@ -253,8 +265,7 @@ def fit_report(profile, measured: dict[Path, np.ndarray], prior, student_dir: Pa
                 x = fn(y)
             physics = sop if name in ("DDNM+ teacher", "student") else op
             table[name].append(float(physics.consistency(x, y)))
-            view = to_display(center_crop(x, window)[0].cpu().numpy(), autoscale=True, percentile=99.5)
-            tiles.append(cv2.resize(view, (160, 160), interpolation=cv2.INTER_AREA))
+            tiles.append(report_tile(x[0].cpu().numpy(), window))
         rows.append(np.concatenate(tiles, axis=1))
     grid = np.concatenate(rows, axis=0)
     cv2.imwrite(str(out / "report.png"), grid)
