@@ -81,3 +81,78 @@ def test_heldout_lines_state_whether_the_lpips_target_is_met():
     record["student_minus_teacher_lpips"] = 0.01
     assert "(target ≤ 0.02: met)" in "\n".join(heldout_lines(record))
     assert heldout_lines(None) == []
+
+
+@pytest.fixture(scope="module")
+def mono_camera(camera_files, tmp_path_factory):  # noqa: F811
+    """The test camera as a monochrome one: each capture's channel mean as a 2-D frame, profiled (1 channel)."""
+    from nsdd_edge.profile_estimate import profile_from_captures
+
+    root, _ = camera_files
+    mono = tmp_path_factory.mktemp("mono")
+    (mono / "captures").mkdir()
+    for path in sorted((root / "captures").glob("*.npy")):
+        np.save(mono / "captures" / path.name, np.load(path).mean(axis=-1).astype(np.float32))
+    profile, _ = profile_from_captures(root / "psf.tiff", mono / "captures", sensor=32, name="mono-cam")
+    profile.save(mono / "profile")
+    return mono
+
+
+def test_fit_on_a_mono_camera_simulates_gray_scenes_and_refuses_an_rgb_prior(mono_camera, tiny_prior_dir, tmp_path,
+                                                                             shared, capsys):
+    from nsdd_edge.bundle import load_bundle
+    from nsdd_edge.camera import load_profile
+    from nsdd_edge.cli import main as edge_main
+    from train.cli import main as train_main
+    from train.prior.io import save_prior
+    from train.prior.unet import UNet
+
+    assert load_profile(mono_camera / "profile").channels == 1
+    common = ["--profile", str(mono_camera / "profile"), "--images", str(shared / "data/faces/utkface"),
+              "--captures", str(mono_camera / "captures"), "--budget-minutes", "0.4", "--student", "edge",
+              "--images-limit", "24", "--teacher-steps", "2", "--threads", "1"]
+    assert train_main(["fit", *common, "--prior", str(tiny_prior_dir), "--out", str(tmp_path / "rgb")]) == 2
+    assert "generates 3-channel scenes, the camera measures 1 channel(s)" in capsys.readouterr().err
+    gray = save_prior(UNet(in_channels=1, out_channels=1, image_size=16, base_channels=8, channel_mults=[1, 2],
+                           num_res_blocks=1, attention_resolutions=[], mid_attention=False, num_heads=1,
+                           dropout=0.0), tmp_path / "gray_prior")
+    out = tmp_path / "fit"
+    assert train_main(["fit", *common, "--prior", str(gray), "--out", str(out)]) == 0
+    meta = json.loads((out / "data" / "dataset.json").read_text())
+    assert meta["channels"] == 1 and meta["ground_truth_shape"][0] == 1  # gray scenes for a mono camera
+    assert load_bundle(out / "bundle").channels == 1
+    assert np.isfinite(list(json.loads((out / "fit.json").read_text())["details"]["report"]["consistency"]
+                            .values())).all()
+    assert edge_main(["run", "--model", str(out / "bundle"), "--source", f"file://{mono_camera / 'captures'}",
+                      "--frames", "3", "--quiet", "--stats", str(tmp_path / "stats.json")]) == 0
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["frames_out"] == 3 and stats["rejected"] == 0
+
+
+def test_fit_names_a_profile_that_does_not_record_its_channels(mono_camera, tiny_prior_dir, tmp_path, shared, capsys):
+    import shutil
+
+    from train.cli import main as train_main
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(mono_camera / "profile", legacy)
+    config = json.loads((legacy / "camera.json").read_text())
+    del config["signal"]["channels"]  # as calibrate wrote profiles before it recorded them
+    (legacy / "camera.json").write_text(json.dumps(config))
+    assert train_main(["fit", "--profile", str(legacy), "--images", str(shared / "data/faces/utkface"),
+                       "--prior", str(tiny_prior_dir), "--captures", str(mono_camera / "captures"),
+                       "--out", str(tmp_path / "fit"), "--threads", "1"]) == 2
+    assert "does not record its captures' channels" in capsys.readouterr().err
+
+
+def test_report_tiles_clip_the_profiles_window_to_a_smaller_grid():
+    from train.fit import report_tile
+
+    x = np.zeros((1, 300, 300), np.float32)
+    x[:, 120:180, 120:180] = 1.0  # a bright square in the middle of the student's 300² grid
+    tile = report_tile(x, (304, 304)).astype(np.float32)  # the profile's window is larger than that grid
+    tile = tile if tile.ndim == 2 else tile.mean(axis=-1)
+    assert tile.shape == (160, 160)
+    assert tile[70:90, 70:90].mean() > 200 and tile[:40, :40].mean() < 20  # the square, centred, on black
+    same = report_tile(np.pad(x, ((0, 0), (5, 5), (5, 5))), (300, 300)).astype(np.float32)  # a window inside the grid
+    assert np.abs(same.reshape(tile.shape[0], tile.shape[1], -1).mean(-1) - tile).max() < 1.0

@@ -125,6 +125,10 @@ def run_fit(args: argparse.Namespace) -> dict:
     measured = {path: profile.measurement(path) for path in captures}  # y of every capture, once
     for path, y in measured.items():  # every capture must be a measurement of this camera before any work starts
         if y.shape[0] != profile.channels:
+            if "channels" not in profile.signal:  # calibrated before profiles recorded the captures' channels
+                raise FitError(f"--captures {path}: {y.shape[0]} channel(s) after the profile's preprocessing; the "
+                               f"profile {args.profile} does not record its captures' channels (an older calibration "
+                               "that counts as 3): run nsdd-edge calibrate again")
             raise FitError(f"--captures {path}: {y.shape[0]} channel(s) after the profile's preprocessing, the camera "
                            f"gives {profile.channels} (a PSF image or another camera's file in the folder? pass a glob)")
     out: Path = args.out
@@ -261,14 +265,26 @@ def heldout_scores(data: Path, student_dir: Path, args: argparse.Namespace, devi
     return result
 
 
+def report_tile(x: np.ndarray, window: tuple[int, int], side: int = 160) -> np.ndarray:
+    """A report picture of ``x`` ``(C, H, W)``: its centre ``window`` (clipped to ``x``'s grid: the student's and
+    the teacher's grid may be smaller than the profile's), autoscaled to the 99.5th percentile, ``side``² px."""
+    import cv2
+
+    from nsdd_edge.preview import to_display
+
+    h, w = min(int(window[0]), x.shape[-2]), min(int(window[1]), x.shape[-1])
+    r, c = (x.shape[-2] - h) // 2, (x.shape[-1] - w) // 2
+    view = to_display(np.ascontiguousarray(x[..., r:r + h, c:c + w]), autoscale=True, percentile=99.5)
+    return cv2.resize(view, (side, side), interpolation=cv2.INTER_AREA)
+
+
 def fit_report(profile, measured: dict[Path, np.ndarray], prior, student_dir: Path, out: Path, teacher_steps: int,
                device: str, heldout: dict | None = None) -> dict:
     """Wiener (at the profile's λ and, when it differs, at the student's), FISTA, DDNM+ and the student on every
     real capture (``measured``: capture → its y): a picture and a consistency table; then the held-out table."""
     import cv2
 
-    from nsdd_edge.preview import to_display
-    from train.physics import LenslessOperator, center_crop
+    from train.physics import LenslessOperator
     from train.solvers.ddnm import DDNM
     from train.solvers.fista import FISTA
     from train.students import load_student
@@ -299,8 +315,7 @@ def fit_report(profile, measured: dict[Path, np.ndarray], prior, student_dir: Pa
                 x = fn(y)
             physics = op if name in ("Wiener", "FISTA") else sop
             table[name].append(float(physics.consistency(x, y)))
-            view = to_display(center_crop(x, window)[0].cpu().numpy(), autoscale=True, percentile=99.5)
-            tiles.append(cv2.resize(view, (160, 160), interpolation=cv2.INTER_AREA))
+            tiles.append(report_tile(x[0].cpu().numpy(), window))
         rows.append(np.concatenate(tiles, axis=1))
     grid = np.concatenate(rows, axis=0)
     cv2.imwrite(str(out / "report.png"), grid)

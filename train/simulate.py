@@ -220,6 +220,9 @@ def simulate(args: argparse.Namespace) -> dict:
             profile = load_profile(args.profile)
         except ProfileError as exc:
             raise OpticsError(f"--profile {exc}") from None
+        if profile.channels == 1 and not args.grayscale:  # a mono camera measures one channel: gray scenes
+            print(f"--profile {args.profile}: a 1-channel camera, so the scenes are grayscale (BT.601 luma)")
+            args.grayscale = True
         psf = profile.psf.mean(axis=0, keepdims=True) if args.grayscale and profile.psf.shape[0] == 3 else profile.psf
         args.sensor = list(profile.sensor_shape)
         args.psf = Path(args.profile) / "psf.npy"

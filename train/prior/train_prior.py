@@ -45,6 +45,8 @@ from nsdd_edge.cli_common import add_threads_argument
 from train.distributed import DistContext, init_distributed
 from train.prior.base import DiffusionPrior
 from train.prior.data import batch_indices, find_image_files, load_images, make_batch
+from train.prior.heldout import HELDOUT_TIMESTEPS, heldout_denoising_loss  # noqa: F401  (re-exported)
+from train.prior.init_from import load_folded_weights, read_init_source, settings_with_source
 from train.prior.io import (
     PriorError,
     alphas_cumprod_from_schedule,
@@ -117,6 +119,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "(default: 16, or the coarsest level when 16 is not one)")
     g.add_argument("--num-heads", type=int, default=S, help=f"heads of each self-attention (default: {d['num_heads']})")
     g.add_argument("--dropout", type=float, default=S, help=f"dropout in the residual blocks (default: {d['dropout']})")
+    g.add_argument("--init-from", type=Path, default=None, metavar="PRIOR_DIR",
+                   help="start from this prior's weights (its architecture and schedule; only --channels may differ: "
+                        "RGB→gray sums the input conv over R, G, B and averages the output conv); recorded in "
+                        "config.json as training.init_from (path, sha256). A resume takes the checkpoint's weights")
     g = p.add_argument_group("diffusion schedule (linear β)")
     g.add_argument("--num-train-timesteps", type=int, default=S, help="diffusion steps T (default: 1000)")
     g.add_argument("--beta-start", type=float, default=S, help="β of the first step (default: 1e-4)")
@@ -199,40 +205,6 @@ def diffusion_loss(model: torch.nn.Module, x0: torch.Tensor, alphas_cumprod: tor
     return F.mse_loss(pred.float(), noise)
 
 
-HELDOUT_TIMESTEPS = (50, 250, 500)
-
-
-@torch.no_grad()
-def heldout_denoising_loss(net: torch.nn.Module, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
-                           timesteps: tuple[int, ...] = HELDOUT_TIMESTEPS, seed: int = 0,
-                           batch_size: int = 64) -> dict[str, float]:
-    """A fixed, ground-truth-free check of a prior: ``‖ε − ε_θ(√ᾱ_t x0 + √(1−ᾱ_t) ε, t)‖²`` on held-out scenes
-    ``x0`` (in [−1, 1], never trained on) at fixed ``t`` with fixed noise (``seed``, drawn on the CPU so every
-    device scores the same problem). Lower is better; comparable across checkpoints of one data set.
-    Returns ``{"t50": …, "t250": …, "t500": …, "mean": …}``."""
-    device = alphas_cumprod.device
-    was_training = net.training
-    net.eval()
-    out: dict[str, float] = {}
-    for t in timesteps:
-        g = torch.Generator().manual_seed(int(seed) + int(t))
-        total, count = 0.0, 0
-        for k in range(0, x0.shape[0], batch_size):
-            xb = x0[k:k + batch_size].float()
-            noise = torch.randn(tuple(xb.shape), generator=g)
-            xb, noise = xb.to(device), noise.to(device)
-            a = alphas_cumprod[int(t)].float()
-            x_t = a.sqrt() * xb + (1 - a).sqrt() * noise
-            pred = net(x_t, torch.full((xb.shape[0],), int(t), device=device, dtype=torch.long))
-            pred = pred.sample if hasattr(pred, "sample") else pred
-            total += float(F.mse_loss(pred.float(), noise, reduction="sum"))
-            count += noise.numel()
-        out[f"t{t}"] = total / max(count, 1)
-    out["mean"] = float(np.mean([out[f"t{t}"] for t in timesteps]))
-    net.train(was_training)
-    return out
-
-
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """``θ̄ ← d θ̄ + (1 − d) θ`` for parameters; buffers copied."""
@@ -271,10 +243,13 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def resolve_settings(args: argparse.Namespace, checkpoint: dict | None) -> dict:
-    """Run settings: explicit flags, else the checkpoint's, else the defaults; structural clashes are errors."""
+def resolve_settings(args: argparse.Namespace, checkpoint: dict | None, source_settings: dict | None = None) -> dict:
+    """Run settings: explicit flags, else the checkpoint's (or the ``--init-from`` source's architecture and
+    schedule), else the defaults; structural clashes are errors."""
     given = {k: getattr(args, k) for k in {**STRUCTURAL_DEFAULTS, **TUNABLE_DEFAULTS} if hasattr(args, k)}
     if checkpoint is None:
+        if source_settings is not None:
+            given = settings_with_source(given, source_settings, args.init_from)
         return {**STRUCTURAL_DEFAULTS, **TUNABLE_DEFAULTS, **given}
     saved = checkpoint["settings"]
     clashes = [f"--{k.replace('_', '-')} {given[k]} (checkpoint: {saved[k]})"
@@ -379,13 +354,19 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> int:
     checkpoint_path = out / CHECKPOINT_NAME
     checkpoint = ctx.from_main(lambda: open_checkpoint(args))  # rank 0 reads it and hands it to the others
 
-    settings = resolve_settings(args, checkpoint)
+    init_from = getattr(args, "init_from", None)
+    source = read_init_source(init_from) if init_from is not None and checkpoint is None else None
+    if init_from is not None and checkpoint is not None:
+        print(f"resume: the weights come from {checkpoint_path} (--init-from only starts a run)")
+    settings = resolve_settings(args, checkpoint, source[1] if source else None)
     _validate(args, settings)
     ctx.check_batch(settings["batch"], PriorError)
     try:
         arch = _architecture(settings)
     except ValueError as exc:
         raise PriorError(f"nsdd-train prior: {exc} (check --size/--pad-to and --channel-mults)") from exc
+    initial_weights = load_folded_weights(init_from, source[0], arch) if source else None
+    provenance = source[2] if source else (checkpoint or {}).get("init_from")
     schedule = default_schedule(settings["num_train_timesteps"], settings["beta_start"], settings["beta_end"])
     alphas_cumprod = alphas_cumprod_from_schedule(schedule)
     device = ctx.device
@@ -414,6 +395,9 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> int:
     seed = int(settings["seed"])
     torch.manual_seed(seed)
     model = UNet(arch).to(device)
+    if initial_weights is not None:
+        model.load_state_dict(initial_weights)
+        print(f"initialised from {provenance['path']} ({provenance['channels']} → {arch.in_channels} channels)")
     ema = UNet(arch).to(device)
     ema.load_state_dict(model.state_dict())
     ema.eval().requires_grad_(False)
@@ -466,12 +450,13 @@ def _train(args: argparse.Namespace, ctx: DistContext) -> int:
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
             "optimizer": optimizer.state_dict(), "rng": rng_state(), "settings": settings,
-            "images": {"root": str(root), "count": n_images, "digest": digest},
+            "images": {"root": str(root), "count": n_images, "digest": digest}, "init_from": provenance,
         })
         save_prior(ema, out, schedule=schedule,
                    dtype=torch.float16 if args.save_dtype == "float16" else torch.float32,
                    extra={"step": step, "images": str(root), "num_images": n_images, "scene_size": settings["size"],
                           "pad_to": settings["pad_to"], "settings": settings,
+                          **({"init_from": provenance} if provenance else {}),
                           **({"data_parallel": ctx.describe()} if ctx.enabled else {})})
         if samples and args.sample_count > 0:
             path = out / "samples" / f"step_{step:07d}.png"
