@@ -63,7 +63,7 @@ def _crop_case(seed: int = 0):
 def test_cg_pseudo_inverse_is_the_same_in_numpy_torch_and_onnx(tmp_path):
     from export.graph import ReconstructionGraph
     from export.onnx_graph import export_graph
-    from nsdd_edge.optics import CG_ITERATIONS, WienerFilter, cg_tikhonov, ForwardModel
+    from nsdd_edge.optics import CG_ITERATIONS, ForwardModel, WienerFilter, cg_tikhonov
 
     psf, g, y = _crop_case()
     op = LenslessOperator(psf, g.sensor_shape, "crop", lam=1e-4, scene_shape=g.scene_shape, conv_shape=g.conv_shape,
@@ -111,7 +111,7 @@ def test_ddnm_with_the_cg_pseudo_inverse_fits_the_measurement():
     """The teacher on a cg operator: the noise-free range–null replacement with A† = CG (DDNM+'s per-frequency
     scaling does not apply); its reconstruction fits y far better than the prior's guess alone."""
     from train.prior.base import DiffusionPrior
-    from train.prior.io import default_schedule, alphas_cumprod_from_schedule
+    from train.prior.io import alphas_cumprod_from_schedule, default_schedule
     from train.prior.unet import UNet
     from train.solvers.ddnm import DDNM
 
