@@ -70,6 +70,8 @@ class LoopConfig:
     reconstructing without recording and says so every ``alert_interval`` seconds.
     ``display_support``: the bundle's support window; the preview, the snapshot and the recorder's 8-bit view
     show that centred crop of the reconstruction (the recorded ``.recon.npy`` stays the whole engine output).
+    ``view_scale``: those views show ``x̂ / view_scale`` clipped to [0, 1]; ``None`` follows the 99.5th
+    percentile of the shown part, smoothed over frames (scenes of a camera profile are in y's units, not [0, 1]).
     """
 
     max_frames: int | None = None
@@ -88,6 +90,7 @@ class LoopConfig:
     expected_input_shape: tuple[int, int, int] | None = None
     consistency_every: int = 30  # frames between two ‖A x̂ − y‖/‖y‖ checks (0: never)
     display_support: tuple[int, int] | None = None  # preview/snapshot/recorder view: this centred crop of x̂
+    view_scale: float | None = 1.0  # the x̂ value shown as white in the views; None: auto (see _view)
     on_record_error: str = "stop"  # stop | continue
     alert_interval: float = 5.0
 
@@ -367,6 +370,24 @@ class ReconstructionLoop:
                 "captured_at": t_capture, "source_meta": dict(getattr(frame, "meta", None) or {}), **extra}
         self._put_blocking(self._record_q, (index, np.asarray(frame.data), x, view, meta), "recorder")
 
+    VIEW_PERCENTILE = 99.5
+    VIEW_SMOOTHING = 0.2  # weight of the newest frame in the auto view scale (no flicker between frames)
+
+    def _view(self, shown: np.ndarray) -> np.ndarray:
+        """``shown / view_scale`` for the 8-bit views; auto: the scale follows the shown part's 99.5th percentile
+        (of its non-negative values) with exponential smoothing. Returns ``shown`` itself at scale 1."""
+        scale = self.config.view_scale
+        if scale is None:
+            level = float(np.percentile(np.maximum(np.nan_to_num(shown, nan=0.0, posinf=0.0, neginf=0.0), 0.0),
+                                        self.VIEW_PERCENTILE))
+            if level > 0:
+                previous = getattr(self, "_auto_scale", None)
+                self._auto_scale = level if previous is None else (
+                    (1 - self.VIEW_SMOOTHING) * previous + self.VIEW_SMOOTHING * level)
+            scale = getattr(self, "_auto_scale", None) or 1.0
+            self.telemetry.info["view_scale"] = round(float(scale), 6)
+        return shown if scale == 1.0 else shown / np.float32(scale)
+
     def _shown(self, x: np.ndarray) -> np.ndarray:
         """The part of the reconstruction that is displayed: the centred support window, if any."""
         s = self.config.display_support
@@ -433,12 +454,13 @@ class ReconstructionLoop:
                     tel.gauge(name, value, every_frames=every)
         with tel.time("output"):
             shown = self._shown(x)
+            view = self._view(shown)
             truth = getattr(frame, "truth", None)
-            self.last_pair, self.last_truth = (y, shown), truth
+            self.last_pair, self.last_truth = (y, view), truth
             if self.preview is not None:
-                self.last_preview = compose(y, shown, tel.overlay_lines(), truth=truth)
+                self.last_preview = compose(y, view, tel.overlay_lines(), truth=truth)
                 self.preview.show(self.last_preview)
-            self._to_recorder(frame, t_capture, x, {}, view=shown if shown is not x else None)
+            self._to_recorder(frame, t_capture, x, {}, view=view if view is not x else None)
 
     def run(self) -> dict:
         """Run until ``max_frames``, end of stream, :meth:`request_stop` or a fatal error; returns the

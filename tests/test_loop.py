@@ -271,3 +271,49 @@ def test_telemetry_statistics_and_atomic_json(tmp_path):
     data = json.loads((tmp_path / "stats.json").read_text())
     assert data["frames_in"] == 5 and data["dropped"] == 2 and data["stages"]["capture"]["mean_ms"] is None
     assert "in 5" in tel.line() and "drop 2" in tel.overlay_lines()[0]
+
+
+class ScaledEngine(Engine):
+    """Returns a constant-gradient reconstruction ×``gain`` (scenes in y's units, as a camera profile's are)."""
+
+    name = "scaled"
+
+    def __init__(self, gain):
+        self.gain = gain
+
+    def infer(self, y):
+        ramp = np.linspace(0.0, 1.0, y.shape[-1], dtype=np.float32)
+        return np.broadcast_to(ramp, y.shape).astype(np.float32) * self.gain
+
+
+@pytest.mark.parametrize("view_scale, gain, bright_fraction", [
+    (1.0, 20.0, (0.9, 1.0)),   # clipped to [0, 1]: nearly all white (what a profile bundle showed before)
+    (None, 20.0, (0.0, 0.05)),  # auto: the ramp is a ramp again
+    (20.0, 20.0, (0.0, 0.05)),  # a fixed scale does the same
+])
+def test_views_show_reconstructions_at_the_view_scale(bundle, tmp_path, view_scale, gain, bright_fraction):
+    import cv2
+
+    recorder = Recorder(tmp_path / "rec")
+    loop = make_loop(bundle, ScriptedSource(raw_frames(4)), ScaledEngine(gain), recorder=recorder,
+                     snapshot_path=tmp_path / "snap.png", view_scale=view_scale)
+    loop.run()
+    view = cv2.imread(str(sorted(recorder.root.glob("*.recon.png"))[-1]), cv2.IMREAD_UNCHANGED).astype(np.float32)
+    white = float((view >= 250).mean())
+    assert bright_fraction[0] <= white <= bright_fraction[1]
+    assert np.load(sorted(recorder.root.glob("*.recon.npy"))[-1]).max() == pytest.approx(gain)  # data unscaled
+    if view_scale is None:
+        assert loop.telemetry.info["view_scale"] == pytest.approx(gain * 0.995, rel=0.02)
+
+
+def test_view_scale_argument_is_named_and_follows_the_bundle(bundle):
+    import argparse
+
+    from nsdd_edge.commands.run import view_scale, view_scale_arg
+
+    assert view_scale_arg("auto") == "auto" and view_scale_arg("2.5") == 2.5
+    for bad in ("0", "-1", "nan", "inf", "bright"):
+        with pytest.raises(argparse.ArgumentTypeError, match="auto nor a finite number"):
+            view_scale_arg(bad)
+    assert view_scale(None, bundle) is None  # a fixed-scale (camera profile) bundle: auto
+    assert view_scale(3.0, bundle) == 3.0 and view_scale("auto", bundle) is None

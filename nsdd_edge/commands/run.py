@@ -180,6 +180,10 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                         "0: no limit)")
     p.add_argument("--stats", default=DEFAULT_STATS, metavar="FILE",
                    help="write the telemetry as JSON here (periodically and at the end); '' to skip")
+    p.add_argument("--view-scale", type=view_scale_arg, default=None, metavar="auto|X",
+                   help="the reconstruction value shown as white in the preview, snapshot and recorded 8-bit views: "
+                        "a number, or auto (follows the 99.5th percentile, smoothed); default: auto for a bundle "
+                        "with a camera profile's fixed scale (scenes in y's units), 1 otherwise")
     p.add_argument("--snapshot", default=DEFAULT_SNAPSHOT, metavar="FILE.png",
                    help="write the last measurement | reconstruction frame here at the end; '' to skip")
     p.add_argument("--quiet", action="store_true", help="no live console line")
@@ -204,6 +208,27 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     r.add_argument("--refocus-iters", type=int, default=None, metavar="K",
                    help="FISTA iterations per scale evaluated (more: sharper, slower) [30 when the bundle's scenes "
                         "have a support window, 150 on a full-field camera]")
+
+
+def view_scale_arg(text: str) -> str | float:
+    """``--view-scale``: ``auto`` or a finite number > 0."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is neither auto nor a finite number > 0")
+    return value
+
+
+def view_scale(arg: str | float | None, bundle: Bundle) -> float | None:
+    """The loop's ``view_scale``: the given number, ``None`` (auto) for ``auto``; unset: auto when the bundle
+    preprocesses to a camera profile's fixed scale (its scenes are in y's units), else 1."""
+    if arg is None:
+        return None if bundle.preprocess.normalization == "fixed" else 1.0
+    return None if arg == "auto" else float(arg)
 
 
 def _err(msg: str) -> int:
@@ -327,7 +352,8 @@ def main(args: argparse.Namespace) -> int:
                             console_interval=0.0 if args.quiet else 1.0, max_reopen_attempts=args.max_reconnects,
                             expected_input_shape=bundle.input_shape, display_support=bundle.support_shape,
                             lossless=False if args.live else None, on_record_error=args.on_record_error,
-                            consistency_every=args.consistency_every)
+                            consistency_every=args.consistency_every,
+                            view_scale=view_scale(args.view_scale, bundle))
         consistency, observe = ConsistencyGauge.for_bundle(bundle), None
         if refocuser is not None:
             consistency, observe = refocuser.consistency, refocuser.observe
