@@ -167,7 +167,8 @@ class ReconstructionLoop:
         self._checked_shape = False
         self._last_warn = 0.0
         self._last_alert: dict[str, float] = {}
-        self.last_pair: tuple[np.ndarray, np.ndarray] | None = None  # (y, shown x̂: the support crop)
+        self.last_pair: tuple[np.ndarray, np.ndarray] | None = None  # (y, shown x̂ / view scale)
+        self._auto_scale: float | None = None  # the smoothed view scale of config.view_scale = None
         self.last_truth: np.ndarray | None = None  # the sim:// scene of the last frame, if any
         self.last_preview: np.ndarray | None = None
         self.end_reason = "running"
@@ -381,10 +382,10 @@ class ReconstructionLoop:
             level = float(np.percentile(np.maximum(np.nan_to_num(shown, nan=0.0, posinf=0.0, neginf=0.0), 0.0),
                                         self.VIEW_PERCENTILE))
             if level > 0:
-                previous = getattr(self, "_auto_scale", None)
+                previous = self._auto_scale
                 self._auto_scale = level if previous is None else (
                     (1 - self.VIEW_SMOOTHING) * previous + self.VIEW_SMOOTHING * level)
-            scale = getattr(self, "_auto_scale", None) or 1.0
+            scale = self._auto_scale or 1.0
             self.telemetry.info["view_scale"] = round(float(scale), 6)
         return shown if scale == 1.0 else shown / np.float32(scale)
 
