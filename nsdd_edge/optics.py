@@ -462,7 +462,8 @@ class WienerSpectra:
 
 
 class WienerFilter:
-    """Numpy Wiener/Tikhonov reconstruction ``x = C_scene F⁻¹[G · F(P_conv y)]`` for either model.
+    """Numpy ``A†y``: Wiener/Tikhonov ``x = C_scene F⁻¹[G · F(P_conv y)]`` for either model, or the ``cg``
+    pseudo-inverse (:func:`cg_tikhonov`) of a crop model.
 
     Spectra are computed once; calls only pad, transform and multiply. Input ``(..., C, H, W)`` with
     ``C`` equal to the PSF's channels or the PSF shared (``C_psf = 1``).
@@ -582,6 +583,7 @@ class ForwardModel:
         self.geometry = geometry
         H = psf_transfer_function(psf, geometry.conv_shape)
         self._H_half = H[..., : H.shape[-1] // 2 + 1].astype(np.complex64)
+        self._Hc_half = np.conj(self._H_half)  # Aᵀ's spectrum, once (cg calls adjoint every step)
 
     def _filter(self, a: np.ndarray, source: tuple[int, int], target: tuple[int, int], spectrum: np.ndarray,
                 what: str) -> np.ndarray:
@@ -601,7 +603,7 @@ class ForwardModel:
     def adjoint(self, y: np.ndarray) -> np.ndarray:
         """``Aᵀ y = Pᵀ F⁻¹[conj(H) · F(Cᵀ y)]`` (``Cᵀ`` zero-pads the sensor into the convolution grid, ``Pᵀ``
         crops the scene)."""
-        return self._filter(y, self.geometry.sensor_shape, self.geometry.scene_shape, np.conj(self._H_half),
+        return self._filter(y, self.geometry.sensor_shape, self.geometry.scene_shape, self._Hc_half,
                             "sensor")
 
     @property

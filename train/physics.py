@@ -202,8 +202,7 @@ class LenslessOperator(torch.nn.Module):
         conjugate gradient on ``(AᵀA + λI) x = Aᵀy`` (:func:`nsdd_edge.optics.cg_tikhonov`)."""
         self._check(y, self.sensor_shape, "measurement y")
         if self.projector == "cg":
-            zero = torch.zeros(y.shape[:-2] + tuple(self.scene_shape), dtype=y.dtype, device=y.device)
-            return self.prox_l2(zero, y, self.lam, cg_iters=CG_ITERATIONS)
+            return self.normal_cg(self.A_adjoint(y), self.lam, CG_ITERATIONS)
         x = self._filter(center_pad(y, self.conv_shape), "G")
         return center_crop(x, self.scene_shape)
 
@@ -242,16 +241,24 @@ class LenslessOperator(torch.nn.Module):
             Z = torch.fft.rfft2(z, dim=(-2, -1))
             X = (H.conj() * Y + rho * Z) / (H.abs() ** 2 + rho)
             return torch.fft.irfft2(X, s=self.conv_shape, dim=(-2, -1))
-        b = self.A_adjoint(y) + rho * z
-        x = z.clone()
+        return self.normal_cg(self.A_adjoint(y) + rho * z, rho, cg_iters, start=z)
+
+    def normal_cg(self, b: torch.Tensor, rho: float | torch.Tensor, iters: int,
+                   start: torch.Tensor | None = None) -> torch.Tensor:
+        """``iters`` conjugate-gradient steps on ``(AᵀA + ρ I) x = b``, one CG per sample (sums over C, H, W),
+        from ``start`` or from 0 (then the first residual is ``b`` itself: no operator call is spent on it)."""
 
         def normal(v: torch.Tensor) -> torch.Tensor:
             return self.A_adjoint(self.A(v)) + rho * v
 
-        r = b - normal(x)
+        if start is None:
+            x, r = torch.zeros_like(b), b
+        else:
+            x = start.clone()
+            r = b - normal(x)
         p = r.clone()
         rs = (r * r).sum(dim=(-3, -2, -1), keepdim=True)
-        for _ in range(cg_iters):
+        for _ in range(iters):
             Ap = normal(p)
             alpha = rs / (p * Ap).sum(dim=(-3, -2, -1), keepdim=True).clamp_min(1e-30)
             x = x + alpha * p

@@ -5,8 +5,8 @@ For the circular model this is the Wiener filter (closed form, ``conj(H)/(|H|² 
 to the grid before deconvolving: it treats the light that falls outside the sensor as zero. Where the PSF is
 larger than the sensor (the full-aperture radial prototype, docs/real-cameras.md) that approximation is what
 turns real captures into streaks; conjugate gradient on the normal equations solves the crop model itself,
-``iters`` iterations of one ``A`` and one ``Aᵀ`` each, started at 0 (:meth:`LenslessOperator.prox_l2` with
-``z = 0``). ``lam``: default the operator's λ.
+``iters`` iterations of one ``A`` and one ``Aᵀ`` each, started at 0 (the operator's conjugate gradient, shared
+with ``prox_l2`` and the ``cg`` pseudo-inverse). ``lam``: default the operator's λ.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ class TikhonovCG(Solver):
     def __call__(self, y: torch.Tensor, physics: LenslessOperator) -> torch.Tensor:
         physics._check(y, physics.sensor_shape, "measurement y")
         lam = physics.lam if self.lam is None else self.lam
-        zero = torch.zeros(y.shape[:-2] + tuple(physics.scene_shape), dtype=y.dtype, device=y.device)
-        x = physics.prox_l2(zero, y, lam, cg_iters=self.iters)
+        if physics.model == "circular":  # the closed form (prox at z = 0)
+            x = physics.prox_l2(torch.zeros_like(y), y, lam)
+        else:
+            x = physics.normal_cg(physics.A_adjoint(y), lam, self.iters)
         return x.clamp(0, 1) if self.clip else x
