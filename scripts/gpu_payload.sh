@@ -11,6 +11,7 @@
 #   scripts/gpu_payload.sh            # prints the table; exit 1 when a budget is exceeded
 #   GPU_DIR=elsewhere scripts/gpu_payload.sh
 set -euo pipefail
+# (no `head` in a pipeline: under pipefail the writer's SIGPIPE, exit 141, would fail the script at random)
 cd "$(dirname "$0")/.."
 TRACKED_BUDGET_MIB=35
 CARRY_BUDGET_MIB=22
@@ -38,7 +39,7 @@ printf '  %-28s %s  (budget %d MiB)\n' "$GPU_DIR (carried)" "$(mib "$carried")" 
 printf '  %-28s %s  (target %d MiB)\n' "total" "$(mib "$total")" "$TOTAL_TARGET_MIB"
 echo "largest tracked folders:"
 git ls-files -z | sizes | awk '{f = substr($0, index($0, " ") + 1); n = split(f, p, "/"); k = (n > 3) ? p[1] "/" p[2] "/" p[3] : f; s[k] += $1}
-  END {for (k in s) printf "%d %s\n", s[k], k}' | sort -rn | head -6 |
+  END {for (k in s) printf "%d %s\n", s[k], k}' | sort -rn | awk 'NR <= 6' |
   while read -r b d; do printf '  %-48s %s\n' "$d" "$(mib "$b")"; done
 status=0
 if over "$tracked" "$TRACKED_BUDGET_MIB"; then
