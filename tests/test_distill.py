@@ -375,3 +375,40 @@ def test_fit_gives_the_student_the_profiles_soft_edge_as_a_fraction_of_its_windo
     assert student_taper(SimpleNamespace(support=SupportWindow((256, 256), 0)), 64) == 0
     assert student_taper(SimpleNamespace(support=None), 64) == 0
     assert student_taper(SimpleNamespace(support=SupportWindow((16, 16), 7)), 8) == 3  # capped below half
+
+
+def test_init_student_starts_from_another_cameras_student_and_refuses_another_network(tmp_path):
+    """--init-student: transfer a student trained under one PSF to another camera (a fine-tune, recorded)."""
+    data_a, targets_a = make_problem(tmp_path / "a")
+    train_student(settings(data_a, targets_a, tmp_path / "sa", steps=4))
+    data_b, targets_b = make_problem(tmp_path / "b")
+    psf_b = blur_psf(seed=1)  # another camera: another PSF, same network
+    np.save(data_b / "psf.npy", psf_b)
+    meta = json.loads((data_b / "dataset.json").read_text())
+    meta["psf"]["sha256"] = array_hash(psf_b)
+    (data_b / "dataset.json").write_text(json.dumps(meta))
+
+    # a learning rate of ~0 and no EMA lag: the saved weights are the ones it started from
+    train_student(settings(data_b, targets_b, tmp_path / "sb", steps=1, lr=1e-12, ema=0.0,
+                           init_student=str(tmp_path / "sa")))
+    wa, wb = load_file(str(tmp_path / "sa/model.safetensors")), load_file(str(tmp_path / "sb/model.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6) for k in wa)
+    train_student(settings(data_b, targets_b, tmp_path / "scratch", steps=1, lr=1e-12, ema=0.0))
+    ws = load_file(str(tmp_path / "scratch/model.safetensors"))
+    assert not all(torch.allclose(wa[k].float(), ws[k].float(), atol=1e-6) for k in wa)
+
+    cfg = json.loads((tmp_path / "sb/config.json").read_text())
+    init = cfg["training"]["init_from"]
+    assert init["psf_sha256"] == json.loads((tmp_path / "sa/config.json").read_text())["psf_sha256"]
+    assert init["psf_sha256"] != cfg["psf_sha256"]  # trained for camera A, now for camera B
+    assert len(init["weights_sha256"]) == 64 and init["step"] == 4
+
+    with pytest.raises(DistillError, match=r"--init-student .*architecture"):
+        train_student(settings(data_b, targets_b, tmp_path / "sc", steps=1, init_student=str(tmp_path / "sa"),
+                               architecture={**SMALL, "width": 4}))
+    with pytest.raises(DistillError, match="other settings .*init_student"):  # resuming from another start
+        train_student(settings(data_b, targets_b, tmp_path / "scratch", steps=2, lr=1e-12, ema=0.0,
+                               init_student=str(tmp_path / "sa")))
+    assert cli_main(["distill", "--data", str(data_b), "--targets", str(targets_b), "--out", str(tmp_path / "sd"),
+                     "--init-student", str(tmp_path / "nope"), "--quiet"]) == 2

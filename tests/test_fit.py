@@ -57,6 +57,42 @@ def test_fit_goes_from_a_profile_to_a_bundle_that_runs(profile_dir, camera_files
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["frames_out"] == 3 and stats["rejected"] == 0
 
+    # a second fit starts its student from the first one's and scores faces kept apart from --images
+    unseen = tmp_path / "unseen"
+    unseen.mkdir()
+    for path in sorted((shared / "data/faces/utkface").iterdir())[-5:]:  # not among the first 24 simulated
+        (unseen / path.name).symlink_to(path)
+    out2 = tmp_path / "fit2"
+    common = ["--profile", str(profile_dir[0]), "--images", str(shared / "data/faces/utkface"), "--prior",
+              str(tiny_prior_dir), "--captures", str(root / "captures"), "--out", str(out2), "--budget-minutes", "0.4",
+              "--student", "edge", "--images-limit", "24", "--teacher-steps", "2", "--threads", "1"]
+    assert train_main(["fit", *common, "--init-student", str(out / "student"), "--heldout-images", str(unseen)]) == 0
+    init = json.loads((out2 / "student" / "config.json").read_text())["training"]["init_from"]
+    assert init["dir"] == str((out / "student").resolve()) and len(init["weights_sha256"]) == 64
+    heldout = json.loads((out2 / "fit.json").read_text())["details"]["heldout"]
+    assert heldout["data"] == str(out2 / "heldout_data") and heldout["images"] >= 2
+    meta = json.loads((out2 / "heldout_data" / "dataset.json").read_text())
+    assert len(meta["splits"]["test"]) == 5 and not meta["splits"]["train"]
+    assert set(meta["sources"].values()) == {p.name for p in unseen.iterdir()}
+    assert f"The test split of `{out2 / 'heldout_data'}`" in (out2 / "report.md").read_text()
+
+
+def test_fit_refuses_a_wrong_start_or_held_out_folder_before_any_work(profile_dir, camera_files, tiny_prior_dir,  # noqa: F811
+                                                                       tmp_path, shared, capsys):
+    from train.cli import main as train_main
+
+    root, _ = camera_files
+    common = ["--profile", str(profile_dir[0]), "--images", str(shared / "data/faces/utkface"), "--prior",
+              str(tiny_prior_dir), "--captures", str(root / "captures"), "--out", str(tmp_path / "fit"),
+              "--threads", "1"]
+    assert train_main(["fit", *common, "--init-student", str(tmp_path)]) == 2
+    assert "--init-student" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert train_main(["fit", *common, "--heldout-images", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "--heldout-images" in err and "no image files" in err
+    assert not (tmp_path / "fit" / "data").exists()
+
 
 @pytest.mark.parametrize("per_image, budget, available, expected", [
     (10.0, 100.0, 32, 10),   # the budget decides

@@ -58,8 +58,11 @@ from train.students import (
     count_parameters,
     default_architecture,
     load_prior_dir,
+    load_student_weights,
     make_config,
+    read_student_config,
     save_student,
+    student_weights_path,
     wrap_student,
 )
 from train.threads import torch_threads
@@ -107,6 +110,7 @@ class DistillSettings:
     time_budget: float | None = None  # seconds for this invocation: sizes `steps` from the measured step rate
     preload: bool = False  # hold every (y, target) pair in memory (on the training device)
     psf_scale_range: list[float] | None = None  # [lo, hi]: y simulated from the targets, PSF scaled per sample
+    init_student: str | None = None  # a student directory whose weights start the run (transfer to a new camera)
 
     def validate(self) -> None:
         if self.student not in KINDS:
@@ -146,6 +150,8 @@ class DistillSettings:
             out["psf_scale_range"] = list(self.psf_scale_range)
         if self.support_taper:  # likewise
             out["support_taper"] = int(self.support_taper)
+        if self.init_student is not None:  # likewise; the weights' hash, not the path, names the start
+            out["init_student"] = init_student_record(self.init_student)["weights_sha256"]
         return out
 
 
@@ -179,6 +185,29 @@ def resolve_support(text: str, dataset: LenslessDataset, physics: LenslessOperat
 # ----------------------------------------------------------------------------------------------
 # Training pieces
 # ----------------------------------------------------------------------------------------------
+
+
+def init_student_record(directory: str) -> dict:
+    """Where a ``--init-student`` run starts: the directory, its weights' SHA-256 and what they were trained for
+    (PSF hash, geometry, step), recorded in the new student's ``config.json``."""
+    cfg = read_student_config(directory)
+    wpath = student_weights_path(directory, cfg)
+    return {"dir": str(Path(directory).resolve()), "weights_sha256": hashlib.sha256(wpath.read_bytes()).hexdigest(),
+            "psf_sha256": cfg.get("psf_sha256"), "geometry": cfg.get("geometry"), "step": cfg.get("step"),
+            "kind": cfg.get("kind")}
+
+
+def check_init_student(directory: str, kind: str, channels: int, arch: dict, objective: str) -> dict:
+    """The config of the student ``--init-student`` names, when its network is the one this run trains: same
+    kind, channels, architecture and objective (its PSF, geometry and λ may differ: that is the point)."""
+    cfg = read_student_config(directory)
+    theirs = {"kind": cfg.get("kind"), "channels": int(cfg.get("channels", -1)),
+              "architecture": cfg.get("architecture", {}), "objective": cfg.get("objective")}
+    ours = {"kind": kind, "channels": int(channels), "architecture": arch, "objective": objective}
+    diff = [f"{k} {theirs[k]!r} (this run: {ours[k]!r})" for k in ours if theirs[k] != ours[k]]
+    if diff:
+        raise DistillError(f"--init-student {directory}: its network is not this run's: " + "; ".join(diff))
+    return cfg
 
 
 def learning_rate(step: int, base: float, total: int, warmup: int) -> float:
@@ -328,6 +357,10 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
         "batch": s.batch, "lr": s.lr, "ema": s.ema, "seed": s.seed, "weights_from": "ema", "lam_rule": lam_rule}}
     if ctx.enabled:
         extra["training"]["data_parallel"] = ctx.describe()
+    init_cfg = None
+    if s.init_student is not None:
+        init_cfg = check_init_student(s.init_student, s.student, data.channels, arch, s.objective)
+        extra["training"]["init_from"] = init_student_record(s.init_student)
     if s.student == "paper":
         if prior is None:
             prior = load_prior_dir(s.prior)  # type: ignore[arg-type]
@@ -354,6 +387,8 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
     if s.student == "paper":  # the pretrained prior is fine-tuned too: make sure it is trainable
         for p in net.parameters():
             p.requires_grad_(True)
+    if init_cfg is not None:  # transfer: start from another student's g (another PSF or geometry), same network
+        load_student_weights(net, s.init_student, init_cfg)  # type: ignore[arg-type]
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -604,6 +639,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="train over a range of PSF scales (a scene at another depth): each sample's measurement is "
                         "simulated from its target through the PSF scaled by s ~ log-uniform[LO, HI] (dataset noise), "
                         "and the student learns under that A_s (LO = HI = 1: the same pipeline for one PSF)")
+    p.add_argument("--init-student", default=None, metavar="DIR",
+                   help="start from this student's weights (same kind, channels, architecture and objective; its PSF, "
+                        "geometry and λ may differ): fine-tune a student trained on simulated data for another camera")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -635,7 +673,8 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
         model=args.model, lam=args.lam, projector=args.projector, prior=args.prior, support=args.support, support_taper=args.support_taper, architecture=arch, seed=args.seed, device=args.device,
         amp=args.amp, fp16=args.fp16, progress=not args.quiet,
         time_budget=None if args.time_budget is None else 60.0 * args.time_budget, preload=args.preload,
-        psf_scale_range=list(args.psf_scale_range) if args.psf_scale_range is not None else None)
+        psf_scale_range=list(args.psf_scale_range) if args.psf_scale_range is not None else None,
+        init_student=args.init_student)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -7,8 +7,8 @@ One resumable command, stage by stage (a stage whose output is complete is skipp
     distill   the student (paper by default) on those labels, time-boxed                   OUT/student
     export    student + the profile's pseudo-inverse as one ONNX graph, verified           OUT/model.onnx
     bundle    the graph, the profile's preprocessing and the profile itself               OUT/bundle
-    held-out  the simulated test faces of this profile: Wiener, the teacher and the student
-              scored against their ground truth (PSNR, LPIPS; the only use of it)           OUT/heldout
+    held-out  the simulated test faces of this profile (or --heldout-images through it): Wiener, the
+              teacher and the student scored against their ground truth (PSNR, LPIPS; its only use)  OUT/heldout
     report    the real captures through Wiener (the profile's λ and the student's), FISTA, the
               teacher and the student, side by side, with ‖A x̂ − y‖/‖y‖ under the profile's
               forward operator, and the held-out table                                     OUT/report.md, .png
@@ -61,6 +61,13 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lam", default="discrepancy",
                    help="λ of the student's pseudo-inverse: a number or 'discrepancy' (default)")
     p.add_argument("--lpips-weights", default=None, help="LPIPS-Alex weights (student loss term 0.1 when given)")
+    p.add_argument("--init-student", default=None, type=Path, metavar="DIR",
+                   help="start the student from this one's weights (same kind and network; trained for another PSF "
+                        "or geometry, e.g. on simulated faces with many more labels than this fit can afford)")
+    p.add_argument("--heldout-images", default=None, type=Path, metavar="DIR",
+                   help="score the held-out stage on these scenes (simulated through the profile): images that "
+                        "neither the prior nor --init-student trained on. Default: the test split of --images, "
+                        "which is held out only if the prior never saw --images")
     add_threads_argument(p, "torch CPU threads (simulate: its own default unless given)", "train")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
@@ -131,6 +138,7 @@ def run_fit(args: argparse.Namespace) -> dict:
                                "that counts as 3): run nsdd-edge calibrate again")
             raise FitError(f"--captures {path}: {y.shape[0]} channel(s) after the profile's preprocessing, the camera "
                            f"gives {profile.channels} (a PSF image or another camera's file in the folder? pass a glob)")
+    check_starts(args, profile.channels)  # named errors now, not after an hour of labelling
     out: Path = args.out
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
@@ -189,7 +197,8 @@ def run_fit(args: argparse.Namespace) -> dict:
         lpips_weights=args.lpips_weights, steps=100_000, batch=8, lr=2e-4 if args.student == "paper" else 5e-4,
         warmup=20, checkpoint_every=100, samples=4, device=device, fp16=False, progress=interactive, preload=True,
         time_budget=stages.budget("distill"), support_taper=student_taper(profile, size),
-        architecture={} if args.student == "paper" else {"width": 16, "depth": 3, "max_width": 128})
+        architecture={} if args.student == "paper" else {"width": 16, "depth": 3, "max_width": 128},
+        init_student=str(args.init_student) if args.init_student else None)
     if distilled is None:
         summary = train_student(settings)
         stages.done("distill", t, steps=summary["step"], parameters=summary["parameters"])
@@ -219,7 +228,10 @@ def run_fit(args: argparse.Namespace) -> dict:
     t = time.monotonic()
     if (heldout := stages.finished("heldout")) is None:
         per_image = float(stages.finished("teacher")["seconds_per_image"])
-        heldout = heldout_scores(data, student_dir, args, device, per_image, stages.budget("heldout"), len(ds.ids("test")))
+        heldout_data = data if args.heldout_images is None else simulate_heldout(args, size, out / "heldout_data")
+        heldout = heldout_scores(heldout_data, student_dir, args, device, per_image, stages.budget("heldout"),
+                                 len(LenslessDataset(heldout_data).ids("test")))
+        heldout["data"] = str(heldout_data)
         stages.done("heldout", t, **heldout)
 
     # 6. the report on the real captures
@@ -227,6 +239,44 @@ def run_fit(args: argparse.Namespace) -> dict:
     report = fit_report(profile, measured, prior, student_dir, out, args.teacher_steps, device, heldout)
     stages.done("report", t, consistency=report["consistency"])
     return json.loads((out / "fit.json").read_text())
+
+
+def check_starts(args: argparse.Namespace, channels: int) -> None:
+    """``--heldout-images`` holds images; ``--init-student`` is a student of this kind for this many channels."""
+    from nsdd_edge.optics import OpticsError
+    from train.simulate import list_images
+    from train.students import StudentError, read_student_config
+
+    if args.heldout_images is not None:
+        try:
+            list_images(args.heldout_images)
+        except OpticsError as exc:
+            raise FitError(str(exc).replace("--images", "--heldout-images", 1)) from None
+    if args.init_student is not None:
+        try:
+            init = read_student_config(args.init_student)
+        except StudentError as exc:
+            raise FitError(f"--init-student {exc}") from None
+        if init.get("kind") != args.student or int(init.get("channels", -1)) != channels:
+            raise FitError(f"--init-student {args.init_student}: a {init.get('channels')}-channel {init.get('kind')} "
+                           f"student; this fit trains a {channels}-channel {args.student} student")
+
+
+def simulate_heldout(args: argparse.Namespace, size: int, out: Path) -> Path:
+    """``--heldout-images``: those scenes through the profile, every one in the test split (``OUT/heldout_data``)."""
+    from train.cli import main as train_main
+    from train.simulate import list_images
+
+    n = len(list_images(args.heldout_images, args.images_limit))
+    if n == 0:
+        raise FitError(f"--heldout-images {args.heldout_images}: no image files")
+    if not _complete(out / "dataset.json"):
+        rc = train_main(["simulate", "--images", str(args.heldout_images), "--profile", str(args.profile),
+                         "--size", str(size), "--limit", str(args.images_limit), "--n-test", str(n), "--out", str(out),
+                         *(["--threads", str(args.threads)] if args.threads else [])])
+        if rc != 0:
+            raise FitError("held-out: simulating --heldout-images failed (see above)")
+    return out
 
 
 def heldout_images(per_image: float, budget: float, available: int, minimum: int = 2) -> int:
@@ -336,8 +386,10 @@ def heldout_lines(heldout: dict | None) -> list[str]:
     def cell(v, fmt: str) -> str:
         return "—" if v is None else format(float(v), fmt)
 
-    lines = ["", f"## Held-out simulated faces of this profile ({heldout['images']}, scored against ground truth)",
-             "", "| method | PSNR | SSIM | LPIPS | consistency |", "|---|---:|---:|---:|---:|"]
+    lines = ["", f"## Held-out simulated faces of this profile ({heldout['images']}, scored against ground truth)"]
+    if heldout.get("data"):
+        lines += ["", f"The test split of `{heldout['data']}`."]
+    lines += ["", "| method | PSNR | SSIM | LPIPS | consistency |", "|---|---:|---:|---:|---:|"]
     for name, m in heldout["metrics"].items():
         lines.append(f"| {name} | {cell(m.get('psnr'), '.2f')} | {cell(m.get('ssim'), '.3f')} | "
                      f"{cell(m.get('lpips'), '.4f')} | {cell(m.get('consistency'), '.4f')} |")

@@ -441,6 +441,33 @@ def read_student_config(directory: str | os.PathLike) -> dict:
     return cfg
 
 
+def student_weights_path(directory: str | os.PathLike, config: dict) -> Path:
+    """The weights file a student directory's config names (``model.safetensors`` by default)."""
+    d = Path(directory)
+    wpath = d / config.get("weights", {}).get("file", WEIGHTS_NAME)
+    if not wpath.exists():
+        raise StudentError(f"{d}: weights file {wpath.name} is missing")
+    return wpath
+
+
+def load_student_weights(net: nn.Module, directory: str | os.PathLike, config: dict) -> None:
+    """Fill ``net`` (built from ``config``) with the directory's weights, as float32; a named error when the
+    file is unreadable or does not fit the architecture."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    wpath = student_weights_path(directory, config)
+    try:
+        state = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise StudentError(f"{wpath}: unreadable safetensors ({exc})") from exc
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise StudentError(f"{wpath}: weights do not match the architecture in {CONFIG_NAME} ({exc})") from exc
+
+
 def load_student(directory: str | os.PathLike, *, device: str | torch.device = "cpu", prior: Any | None = None,
                  clip: bool = False) -> StudentSolver:
     """Load a student directory as a :class:`StudentSolver` (``.net`` is ``g``, float32, eval mode).
@@ -448,24 +475,10 @@ def load_student(directory: str | os.PathLike, *, device: str | torch.device = "
     ``prior``: for a ``paper`` student, a prior object whose ``.net`` has the architecture to fill (default:
     ``load_prior(config['prior']['dir'])``).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     d = Path(directory)
     cfg = read_student_config(d)
     student = build_student(cfg, prior=prior)
-    wpath = d / cfg.get("weights", {}).get("file", WEIGHTS_NAME)
-    if not wpath.exists():
-        raise StudentError(f"{d}: weights file {wpath.name} is missing")
-    try:
-        state = load_file(str(wpath))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise StudentError(f"{wpath}: unreadable safetensors ({exc})") from exc
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    try:
-        student.net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise StudentError(f"{wpath}: weights do not match the architecture in {CONFIG_NAME} ({exc})") from exc
+    load_student_weights(student.net, d, cfg)
     student.net.eval()
     return StudentSolver(student=student, config=cfg, device=str(device), clip=clip, path=str(d))
 
