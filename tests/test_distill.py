@@ -412,3 +412,58 @@ def test_init_student_starts_from_another_cameras_student_and_refuses_another_ne
                                init_student=str(tmp_path / "sa")))
     assert cli_main(["distill", "--data", str(data_b), "--targets", str(targets_b), "--out", str(tmp_path / "sd"),
                      "--init-student", str(tmp_path / "nope"), "--quiet"]) == 2
+
+
+def test_preloaded_runs_compute_each_a_dagger_once_and_train_the_same_weights(tmp_path, monkeypatch):
+    """--preload caches A†y per sample (a cg A† costs 20 A/Aᵀ pairs); the weights equal the uncached run's."""
+    data, targets = make_problem(tmp_path)
+    calls = []
+    original = LenslessOperator.A_dagger
+
+    def counting(self, y):
+        calls.append(int(y.shape[0]))
+        return original(self, y)
+
+    monkeypatch.setattr(LenslessOperator, "A_dagger", counting)
+    train_student(settings(data, targets, tmp_path / "plain", samples=0))
+    plain_calls = sum(calls)
+    calls.clear()
+    train_student(settings(data, targets, tmp_path / "cached", preload=True, samples=0))
+    assert sum(calls) == N - 2 < plain_calls  # the 10 training samples, once each (6 steps of 4 see them all)
+    a, b = load_file(str(tmp_path / "plain/model.safetensors")), load_file(str(tmp_path / "cached/model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_loss_window_support_scores_only_the_window_the_student_fills(tmp_path):
+    from train.distill import distill_loss, loss_window
+
+    physics = LenslessOperator(blur_psf(), (SIZE, SIZE), "circular", lam=1e-4)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.rand((2, 3, SIZE, SIZE), generator=g), torch.rand((2, 3, SIZE, SIZE), generator=g)
+    r = physics.null_project(x - t)
+    inner = r[..., 8:24, 8:24]
+    assert distill_loss(x, t, physics, "nullspace", "l1", (16, 16)) == pytest.approx(inner.abs().mean().item())
+    assert distill_loss(x, t, physics, "nullspace", "l2") == pytest.approx(r.pow(2).mean().item())
+    outside = t.clone()
+    outside[..., :4, :] += 1.0  # a difference outside the window does not count
+    assert distill_loss(x, outside, physics, "full", "l1", (16, 16)) == pytest.approx(
+        distill_loss(x, t, physics, "full", "l1", (16, 16)).item())
+    assert loss_window("grid", (16, 16), (SIZE, SIZE)) is None
+    assert loss_window("support", (16, 16), (SIZE, SIZE)) == (16, 16)
+    with pytest.raises(DistillError, match="--loss-window support needs a support window"):
+        loss_window("support", None, (SIZE, SIZE))
+
+    data, targets = make_problem(tmp_path)
+    with pytest.raises(DistillError, match="--loss-window support needs"):
+        train_student(settings(data, targets, tmp_path / "none", loss_window="support"))
+    with pytest.raises(DistillError, match="--loss-window"):
+        train_student(settings(data, targets, tmp_path / "bad", loss_window="edges"))
+    meta = json.loads((data / "dataset.json").read_text())
+    meta["forward"] = {"model": "crop", "sensor_shape": [SIZE, SIZE], "scene_shape": [16, 16],
+                       "conv_shape": [2 * SIZE, 2 * SIZE]}
+    (data / "dataset.json").write_text(json.dumps(meta))
+    out = tmp_path / "windowed"
+    train_student(settings(data, targets, out, support="auto", loss_window="support"))
+    assert json.loads((out / "config.json").read_text())["training"]["loss_window"] == [16, 16]
+    with pytest.raises(DistillError, match="other settings .*loss_window"):  # resuming with the whole grid
+        train_student(settings(data, targets, out, support="auto", steps=8))

@@ -34,7 +34,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -47,7 +47,7 @@ from train.data import DatasetError, LenslessDataset
 from train.distill_data import BatchOrder, DistillError, TargetSet, choose_ids
 from train.distill_figures import measurement_view, write_loss_curve, write_sample_grid
 from train.distributed import DistContext, init_distributed
-from train.physics import LenslessOperator
+from train.physics import LenslessOperator, center_crop
 from train.progress import TimeEstimate
 from train.scale_range import ScaleOperators, ScaleRangeData, check_scale_range
 from train.students import (
@@ -69,6 +69,7 @@ from train.threads import torch_threads
 
 HELP = "distill a one-pass NSDD student (edge or paper) from teacher targets"
 CHECKPOINT_NAME = "checkpoint.pt"
+LOSS_WINDOWS = ("grid", "support")
 SAMPLE_KEY = 2**31  # the scale-range draw of the sample grids (training steps use keys 0, 1, …)
 
 
@@ -111,6 +112,7 @@ class DistillSettings:
     preload: bool = False  # hold every (y, target) pair in memory (on the training device)
     psf_scale_range: list[float] | None = None  # [lo, hi]: y simulated from the targets, PSF scaled per sample
     init_student: str | None = None  # a student directory whose weights start the run (transfer to a new camera)
+    loss_window: str = "grid"  # grid: the loss on the whole scene grid; support: on the student's support window
 
     def validate(self) -> None:
         if self.student not in KINDS:
@@ -138,6 +140,8 @@ class DistillSettings:
             raise DistillError(f"--amp must be auto, bf16 or off, got {self.amp!r}")
         if self.psf_scale_range is not None:
             self.psf_scale_range = list(check_scale_range(self.psf_scale_range))
+        if self.loss_window not in LOSS_WINDOWS:
+            raise DistillError(f"--loss-window must be one of {', '.join(LOSS_WINDOWS)}, got {self.loss_window!r}")
         parse_support(self.support)
 
     def signature(self) -> dict:
@@ -150,6 +154,8 @@ class DistillSettings:
             out["psf_scale_range"] = list(self.psf_scale_range)
         if self.support_taper:  # likewise
             out["support_taper"] = int(self.support_taper)
+        if self.loss_window != "grid":  # likewise
+            out["loss_window"] = self.loss_window
         if self.init_student is not None:  # likewise; the weights' hash, not the path, names the start
             out["init_student"] = init_student_record(self.init_student)["weights_sha256"]
         return out
@@ -220,12 +226,29 @@ def learning_rate(step: int, base: float, total: int, warmup: int) -> float:
 
 
 def distill_loss(x_hat: torch.Tensor, target: torch.Tensor, physics: LenslessOperator, objective: str,
-                 norm: str) -> torch.Tensor:
-    """``mean |r|`` (l1) or ``mean r²`` (l2) of ``r = (I − A†A)(x̂ − T)`` (nullspace) or ``x̂ − T`` (full)."""
+                 norm: str, window: tuple[int, int] | None = None) -> torch.Tensor:
+    """``mean |r|`` (l1) or ``mean r²`` (l2) of ``r = (I − A†A)(x̂ − T)`` (nullspace) or ``x̂ − T`` (full);
+    ``window``: the mean over the centred window ``C_w r`` only (where the student's ``g`` acts)."""
     r = x_hat.float() - target.float()
     if objective == "nullspace":
         r = physics.null_project(r)
+    if window is not None:
+        r = center_crop(r, window)
     return r.abs().mean() if norm == "l1" else r.pow(2).mean()
+
+
+def loss_window(setting: str, support: tuple[int, int] | None, scene_shape: Sequence[int]) -> tuple[int, int] | None:
+    """``--loss-window``: None for ``grid``; the support window for ``support`` (a named error without one).
+
+    ``support`` suits a scene grid much larger than the scenes (a cg camera whose 64² faces sit on a 256² grid):
+    there the targets are black padding that real scenes do not have, the student's ``g`` cannot reach it, and on
+    the whole grid it dilutes the loss on the window the student fills (LPIPS 16x at 64 on 256)."""
+    if setting == "grid":
+        return None
+    if support is None or tuple(support) == tuple(int(v) for v in scene_shape):
+        raise DistillError("--loss-window support needs a support window smaller than the scene grid "
+                           f"{tuple(scene_shape)} (--support)")
+    return (int(support[0]), int(support[1]))
 
 
 @torch.no_grad()
@@ -375,6 +398,9 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
         extra["training"]["scale_range"] = scale_data.describe()
         extra["psf_scale_range"] = list(s.psf_scale_range)
     support = resolve_support(s.support, dataset, physics)
+    window = loss_window(s.loss_window, support, physics.scene_shape)
+    if window is not None:
+        extra["training"]["loss_window"] = list(window)
     try:
         config = make_config(s.student, s.objective, data.channels, physics, arch, support,  # type: ignore[arg-type]
                              support_taper=int(s.support_taper), **extra)
@@ -500,6 +526,8 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
                    dynamic_ncols=True)
         estimate = TimeEstimate("distill", s.steps, "step")
         net.train()
+        # A†y of each sample once, when every y is held anyway (the scale range draws a new y every step)
+        dagger_cache: dict[str, torch.Tensor] | None = {} if s.preload and scale_data is None else None
         while step < s.steps:
             if deadline is not None:  # size the run to the time budget from the measured step rate
                 now = time.monotonic()
@@ -523,14 +551,24 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
                 y, target = data.batch(batch_ids)
                 step_physics = physics
             y, target = y.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            x_dagger = None
+            if dagger_cache is not None:  # A†y of a fixed y: computed once per sample (20 A/Aᵀ pairs for cg)
+                missing = list(dict.fromkeys(i for i in batch_ids if i not in dagger_cache))  # once each
+                if missing:
+                    with torch.no_grad():
+                        fresh = step_physics.A_dagger(y[[batch_ids.index(i) for i in missing]])
+                    dagger_cache.update(zip(missing, fresh))
+                x_dagger = torch.stack([dagger_cache[i] for i in batch_ids])
             lr = learning_rate(step, s.lr, s.steps, min(s.warmup, s.steps // 10))
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                x_hat = student(y, step_physics)
-            loss = distill_loss(x_hat, target, step_physics, s.objective, s.loss)
+                x_hat = student(y, step_physics, x_dagger=x_dagger)
+            loss = distill_loss(x_hat, target, step_physics, s.objective, s.loss, window)
             if lpips_net is not None:
-                loss = loss + s.lpips_weight * lpips_net(x_hat.float(), target.float()).mean()
+                seen, wanted = (x_hat, target) if window is None else (center_crop(x_hat, window),
+                                                                       center_crop(target, window))
+                loss = loss + s.lpips_weight * lpips_net(seen.float(), wanted.float()).mean()
             mean_loss = ctx.mean(loss.detach())  # the global batch's loss (the same on every process)
             if not torch.isfinite(mean_loss):
                 raise DistillError(f"loss became {mean_loss.item()} at step {step + 1}; lower --lr (checkpoint at "
@@ -639,6 +677,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="train over a range of PSF scales (a scene at another depth): each sample's measurement is "
                         "simulated from its target through the PSF scaled by s ~ log-uniform[LO, HI] (dataset noise), "
                         "and the student learns under that A_s (LO = HI = 1: the same pipeline for one PSF)")
+    p.add_argument("--loss-window", choices=LOSS_WINDOWS, default="grid",
+                   help="where the loss (and LPIPS) is taken: the whole scene grid, or the student's support window "
+                        "(scenes much smaller than the grid, e.g. a cg camera's 64² faces on its 256² grid)")
     p.add_argument("--init-student", default=None, metavar="DIR",
                    help="start from this student's weights (same kind, channels, architecture and objective; its PSF, "
                         "geometry and λ may differ): fine-tune a student trained on simulated data for another camera")
@@ -674,7 +715,7 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
         amp=args.amp, fp16=args.fp16, progress=not args.quiet,
         time_budget=None if args.time_budget is None else 60.0 * args.time_budget, preload=args.preload,
         psf_scale_range=list(args.psf_scale_range) if args.psf_scale_range is not None else None,
-        init_student=args.init_student)
+        init_student=args.init_student, loss_window=args.loss_window)
 
 
 def main(args: argparse.Namespace) -> int:

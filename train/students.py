@@ -72,11 +72,14 @@ class StudentError(ValueError):
 # ----------------------------------------------------------------------------------------------
 
 
-def student_inputs(y: torch.Tensor, physics: LenslessOperator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(concat(fit(y), A†y), A†y)``: the ``(N, 2C, *scene_shape)`` network input and ``A†y``."""
+def student_inputs(y: torch.Tensor, physics: LenslessOperator,
+                   x_dagger: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(concat(fit(y), A†y), A†y)``: the ``(N, 2C, *scene_shape)`` network input and ``A†y`` (``x_dagger``:
+    ``A†y`` computed before, e.g. cached by a training loop that sees the same ``y`` many times)."""
     if y.ndim != 4:
         raise ValueError(f"measurement y must be a batch (N, C, H, W), got shape {tuple(y.shape)}")
-    x_dagger = physics.A_dagger(y)
+    if x_dagger is None:
+        x_dagger = physics.A_dagger(y)
     return torch.cat([fit_to_grid(y, physics.scene_shape), x_dagger], dim=1), x_dagger
 
 
@@ -263,8 +266,9 @@ class Student(nn.Module):
         window = support_window(self.support_shape, self.support_taper)
         self.register_buffer("_window", None if window is None else torch.from_numpy(window), persistent=False)
 
-    def forward(self, y: torch.Tensor, physics: LenslessOperator, return_parts: bool = False):
-        inputs, x_dagger = student_inputs(y, physics)
+    def forward(self, y: torch.Tensor, physics: LenslessOperator, return_parts: bool = False,
+                x_dagger: torch.Tensor | None = None):
+        inputs, x_dagger = student_inputs(y, physics, x_dagger)
         if self.support_shape is not None:  # g sees and fills only the scene's known support; black outside
             g = self.net(center_crop(inputs, self.support_shape)).float()
             if self._window is not None:
