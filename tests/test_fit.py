@@ -67,7 +67,10 @@ def test_fit_goes_from_a_profile_to_a_bundle_that_runs(profile_dir, camera_files
               str(tiny_prior_dir), "--captures", str(root / "captures"), "--out", str(out2), "--budget-minutes", "0.4",
               "--student", "edge", "--images-limit", "24", "--teacher-steps", "2", "--threads", "1"]
     assert train_main(["fit", *common, "--init-student", str(out / "student"), "--heldout-images", str(unseen)]) == 0
-    init = json.loads((out2 / "student" / "config.json").read_text())["training"]["init_from"]
+    config = json.loads((out2 / "student" / "config.json").read_text())
+    init = config["training"]["init_from"]
+    assert config["support_shape"] == [16, 16] and config["scene_shape"][0] > 16  # faces smaller than the grid:
+    assert config["training"]["loss_window"] == [16, 16]  # the loss is taken on the window the student fills
     assert init["dir"] == str((out / "student").resolve()) and len(init["weights_sha256"]) == 64
     heldout = json.loads((out2 / "fit.json").read_text())["details"]["heldout"]
     assert heldout["data"] == str(out2 / "heldout_data") and heldout["images"] >= 2

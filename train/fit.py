@@ -198,7 +198,9 @@ def run_fit(args: argparse.Namespace) -> dict:
         warmup=20, checkpoint_every=100, samples=4, device=device, fp16=False, progress=interactive, preload=True,
         time_budget=stages.budget("distill"), support_taper=student_taper(profile, size),
         architecture={} if args.student == "paper" else {"width": 16, "depth": 3, "max_width": 128},
-        init_student=str(args.init_student) if args.init_student else None)
+        init_student=str(args.init_student) if args.init_student else None,
+        # scenes smaller than the grid (a cg camera: 64² faces on 256²): the loss where g acts, not the black padding
+        loss_window="support" if size < min(profile.geometry.scene_shape) else "grid")
     if distilled is None:
         summary = train_student(settings)
         stages.done("distill", t, steps=summary["step"], parameters=summary["parameters"])
