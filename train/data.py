@@ -73,6 +73,38 @@ class LenslessDataset:
     def ground_truth(self, sample_id: str) -> np.ndarray:
         return read_array(self.root / "ground_truth" / f"{sample_id}.npy")
 
+    def scene_levels(self, ids: Sequence[str]) -> torch.Tensor | None:
+        """Each sample's scene level ``L``: a camera profile's simulation stores ``L · x`` (``x`` the [0, 1] image)
+        to match the real captures' signal, so image metrics score ``x̂ / L`` against ``x``. ``None`` for data
+        simulated without a profile (``L = 1``).
+
+        Data sets written before the levels were recorded (``profile_match`` without ``scene_levels``) get them
+        back exactly from their source images: ``L = Σ L·x / Σ x`` (a named error when the images are gone)."""
+        if "profile_match" not in self.meta:
+            return None
+        recorded = self.meta.get("scene_levels") or {}
+        levels = []
+        for sid in ids:
+            if sid in recorded:
+                levels.append(float(recorded[sid]))
+                continue
+            levels.append(self._recovered_level(sid))
+        return torch.tensor(levels, dtype=torch.float32)
+
+    def _recovered_level(self, sid: str) -> float:
+        from train.simulate import prepare_scene
+
+        cache = self.__dict__.setdefault("_levels", {})
+        if sid not in cache:
+            settings, source = self.meta.get("settings", {}), (self.meta.get("sources") or {}).get(sid)
+            path = Path(settings.get("images", "")) / str(source)
+            if source is None or not path.is_file():
+                raise DatasetError(f"{self.root}: sample {sid}'s scene level is not recorded and its source image "
+                                   f"{path} is gone; simulate the data set again to record the levels")
+            scene = prepare_scene(path, int(settings["scene_size"]), int(self.meta.get("channels", 3)))
+            cache[sid] = float(self.ground_truth(sid).sum() / max(float(scene.sum()), 1e-12))
+        return cache[sid]
+
     def measurements(self, ids: Sequence[str]) -> torch.Tensor:
         """Stack measurements of ``ids`` into an ``(N, C, H, W)`` float32 tensor."""
         return torch.from_numpy(np.stack([self.measurement(i) for i in ids]))

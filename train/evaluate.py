@@ -491,20 +491,30 @@ def score(x_full: torch.Tensor, ids: Sequence[str], ds: LenslessDataset, physics
                                       f"(first: {missing[:3]}); image metrics need all of them")
             return out  # real captures: consistency only
         reference = torch.from_numpy(np.stack([ds.ground_truth(i) for i in ids]))
-    out.update(image_scores(x_full, reference, use_lpips, lpips_weights, device, name))
+    try:
+        levels = ds.scene_levels(ids)
+    except DatasetError as exc:
+        raise EvaluationError(str(exc)) from None
+    out.update(image_scores(x_full, reference, use_lpips, lpips_weights, device, name, levels))
     return out
 
 
 def image_scores(x_full: torch.Tensor, reference: torch.Tensor, use_lpips: bool, lpips_weights: str | None,
-                 device: str, name: str = "method") -> dict[str, list]:
+                 device: str, name: str = "method", levels: torch.Tensor | None = None) -> dict[str, list]:
     """Per-image PSNR, SSIM and LPIPS of ``x_full`` centre-cropped to the reference's size and both clipped to
-    [0, 1] (the scene sits in the centre of the reconstruction grid)."""
+    [0, 1] (the scene sits in the centre of the reconstruction grid). ``levels`` ``(N,)``: scenes simulated at
+    level ``L`` (a camera profile's signal scale) are scored as ``x̂ / L`` against ``x / L``, on the [0, 1] scale
+    of the image (clipping ``L · x`` at 1 would saturate most of a face)."""
     gh, gw = reference.shape[-2:]
     if x_full.shape[-2] < gh or x_full.shape[-1] < gw:
         raise EvaluationError(f"{name}: reconstructions {tuple(x_full.shape[-2:])} are smaller than the reference "
                               f"{(gh, gw)}")
-    x = center_crop(x_full, (gh, gw)).clamp(0, 1)
-    gt = reference.clamp(0, 1)
+    x = center_crop(x_full, (gh, gw))
+    gt = reference
+    if levels is not None:
+        scale = levels.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        x, gt = x / scale, gt / scale.to(gt.dtype)
+    x, gt = x.clamp(0, 1), gt.clamp(0, 1)
     out = {"psnr": [float(v) for v in M.psnr(x, gt)], "ssim": [float(v) for v in M.ssim(x, gt)]}
     if use_lpips:
         out["lpips"] = [float(v) for v in M.lpips(x.to(device), gt.to(device), lpips_weights)]

@@ -353,6 +353,9 @@ def simulate(args: argparse.Namespace) -> dict:
         if (out / "measurements" / f"{sid}.npy").exists() and (out / "ground_truth" / f"{sid}.npy").exists():
             sources[sid] = path.name
             done.append(sid)  # already written by an interrupted run with the same settings
+            if profile is not None:  # its level: L = Σ L·x / Σ x (the scene is deterministic)
+                scene = prepare_scene(path, args.size, channels)
+                levels[sid] = float(np.load(out / "ground_truth" / f"{sid}.npy").sum() / max(float(scene.sum()), 1e-12))
             continue
         try:
             scene = prepare_scene(path, args.size, channels)
@@ -370,6 +373,8 @@ def simulate(args: argparse.Namespace) -> dict:
         raise OpticsError(f"--images {args.images}: none of the {len(files)} files could be read")
     meta.update(complete=True, sources=dict(sorted(sources.items())), skipped=skipped,
                 splits=split_ids(done, args.seed, args.test_fraction, args.n_test), count=len(done))
+    if profile is not None:  # ground truth = L·x: image metrics score x̂ / L against x (LenslessDataset.scene_levels)
+        meta["scene_levels"] = {sid: levels[sid] for sid in sorted(levels)}
     if profile is not None:  # how well the simulated y matches the real captures (no ground truth involved)
         from nsdd_edge.camera import noise_std_immerkaer, signal_stats
 
