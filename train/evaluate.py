@@ -721,9 +721,13 @@ def run_evaluation(cfg: EvaluationConfig) -> dict:
     rows = ids[: cfg.grid_samples]
     if rows:
         gh_gw = ds.ground_truth(rows[0]).shape[-2:] if ds.has_ground_truth(rows[0]) else None
-        shown = {name: [center_crop(x[k], gh_gw).numpy() if gh_gw is not None else x[k].numpy()
+        try:  # shown as scored: a camera profile's scenes at their level L, divided by it
+            level = [1.0] * len(rows) if (lv := ds.scene_levels(rows)) is None else [float(v) for v in lv]
+        except DatasetError:
+            level = [1.0] * len(rows)
+        shown = {name: [(center_crop(x[k], gh_gw) if gh_gw is not None else x[k]).numpy() / level[k]
                         for k in range(len(rows))] for name, x in recons.items()}
-        gts = [ds.ground_truth(i) if ds.has_ground_truth(i) else None for i in rows]
+        gts = [ds.ground_truth(i) / level[k] if ds.has_ground_truth(i) else None for k, i in enumerate(rows)]
         figures["qualitative comparison"] = save_grid(cfg.out / "grid.png", rows,
                                                       [ds.measurement(i) for i in rows], shown, gts)
     figures["LPIPS vs. time"] = save_lpips_vs_time(cfg.out / "lpips_vs_time.png", metrics)
