@@ -41,10 +41,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unseen_faces: error: not a simulated data set ({exc})", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
+    for old in args.out.iterdir():  # an earlier run's links that are no longer held out must not stay
+        if old.is_symlink() and old.name not in faces:
+            old.unlink()
+        elif not old.is_symlink():
+            print(f"unseen_faces: error: {old} is not a link this script wrote; use an empty --out", file=sys.stderr)
+            return 2
     for name in sorted(faces):
         link = args.out / name
-        if not link.exists():
-            link.symlink_to((folder / name).resolve())
+        if link.is_symlink():
+            link.unlink()  # (re)point it: the image folder may have moved
+        link.symlink_to((folder / name).resolve())
     print(f"{len(faces)} faces in {args.out} (the test split of {args.test_of} less "
           f"{len(args.exclude_train_of)} data sets' training faces)")
     return 0

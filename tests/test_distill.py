@@ -411,8 +411,8 @@ def test_init_student_starts_from_another_cameras_student_and_refuses_another_ne
     with pytest.raises(DistillError, match="other settings .*init_student"):  # resuming from another start
         train_student(settings(data_b, targets_b, tmp_path / "scratch", steps=2, lr=1e-12, ema=0.0,
                                init_student=str(tmp_path / "sa")))
-    assert cli_main(["distill", "--data", str(data_b), "--targets", str(targets_b), "--out", str(tmp_path / "sd"),
-                     "--init-student", str(tmp_path / "nope"), "--quiet"]) == 2
+    with pytest.raises(DistillError, match=r"--init-student .*nope: no such student directory"):
+        train_student(settings(data_b, targets_b, tmp_path / "sd", init_student=str(tmp_path / "nope")))
 
 
 def test_preloaded_runs_compute_each_a_dagger_once_and_train_the_same_weights(tmp_path, monkeypatch):
@@ -453,6 +453,8 @@ def test_loss_window_support_scores_only_the_window_the_student_fills(tmp_path):
     assert loss_window("support", (16, 16), (SIZE, SIZE)) == (16, 16)
     with pytest.raises(DistillError, match="--loss-window support needs a support window"):
         loss_window("support", None, (SIZE, SIZE))
+    assert loss_window("auto", (16, 16), (SIZE, SIZE)) == (16, 16)
+    assert loss_window("auto", None, (SIZE, SIZE)) is None and loss_window("auto", (SIZE, SIZE), (SIZE, SIZE)) is None
 
     data, targets = make_problem(tmp_path)
     with pytest.raises(DistillError, match="--loss-window support needs"):
@@ -468,3 +470,7 @@ def test_loss_window_support_scores_only_the_window_the_student_fills(tmp_path):
     assert json.loads((out / "config.json").read_text())["training"]["loss_window"] == [16, 16]
     with pytest.raises(DistillError, match="other settings .*loss_window"):  # resuming with the whole grid
         train_student(settings(data, targets, out, support="auto", steps=8))
+    train_student(settings(data, targets, out, support="auto", steps=8, loss_window="auto"))  # auto = support here
+    with pytest.raises(DistillError, match=r"LPIPS needs at least 31x31 px, the support window is 16x16"):
+        train_student(settings(data, targets, tmp_path / "lp", support="auto", loss_window="support",
+                               lpips_weight=0.1))

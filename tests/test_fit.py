@@ -90,6 +90,16 @@ def test_fit_refuses_a_wrong_start_or_held_out_folder_before_any_work(profile_di
               "--threads", "1"]
     assert train_main(["fit", *common, "--init-student", str(tmp_path)]) == 2
     assert "--init-student" in capsys.readouterr().err
+    other = tmp_path / "other_student"  # an edge student with another network than fit's
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({
+        "format": "nsdd-student", "kind": "edge", "objective": "nullspace", "channels": 3, "scene_shape": [32, 32],
+        "psf_sha256": "0" * 64, "geometry": {}, "lam": 1e-3,
+        "architecture": {"width": 32, "depth": 4, "max_width": 192, "blocks": 2, "activation": "silu",
+                         "skip_input": False}}))
+    assert train_main(["fit", *common, "--student", "edge", "--init-student", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "--init-student" in err and "architecture" in err
     (tmp_path / "empty").mkdir()
     assert train_main(["fit", *common, "--heldout-images", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
@@ -195,3 +205,15 @@ def test_report_tiles_clip_the_profiles_window_to_a_smaller_grid():
     assert tile[70:90, 70:90].mean() > 200 and tile[:40, :40].mean() < 20  # the square, centred, on black
     same = report_tile(np.pad(x, ((0, 0), (5, 5), (5, 5))), (300, 300)).astype(np.float32)  # a window inside the grid
     assert np.abs(same.reshape(tile.shape[0], tile.shape[1], -1).mean(-1) - tile).max() < 1.0
+
+
+def test_fit_resumes_an_older_distillation_with_its_whole_grid_loss(tmp_path):
+    import torch
+
+    from train.fit import fit_loss_window
+
+    assert fit_loss_window(tmp_path) == "auto"  # nothing to resume
+    torch.save({"signature": {"lr": 2e-4}}, tmp_path / "checkpoint.pt")  # written before --loss-window existed
+    assert fit_loss_window(tmp_path) == "grid"
+    torch.save({"signature": {"lr": 2e-4, "loss_window": "support"}}, tmp_path / "checkpoint.pt")
+    assert fit_loss_window(tmp_path) == "auto"

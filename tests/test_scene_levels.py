@@ -97,3 +97,15 @@ def test_evaluate_uses_the_levels(profile_data, tmp_path):
                        "--no-lpips"]) == 0
     psnr = json.loads((out / "metrics.json").read_text())["recon"]["psnr"]
     assert np.isfinite(psnr) and psnr < 35  # 10% too bright is seen (clipped at 1 it was nearly invisible)
+
+
+def test_a_black_scene_keeps_level_one():
+    from train.evaluate import image_scores
+    from train.simulate import recover_level, scene_level
+
+    assert scene_level(0.9, 0.3) == pytest.approx(3.0) and scene_level(0.9, 0.0) == 1.0
+    black = np.zeros((1, 8, 8), np.float32)
+    assert recover_level(black, black) == 1.0 and recover_level(3 * np.ones((1, 2, 2)), np.ones((1, 2, 2))) == 3.0
+    x = torch.zeros((1, 1, 16, 16))
+    scores = image_scores(x + 0.1, x, False, None, "cpu", levels=torch.tensor([0.0]))  # a level of 0 is ignored
+    assert np.isfinite(scores["psnr"][0]) and scores["psnr"][0] == pytest.approx(20.0)

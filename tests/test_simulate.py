@@ -187,7 +187,7 @@ def test_refuses_a_foreign_output_directory(images, psf_file, tmp_path, capsys):
     assert np.all(np.load(keep) == 7.0)
     assert run("--images", images, "--psf", psf_file, "--size", 16, "--test-fraction", 1.5,
                "--out", tmp_path / "x") == 2
-    assert "--test-fraction must be in [0, 1)" in capsys.readouterr().err
+    assert "--test-fraction must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_odd_sensor_scene_lands_centred_on_it(images, tmp_path):
@@ -260,3 +260,10 @@ def test_n_test_larger_than_the_images_fails_before_simulating(images, psf_file,
     assert run("--images", images, "--psf", psf_file, "--size", 16, "--limit", 3, "--n-test", 5, "--out", out) == 2
     assert "--n-test 5 is more than the 3 images of --limit 3" in capsys.readouterr().err
     assert not out.exists()  # nothing half-made left behind
+
+
+def test_a_test_fraction_of_one_holds_every_sample_out():
+    from train.simulate import split_ids
+
+    ids = [f"{k:06d}" for k in range(5)]
+    assert split_ids(ids, 1, 1.0, None) == {"train": [], "test": ids}

@@ -30,11 +30,18 @@ def test_keeps_the_canonical_test_faces_no_fit_trained_on(tmp_path, capsys):
     images.mkdir()
     for k in range(8):
         (images / f"f{k}.jpg").write_bytes(b"jpg")
-    canonical = _dataset(tmp_path / "canon", images, ["f0", "f1", "f2", "f3"], ["f4", "f5", "f6", "f7"])
-    fit = _dataset(tmp_path / "fit", images, ["f5", "f0"], ["f4", "f1"])  # its own split of the same folder
+    names = [f"f{k}.jpg" for k in range(8)]
+    canonical = _dataset(tmp_path / "canon", images, names[:4], names[4:])
+    fit = _dataset(tmp_path / "fit", images, [names[5], names[0]], [names[4], names[1]])  # its own split
     out = tmp_path / "unseen"
+    assert _script().main(["--test-of", str(canonical), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == names[4:]
+    # again, now leaving out what the fit trained on: the earlier link to f5 must go
     assert _script().main(["--test-of", str(canonical), "--exclude-train-of", str(fit), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["f4", "f6", "f7"]
-    assert (out / "f4").resolve() == (images / "f4").resolve()
+    assert sorted(p.name for p in out.iterdir()) == ["f4.jpg", "f6.jpg", "f7.jpg"]
+    assert all(p.is_file() and p.resolve() == (images / p.name).resolve() for p in out.iterdir())
+    (out / "mine.txt").write_text("not a link")
+    assert _script().main(["--test-of", str(canonical), "--out", str(out)]) == 2
+    assert "not a link this script wrote" in capsys.readouterr().err
     assert _script().main(["--test-of", str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "not a simulated data set" in capsys.readouterr().err

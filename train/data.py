@@ -92,7 +92,7 @@ class LenslessDataset:
         return torch.tensor(levels, dtype=torch.float32)
 
     def _recovered_level(self, sid: str) -> float:
-        from train.simulate import prepare_scene
+        from train.simulate import prepare_scene, recover_level
 
         cache = self.__dict__.setdefault("_levels", {})
         if sid not in cache:
@@ -102,7 +102,7 @@ class LenslessDataset:
                 raise DatasetError(f"{self.root}: sample {sid}'s scene level is not recorded and its source image "
                                    f"{path} is gone; simulate the data set again to record the levels")
             scene = prepare_scene(path, int(settings["scene_size"]), int(self.meta.get("channels", 3)))
-            cache[sid] = float(self.ground_truth(sid).sum() / max(float(scene.sum()), 1e-12))
+            cache[sid] = recover_level(self.ground_truth(sid), scene)
         return cache[sid]
 
     def measurements(self, ids: Sequence[str]) -> torch.Tensor:

@@ -69,7 +69,7 @@ from train.threads import torch_threads
 
 HELP = "distill a one-pass NSDD student (edge or paper) from teacher targets"
 CHECKPOINT_NAME = "checkpoint.pt"
-LOSS_WINDOWS = ("grid", "support")
+LOSS_WINDOWS = ("grid", "support", "auto")
 SAMPLE_KEY = 2**31  # the scale-range draw of the sample grids (training steps use keys 0, 1, …)
 
 
@@ -156,8 +156,8 @@ class DistillSettings:
             out["support_taper"] = int(self.support_taper)
         if self.loss_window != "grid":  # likewise
             out["loss_window"] = self.loss_window
-        if self.init_student is not None:  # likewise; the weights' hash, not the path, names the start
-            out["init_student"] = init_student_record(self.init_student)["weights_sha256"]
+        if self.init_student is not None:  # likewise (a resume takes its weights from the checkpoint)
+            out["init_student"] = str(Path(self.init_student).resolve())  # its weights' hash is in the config
         return out
 
 
@@ -196,8 +196,11 @@ def resolve_support(text: str, dataset: LenslessDataset, physics: LenslessOperat
 def init_student_record(directory: str) -> dict:
     """Where a ``--init-student`` run starts: the directory, its weights' SHA-256 and what they were trained for
     (PSF hash, geometry, step), recorded in the new student's ``config.json``."""
-    cfg = read_student_config(directory)
-    wpath = student_weights_path(directory, cfg)
+    try:
+        cfg = read_student_config(directory)
+        wpath = student_weights_path(directory, cfg)
+    except StudentError as exc:
+        raise DistillError(f"--init-student {exc}") from None
     return {"dir": str(Path(directory).resolve()), "weights_sha256": hashlib.sha256(wpath.read_bytes()).hexdigest(),
             "psf_sha256": cfg.get("psf_sha256"), "geometry": cfg.get("geometry"), "step": cfg.get("step"),
             "kind": cfg.get("kind")}
@@ -206,7 +209,10 @@ def init_student_record(directory: str) -> dict:
 def check_init_student(directory: str, kind: str, channels: int, arch: dict, objective: str) -> dict:
     """The config of the student ``--init-student`` names, when its network is the one this run trains: same
     kind, channels, architecture and objective (its PSF, geometry and λ may differ: that is the point)."""
-    cfg = read_student_config(directory)
+    try:
+        cfg = read_student_config(directory)
+    except StudentError as exc:
+        raise DistillError(f"--init-student {exc}") from None
     theirs = {"kind": cfg.get("kind"), "channels": int(cfg.get("channels", -1)),
               "architecture": cfg.get("architecture", {}), "objective": cfg.get("objective")}
     ours = {"kind": kind, "channels": int(channels), "architecture": arch, "objective": objective}
@@ -238,12 +244,14 @@ def distill_loss(x_hat: torch.Tensor, target: torch.Tensor, physics: LenslessOpe
 
 
 def loss_window(setting: str, support: tuple[int, int] | None, scene_shape: Sequence[int]) -> tuple[int, int] | None:
-    """``--loss-window``: None for ``grid``; the support window for ``support`` (a named error without one).
+    """``--loss-window``: None for ``grid``; the support window for ``support`` (a named error without one);
+    ``auto``: the support window when there is one smaller than the grid, else the grid.
 
     ``support`` suits a scene grid much larger than the scenes (a cg camera whose 64² faces sit on a 256² grid):
     there the targets are black padding that real scenes do not have, the student's ``g`` cannot reach it, and on
     the whole grid it dilutes the loss on the window the student fills (LPIPS 16x at 64 on 256)."""
-    if setting == "grid":
+    smaller = support is not None and tuple(support) != tuple(int(v) for v in scene_shape)
+    if setting == "grid" or (setting == "auto" and not smaller):
         return None
     if support is None or tuple(support) == tuple(int(v) for v in scene_shape):
         raise DistillError("--loss-window support needs a support window smaller than the scene grid "
@@ -399,8 +407,15 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
         extra["psf_scale_range"] = list(s.psf_scale_range)
     support = resolve_support(s.support, dataset, physics)
     window = loss_window(s.loss_window, support, physics.scene_shape)
+    s.loss_window = "grid" if window is None else "support"  # resolved: resume signatures name what ran
     if window is not None:
         extra["training"]["loss_window"] = list(window)
+        from train.lpips import MIN_SIZE as LPIPS_MIN_SIZE
+
+        if s.lpips_weight > 0 and min(window) < LPIPS_MIN_SIZE:
+            raise DistillError(f"--loss-window support: LPIPS needs at least {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE} px, the "
+                               f"support window is {window[0]}x{window[1]} (use --loss-window grid or "
+                               "--lpips-weight 0)")
     try:
         config = make_config(s.student, s.objective, data.channels, physics, arch, support,  # type: ignore[arg-type]
                              support_taper=int(s.support_taper), **extra)
@@ -672,14 +687,16 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
                    help="fit the run into this many minutes: after a few steps the step rate is measured and "
                         "--steps lowered to what fits (the learning-rate schedule follows)")
     p.add_argument("--preload", action="store_true",
-                   help="read all measurements and targets once and keep them in memory (on the GPU when training there)")
+                   help="read all measurements and targets once and keep them in memory (on the GPU when training "
+                        "there), with each measurement's A†y (one more scene-grid array per sample)")
     p.add_argument("--psf-scale-range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="train over a range of PSF scales (a scene at another depth): each sample's measurement is "
                         "simulated from its target through the PSF scaled by s ~ log-uniform[LO, HI] (dataset noise), "
                         "and the student learns under that A_s (LO = HI = 1: the same pipeline for one PSF)")
     p.add_argument("--loss-window", choices=LOSS_WINDOWS, default="grid",
                    help="where the loss (and LPIPS) is taken: the whole scene grid, or the student's support window "
-                        "(scenes much smaller than the grid, e.g. a cg camera's 64² faces on its 256² grid)")
+                        "(scenes much smaller than the grid, e.g. a cg camera's 64² faces on its 256² grid); auto: "
+                        "the support window when it is smaller than the grid")
     p.add_argument("--init-student", default=None, metavar="DIR",
                    help="start from this student's weights (same kind, channels, architecture and objective; its PSF, "
                         "geometry and λ may differ): fine-tune a student trained on simulated data for another camera")

@@ -512,7 +512,7 @@ def image_scores(x_full: torch.Tensor, reference: torch.Tensor, use_lpips: bool,
     x = center_crop(x_full, (gh, gw))
     gt = reference
     if levels is not None:
-        scale = levels.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        scale = torch.where(levels > 0, levels, torch.ones_like(levels)).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         x, gt = x / scale, gt / scale.to(gt.dtype)
     x, gt = x.clamp(0, 1), gt.clamp(0, 1)
     out = {"psnr": [float(v) for v in M.psnr(x, gt)], "ssim": [float(v) for v in M.ssim(x, gt)]}

@@ -37,6 +37,8 @@ from train.threads import torch_threads
 
 HELP = "fit a real camera: profile + scenes + prior + captures → simulate, teacher, student, export, bundle, report"
 
+EDGE_ARCHITECTURE = {"width": 16, "depth": 3, "max_width": 128}  # fit's edge student (the paper one: its default)
+
 # share of the time left when each stage starts
 SHARES = {"simulate": 0.08, "teacher": 0.40, "distill": 0.70, "heldout": 0.5, "report": 1.0}
 
@@ -197,10 +199,10 @@ def run_fit(args: argparse.Namespace) -> dict:
         lpips_weights=args.lpips_weights, steps=100_000, batch=8, lr=2e-4 if args.student == "paper" else 5e-4,
         warmup=20, checkpoint_every=100, samples=4, device=device, fp16=False, progress=interactive, preload=True,
         time_budget=stages.budget("distill"), support_taper=student_taper(profile, size),
-        architecture={} if args.student == "paper" else {"width": 16, "depth": 3, "max_width": 128},
+        architecture={} if args.student == "paper" else dict(EDGE_ARCHITECTURE),  # as recorded by earlier fits
         init_student=str(args.init_student) if args.init_student else None,
         # scenes smaller than the grid (a cg camera: 64² faces on 256²): the loss where g acts, not the black padding
-        loss_window="support" if size < min(profile.geometry.scene_shape) else "grid")
+        loss_window=fit_loss_window(student_dir))
     if distilled is None:
         summary = train_student(settings)
         stages.done("distill", t, steps=summary["step"], parameters=summary["parameters"])
@@ -228,11 +230,14 @@ def run_fit(args: argparse.Namespace) -> dict:
 
     # 5. held-out simulated faces of this profile, scored against their ground truth
     t = time.monotonic()
-    if (heldout := stages.finished("heldout")) is None:
+    heldout = stages.finished("heldout")
+    unseen = out / "heldout_data" if args.heldout_images is not None else None
+    if heldout is None or (unseen is not None and heldout.get("data") != str(unseen)):  # new faces: score again
         per_image = float(stages.finished("teacher")["seconds_per_image"])
-        heldout_data = data if args.heldout_images is None else simulate_heldout(args, size, out / "heldout_data")
+        heldout_data = data if unseen is None else simulate_heldout(args, size, unseen)
         heldout = heldout_scores(heldout_data, student_dir, args, device, per_image, stages.budget("heldout"),
-                                 len(LenslessDataset(heldout_data).ids("test")))
+                                 len(LenslessDataset(heldout_data).ids("test")),
+                                 out / ("heldout" if unseen is None else "heldout_unseen"))
         heldout["data"] = str(heldout_data)
         stages.done("heldout", t, **heldout)
 
@@ -243,11 +248,19 @@ def run_fit(args: argparse.Namespace) -> dict:
     return json.loads((out / "fit.json").read_text())
 
 
+def student_architecture(kind: str) -> dict:
+    """The network ``fit`` trains: the paper student's default, or a small edge UNet."""
+    from train.students import default_architecture
+
+    return default_architecture(kind, "nullspace") | ({} if kind == "paper" else EDGE_ARCHITECTURE)
+
+
 def check_starts(args: argparse.Namespace, channels: int) -> None:
-    """``--heldout-images`` holds images; ``--init-student`` is a student of this kind for this many channels."""
+    """``--heldout-images`` holds images; ``--init-student`` is a student with the network this fit trains
+    (kind, channels, architecture; for a paper student the prior's UNet too)."""
     from nsdd_edge.optics import OpticsError
+    from train.distill import DistillError, check_init_student
     from train.simulate import list_images
-    from train.students import StudentError, read_student_config
 
     if args.heldout_images is not None:
         try:
@@ -256,28 +269,44 @@ def check_starts(args: argparse.Namespace, channels: int) -> None:
             raise FitError(str(exc).replace("--images", "--heldout-images", 1)) from None
     if args.init_student is not None:
         try:
-            init = read_student_config(args.init_student)
-        except StudentError as exc:
-            raise FitError(f"--init-student {exc}") from None
-        if init.get("kind") != args.student or int(init.get("channels", -1)) != channels:
-            raise FitError(f"--init-student {args.init_student}: a {init.get('channels')}-channel {init.get('kind')} "
-                           f"student; this fit trains a {channels}-channel {args.student} student")
+            init = check_init_student(str(args.init_student), args.student, channels,
+                                      student_architecture(args.student), "nullspace")
+        except DistillError as exc:
+            raise FitError(str(exc)) from None
+        if args.student == "paper":
+            try:
+                ours = json.loads((args.prior / "config.json").read_text()).get("architecture")
+            except (OSError, json.JSONDecodeError):
+                ours = None  # the prior's own loader names that problem
+            theirs = (init.get("prior") or {}).get("config", {}).get("architecture")
+            if ours is not None and theirs is not None and ours != theirs:
+                raise FitError(f"--init-student {args.init_student}: its diffusion UNet is not --prior {args.prior}'s "
+                               "(another architecture); start from a student of this prior")
+
+
+def fit_loss_window(student_dir: Path) -> str:
+    """``auto`` (the support window when the scenes are smaller than the grid), or ``grid`` for a distillation
+    checkpoint written before the loss window existed: resuming it must not change its loss."""
+    from train.distill import CHECKPOINT_NAME, _read_checkpoint
+
+    earlier = _read_checkpoint(student_dir / CHECKPOINT_NAME) if (student_dir / CHECKPOINT_NAME).exists() else None
+    if earlier is not None and "loss_window" not in earlier.get("signature", {}):
+        print(f"[fit] distill: resuming {student_dir} with its loss on the whole grid (written before the loss "
+              "window existed)", flush=True)
+        return "grid"
+    return "auto"
 
 
 def simulate_heldout(args: argparse.Namespace, size: int, out: Path) -> Path:
-    """``--heldout-images``: those scenes through the profile, every one in the test split (``OUT/heldout_data``)."""
+    """``--heldout-images``: those scenes through the profile, every one in the test split (``OUT/heldout_data``;
+    noise seed 1, not the training set's 0). simulate resumes, and refuses other images in the same folder."""
     from train.cli import main as train_main
-    from train.simulate import list_images
 
-    n = len(list_images(args.heldout_images, args.images_limit))
-    if n == 0:
-        raise FitError(f"--heldout-images {args.heldout_images}: no image files")
-    if not _complete(out / "dataset.json"):
-        rc = train_main(["simulate", "--images", str(args.heldout_images), "--profile", str(args.profile),
-                         "--size", str(size), "--limit", str(args.images_limit), "--n-test", str(n), "--out", str(out),
-                         *(["--threads", str(args.threads)] if args.threads else [])])
-        if rc != 0:
-            raise FitError("held-out: simulating --heldout-images failed (see above)")
+    rc = train_main(["simulate", "--images", str(args.heldout_images), "--profile", str(args.profile),
+                     "--size", str(size), "--limit", str(args.images_limit), "--test-fraction", "1", "--seed", "1",
+                     "--out", str(out), *(["--threads", str(args.threads)] if args.threads else [])])
+    if rc != 0:
+        raise FitError("held-out: simulating --heldout-images failed (see above)")
     return out
 
 
@@ -288,7 +317,7 @@ def heldout_images(per_image: float, budget: float, available: int, minimum: int
 
 
 def heldout_scores(data: Path, student_dir: Path, args: argparse.Namespace, device: str, per_image: float,
-                   budget: float, available: int) -> dict:
+                   budget: float, available: int, out: Path) -> dict:
     """``nsdd-train evaluate`` of Wiener, the DDNM+ teacher and the student on the first held-out (test) faces
     of the simulated data: the issue's check that the student stays within LPIPS 0.02 of its teacher on faces
     of this camera. Returns the means per method and the student − teacher gaps."""
@@ -297,7 +326,6 @@ def heldout_scores(data: Path, student_dir: Path, args: argparse.Namespace, devi
     n = heldout_images(per_image, budget, available)
     if n == 0:
         raise FitError(f"held-out: the simulated data {data} has no test split")
-    out = args.out / "heldout"
     cmd = ["evaluate", "--data", str(data), "--split", "test", "--limit", str(n), "--prior", str(args.prior),
            "--methods", f"wiener,ddnm,student:{student_dir}", "--names", "Wiener,DDNM+ teacher,student",
            "--set", f"ddnm.steps={args.teacher_steps}", "--out", str(out), "--device", device,

@@ -34,7 +34,7 @@ SCALE = (0.458, 0.448, 0.450)
 CHANNELS = (64, 192, 384, 256, 256)
 #: AlexNet ``features`` index of each conv layer, grouped as the official slices 1–5
 _ALEX_CONV_INDEX = (0, 3, 6, 8, 10)
-_MIN_SIZE = 31
+MIN_SIZE = 31
 
 
 class LPIPSWeightsError(RuntimeError):
@@ -130,9 +130,9 @@ class LPIPS(nn.Module):
             x = x[None]
         if x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"LPIPS: expected images (N, 3, H, W) or (N, 1, H, W), got {tuple(x.shape)}")
-        if min(x.shape[-2:]) < _MIN_SIZE:
+        if min(x.shape[-2:]) < MIN_SIZE:
             raise ValueError(f"LPIPS: images of size {tuple(x.shape[-2:])} are too small for AlexNet "
-                             f"(need at least {_MIN_SIZE}x{_MIN_SIZE})")
+                             f"(need at least {MIN_SIZE}x{MIN_SIZE})")
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         p = next(self.parameters())

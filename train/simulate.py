@@ -78,7 +78,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grayscale", action="store_true", help="one-channel scenes (BT.601 luma) and PSF")
     p.add_argument("--limit", type=int, default=None, help="use only the first N image files (sorted)")
     split = p.add_mutually_exclusive_group()
-    split.add_argument("--test-fraction", type=float, default=0.1, help="fraction of samples in the test split")
+    split.add_argument("--test-fraction", type=float, default=0.1,
+                       help="fraction of samples in the test split (1: all of them, a held-out set)")
     split.add_argument("--n-test", type=int, default=None, help="number of samples in the test split")
     p.add_argument("--batch-size", type=int, default=32, help="images convolved per batch")
     add_threads_argument(p, "torch CPU threads", "simulate")
@@ -111,6 +112,18 @@ def list_images(folder: Path, limit: int | None = None) -> list[Path]:
     if not files:
         raise OpticsError(f"--images {folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
     return files[:limit] if limit is not None else files
+
+
+def scene_level(captures_p99: float, clean_p99: float) -> float:
+    """``L`` that brings a scene's clean measurement to the captures' signal (``p99`` over ``p99``); 1 for a
+    black scene (nothing to scale)."""
+    return captures_p99 / clean_p99 if clean_p99 > 1e-12 else 1.0
+
+
+def recover_level(ground_truth: np.ndarray, scene: np.ndarray) -> float:
+    """``L`` of a stored ``L·x`` from its [0, 1] scene ``x``: ``Σ L·x / Σ x`` (1 for a black scene)."""
+    total = float(scene.sum())
+    return float(ground_truth.sum()) / total if total > 1e-12 else 1.0
 
 
 def prepare_scene(path: Path, size: int, channels: int) -> np.ndarray:
@@ -156,8 +169,8 @@ def centred_conv_shape(sensor: tuple[int, int], scene: tuple[int, int]) -> tuple
 def split_ids(ids: list[str], seed: int, test_fraction: float, n_test: int | None) -> dict[str, list[str]]:
     """Deterministic train/test split: a seeded permutation, the first ``n_test`` go to ``test``."""
     if n_test is None:
-        if not 0.0 <= test_fraction < 1.0:
-            raise ValueError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+        if not 0.0 <= test_fraction <= 1.0:
+            raise ValueError(f"--test-fraction must be in [0, 1], got {test_fraction}")
         n_test = round(test_fraction * len(ids))
         if test_fraction > 0 and len(ids) > 1:
             n_test = max(n_test, 1)
@@ -246,8 +259,9 @@ def simulate(args: argparse.Namespace) -> dict:
         raise ValueError(f"--n-test {args.n_test} is more than the {len(files)} images"
                          + (f" of --limit {args.limit}" if args.limit is not None else f" in {args.images}")
                          + "; lower --n-test or raise --limit")
-    if args.n_test is None and not 0.0 <= args.test_fraction < 1.0:
-        raise ValueError(f"--test-fraction must be in [0, 1), got {args.test_fraction}")
+    if args.n_test is None and not 0.0 <= args.test_fraction <= 1.0:
+        raise ValueError(f"--test-fraction must be in [0, 1] (1: every sample in the test split), got "
+                         f"{args.test_fraction}")
     if min(sensor) < 2:
         raise ValueError(f"--sensor must be ≥ 2 pixels, got {sensor}")
     size = (args.size, args.size)
@@ -337,7 +351,7 @@ def simulate(args: argparse.Namespace) -> dict:
                 y = noisy_measurement(y_clean, float(args.noise_std), int(args.seed), index)
             else:  # the camera's signal level and Poisson–Gaussian noise: var = σ_r² + g·y
                 noise = measurement_noise(y_clean, int(args.seed), index)
-                level = float(profile.signal.get("p99", 1.0)) / max(float(torch.quantile(y_clean, 0.99)), 1e-12)
+                level = scene_level(float(profile.signal.get("p99", 1.0)), float(torch.quantile(y_clean, 0.99)))
                 scene = (scene * level).astype(np.float32)
                 y_clean = y_clean * level
                 std = torch.sqrt(profile.noise.read_std ** 2 + profile.noise.shot_gain * y_clean.clamp_min(0))
@@ -354,8 +368,8 @@ def simulate(args: argparse.Namespace) -> dict:
             sources[sid] = path.name
             done.append(sid)  # already written by an interrupted run with the same settings
             if profile is not None:  # its level: L = Σ L·x / Σ x (the scene is deterministic)
-                scene = prepare_scene(path, args.size, channels)
-                levels[sid] = float(np.load(out / "ground_truth" / f"{sid}.npy").sum() / max(float(scene.sum()), 1e-12))
+                levels[sid] = recover_level(np.load(out / "ground_truth" / f"{sid}.npy"),
+                                            prepare_scene(path, args.size, channels))
             continue
         try:
             scene = prepare_scene(path, args.size, channels)
