@@ -140,7 +140,6 @@ def run_fit(args: argparse.Namespace) -> dict:
                                "that counts as 3): run nsdd-edge calibrate again")
             raise FitError(f"--captures {path}: {y.shape[0]} channel(s) after the profile's preprocessing, the camera "
                            f"gives {profile.channels} (a PSF image or another camera's file in the folder? pass a glob)")
-    check_starts(args, profile.channels)  # named errors now, not after an hour of labelling
     out: Path = args.out
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
         "cpu" if args.device == "auto" else args.device)
@@ -148,6 +147,7 @@ def run_fit(args: argparse.Namespace) -> dict:
     if prior.channels != profile.channels:
         raise FitError(f"--prior {args.prior} generates {prior.channels}-channel scenes, the camera measures "
                        f"{profile.channels} channel(s): train or pick a prior with the camera's channels")
+    check_starts(args, profile.channels, prior)  # named errors now, not after an hour of labelling
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(args.budget_minutes, out / "fit.json")
     size = args.scene_size or prior.image_size
@@ -255,7 +255,7 @@ def student_architecture(kind: str) -> dict:
     return default_architecture(kind, "nullspace") | ({} if kind == "paper" else EDGE_ARCHITECTURE)
 
 
-def check_starts(args: argparse.Namespace, channels: int) -> None:
+def check_starts(args: argparse.Namespace, channels: int, prior) -> None:
     """``--heldout-images`` holds images; ``--init-student`` is a student with the network this fit trains
     (kind, channels, architecture; for a paper student the prior's UNet too)."""
     from nsdd_edge.optics import OpticsError
@@ -273,11 +273,8 @@ def check_starts(args: argparse.Namespace, channels: int) -> None:
                                       student_architecture(args.student), "nullspace")
         except DistillError as exc:
             raise FitError(str(exc)) from None
-        if args.student == "paper":
-            try:
-                ours = json.loads((args.prior / "config.json").read_text()).get("architecture")
-            except (OSError, json.JSONDecodeError):
-                ours = None  # the prior's own loader names that problem
+        if args.student == "paper":  # the loaded prior's config, as the student config records it
+            ours = (getattr(prior, "config", None) or {}).get("architecture")
             theirs = (init.get("prior") or {}).get("config", {}).get("architecture")
             if ours is not None and theirs is not None and ours != theirs:
                 raise FitError(f"--init-student {args.init_student}: its diffusion UNet is not --prior {args.prior}'s "
