@@ -100,6 +100,14 @@ def test_fit_refuses_a_wrong_start_or_held_out_folder_before_any_work(profile_di
     assert train_main(["fit", *common, "--student", "edge", "--init-student", str(other)]) == 2
     err = capsys.readouterr().err
     assert "--init-student" in err and "architecture" in err
+    from train.fit import student_architecture
+
+    cfg = json.loads((other / "config.json").read_text())  # fit's network, but 2 channels: RGB and gray fold, 2 not
+    (other / "config.json").write_text(json.dumps({**cfg, "channels": 2,
+                                                   "architecture": student_architecture("edge")}))
+    assert train_main(["fit", *common, "--student", "edge", "--init-student", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "channels 2" in err and "multiple of the other" in err
     (tmp_path / "empty").mkdir()
     assert train_main(["fit", *common, "--heldout-images", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err

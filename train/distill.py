@@ -50,6 +50,7 @@ from train.distributed import DistContext, init_distributed
 from train.physics import LenslessOperator, center_crop
 from train.progress import TimeEstimate
 from train.scale_range import ScaleOperators, ScaleRangeData, check_scale_range
+from train.student_fold import foldable, load_init_weights
 from train.students import (
     KINDS,
     OBJECTIVES,
@@ -58,7 +59,6 @@ from train.students import (
     count_parameters,
     default_architecture,
     load_prior_dir,
-    load_student_weights,
     make_config,
     read_student_config,
     save_student,
@@ -203,20 +203,27 @@ def init_student_record(directory: str) -> dict:
         raise DistillError(f"--init-student {exc}") from None
     return {"dir": str(Path(directory).resolve()), "weights_sha256": hashlib.sha256(wpath.read_bytes()).hexdigest(),
             "psf_sha256": cfg.get("psf_sha256"), "geometry": cfg.get("geometry"), "step": cfg.get("step"),
-            "kind": cfg.get("kind")}
+            "kind": cfg.get("kind"), "channels": cfg.get("channels")}
 
 
 def check_init_student(directory: str, kind: str, channels: int, arch: dict, objective: str) -> dict:
     """The config of the student ``--init-student`` names, when its network is the one this run trains: same
-    kind, channels, architecture and objective (its PSF, geometry and λ may differ: that is the point)."""
+    kind, architecture and objective (its PSF, geometry and λ may differ: that is the point), and a channel
+    count that is this run's or folds to it (RGB ↔ gray, :mod:`train.student_fold`)."""
     try:
         cfg = read_student_config(directory)
     except StudentError as exc:
         raise DistillError(f"--init-student {exc}") from None
-    theirs = {"kind": cfg.get("kind"), "channels": int(cfg.get("channels", -1)),
-              "architecture": cfg.get("architecture", {}), "objective": cfg.get("objective")}
-    ours = {"kind": kind, "channels": int(channels), "architecture": arch, "objective": objective}
+    theirs = {"kind": cfg.get("kind"), "architecture": cfg.get("architecture", {}), "objective": cfg.get("objective")}
+    ours = {"kind": kind, "architecture": arch, "objective": objective}
     diff = [f"{k} {theirs[k]!r} (this run: {ours[k]!r})" for k in ours if theirs[k] != ours[k]]
+    source_channels = int(cfg.get("channels", -1))
+    if source_channels != int(channels):  # RGB ↔ gray folds (train.student_fold); anything else does not
+        if not foldable(source_channels, int(channels)):
+            diff.append(f"channels {source_channels} (this run: {channels}; one must be a multiple of the other)")
+        elif int(arch.get("unshuffle", 1)) != 1:
+            diff.append(f"channels {source_channels} (this run: {channels}; a network with unshuffle "
+                        f"{arch['unshuffle']} cannot fold colours)")
     if diff:
         raise DistillError(f"--init-student {directory}: its network is not this run's: " + "; ".join(diff))
     return cfg
@@ -429,7 +436,7 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
         for p in net.parameters():
             p.requires_grad_(True)
     if init_cfg is not None:  # transfer: start from another student's g (another PSF or geometry), same network
-        load_student_weights(net, s.init_student, init_cfg)  # type: ignore[arg-type]
+        load_init_weights(net, s.init_student, init_cfg, data.channels)  # type: ignore[arg-type]
     params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}

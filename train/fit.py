@@ -255,6 +255,11 @@ def student_architecture(kind: str) -> dict:
     return default_architecture(kind, "nullspace") | ({} if kind == "paper" else EDGE_ARCHITECTURE)
 
 
+def _but_channels(architecture: dict) -> dict:
+    """A diffusion UNet's architecture without its channel counts (which --init-student folds)."""
+    return {k: v for k, v in architecture.items() if k not in ("in_channels", "out_channels")}
+
+
 def check_starts(args: argparse.Namespace, channels: int, prior) -> None:
     """``--heldout-images`` holds images; ``--init-student`` is a student with the network this fit trains
     (kind, channels, architecture; for a paper student the prior's UNet too)."""
@@ -276,7 +281,7 @@ def check_starts(args: argparse.Namespace, channels: int, prior) -> None:
         if args.student == "paper":  # the loaded prior's config, as the student config records it
             ours = (getattr(prior, "config", None) or {}).get("architecture")
             theirs = (init.get("prior") or {}).get("config", {}).get("architecture")
-            if ours is not None and theirs is not None and ours != theirs:
+            if ours is not None and theirs is not None and _but_channels(ours) != _but_channels(theirs):
                 raise FitError(f"--init-student {args.init_student}: its diffusion UNet is not --prior {args.prior}'s "
                                "(another architecture); start from a student of this prior")
 
