@@ -15,7 +15,7 @@ COMMANDS = {
     "prior": "train.prior.train_prior",
     "teacher": "train.teacher",
     "teacher-progress": "train.teacher_progress",
-    "distill": "train.distill",
+    "distill": "train.distill_cli",
     "fit": "train.fit",
     "refine-psf": "train.refine_psf",
     "design-mask": "train.mask.cli",
