@@ -225,3 +225,30 @@ def test_fit_resumes_an_older_distillation_with_its_whole_grid_loss(tmp_path):
     assert fit_loss_window(tmp_path) == "grid"
     torch.save({"signature": {"lr": 2e-4, "loss_window": "support"}}, tmp_path / "checkpoint.pt")
     assert fit_loss_window(tmp_path) == "auto"
+
+
+def test_fit_checks_a_paper_students_diffusion_unet_against_the_prior_up_to_its_channels(tmp_path):
+    """--init-student with a paper student: its UNet must be --prior's architecture; only the channel counts
+    (which the fold changes, RGB ↔ gray) may differ."""
+    from types import SimpleNamespace
+
+    from train.fit import FitError, check_starts, student_architecture
+
+    unet = {"base_channels": 64, "channel_mults": [1, 2, 2], "image_size": 64, "in_channels": 3, "out_channels": 3,
+            "num_res_blocks": 2}
+    student = tmp_path / "student"
+    student.mkdir()
+
+    def write(architecture: dict, channels: int = 3) -> None:
+        (student / "config.json").write_text(json.dumps({
+            "format": "nsdd-student", "kind": "paper", "objective": "nullspace", "channels": channels,
+            "scene_shape": [64, 64], "psf_sha256": "0" * 64, "geometry": {}, "lam": 1e-3,
+            "architecture": student_architecture("paper"), "prior": {"config": {"architecture": architecture}}}))
+
+    args = SimpleNamespace(heldout_images=None, init_student=student, student="paper", prior="PRIOR")
+    gray_prior = SimpleNamespace(config={"architecture": {**unet, "in_channels": 1, "out_channels": 1}})
+    write(unet)
+    check_starts(args, 1, gray_prior)  # an RGB student of the same UNet starts a gray camera
+    write({**unet, "base_channels": 32})
+    with pytest.raises(FitError, match="its diffusion UNet is not --prior PRIOR's"):
+        check_starts(args, 1, gray_prior)
