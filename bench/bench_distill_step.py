@@ -14,9 +14,7 @@ one warm-up call, then the median of ``--repeats``, on ``--threads`` torch threa
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -24,16 +22,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from nsdd_edge.timing import time_calls
+
 
 def median_seconds(fn, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls of ``fn()`` after one untimed warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median wall seconds of ``fn()`` (:func:`nsdd_edge.timing.time_calls`: one warm-up call)."""
+    return time_calls(fn, repeats).median_ms / 1e3
 
 
 def main(argv: list[str] | None = None) -> int:

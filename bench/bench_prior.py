@@ -11,11 +11,10 @@ batch 1 and 8. Median of ``--repeats`` timed runs after one warm-up, as wall sec
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from nsdd_edge.timing import time_calls
 from train.prior.base import linear_alphas_cumprod
 from train.prior.train_prior import diffusion_loss, ema_decay, ema_update
 from train.prior.unet import UNet
@@ -30,14 +29,8 @@ CONFIGS = {
 
 def timed(fn, repeats: int) -> tuple[float, float]:
     """Median wall seconds and median CPU seconds (this process, all threads) of ``fn()`` after a warm-up."""
-    fn()  # warm-up
-    wall, cpu = [], []
-    for _ in range(repeats):
-        w0, c0 = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - w0)
-        cpu.append(time.process_time() - c0)
-    return statistics.median(wall), statistics.median(cpu)
+    t = time_calls(fn, repeats)
+    return t.median_ms / 1e3, t.cpu_median_ms / 1e3
 
 
 def training_step(model, ema, optimizer, x0, abar, generator, use_bf16: bool, sync):

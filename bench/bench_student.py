@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 import torch
 from torch import nn
 
+from nsdd_edge.timing import time_calls
 from train.physics import LenslessOperator
 from train.students import Student, build_student, count_parameters, default_architecture, make_config
 
@@ -55,19 +55,6 @@ def gaussian_psf(size: int, sigma: float) -> np.ndarray:
     return (psf / psf.sum()).astype(np.float32)[None]
 
 
-def time_runs(fn, repeats: int, warmup: int = 1) -> list[float]:
-    """Milliseconds of ``repeats`` calls of ``fn()`` after ``warmup`` untimed calls."""
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256])
@@ -90,11 +77,12 @@ def main() -> None:
             x_in = torch.randn(1, 2 * c, size, size)
             cases.append({"name": name, "arch": arch, "size": size, "student": student, "phys": phys, "y": y,
                           "x": x_in, "gflops": 2 * conv_macs(student.net, x_in) / 1e9, "g": [], "s": []})
-    for _ in range(args.rounds):
-        for case in cases:
-            st, x, y, phys = case["student"], case["x"], case["y"], case["phys"]
-            case["g"] += time_runs(lambda st=st, x=x: st.net(x), args.repeats)
-            case["s"] += time_runs(lambda st=st, y=y, phys=phys: st(y, phys), args.repeats)
+    with torch.no_grad():
+        for _ in range(args.rounds):
+            for case in cases:
+                st, x, y, phys = case["student"], case["x"], case["y"], case["phys"]
+                case["g"] += time_calls(lambda st=st, x=x: st.net(x), args.repeats).wall_ms
+                case["s"] += time_calls(lambda st=st, y=y, phys=phys: st(y, phys), args.repeats).wall_ms
     n = args.rounds * args.repeats
     print(f"student cost, batch 1, float32, {c} channels, torch {torch.__version__}, {args.threads} CPU threads, "
           f"best / median of {n} runs ({args.rounds} interleaved rounds)\n")

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nsdd_edge.timing import time_calls
 from train.face_pack import pack_faces, unpack_faces
 
 STUDENTS = {
@@ -110,16 +111,7 @@ def _tar(directory: Path, out: Path, skip: tuple[str, ...] = ("checkpoint.pt",))
 
 
 def _median_ms(fn, warmup: int, repeats: int, sync) -> float:
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(1e3 * (time.perf_counter() - t))
-    return float(np.median(times))
+    return time_calls(fn, repeats, warmup=warmup, sync=sync).median_ms
 
 
 # ---- stages -------------------------------------------------------------------------------------
