@@ -216,7 +216,10 @@ def check_init_student(directory: str, kind: str, channels: int, arch: dict, obj
     theirs = {"kind": cfg.get("kind"), "architecture": cfg.get("architecture", {}), "objective": cfg.get("objective")}
     ours = {"kind": kind, "architecture": arch, "objective": objective}
     diff = [f"{k} {theirs[k]!r} (this run: {ours[k]!r})" for k in ours if theirs[k] != ours[k]]
-    source_channels = int(cfg.get("channels", -1))
+    try:
+        source_channels = int(cfg.get("channels", -1))
+    except (TypeError, ValueError):  # not a count: reported as one that does not fold
+        source_channels = -1
     if source_channels != int(channels):  # RGB ↔ gray folds (train.student_fold); anything else does not
         if not foldable(source_channels, int(channels)):
             diff.append(f"channels {source_channels} (this run: {channels}; one must be a multiple of the other)")
