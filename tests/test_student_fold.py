@@ -7,6 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_distill import SMALL as DISTILL_SMALL
+from test_distill import make_problem, settings
+from test_students import blur_psf, scenes
 
 from nsdd_edge.optics import array_hash
 from train.distill import DistillError, train_student
@@ -15,10 +18,6 @@ from train.prior.base import DiffusionPrior, linear_alphas_cumprod
 from train.prior.unet import UNet
 from train.student_fold import fold_student_state, foldable
 from train.students import StudentError, build_student, make_config, student_inputs
-
-from test_distill import SMALL as DISTILL_SMALL
-from test_distill import make_problem, settings
-from test_students import blur_psf, scenes
 
 SIZE = 16
 SMALL = {"width": 4, "depth": 1, "max_width": 8, "blocks": 1}
