@@ -50,7 +50,7 @@ from train.distributed import DistContext, init_distributed
 from train.physics import LenslessOperator, center_crop
 from train.progress import TimeEstimate
 from train.scale_range import ScaleOperators, ScaleRangeData, check_scale_range
-from train.student_fold import foldable, load_init_weights
+from train.student_fold import fold_refusal, load_init_weights
 from train.students import (
     KINDS,
     OBJECTIVES,
@@ -220,12 +220,9 @@ def check_init_student(directory: str, kind: str, channels: int, arch: dict, obj
         source_channels = int(cfg.get("channels", -1))
     except (TypeError, ValueError):  # not a count: reported as one that does not fold
         source_channels = -1
-    if source_channels != int(channels):  # RGB ↔ gray folds (train.student_fold); anything else does not
-        if not foldable(source_channels, int(channels)):
-            diff.append(f"channels {source_channels} (this run: {channels}; one must be a multiple of the other)")
-        elif int(arch.get("unshuffle", 1)) != 1:
-            diff.append(f"channels {source_channels} (this run: {channels}; a network with unshuffle "
-                        f"{arch['unshuffle']} cannot fold colours)")
+    refusal = fold_refusal(source_channels, int(channels), arch)  # RGB ↔ gray folds; other counts do not
+    if refusal is not None:
+        diff.append(f"channels {source_channels} (this run: {channels}): {refusal}")
     if diff:
         raise DistillError(f"--init-student {directory}: its network is not this run's: " + "; ".join(diff))
     return cfg

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from train.prior.init_from import fold_input_weight, fold_output
-from train.students import StudentError, load_student_weights, student_weights_path
+from train.students import StudentError, load_student_weights, read_student_state, student_weights_path
 
 # (first conv weight, last conv weight, last conv bias) of the network that sees [fit(y), A†y]
 EDGE_LAYERS = ("stem.0.weight", "head.weight", "head.bias")
@@ -33,6 +33,20 @@ PRIOR_LAYERS = ("prior_net.conv_in.weight", "prior_net.conv_out.weight", "prior_
 def foldable(source_channels: int, channels: int) -> bool:
     """Whether one channel count is a multiple of the other (RGB ↔ gray)."""
     return source_channels > 0 and channels > 0 and (source_channels % channels == 0 or channels % source_channels == 0)
+
+
+def fold_refusal(source_channels: int, channels: int, architecture: dict) -> str | None:
+    """Why a ``source_channels`` student of ``architecture`` cannot start a ``channels`` one, or None when it
+    can (the same count, or one that folds)."""
+    if source_channels == channels:
+        return None
+    if not foldable(source_channels, channels):
+        return (f"cannot fold a {source_channels}-channel student to {channels} channels (one count must be a "
+                "multiple of the other)")
+    if int(architecture.get("unshuffle", 1)) != 1:
+        return (f"cannot fold a student with unshuffle {architecture['unshuffle']} to another channel count "
+                "(pixel-unshuffle interleaves the colours)")
+    return None
 
 
 def _fold_layers(state: dict[str, torch.Tensor], layers: tuple[str, str, str], source_channels: int,
@@ -49,13 +63,9 @@ def fold_student_state(state: dict[str, torch.Tensor], config: dict, channels: i
     """The weights of a student with ``config`` (``channels`` C_src) for the same network on ``channels`` C;
     a :class:`StudentError` when the counts do not fold or the network reshapes its channels (unshuffle)."""
     source = int(config.get("channels", -1))
-    if not foldable(source, channels):
-        raise StudentError(f"cannot fold a {source}-channel student to {channels} channels (one count must be a "
-                           "multiple of the other)")
-    arch = config.get("architecture", {})
-    if int(arch.get("unshuffle", 1)) != 1:
-        raise StudentError(f"cannot fold a student with unshuffle {arch['unshuffle']} to another channel count "
-                           "(pixel-unshuffle interleaves the colours)")
+    refusal = fold_refusal(source, channels, config.get("architecture", {}))
+    if refusal is not None:
+        raise StudentError(refusal)
     out = {k: v.clone() for k, v in state.items()}
     if source == channels:
         return out
@@ -78,15 +88,9 @@ def load_init_weights(net: nn.Module, directory: str | os.PathLike, config: dict
     if int(config.get("channels", -1)) == channels:
         load_student_weights(net, directory, config)
         return
-    from safetensors.torch import load_file
-
-    wpath = student_weights_path(directory, config)
-    try:
-        state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(wpath)).items()}
-    except Exception as exc:  # safetensors raises its own error types
-        raise StudentError(f"{wpath}: unreadable safetensors ({exc})") from exc
-    folded = fold_student_state(state, config, channels)
+    folded = fold_student_state(read_student_state(directory, config), config, channels)
     try:
         net.load_state_dict(folded, strict=True)
     except RuntimeError as exc:
-        raise StudentError(f"{wpath}: folded weights do not fit this network ({exc})") from exc
+        raise StudentError(f"{student_weights_path(directory, config)}: folded weights do not fit this network "
+                           f"({exc})") from exc

@@ -454,9 +454,8 @@ def student_weights_path(directory: str | os.PathLike, config: dict) -> Path:
     return wpath
 
 
-def load_student_weights(net: nn.Module, directory: str | os.PathLike, config: dict) -> None:
-    """Fill ``net`` (built from ``config``) with the directory's weights, as float32; a named error when the
-    file is unreadable or does not fit the architecture."""
+def read_student_state(directory: str | os.PathLike, config: dict) -> dict[str, torch.Tensor]:
+    """The directory's weights as a state dict, floating tensors as float32; a named error when unreadable."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -465,7 +464,14 @@ def load_student_weights(net: nn.Module, directory: str | os.PathLike, config: d
         state = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as exc:
         raise StudentError(f"{wpath}: unreadable safetensors ({exc})") from exc
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def load_student_weights(net: nn.Module, directory: str | os.PathLike, config: dict) -> None:
+    """Fill ``net`` (built from ``config``) with the directory's weights, as float32; a named error when the
+    file is unreadable or does not fit the architecture."""
+    wpath = student_weights_path(directory, config)
+    state = read_student_state(directory, config)
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
