@@ -363,7 +363,45 @@ def test_support_window_auto_full_explicit_and_refused(tmp_path):
     assert json.loads((soft / "config.json").read_text())["support_taper"] == 3
     assert load_student(soft).student.support_taper == 3
     with pytest.raises(DistillError, match="--support-taper"):
-        train_student(settings(data, targets, tmp_path / "bad", support="auto", support_taper=8))
+        train_student(settings(data, targets, tmp_path / "bad", support="16", support_taper=8))
+
+
+def test_a_soft_edge_widens_the_auto_window_so_it_never_dims_the_scenes(tmp_path):
+    """With --support-taper τ, `auto` is the scenes' size + 2τ (rounded up to the network's multiple, capped at
+    the grid): g has full weight over every scene pixel, and fades out over the black padding around them. A
+    checkpoint from before (the taper inside the scenes' window) is refused by name with the way to resume."""
+    from train.data import LenslessDataset
+    from train.distill import CHECKPOINT_NAME, resolve_support
+    from train.students import input_multiple
+
+    data, targets = make_problem(tmp_path)
+    meta = json.loads((data / "dataset.json").read_text())
+    meta["forward"] = {"model": "crop", "sensor_shape": [SIZE, SIZE], "scene_shape": [16, 16],
+                       "conv_shape": [2 * SIZE, 2 * SIZE]}
+    (data / "dataset.json").write_text(json.dumps(meta))
+    dataset = LenslessDataset(data)
+    physics = dataset.physics()
+    assert resolve_support("auto", dataset, physics, 3) == (22, 22)
+    assert resolve_support("auto", dataset, physics, 3, 4) == (24, 24)
+    assert resolve_support("auto", dataset, physics, 12, 4) == (SIZE, SIZE)  # capped at the grid
+    assert resolve_support("16", dataset, physics, 3, 4) == (16, 16)  # explicit: as given
+    assert input_multiple("edge", SMALL) == 4
+    assert input_multiple("edge", {**SMALL, "unshuffle": 2}) == 8
+
+    out = tmp_path / "soft"
+    train_student(settings(data, targets, out, support="auto", support_taper=3, steps=2))
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["support_shape"] == [24, 24] and cfg["support_taper"] == 3
+    window = load_student(out).student._window.numpy()
+    inner = window[4:20, 4:20]  # where the 16² scenes lie
+    assert inner.min() == 1.0 and window[0].max() < 0.1  # full weight on the scenes, faded at the edge
+
+    ckpt = torch.load(out / CHECKPOINT_NAME, weights_only=True)
+    assert ckpt["signature"]["support_shape"] == [24, 24]
+    del ckpt["signature"]["support_shape"]  # as written before the window was widened
+    torch.save(ckpt, out / CHECKPOINT_NAME)
+    with pytest.raises(DistillError, match=r"support_shape.*--support HxW"):
+        train_student(settings(data, targets, out, support="auto", support_taper=3, steps=4))
 
 
 def test_fit_gives_the_student_the_profiles_soft_edge_as_a_fraction_of_its_window():

@@ -69,8 +69,11 @@ def test_fit_goes_from_a_profile_to_a_bundle_that_runs(profile_dir, camera_files
     assert train_main(["fit", *common, "--init-student", str(out / "student"), "--heldout-images", str(unseen)]) == 0
     config = json.loads((out2 / "student" / "config.json").read_text())
     init = config["training"]["init_from"]
-    assert config["support_shape"] == [16, 16] and config["scene_shape"][0] > 16  # faces smaller than the grid:
-    assert config["training"]["loss_window"] == [16, 16]  # the loss is taken on the window the student fills
+    # faces (16 px) smaller than the grid: the student fills a window τ wider than them on every side, so its
+    # soft edge (the profile's taper) lies on the padding, and the loss is taken on that window
+    taper, window = config["support_taper"], config["support_shape"]
+    assert taper > 0 and window[0] == window[1] >= 16 + 2 * taper and window[0] < config["scene_shape"][0]
+    assert config["training"]["loss_window"] == window
     assert init["dir"] == str((out / "student").resolve()) and len(init["weights_sha256"]) == 64
     heldout = json.loads((out2 / "fit.json").read_text())["details"]["heldout"]
     assert heldout["data"] == str(out2 / "heldout_data") and heldout["images"] >= 2

@@ -58,6 +58,7 @@ from train.students import (
     build_student,
     count_parameters,
     default_architecture,
+    input_multiple,
     load_prior_dir,
     make_config,
     read_student_config,
@@ -173,15 +174,26 @@ def parse_support(text: str) -> tuple[int, int] | str | None:
     return (sizes[0], sizes[-1])
 
 
-def resolve_support(text: str, dataset: LenslessDataset, physics: LenslessOperator) -> tuple[int, int] | None:
+def resolve_support(text: str, dataset: LenslessDataset, physics: LenslessOperator, taper: int = 0,
+                    multiple: int = 1) -> tuple[int, int] | None:
     """The window ``g`` covers. ``auto``: the simulated scenes' size (dataset.json ``forward.scene_shape``)
-    when it is smaller than the reconstruction grid — the rest is the known black padding — else the whole grid."""
+    when it is smaller than the reconstruction grid — the rest is the known black padding — else the whole grid.
+
+    With a soft edge (``taper`` τ > 0) ``auto`` widens the window by τ on every side, rounded up to the network's
+    ``multiple`` and capped at the grid: the taper then falls on the black padding around the scenes, never on
+    the scenes (a window of the scenes' own size fades ``g`` out over their outer τ pixels, a dark rim). An
+    explicit ``H[xW]`` is taken as given."""
     support = parse_support(text)
     scene = tuple(physics.scene_shape)
     if support == "auto":
         fwd = tuple(dataset.forward_geometry.scene_shape)
         smaller = fwd[0] <= scene[0] and fwd[1] <= scene[1] and fwd != scene
-        return fwd if smaller else None
+        if not smaller:
+            return None
+        if taper > 0:
+            step = max(1, int(multiple))
+            fwd = tuple(min(-(-(n + 2 * int(taper)) // step) * step, grid) for n, grid in zip(fwd, scene))
+        return fwd  # type: ignore[return-value]
     if support is not None and (support[0] > scene[0] or support[1] > scene[1]):
         raise DistillError(f"--support {support[0]}x{support[1]} is larger than the scene grid {scene[0]}x{scene[1]}")
     return support  # type: ignore[return-value]
@@ -411,7 +423,8 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
                                     s.psf_scale_range, seed=s.seed, noise_std=float(dataset.meta.get("noise_std") or 0))
         extra["training"]["scale_range"] = scale_data.describe()
         extra["psf_scale_range"] = list(s.psf_scale_range)
-    support = resolve_support(s.support, dataset, physics)
+    support = resolve_support(s.support, dataset, physics, int(s.support_taper),
+                              input_multiple(s.student, arch, prior))
     window = loss_window(s.loss_window, support, physics.scene_shape)
     s.loss_window = "grid" if window is None else "support"  # resolved: resume signatures name what ran
     if window is not None:
@@ -445,12 +458,16 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
 
     ckpt_path = out / CHECKPOINT_NAME
     signature = s.signature() | {"ids_sha256": ids_hash, "psf_sha256": physics.psf_hash}
+    if s.support_taper and support is not None:  # the resolved window: `auto` widens it by the taper since 2026-11
+        signature["support_shape"] = [int(v) for v in support]
     ckpt = ctx.from_main(lambda: _read_checkpoint(ckpt_path))  # rank 0 reads it and hands it to the others
     if ckpt is not None:
         if ckpt.get("signature") != signature:
             diff = sorted(k for k in set(signature) | set(ckpt.get("signature", {}))
                           if signature.get(k) != ckpt.get("signature", {}).get(k))
-            raise DistillError(f"{ckpt_path}: checkpoint was written with other settings ({', '.join(diff)}); "
+            hint = (" (a soft-edged window written before `--support auto` widened it by the taper: resume with "
+                    "--support HxW of that window)" if diff == ["support_shape"] else "")
+            raise DistillError(f"{ckpt_path}: checkpoint was written with other settings ({', '.join(diff)}){hint}; "
                                "use another --out or the same settings to resume")
         net.load_state_dict(ckpt["net"])
         ema = {k: v.to(device) for k, v in ckpt["ema"].items()}

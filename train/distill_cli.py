@@ -57,7 +57,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prior", default=None, help="diffusion prior directory (paper student)")
     p.add_argument("--support", default="auto",
                    help="window of the scene grid the network fills (H[xW] px, centred; full: all of it; auto: the "
-                        "simulated scenes' size when it is smaller than the grid, the rest being their black padding)")
+                        "simulated scenes' size when it is smaller than the grid, the rest being their black padding; with "
+                        "--support-taper τ, τ wider on every side, so the soft edge lies outside the scenes)")
     p.add_argument("--support-taper", type=int, default=0,
                    help="px: g fades out over this border of the support window (raised cosine) instead of stopping "
                         "at a box edge (a camera profile's support.taper; default 0: a hard window)")

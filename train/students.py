@@ -197,7 +197,10 @@ class PaperNet(nn.Module):
 
     @property
     def multiple(self) -> int:
-        return self.adapter.multiple
+        """Input sides must be multiples of the adapter's and of the diffusion UNet's ``2^(levels − 1)``."""
+        cfg = getattr(self.prior_net, "cfg", None)
+        mults = getattr(cfg, "channel_mults", None)
+        return math.lcm(self.adapter.multiple, 2 ** (len(mults) - 1) if mults else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_t = 2.0 * self.adapter(x) - 1.0
@@ -377,6 +380,15 @@ def make_config(kind: str, objective: Objective, channels: int, physics: Lensles
            "support_taper": int(support_taper), **physics_record(physics), "step": 0}
     cfg.update(extra)
     return cfg
+
+
+def input_multiple(kind: str, architecture: dict, prior: Any | None = None) -> int:
+    """What a student's input sides must be multiples of, from its settings (the built network's ``multiple``):
+    ``2^depth · unshuffle``, and for a paper student also its diffusion UNet's ``2^(levels − 1)``."""
+    arch = {**default_architecture(kind, "nullspace"), **architecture}
+    multiple = 2 ** int(arch["depth"]) * int(arch.get("unshuffle", 1))
+    mults = getattr(getattr(getattr(prior, "net", None), "cfg", None), "channel_mults", None)
+    return math.lcm(multiple, 2 ** (len(mults) - 1)) if kind == "paper" and mults else multiple
 
 
 def build_student(config: dict, prior: Any | None = None) -> Student:
