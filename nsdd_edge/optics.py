@@ -504,20 +504,25 @@ def cg_tikhonov(A: ForwardModel, y: np.ndarray, lam: float, iters: int = CG_ITER
     """The ``cg`` pseudo-inverse: ``iters`` conjugate-gradient steps on ``(AᵀA + λI) x = Aᵀy`` from ``x = 0``,
     each sample of a batch ``(..., C, H, W)`` on its own (per-sample step sizes). Where the PSF is larger than
     the sensor the zero-padded Wiener filter treats the light outside the sensor as 0; this solves the crop
-    model itself. Homogeneous: ``A†(s y) = s A†y``; not linear in ``y`` (the step sizes depend on it)."""
-    y = np.asarray(y, dtype=np.float32)
+    model itself. Homogeneous: ``A†(s y) = s A†y``; not linear in ``y`` (the step sizes depend on it).
+
+    Computes in ``A.dtype`` (float32, like training and the exported graph). At the small λ of the real cameras
+    (~1e-7) float32 rounding makes 20 steps differ from exact arithmetic by a few percent, and by ~1% between
+    summation orders (thread counts): ``bench/bench_cg_precision.py`` measures it."""
+    dtype = getattr(A, "dtype", np.dtype(np.float32))
+    y = np.asarray(y, dtype=dtype)
     b = A.adjoint(y)
     x = np.zeros_like(b)
     r, p = b.copy(), b.copy()
     rs = _batch_dot(r, r)
     tiny = np.finfo(np.float64).tiny
     for _ in range(int(iters)):
-        Ap = A.adjoint(A(p)) + np.float32(lam) * p
-        alpha = (rs / np.maximum(_batch_dot(p, Ap), tiny)).astype(np.float32)
+        Ap = A.adjoint(A(p)) + dtype.type(lam) * p
+        alpha = (rs / np.maximum(_batch_dot(p, Ap), tiny)).astype(dtype)
         x += alpha * p
         r -= alpha * Ap
         rs_new = _batch_dot(r, r)
-        p = r + (rs_new / np.maximum(rs, tiny)).astype(np.float32) * p
+        p = r + (rs_new / np.maximum(rs, tiny)).astype(dtype) * p
         rs = rs_new
     return x
 
@@ -579,23 +584,29 @@ class ForwardModel:
     crops the sensor; identities for ``circular``), and the consistency ``‖A x − y‖ / ‖y‖`` the runtime reports
     as a live sign that the PSF still fits."""
 
-    def __init__(self, psf: np.ndarray, geometry: LenslessGeometry):
+    def __init__(self, psf: np.ndarray, geometry: LenslessGeometry, dtype: type = np.float32):
+        """``dtype``: float32 (what the runtime, training and the exported graph compute in) or float64 (a
+        reference: ``bench/bench_cg_precision.py``)."""
+        if np.dtype(dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise OpticsError(f"ForwardModel computes in float32 or float64, not {np.dtype(dtype)}")
         self.geometry = geometry
+        self.dtype = np.dtype(dtype)
         H = psf_transfer_function(psf, geometry.conv_shape)
-        self._H_half = H[..., : H.shape[-1] // 2 + 1].astype(np.complex64)
+        complex_type = np.complex64 if self.dtype == np.float32 else np.complex128
+        self._H_half = H[..., : H.shape[-1] // 2 + 1].astype(complex_type)
         self._Hc_half = np.conj(self._H_half)  # Aᵀ's spectrum, once (cg calls adjoint every step)
 
     def _filter(self, a: np.ndarray, source: tuple[int, int], target: tuple[int, int], spectrum: np.ndarray,
                 what: str) -> np.ndarray:
         """``C_target F⁻¹[spectrum · F(P a)]`` on the convolution grid (``P`` pads ``source``, ``C`` crops)."""
         g = self.geometry
-        a = np.asarray(a, dtype=np.float32)
+        a = np.asarray(a, dtype=self.dtype)
         if tuple(a.shape[-2:]) != source:
             raise OpticsError(f"{what} of spatial size {tuple(a.shape[-2:])} does not match the model's {what} grid "
                               f"{source}")
         ap = center_pad(a, g.conv_shape) if source != g.conv_shape else a
         b = np.fft.irfft2(np.fft.rfft2(ap, axes=(-2, -1)) * spectrum, s=g.conv_shape, axes=(-2, -1))
-        return (center_crop(b, target) if target != g.conv_shape else b).astype(np.float32)
+        return (center_crop(b, target) if target != g.conv_shape else b).astype(self.dtype)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self._filter(x, self.geometry.scene_shape, self.geometry.sensor_shape, self._H_half, "scene")

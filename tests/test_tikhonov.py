@@ -60,6 +60,32 @@ def _crop_case(seed: int = 0):
     return psf, geometry, y
 
 
+def test_cg_in_float64_is_the_float64_torch_cg_and_other_precisions_are_refused():
+    """The numpy forward model and cg in float64 (the reference of bench/bench_cg_precision.py) are torch's cg in
+    float64; float32 stays the default; any other precision is a named error."""
+    from nsdd_edge.optics import CG_ITERATIONS, ForwardModel, OpticsError, cg_tikhonov
+
+    psf, g, y = _crop_case(1)
+    op = LenslessOperator(psf, g.sensor_shape, "crop", lam=1e-4, scene_shape=g.scene_shape, conv_shape=g.conv_shape,
+                          projector="cg")
+    exact = op.A_dagger(y.double()).numpy()  # (torch keeps H in complex64)
+    A64, y64 = ForwardModel(psf, g, np.float64), y.numpy().astype(np.float64)
+    x64 = cg_tikhonov(A64, y64, 1e-4, CG_ITERATIONS)
+    assert x64.dtype == np.float64 and A64(x64).dtype == np.float64
+    assert np.abs(x64 - exact).max() < 1e-3 * np.abs(exact).max()
+    assert cg_tikhonov(ForwardModel(psf, g), y.numpy(), 1e-4, CG_ITERATIONS).dtype == np.float32
+
+    def normal_residual(x):  # ‖(AᵀA + λI)x − Aᵀy‖ / ‖Aᵀy‖, in float64
+        b = A64.adjoint(y64)
+        return np.linalg.norm(A64.adjoint(A64(x)) + 1e-4 * x - b) / np.linalg.norm(b)
+
+    # long enough, float64 solves the normal equations to rounding; float32 stalls at its own rounding floor
+    assert normal_residual(cg_tikhonov(A64, y64, 1e-4, 120)) < 1e-12
+    assert normal_residual(cg_tikhonov(ForwardModel(psf, g), y.numpy(), 1e-4, 120)) > 1e-9
+    with pytest.raises(OpticsError, match="float32 or float64"):
+        ForwardModel(psf, g, np.float16)
+
+
 def test_cg_pseudo_inverse_is_the_same_in_numpy_torch_and_onnx(tmp_path):
     from export.graph import ReconstructionGraph
     from export.onnx_graph import export_graph
