@@ -218,6 +218,32 @@ def test_scores_against_teacher_labels_instead_of_ground_truth(tmp_path):
     assert 38.0 < metrics["wiener"]["psnr"] < 42.0  # Wiener ≈ the scene, 0.01 from the labels
 
 
+def test_border_scores_the_inside_of_the_window_alone(tmp_path):
+    """--border PX: a reconstruction wrong only on its outer rim (here 0 there) scores badly on the whole window
+    and exactly on the inside; a border that leaves less than 16 px is a named error."""
+    data = make_dataset(tmp_path / "data", n=3)
+    meta = json.loads((data / "dataset.json").read_text())
+    rimmed = tmp_path / "rimmed"
+    rimmed.mkdir()
+    for i in meta["splits"]["test"]:
+        x = np.load(data / "ground_truth" / f"{i}.npy").copy()
+        x[..., :2, :] = 0
+        x[..., -2:, :] = 0
+        x[..., :, :2] = 0
+        x[..., :, -2:] = 0
+        np.save(rimmed / f"{i}.npy", x)
+    scores = {}
+    for border in (0, 2):
+        out = tmp_path / f"eval{border}"
+        assert train_cli(["evaluate", "--data", str(data), "--recon", str(rimmed), "--no-lpips", "--border",
+                          str(border), "--no-save-recon", "--out", str(out)]) == 0
+        scores[border] = json.loads((out / "metrics.json").read_text())["rimmed"]
+    assert scores[0]["psnr"] < 30 and scores[0]["ssim"] < 1.0 and "border" not in scores[0]
+    assert scores[2]["psnr"] is None and scores[2]["ssim"] == pytest.approx(1.0) and scores[2]["border"] == 2
+    assert train_cli(["evaluate", "--data", str(data), "--recon", str(rimmed), "--no-lpips", "--border", "100",
+                      "--out", str(tmp_path / "bad")]) == 2
+
+
 # ---- DPS and the noise ---------------------------------------------------------------------------------
 def test_respaced_timesteps_start_at_T_minus_1():
     for steps in (1, 7, 50, 200, 1000):

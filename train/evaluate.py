@@ -105,6 +105,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--against", default=None, metavar="DIR",
                    help="score PSNR/SSIM/LPIPS against the reconstructions ID.npy in DIR (e.g. held-out teacher "
                         "labels) instead of the ground truth: a ground-truth-free score to choose settings on")
+    p.add_argument("--border", type=int, default=0, metavar="PX",
+                   help="score PSNR/SSIM/LPIPS without the outer PX pixels of the scene window (where is the error: "
+                        "at the window's edge or inside?); consistency always covers everything")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -185,6 +188,7 @@ class EvaluationConfig:
     overwrite: bool = False
     command: str = ""
     against: Path | None = None
+    border: int = 0
 
     @staticmethod
     def from_args(args: argparse.Namespace) -> EvaluationConfig:
@@ -230,12 +234,15 @@ class EvaluationConfig:
             raise EvaluationError(f"--skip must be ≥ 0, got {args.skip}")
         if args.grid_samples < 0:
             raise EvaluationError(f"--grid-samples must be ≥ 0, got {args.grid_samples}")
+        if getattr(args, "border", 0) < 0:
+            raise EvaluationError(f"--border must be ≥ 0 pixels, got {args.border}")
         return EvaluationConfig(
             data=Path(args.data), out=Path(args.out), sources=sources, split=args.split, limit=args.limit, skip=args.skip,
             prior=Path(args.prior) if args.prior else None, report=Path(args.report) if args.report else None,
             lpips_weights=args.lpips_weights, use_lpips=not args.no_lpips, device=resolve_device(args.device),
             grid_samples=args.grid_samples, save_recon=not args.no_save_recon, seed=args.seed,
             overwrite=args.overwrite, against=_against_dir(getattr(args, "against", None)),
+            border=int(getattr(args, "border", 0) or 0),
             command=command_line(args))
 
 
@@ -259,7 +266,8 @@ def command_line(args: argparse.Namespace, argv: Sequence[str] | None = None) ->
                         ("--limit", args.limit),
                         ("--report", args.report), ("--lpips-weights", args.lpips_weights),
                         ("--device", args.device), ("--grid-samples", args.grid_samples), ("--seed", args.seed),
-                        ("--threads", getattr(args, "threads", None)), ("--against", getattr(args, "against", None))):
+                        ("--threads", getattr(args, "threads", None)), ("--against", getattr(args, "against", None)),
+                        ("--border", getattr(args, "border", 0) or None)):
         if value not in (None, ""):
             parts += [flag, str(value)]
     for item in args.settings:
@@ -469,9 +477,9 @@ def fit_to_scene(x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 def score(x_full: torch.Tensor, ids: Sequence[str], ds: LenslessDataset, physics: LenslessOperator,
           use_lpips: bool, lpips_weights: str | None, device: str, name: str,
-          reference: torch.Tensor | None = None) -> dict[str, list]:
-    """Per-image PSNR, SSIM, LPIPS (on the clipped centre crop, against the ground truth or ``reference``) and
-    consistency under the forward operator (``consistency``) and the reconstruction operator
+          reference: torch.Tensor | None = None, border: int = 0) -> dict[str, list]:
+    """Per-image PSNR, SSIM, LPIPS (on the clipped centre crop less ``border`` px, against the ground truth or
+    ``reference``) and consistency under the forward operator (``consistency``) and the reconstruction operator
     (``consistency_recon``)."""
     if tuple(x_full.shape[-2:]) != physics.scene_shape:
         raise EvaluationError(f"{name}: reconstructions are {tuple(x_full.shape[-2:])}, the dataset's "
@@ -495,22 +503,28 @@ def score(x_full: torch.Tensor, ids: Sequence[str], ds: LenslessDataset, physics
         levels = ds.scene_levels(ids)
     except DatasetError as exc:
         raise EvaluationError(str(exc)) from None
-    out.update(image_scores(x_full, reference, use_lpips, lpips_weights, device, name, levels))
+    out.update(image_scores(x_full, reference, use_lpips, lpips_weights, device, name, levels, border))
     return out
 
 
 def image_scores(x_full: torch.Tensor, reference: torch.Tensor, use_lpips: bool, lpips_weights: str | None,
-                 device: str, name: str = "method", levels: torch.Tensor | None = None) -> dict[str, list]:
+                 device: str, name: str = "method", levels: torch.Tensor | None = None,
+                 border: int = 0) -> dict[str, list]:
     """Per-image PSNR, SSIM and LPIPS of ``x_full`` centre-cropped to the reference's size and both clipped to
     [0, 1] (the scene sits in the centre of the reconstruction grid). ``levels`` ``(N,)``: scenes simulated at
     level ``L`` (a camera profile's signal scale) are scored as ``x̂ / L`` against ``x / L``, on the [0, 1] scale
-    of the image (clipping ``L · x`` at 1 would saturate most of a face)."""
+    of the image (clipping ``L · x`` at 1 would saturate most of a face). ``border`` > 0: both lose their outer
+    ``border`` pixels first (the inside of the window alone)."""
     gh, gw = reference.shape[-2:]
     if x_full.shape[-2] < gh or x_full.shape[-1] < gw:
         raise EvaluationError(f"{name}: reconstructions {tuple(x_full.shape[-2:])} are smaller than the reference "
                               f"{(gh, gw)}")
+    if border and min(gh, gw) - 2 * border < 16:
+        raise EvaluationError(f"--border {border}: the {gh}x{gw} window would keep less than 16x16 px")
     x = center_crop(x_full, (gh, gw))
     gt = reference
+    if border:
+        x, gt = x[..., border:gh - border, border:gw - border], gt[..., border:gh - border, border:gw - border]
     if levels is not None:
         scale = torch.where(levels > 0, levels, torch.ones_like(levels)).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
         x, gt = x / scale, gt / scale.to(gt.dtype)
@@ -689,12 +703,15 @@ def run_evaluation(cfg: EvaluationConfig) -> dict:
             if save_dir is not None:
                 entry["recon_dir"] = str(save_dir)
                 entry["resumed_images"] = run.resumed
-        scores = score(x, ids, ds, physics, cfg.use_lpips, cfg.lpips_weights, cfg.device, src.name, reference)
+        scores = score(x, ids, ds, physics, cfg.use_lpips, cfg.lpips_weights, cfg.device, src.name, reference,
+                       cfg.border)
         for key in ("psnr", "ssim", "lpips", "consistency", "consistency_recon"):
             entry[key] = _mean(scores.get(key))
             if scores.get(key):
                 entry[f"{key}_std"] = float(np.std(scores[key]))
         entry["n"] = len(ids)
+        if cfg.border:
+            entry["border"] = cfg.border  # the image metrics leave out the window's outer `border` px
         entry["machine"] = machine
         if src.kind == "method":
             scores["seconds"] = run.seconds
@@ -739,6 +756,8 @@ def run_evaluation(cfg: EvaluationConfig) -> dict:
         if cfg.against is not None:
             notes.append(f"PSNR, SSIM and LPIPS are scored against the reconstructions in {cfg.against} (no ground "
                          "truth).")
+        if cfg.border:
+            notes.append(f"PSNR, SSIM and LPIPS leave out the outer {cfg.border} px of the scene window (--border).")
         if not cfg.use_lpips:
             notes.append("LPIPS skipped (--no-lpips).")
         if floor is not None:
