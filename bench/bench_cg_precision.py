@@ -49,7 +49,7 @@ def main() -> int:
     if args.student is not None:
         cfg = json.loads((args.student / "config.json").read_text())
         lam, scene, conv = float(cfg["lam"]), tuple(cfg["scene_shape"]), tuple(cfg["geometry"]["conv_shape"])
-    geometry = LenslessGeometry.make("crop", g.sensor_shape, profile.psf.shape, scene, conv)
+    geometry = LenslessGeometry.make("crop", g.sensor_shape, profile.psf.shape[-2:], scene, conv)
     A64, A32 = ForwardModel(profile.psf, geometry, np.float64), ForwardModel(profile.psf, geometry)
 
     print(f"# cg precision: {profile.name}, λ {lam:.3g}, scene {scene[0]}x{scene[1]}, conv {conv[0]}x{conv[1]}\n")

@@ -103,7 +103,8 @@ def make_bundle(onnx_files: list[str | Path], psf: Any, out: str | Path, *, engi
                 provenance_extra: dict | None = None) -> Any:
     """Check the models against each other and the PSF, then write the bundle; returns the loaded Bundle.
 
-    The models' ``nsdd.support_shape`` becomes the bundle's ``geometry.support_shape``. ``preprocess``
+    The models' ``nsdd.support_shape`` and ``nsdd.support_taper`` become the bundle's ``geometry.support_shape``
+    and ``geometry.support_taper``. ``preprocess``
     (a :class:`PreprocessConfig`) may be given instead of ``preprocess_json``; ``provenance_extra`` is
     merged into the recorded provenance."""
     if not onnx_files:
@@ -198,7 +199,7 @@ def make_bundle(onnx_files: list[str | Path], psf: Any, out: str | Path, *, engi
         return write_bundle(out, psf=psf, geometry=spec.geometry, lam=spec.lam, channels=spec.channels,
                             preprocess=preprocess, models=models, name=name, provenance=provenance,
                             extra_files=extra_files, support_shape=spec.support_shape, projector=spec.projector,
-                            spectra=spec.spectra)
+                            spectra=spec.spectra, support_taper=spec.support_taper)
     except BundleError as exc:
         raise ExportError(str(exc)) from exc
 

@@ -25,9 +25,11 @@ beside ``y`` (``nsdd-export onnx --spectra-input``): the runtime computes them f
 :attr:`Bundle.output_shape` differ; A† and A act on the convolution grid).
 
 ``geometry.support_shape`` (optional; absent or null: the scenes fill the whole grid) is the centred
-window of the reconstruction (scene) grid that the scenes occupy — a student trained on small scenes
-zero-padded to that grid (``train.students.Student`` ``support_shape``). With it, ``sim://`` renders its
-scenes at the support size and simulates them with the crop model on a 2× sensor convolution grid, as
+window of the reconstruction (scene) grid that the student fills — a student trained on small scenes
+zero-padded to that grid (``train.students.Student`` ``support_shape``). ``geometry.support_taper`` (optional,
+px) is its soft edge; a window with one is the scenes plus the taper on every side, so the scenes themselves
+are the window less ``2·taper`` (:attr:`Bundle.scene_support`). With a support, ``sim://`` renders its
+scenes at that size and simulates them with the crop model on a 2× sensor convolution grid, as
 ``nsdd-train simulate`` made the training data (:meth:`Bundle.sim_geometry`; a crop-model bundle uses its
 own geometry, the support-size scene zero-padded into its scene grid), and the preview/recorder show the
 support crop of the reconstruction (:meth:`Bundle.display_crop`).
@@ -121,6 +123,18 @@ def parse_support(value: Any, grid: tuple[int, int], where: str = "support_shape
     return h, w
 
 
+def check_support_taper(value: Any, support: tuple[int, int] | None, where: str = "support_taper") -> int:
+    """A support window's soft edge in px: an integer ≥ 0 that leaves scenes inside the window (``2·taper`` below
+    its shorter side); 0 without a window. :class:`BundleError` naming the problem otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise BundleError(f"{where}: expected an integer ≥ 0 (pixels), got {value!r}")
+    if value and support is None:
+        raise BundleError(f"{where}: {value} px needs a support window (support_shape)")
+    if value and 2 * int(value) >= min(support):  # type: ignore[arg-type]
+        raise BundleError(f"{where}: {value} px leaves no scene inside the {support[0]}x{support[1]} window")
+    return int(value)
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -143,6 +157,7 @@ class Bundle:
     models: dict[str, dict[str, Any]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     support_shape: tuple[int, int] | None = None
+    support_taper: int = 0  # px: the student's soft edge on its support window (the scenes lie inside it)
     projector: str = "tikhonov"  # the pseudo-inverse kind of A† (nsdd_edge.optics.WienerSpectra)
     verification: list[str] = field(default_factory=list)  # what loading verified, one line per check
     spectra: str = "fixed"  # fixed: the models hold the PSF's spectra; input: the runtime feeds them (refocus)
@@ -150,6 +165,14 @@ class Bundle:
     @property
     def psf_sha256(self) -> str:
         return array_hash(self.psf)
+
+    @property
+    def scene_support(self) -> tuple[int, int] | None:
+        """The scenes' centred window: the support less its soft edge on every side (``None``: the whole grid)."""
+        if self.support_shape is None:
+            return None
+        t = 2 * int(self.support_taper)
+        return (self.support_shape[0] - t, self.support_shape[1] - t)
 
     def sim_geometry(self) -> LenslessGeometry:
         """The forward model ``sim://`` uses with this bundle: a crop-model bundle's own geometry (with a support,
@@ -159,7 +182,7 @@ class Bundle:
         if self.support_shape is None or self.geometry.model == "crop":
             return self.geometry
         sensor = self.geometry.sensor_shape
-        return LenslessGeometry.make("crop", sensor, self.psf.shape[-2:], scene_shape=self.support_shape,
+        return LenslessGeometry.make("crop", sensor, self.psf.shape[-2:], scene_shape=self.scene_support,
                                      conv_shape=(2 * sensor[0], 2 * sensor[1]))
 
     def display_crop(self, x: np.ndarray) -> np.ndarray:
@@ -208,12 +231,13 @@ def write_bundle(out: str | os.PathLike, *, psf: np.ndarray, geometry: LenslessG
                  models: dict[str, str | os.PathLike | dict] | None = None, name: str | None = None,
                  provenance: dict | None = None, extra_files: dict[str, str | os.PathLike] | None = None,
                  support_shape: tuple[int, int] | list[int] | None = None, projector: str = "tikhonov",
-                 spectra: str = "fixed") -> Bundle:
+                 spectra: str = "fixed", support_taper: int = 0) -> Bundle:
     """Write a bundle atomically: build it in a temporary sibling directory, then rename.
 
     ``models`` maps a kind to a source file path, or to a dict ``{"path": ..., **extra}`` whose extra
     keys (precision, TensorRT version, …) are recorded. ``extra_files`` (e.g. a background frame) are
-    copied under their given names. ``support_shape``: the scenes' centred window (``geometry.support_shape``).
+    copied under their given names. ``support_shape``: the student's centred window (``geometry.support_shape``)
+    and ``support_taper`` its soft edge in px (``geometry.support_taper``, left out when 0).
     ``spectra``: ``input`` when the models take the spectra as inputs (recorded; ``fixed`` is left out).
 
     An existing bundle that cannot be renamed — its parent is not writable (``/bundle`` in a container) or it
@@ -226,6 +250,9 @@ def write_bundle(out: str | os.PathLike, *, psf: np.ndarray, geometry: LenslessG
     geometry_record = geometry.to_dict()
     if support is not None:
         geometry_record["support_shape"] = list(support)
+    taper = check_support_taper(support_taper, support)
+    if taper:
+        geometry_record["support_taper"] = taper
     tmp, in_place = _staging_dir(out)
     try:
         tmp.chmod(0o755)  # mkdtemp creates 0700; a bundle is meant to be read by the service user

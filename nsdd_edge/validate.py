@@ -44,6 +44,7 @@ from nsdd_edge.bundle import (
     Bundle,
     BundleError,
     PreprocessConfig,
+    check_support_taper,
     file_sha256,
     parse_support,
 )
@@ -371,7 +372,8 @@ def estimate_memory_bytes(geometry: LenslessGeometry, channels: int, psf_channel
 def _check_geometry(d: Any, where: str) -> tuple[LenslessGeometry, Any]:
     if not isinstance(d, dict):
         raise BundleError(f"{where}: expected an object, got {_show(d)}")
-    unknown = sorted(set(d) - {"model", "sensor_shape", "scene_shape", "conv_shape", "support_shape"})
+    unknown = sorted(set(d) - {"model", "sensor_shape", "scene_shape", "conv_shape", "support_shape",
+                               "support_taper"})
     if unknown:
         raise BundleError(f"{where}: unknown fields {unknown}")
     model = check_choice(d.get("model"), f"{where}.model", ("circular", "crop"))
@@ -445,6 +447,7 @@ def verify_bundle(root: str | os.PathLike, *, verify_files: bool = True,
         raise BundleError(f"{mp}: name must be printable text of 1..{MAX_NAME_CHARS} characters, got {_show(name)}")
     geometry, support_value = _check_geometry(meta["geometry"], f"{mp}: geometry")
     support = parse_support(support_value, geometry.scene_shape, f"{mp}: geometry.support_shape")
+    taper = check_support_taper(meta["geometry"].get("support_taper", 0), support, f"{mp}: geometry.support_taper")
     lam = check_real(meta["lam"], f"{mp}: lam", positive=True, maximum=MAX_LAM)
     projector = check_choice(meta.get("projector", "tikhonov"), f"{mp}: projector", PROJECTORS)
     channels = check_int(meta["channels"], f"{mp}: channels", minimum=1, maximum=3)
@@ -528,7 +531,8 @@ def verify_bundle(root: str | os.PathLike, *, verify_files: bool = True,
     if not isinstance(provenance, dict):
         raise BundleError(f"{mp}: provenance must be an object, got {_show(provenance)}")
     return Bundle(root=root, name=name, geometry=geometry, lam=lam, channels=channels, psf=psf, preprocess=preprocess,
-                  models=models, provenance=provenance, support_shape=support, projector=projector, spectra=spectra,
+                  models=models, provenance=provenance, support_shape=support, support_taper=taper,
+                  projector=projector, spectra=spectra,
                   verification=done)
 
 

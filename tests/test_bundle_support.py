@@ -95,6 +95,29 @@ def test_support_is_optional_recorded_and_checked(support_bundle, tmp_path):
                      support_shape=(256, 64))
 
 
+def test_a_soft_edged_window_is_recorded_and_sim_renders_the_scenes_inside_it(support_bundle, tmp_path):
+    """``geometry.support_taper``: a student window τ wider than the scenes on every side. The bundle records it,
+    ``scene_support`` is the window less 2τ, ``sim://`` renders scenes that size (never under the fade), and a
+    taper that leaves no scene is a named error, on writing and on loading."""
+    soft = write_bundle(tmp_path / "soft", psf=support_bundle.psf, geometry=support_bundle.geometry, lam=LAM,
+                        channels=3, support_shape=(80, 80), support_taper=8)
+    meta = json.loads((soft.root / "bundle.json").read_text())
+    assert meta["geometry"]["support_taper"] == 8 and meta["geometry"]["support_shape"] == [80, 80]
+    assert soft.support_taper == 8 and soft.scene_support == (64, 64)
+    assert soft.sim_geometry().scene_shape == (64, 64)  # the scenes, not the window
+    assert soft.display_crop(np.zeros((3, 128, 128), np.float32)).shape == (3, 80, 80)  # shown: the window
+    assert "support_taper" not in json.loads((support_bundle.root / "bundle.json").read_text())["geometry"]
+    assert support_bundle.support_taper == 0 and support_bundle.scene_support == SUPPORT
+    for bad in (40, -1, 2.5, True):
+        with pytest.raises(BundleError, match="support_taper"):
+            write_bundle(tmp_path / f"w{bad}", psf=support_bundle.psf, geometry=support_bundle.geometry, lam=LAM,
+                         channels=3, support_shape=(80, 80), support_taper=bad)
+    meta["geometry"]["support_taper"] = 40
+    (soft.root / "bundle.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="support_taper"):
+        load_bundle(soft.root)
+
+
 def test_sim_with_support_is_the_training_crop_model(support_bundle, psf):
     torch = pytest.importorskip("torch")
     from train.physics import LenslessOperator

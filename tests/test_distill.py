@@ -366,10 +366,10 @@ def test_support_window_auto_full_explicit_and_refused(tmp_path):
         train_student(settings(data, targets, tmp_path / "bad", support="16", support_taper=8))
 
 
-def test_a_soft_edge_widens_the_auto_window_so_it_never_dims_the_scenes(tmp_path):
+def test_a_soft_edge_widens_the_auto_window_so_it_never_dims_the_scenes(tmp_path, capsys):
     """With --support-taper τ, `auto` is the scenes' size + 2τ (rounded up to the network's multiple, capped at
     the grid): g has full weight over every scene pixel, and fades out over the black padding around them. A
-    checkpoint from before (the taper inside the scenes' window) is refused by name with the way to resume."""
+    checkpoint from before (the taper inside the scenes' window) resumes with the window it was started with."""
     from train.data import LenslessDataset
     from train.distill import CHECKPOINT_NAME, resolve_support
     from train.students import input_multiple
@@ -387,6 +387,10 @@ def test_a_soft_edge_widens_the_auto_window_so_it_never_dims_the_scenes(tmp_path
     assert resolve_support("16", dataset, physics, 3, 4) == (16, 16)  # explicit: as given
     assert input_multiple("edge", SMALL) == 4
     assert input_multiple("edge", {**SMALL, "unshuffle": 2}) == 8
+    # a grid that no multiple of the network fills: the largest multiple within it, said aloud
+    capsys.readouterr()
+    assert resolve_support("auto", dataset, physics, 12, 6) == (30, 30)
+    assert "no room for the 12 px soft edge" in capsys.readouterr().err
 
     out = tmp_path / "soft"
     train_student(settings(data, targets, out, support="auto", support_taper=3, steps=2))
@@ -398,10 +402,29 @@ def test_a_soft_edge_widens_the_auto_window_so_it_never_dims_the_scenes(tmp_path
 
     ckpt = torch.load(out / CHECKPOINT_NAME, weights_only=True)
     assert ckpt["signature"]["support_shape"] == [24, 24]
-    del ckpt["signature"]["support_shape"]  # as written before the window was widened
-    torch.save(ckpt, out / CHECKPOINT_NAME)
-    with pytest.raises(DistillError, match=r"support_shape.*--support HxW"):
-        train_student(settings(data, targets, out, support="auto", support_taper=3, steps=4))
+    ckpt["signature"] = {k: v for k, v in ckpt["signature"].items() if k != "support_shape"}  # as written before
+    torch.save(ckpt, out / CHECKPOINT_NAME)  # the window was widened
+    capsys.readouterr()
+    train_student(settings(data, targets, out, support="auto", support_taper=3, steps=4))
+    assert "resuming with the window of the scenes' own size" in capsys.readouterr().err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["support_shape"] == [16, 16] and cfg["step"] == 4
+
+
+def test_the_input_multiple_of_every_kind_of_diffusion_unet():
+    """A paper student's window must suit its diffusion UNet too: ours (channel_mults), ADM (channel_mult) and
+    diffusers (block_out_channels) give 2^(levels − 1); a network that says nothing, 1."""
+    from types import SimpleNamespace
+
+    from train.students import input_multiple, unet_multiple
+
+    ours = SimpleNamespace(cfg=SimpleNamespace(channel_mults=[1, 2, 2, 2]))
+    adm = SimpleNamespace(cfg=SimpleNamespace(channel_mult=[1, 1, 2, 2, 4, 4]))
+    diffusers = SimpleNamespace(config=SimpleNamespace(block_out_channels=(64, 128, 128)))
+    assert [unet_multiple(n) for n in (ours, adm, diffusers, object())] == [8, 32, 4, 1]
+    assert input_multiple("paper", SMALL, SimpleNamespace(net=adm)) == 32
+    assert input_multiple("paper", SMALL, SimpleNamespace(net=ours)) == 8
+    assert input_multiple("edge", SMALL, SimpleNamespace(net=adm)) == 4  # an edge student has no diffusion UNet
 
 
 def test_fit_gives_the_student_the_profiles_soft_edge_as_a_fraction_of_its_window():

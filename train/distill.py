@@ -192,7 +192,13 @@ def resolve_support(text: str, dataset: LenslessDataset, physics: LenslessOperat
             return None
         if taper > 0:
             step = max(1, int(multiple))
-            fwd = tuple(min(-(-(n + 2 * int(taper)) // step) * step, grid) for n, grid in zip(fwd, scene))
+            wide = tuple(max(min(-(-(n + 2 * int(taper)) // step) * step, grid // step * step), n)
+                         for n, grid in zip(fwd, scene))
+            if any(w < n + 2 * int(taper) for w, n in zip(wide, fwd)):
+                print(f"--support auto: the {scene[0]}x{scene[1]} grid leaves no room for the {taper} px soft edge "
+                      f"around the {fwd[0]}x{fwd[1]} scenes; the window is {wide[0]}x{wide[1]}, so the edge fades "
+                      "the scenes' outer pixels", file=sys.stderr)
+            fwd = wide
         return fwd  # type: ignore[return-value]
     if support is not None and (support[0] > scene[0] or support[1] > scene[1]):
         raise DistillError(f"--support {support[0]}x{support[1]} is larger than the scene grid {scene[0]}x{scene[1]}")
@@ -423,7 +429,15 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
                                     s.psf_scale_range, seed=s.seed, noise_std=float(dataset.meta.get("noise_std") or 0))
         extra["training"]["scale_range"] = scale_data.describe()
         extra["psf_scale_range"] = list(s.psf_scale_range)
-    support = resolve_support(s.support, dataset, physics, int(s.support_taper),
+    ckpt_path = out / CHECKPOINT_NAME
+    ckpt = ctx.from_main(lambda: _read_checkpoint(ckpt_path))  # rank 0 reads it and hands it to the others
+    widened = s.support == "auto" and s.support_taper > 0
+    if widened and ckpt is not None and "support_shape" not in ckpt.get("signature", {}):
+        # written before `auto` widened a soft-edged window: resuming must not change the window it trains
+        widened = False
+        print(f"{ckpt_path}: resuming with the window of the scenes' own size (the soft edge inside it), as this "
+              "checkpoint was started", file=sys.stderr)
+    support = resolve_support(s.support, dataset, physics, int(s.support_taper) if widened else 0,
                               input_multiple(s.student, arch, prior))
     window = loss_window(s.loss_window, support, physics.scene_shape)
     s.loss_window = "grid" if window is None else "support"  # resolved: resume signatures name what ran
@@ -442,7 +456,10 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
         raise DistillError(f"--support-taper: {exc}") from None
 
     torch.manual_seed(s.seed)
-    student = build_student(config, prior=prior).to(device)
+    try:
+        student = build_student(config, prior=prior).to(device)
+    except StudentError as exc:
+        raise DistillError(str(exc)) from None
     net = student.net
     if s.student == "paper":  # the pretrained prior is fine-tuned too: make sure it is trainable
         for p in net.parameters():
@@ -456,18 +473,14 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
     history: list[list[float]] = []
     step = 0
 
-    ckpt_path = out / CHECKPOINT_NAME
     signature = s.signature() | {"ids_sha256": ids_hash, "psf_sha256": physics.psf_hash}
-    if s.support_taper and support is not None:  # the resolved window: `auto` widens it by the taper since 2026-11
+    if widened and support is not None:  # the window `auto` resolved to (widened by the taper)
         signature["support_shape"] = [int(v) for v in support]
-    ckpt = ctx.from_main(lambda: _read_checkpoint(ckpt_path))  # rank 0 reads it and hands it to the others
     if ckpt is not None:
         if ckpt.get("signature") != signature:
             diff = sorted(k for k in set(signature) | set(ckpt.get("signature", {}))
                           if signature.get(k) != ckpt.get("signature", {}).get(k))
-            hint = (" (a soft-edged window written before `--support auto` widened it by the taper: resume with "
-                    "--support HxW of that window)" if diff == ["support_shape"] else "")
-            raise DistillError(f"{ckpt_path}: checkpoint was written with other settings ({', '.join(diff)}){hint}; "
+            raise DistillError(f"{ckpt_path}: checkpoint was written with other settings ({', '.join(diff)}); "
                                "use another --out or the same settings to resume")
         net.load_state_dict(ckpt["net"])
         ema = {k: v.to(device) for k, v in ckpt["ema"].items()}

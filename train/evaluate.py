@@ -519,8 +519,8 @@ def image_scores(x_full: torch.Tensor, reference: torch.Tensor, use_lpips: bool,
     if x_full.shape[-2] < gh or x_full.shape[-1] < gw:
         raise EvaluationError(f"{name}: reconstructions {tuple(x_full.shape[-2:])} are smaller than the reference "
                               f"{(gh, gw)}")
-    if border and min(gh, gw) - 2 * border < 16:
-        raise EvaluationError(f"--border {border}: the {gh}x{gw} window would keep less than 16x16 px")
+    if border:
+        check_border(border, min(gh, gw), use_lpips)
     x = center_crop(x_full, (gh, gw))
     gt = reference
     if border:
@@ -533,6 +533,16 @@ def image_scores(x_full: torch.Tensor, reference: torch.Tensor, use_lpips: bool,
     if use_lpips:
         out["lpips"] = [float(v) for v in M.lpips(x.to(device), gt.to(device), lpips_weights)]
     return out
+
+
+def check_border(border: int, side: int, use_lpips: bool) -> None:
+    """``--border``: what is left of a ``side`` px window must hold SSIM's window (16 px) and LPIPS's input."""
+    from train.lpips import MIN_SIZE
+
+    need = MIN_SIZE if use_lpips else 16
+    if side - 2 * border < need:
+        raise EvaluationError(f"--border {border}: the {side} px scene window would keep {side - 2 * border} px, "
+                              f"less than the {need} px " + ("LPIPS needs" if use_lpips else "SSIM needs"))
 
 
 def forward_consistency(x_full: torch.Tensor, y: torch.Tensor, forward: LenslessOperator) -> torch.Tensor:
@@ -651,6 +661,10 @@ def run_evaluation(cfg: EvaluationConfig) -> dict:
     machine = machine_info(cfg.device)
     cfg.out.mkdir(parents=True, exist_ok=True)
     reference = against_reference(ds, ids, cfg.against) if cfg.against is not None else None
+    if cfg.border:  # before any method runs
+        side = min((ds.ground_truth(ids[0]).shape[-2:] if ds.has_ground_truth(ids[0])
+                    else tuple(ds.forward_physics().scene_shape)))
+        check_border(cfg.border, side, cfg.use_lpips)
     notes: list[str] = []
     for src in cfg.sources:  # Wiener's λ without ground truth unless given: the discrepancy principle
         if src.kind == "method" and src.spec == "wiener" and "lam" not in src.settings:
@@ -716,7 +730,7 @@ def run_evaluation(cfg: EvaluationConfig) -> dict:
         if src.kind == "method":
             scores["seconds"] = run.seconds
         metrics[src.name] = _order(entry)
-        per_image[src.name] = {"ids": list(ids), **scores}
+        per_image[src.name] = {"ids": list(ids), **scores, **({"border": cfg.border} if cfg.border else {})}
         recons[src.name] = x
         print(f"{src.name}: " + ", ".join(f"{k} {entry[k]:.4g}" for k in ("psnr", "ssim", "lpips", "consistency",
                                                                           "seconds_per_image")
@@ -732,7 +746,9 @@ def run_evaluation(cfg: EvaluationConfig) -> dict:
               + (f", {floor['recon']:.4g} under the reconstruction operator" if floor["recon"] is not None else "")
               + " (what a perfect reconstruction scores)", file=sys.stderr)
     table = metrics_table(metrics)
-    (cfg.out / "metrics.md").write_text(f"# Metrics ({cfg.data}, split {cfg.split}, n = {len(ids)})\n\n" + table)
+    border = f", image metrics without the outer {cfg.border} px" if cfg.border else ""
+    (cfg.out / "metrics.md").write_text(f"# Metrics ({cfg.data}, split {cfg.split}, n = {len(ids)}{border})\n\n"
+                                        + table)
 
     figures: dict[str, Path | None] = {"qualitative comparison": None, "LPIPS vs. time": None}
     rows = ids[: cfg.grid_samples]

@@ -104,8 +104,9 @@ class Stages:
 
 
 def student_taper(profile, size: int) -> int:
-    """The student's soft edge on its ``size``² window: the profile's support taper, as the same fraction of the
-    window (``support.taper / support side``; 0 when the profile has no soft support)."""
+    """The student's soft edge for ``size``² scenes: the profile's support taper as the same fraction of the scenes'
+    side (``support.taper / support side``; 0 when the profile has no soft support). ``distill`` then widens the
+    student's window to the scenes plus this edge on every side (:func:`train.distill.resolve_support`)."""
     if profile.support is None or not profile.support.taper:
         return 0
     fraction = profile.support.taper / min(profile.support.shape)

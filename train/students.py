@@ -197,10 +197,8 @@ class PaperNet(nn.Module):
 
     @property
     def multiple(self) -> int:
-        """Input sides must be multiples of the adapter's and of the diffusion UNet's ``2^(levels − 1)``."""
-        cfg = getattr(self.prior_net, "cfg", None)
-        mults = getattr(cfg, "channel_mults", None)
-        return math.lcm(self.adapter.multiple, 2 ** (len(mults) - 1) if mults else 1)
+        """Input sides must be multiples of the adapter's and of the diffusion UNet's (:func:`unet_multiple`)."""
+        return math.lcm(self.adapter.multiple, unet_multiple(self.prior_net))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_t = 2.0 * self.adapter(x) - 1.0
@@ -382,13 +380,25 @@ def make_config(kind: str, objective: Objective, channels: int, physics: Lensles
     return cfg
 
 
+def unet_multiple(net: Any) -> int:
+    """A diffusion UNet's ``2^(levels − 1)``: what its input sides must be multiples of. Our UNet
+    (``cfg.channel_mults``), an ADM UNet (``cfg.channel_mult``) or a diffusers UNet (``config.block_out_channels``);
+    1 for a network that says nothing."""
+    cfg = getattr(net, "cfg", None)
+    levels = getattr(cfg, "channel_mults", None) or getattr(cfg, "channel_mult", None)
+    if levels is None:
+        levels = getattr(getattr(net, "config", None), "block_out_channels", None)
+    return 2 ** (len(levels) - 1) if levels else 1
+
+
 def input_multiple(kind: str, architecture: dict, prior: Any | None = None) -> int:
     """What a student's input sides must be multiples of, from its settings (the built network's ``multiple``):
-    ``2^depth · unshuffle``, and for a paper student also its diffusion UNet's ``2^(levels − 1)``."""
+    ``2^depth · unshuffle``, and for a paper student also its diffusion UNet's (:func:`unet_multiple`)."""
     arch = {**default_architecture(kind, "nullspace"), **architecture}
     multiple = 2 ** int(arch["depth"]) * int(arch.get("unshuffle", 1))
-    mults = getattr(getattr(getattr(prior, "net", None), "cfg", None), "channel_mults", None)
-    return math.lcm(multiple, 2 ** (len(mults) - 1)) if kind == "paper" and mults else multiple
+    if kind == "paper" and prior is not None:
+        multiple = math.lcm(multiple, unet_multiple(getattr(prior, "net", None)))
+    return multiple
 
 
 def build_student(config: dict, prior: Any | None = None) -> Student:

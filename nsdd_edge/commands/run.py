@@ -109,7 +109,7 @@ def open_camera(uri: str, bundle: Bundle, **options: Any):
             options.setdefault("psf", bundle.psf)
             options.setdefault("geometry", bundle.sim_geometry())
             if bundle.geometry.model == "crop" and bundle.support_shape is not None:
-                options.setdefault("support", bundle.support_shape)
+                options.setdefault("support", bundle.scene_support)
         if "channels" not in q and "format" not in q:
             options.setdefault("channels", bundle.channels)
     source = open_source(uri, **options)
