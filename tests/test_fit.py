@@ -20,7 +20,7 @@ def tiny_prior_dir(tmp_path_factory):
 
 
 def test_fit_goes_from_a_profile_to_a_bundle_that_runs(profile_dir, camera_files, tiny_prior_dir, tmp_path,  # noqa: F811
-                                                       shared):
+                                                       shared, capsys):
     from nsdd_edge.bundle import load_bundle
     from nsdd_edge.cli import main as edge_main
     from train.cli import main as train_main
@@ -81,6 +81,31 @@ def test_fit_goes_from_a_profile_to_a_bundle_that_runs(profile_dir, camera_files
     assert len(meta["splits"]["test"]) == 5 and not meta["splits"]["train"]
     assert set(meta["sources"].values()) == {p.name for p in unseen.iterdir()}
     assert f"The test split of `{out2 / 'heldout_data'}`" in (out2 / "report.md").read_text()
+
+    # a student trained for this fit elsewhere (here: a copy of its own) takes the distill stage's place; the
+    # fit's own moves aside, export, held-out and report are redone; another camera's student is refused by name
+    longer = tmp_path / "longer"
+    longer.mkdir()
+    for f in (out2 / "student").iterdir():
+        if f.is_file():
+            (longer / f.name).write_bytes(f.read_bytes())
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for f in longer.iterdir():
+        (foreign / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((foreign / "config.json").read_text())
+    (foreign / "config.json").write_text(json.dumps({**cfg, "psf_sha256": "0" * 64}))
+    before = json.loads((out2 / "fit.json").read_text())["stages"]["heldout"]
+    capsys.readouterr()
+    assert train_main(["fit", *common, "--use-student", str(foreign), "--heldout-images", str(unseen)]) == 2
+    assert "not a student of this fit's data: psf_sha256" in capsys.readouterr().err
+    assert train_main(["fit", *common, "--use-student", str(longer), "--heldout-images", str(unseen)]) == 0
+    record = json.loads((out2 / "fit.json").read_text())
+    distill = record["details"]["distill"]
+    assert distill["adopted_from"] == str(longer.resolve()) and len(distill["weights_sha256"]) == 64
+    assert (out2 / "student.previous-1" / "config.json").exists() and not (out2 / "student" / "checkpoint.pt").exists()
+    assert (out2 / "student" / "model.safetensors").read_bytes() == (longer / "model.safetensors").read_bytes()
+    assert record["stages"]["heldout"] != before  # scored again, with the adopted student
 
 
 def test_fit_refuses_a_wrong_start_or_held_out_folder_before_any_work(profile_dir, camera_files, tiny_prior_dir,  # noqa: F811

@@ -13,6 +13,10 @@ One resumable command, stage by stage (a stage whose output is complete is skipp
               teacher and the student, side by side, with ‖A x̂ − y‖/‖y‖ under the profile's
               forward operator, and the held-out table                                     OUT/report.md, .png
 
+A student trained longer outside the fit (``nsdd-train distill --data OUT/data --targets OUT/teacher
+--init-student OUT/student …``) comes back with ``--use-student DIR``: it replaces the distill stage, and export,
+held-out scores and the report are redone with it (the earlier student is kept as ``OUT/student.previous-N``).
+
 ``--budget-minutes B`` sizes the work for the machine it runs on: the teacher's label count comes from its
 measured rate, the student's steps from its measured step rate; each stage gets a share of the time left.
 Every stage prints its wall time; ``OUT/fit.json`` records them. Nothing is chosen on ground truth: the
@@ -66,6 +70,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-student", default=None, type=Path, metavar="DIR",
                    help="start the student from this one's weights (same kind and network; trained for another PSF "
                         "or geometry, e.g. on simulated faces with many more labels than this fit can afford)")
+    p.add_argument("--use-student", default=None, type=Path, metavar="DIR",
+                   help="a student trained for this fit outside it (e.g. `nsdd-train distill --data OUT/data "
+                        "--targets OUT/teacher --init-student OUT/student`, run longer) takes the distill stage's "
+                        "place: checked against OUT/data, copied to OUT/student (the one there is kept beside it), "
+                        "then export, held-out scores and the report are redone with it")
     p.add_argument("--heldout-images", default=None, type=Path, metavar="DIR",
                    help="score the held-out stage on these scenes (simulated through the profile): images that "
                         "neither the prior nor --init-student trained on. Default: the test split of --images, "
@@ -204,7 +213,11 @@ def run_fit(args: argparse.Namespace) -> dict:
         init_student=str(args.init_student) if args.init_student else None,
         # scenes smaller than the grid (a cg camera: 64² faces on 256²): the loss where g acts, not the black padding
         loss_window=fit_loss_window(student_dir))
-    if distilled is None:
+    replaced = False
+    if args.use_student is not None:
+        stages.done("distill", t, **adopt_student(args.use_student, student_dir, ds, args.student, distilled))
+        replaced = True
+    elif distilled is None:
         summary = train_student(settings)
         stages.done("distill", t, steps=summary["step"], parameters=summary["parameters"])
     else:
@@ -233,7 +246,7 @@ def run_fit(args: argparse.Namespace) -> dict:
     t = time.monotonic()
     heldout = stages.finished("heldout")
     unseen = out / "heldout_data" if args.heldout_images is not None else None
-    if heldout is None or (unseen is not None and heldout.get("data") != str(unseen)):  # new faces: score again
+    if heldout is None or replaced or (unseen is not None and heldout.get("data") != str(unseen)):  # score again
         per_image = float(stages.finished("teacher")["seconds_per_image"])
         heldout_data = data if unseen is None else simulate_heldout(args, size, unseen)
         heldout = heldout_scores(heldout_data, student_dir, args, device, per_image, stages.budget("heldout"),
@@ -247,6 +260,51 @@ def run_fit(args: argparse.Namespace) -> dict:
     report = fit_report(profile, measured, prior, student_dir, out, args.teacher_steps, device, heldout)
     stages.done("report", t, consistency=report["consistency"])
     return json.loads((out / "fit.json").read_text())
+
+
+def adopt_student(source: Path, student_dir: Path, ds, kind: str, earlier: dict | None) -> dict:
+    """``--use-student``: ``source`` becomes ``student_dir`` (the fit's student). It must be a ``kind`` student
+    trained for this fit's data: the same PSF (hash), sensor, scene grid and channels. A student already in
+    ``student_dir`` moves aside to ``student_dir.previous-N`` (nothing is overwritten). Returns the distill
+    stage's record."""
+    import shutil
+
+    from nsdd_edge.bundle import file_sha256
+    from train.students import StudentError, read_student_config, student_weights_path
+
+    try:
+        cfg = read_student_config(source)
+        weights = student_weights_path(source, cfg)
+    except StudentError as exc:
+        raise FitError(f"--use-student {exc}") from None
+    physics = ds.physics()
+    wanted = {"kind": kind, "psf_sha256": physics.psf_hash, "channels": int(ds.meta.get("channels", 3)),
+              "sensor_shape": list(physics.sensor_shape), "scene_shape": list(physics.scene_shape)}
+    theirs = {"kind": cfg.get("kind"), "psf_sha256": cfg.get("psf_sha256"), "channels": cfg.get("channels"),
+              "sensor_shape": cfg.get("sensor_shape"), "scene_shape": cfg.get("scene_shape")}
+    wrong = [f"{k} {theirs[k]} (this fit: {wanted[k]})" for k in wanted if theirs[k] != wanted[k]]
+    if wrong:
+        raise FitError(f"--use-student {source}: not a student of this fit's data: " + "; ".join(wrong))
+    if source.resolve() == student_dir.resolve():
+        raise FitError(f"--use-student {source} is this fit's own student directory")
+    if student_dir.exists():
+        n = 1
+        while student_dir.with_name(f"{student_dir.name}.previous-{n}").exists():
+            n += 1
+        student_dir.rename(student_dir.with_name(f"{student_dir.name}.previous-{n}"))
+    staging = student_dir.with_name(student_dir.name + ".incoming")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for f in sorted(source.iterdir()):  # the student's files (config, weights, loss curve), not its checkpoint
+        if f.is_file() and f.name != "checkpoint.pt":
+            shutil.copy2(f, staging / f.name)
+    staging.rename(student_dir)
+    print(f"[fit] distill: the student of {source} ({cfg.get('step')} steps) replaces this fit's", flush=True)
+    record = {"steps": int(cfg.get("step") or 0), "parameters": int(cfg.get("weights", {}).get("parameters") or 0),
+              "adopted_from": str(source.resolve()), "weights_sha256": file_sha256(weights)}
+    if earlier is not None:
+        record["replaced"] = {k: earlier[k] for k in ("steps", "adopted_from") if k in earlier}
+    return record
 
 
 def student_architecture(kind: str) -> dict:
@@ -273,6 +331,17 @@ def check_starts(args: argparse.Namespace, channels: int, prior) -> None:
             list_images(args.heldout_images)
         except OpticsError as exc:
             raise FitError(str(exc).replace("--images", "--heldout-images", 1)) from None
+    if getattr(args, "use_student", None) is not None:
+        from train.students import StudentError, read_student_config
+
+        if args.init_student is not None:
+            raise FitError("--use-student and --init-student: give one (a student to adopt, or one to start from)")
+        try:
+            kind = read_student_config(args.use_student).get("kind")
+        except StudentError as exc:
+            raise FitError(f"--use-student {exc}") from None
+        if kind != args.student:
+            raise FitError(f"--use-student {args.use_student}: a {kind} student, this fit's is --student {args.student}")
     if args.init_student is not None:
         try:
             init = check_init_student(str(args.init_student), args.student, channels,
