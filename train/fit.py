@@ -212,10 +212,11 @@ def run_fit(args: argparse.Namespace) -> dict:
         architecture={} if args.student == "paper" else dict(EDGE_ARCHITECTURE),  # as recorded by earlier fits
         init_student=str(args.init_student) if args.init_student else None,
         # scenes smaller than the grid (a cg camera: 64² faces on 256²): the loss where g acts, not the black padding
-        loss_window=fit_loss_window(student_dir))
+        loss_window=fit_loss_window(student_dir) if args.use_student is None else "auto")
     replaced = False
     if args.use_student is not None:
-        stages.done("distill", t, **adopt_student(args.use_student, student_dir, ds, args.student, distilled))
+        earlier = None if distilled is None else {**distilled, "seconds": stages.times.get("distill")}
+        stages.done("distill", t, **adopt_student(args.use_student, student_dir, ds, args.student, earlier))
         replaced = True
     elif distilled is None:
         summary = train_student(settings)
@@ -303,7 +304,7 @@ def adopt_student(source: Path, student_dir: Path, ds, kind: str, earlier: dict 
     record = {"steps": int(cfg.get("step") or 0), "parameters": int(cfg.get("weights", {}).get("parameters") or 0),
               "adopted_from": str(source.resolve()), "weights_sha256": file_sha256(weights)}
     if earlier is not None:
-        record["replaced"] = {k: earlier[k] for k in ("steps", "adopted_from") if k in earlier}
+        record["replaced"] = {k: earlier[k] for k in ("steps", "seconds", "adopted_from") if earlier.get(k) is not None}
     return record
 
 
