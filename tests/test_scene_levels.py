@@ -49,7 +49,7 @@ def test_simulate_records_each_scenes_level_and_old_data_sets_recover_it(profile
 
 def test_metrics_score_the_image_not_its_saturated_signal(profile_data):
     from train.data import LenslessDataset
-    from train.evaluate import image_scores
+    from train.scoring import image_scores
 
     ds = LenslessDataset(profile_data)
     ids = ds.ids("test")
@@ -100,7 +100,7 @@ def test_evaluate_uses_the_levels(profile_data, tmp_path):
 
 
 def test_a_black_scene_keeps_level_one():
-    from train.evaluate import image_scores
+    from train.scoring import image_scores
     from train.simulate import recover_level, scene_level
 
     assert scene_level(0.9, 0.3) == pytest.approx(3.0) and scene_level(0.9, 0.0) == 1.0

@@ -15,7 +15,7 @@ set's stored measurements. Every method then reconstructs with the **calibrated*
 reconstruction operator, the one the students were trained for): that is the mismatch.
 
 Scores per face: PSNR, SSIM and LPIPS of the clipped centre crop against the ground truth
-(:func:`train.evaluate.image_scores`), and ``‖A x̂ − y‖ / ‖y‖`` under the **true** forward operator
+(:func:`train.scoring.image_scores`), and ``‖A x̂ − y‖ / ‖y‖`` under the **true** forward operator
 (``consistency``, the one that made ``y``) and under the calibrated forward operator (``consistency_calibrated``,
 the only one a user can compute). The ground truth's own consistency under the true operator is the noise floor
 of each level (``reference``).
@@ -58,14 +58,13 @@ from train.evaluate import (
     _split_list,
     _write_json,
     build_method,
-    forward_consistency,
-    image_scores,
     parse_settings,
     seeded_call,
     weights_sha256,
 )
 from train.physics import LenslessOperator
 from train.progress import TimeEstimate
+from train.scoring import forward_consistency, image_scores
 
 HELP = "PSNR, LPIPS and consistency of every method when the PSF is shifted, scaled, rotated or noisy (mismatch)"
 
