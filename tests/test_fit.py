@@ -83,7 +83,8 @@ def test_fit_goes_from_a_profile_to_a_bundle_that_runs(profile_dir, camera_files
     assert f"The test split of `{out2 / 'heldout_data'}`" in (out2 / "report.md").read_text()
 
     # a student trained for this fit elsewhere (here: a copy of its own) takes the distill stage's place; the
-    # fit's own moves aside, export, held-out and report are redone; another camera's student is refused by name
+    # fit's own moves aside, held-out and report are redone; another camera's student is refused by name and
+    # leaves the fit's student as it was; the same command again, or a plain rerun, keeps the adopted one
     longer = tmp_path / "longer"
     longer.mkdir()
     for f in (out2 / "student").iterdir():
@@ -95,17 +96,28 @@ def test_fit_goes_from_a_profile_to_a_bundle_that_runs(profile_dir, camera_files
         (foreign / f.name).write_bytes(f.read_bytes())
     cfg = json.loads((foreign / "config.json").read_text())
     (foreign / "config.json").write_text(json.dumps({**cfg, "psf_sha256": "0" * 64}))
-    before = json.loads((out2 / "fit.json").read_text())["stages"]["heldout"]
+    own = (out2 / "student" / "model.safetensors").read_bytes()
+    scored = out2 / "heldout_unseen" / "metrics.json"
+    before = scored.stat().st_mtime_ns
     capsys.readouterr()
     assert train_main(["fit", *common, "--use-student", str(foreign), "--heldout-images", str(unseen)]) == 2
     assert "not a student of this fit's data: psf_sha256" in capsys.readouterr().err
+    assert (out2 / "student" / "model.safetensors").read_bytes() == own and not (out2 / "student.previous-1").exists()
+    assert train_main(["fit", *common, "--use-student", str(out2 / "student"), "--init-student", str(longer)]) == 2
+    assert "give one" in capsys.readouterr().err
     assert train_main(["fit", *common, "--use-student", str(longer), "--heldout-images", str(unseen)]) == 0
     record = json.loads((out2 / "fit.json").read_text())
     distill = record["details"]["distill"]
     assert distill["adopted_from"] == str(longer.resolve()) and len(distill["weights_sha256"]) == 64
+    assert distill["replaced"]["steps"] > 0  # the fit's own student's record is kept
     assert (out2 / "student.previous-1" / "config.json").exists() and not (out2 / "student" / "checkpoint.pt").exists()
     assert (out2 / "student" / "model.safetensors").read_bytes() == (longer / "model.safetensors").read_bytes()
-    assert record["stages"]["heldout"] != before  # scored again, with the adopted student
+    assert scored.stat().st_mtime_ns > before  # scored again, with the adopted student
+    scored_after = scored.stat().st_mtime_ns
+    for again in (["--use-student", str(longer)], []):  # the same command, then a plain rerun
+        assert train_main(["fit", *common, *again, "--heldout-images", str(unseen)]) == 0
+        assert not (out2 / "student.previous-2").exists() and scored.stat().st_mtime_ns == scored_after
+        assert json.loads((out2 / "fit.json").read_text())["details"]["distill"] == distill
 
 
 def test_fit_refuses_a_wrong_start_or_held_out_folder_before_any_work(profile_dir, camera_files, tiny_prior_dir,  # noqa: F811

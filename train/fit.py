@@ -103,6 +103,16 @@ class Stages:
         record = json.loads(self.record.read_text()) if self.record.exists() else {}
         return record.get("details", {}).get(stage) if stage in record.get("stages", {}) else None
 
+    def forget(self, *names: str) -> None:
+        """Drop stages from the record (their results no longer hold): a rerun does them again."""
+        record = json.loads(self.record.read_text()) if self.record.exists() else {}
+        for name in names:
+            self.times.pop(name, None)
+            record.get("stages", {}).pop(name, None)
+            record.get("details", {}).pop(name, None)
+        if record:
+            atomic_write_text(self.record, json.dumps(record, indent=2) + "\n")
+
     def done(self, stage: str, started: float, **extra) -> None:
         self.times[stage] = round(time.monotonic() - started, 1)
         print(f"[fit] {stage}: {self.times[stage]:.0f} s (budget left {self.left() / 60:.1f} min)", flush=True)
@@ -213,11 +223,13 @@ def run_fit(args: argparse.Namespace) -> dict:
         init_student=str(args.init_student) if args.init_student else None,
         # scenes smaller than the grid (a cg camera: 64² faces on 256²): the loss where g acts, not the black padding
         loss_window=fit_loss_window(student_dir) if args.use_student is None else "auto")
-    replaced = False
     if args.use_student is not None:
         earlier = None if distilled is None else {**distilled, "seconds": stages.times.get("distill")}
-        stages.done("distill", t, **adopt_student(args.use_student, student_dir, ds, args.student, earlier))
-        replaced = True
+        adopted = adopt_student(args.use_student, student_dir, ds, args.student, earlier,
+                                student_taper(profile, size))
+        if adopted is not None:  # a new student: what was scored with the old one is void
+            stages.forget("heldout", "report")
+            stages.done("distill", t, **adopted)
     elif distilled is None:
         summary = train_student(settings)
         stages.done("distill", t, steps=summary["step"], parameters=summary["parameters"])
@@ -247,7 +259,7 @@ def run_fit(args: argparse.Namespace) -> dict:
     t = time.monotonic()
     heldout = stages.finished("heldout")
     unseen = out / "heldout_data" if args.heldout_images is not None else None
-    if heldout is None or replaced or (unseen is not None and heldout.get("data") != str(unseen)):  # score again
+    if heldout is None or (unseen is not None and heldout.get("data") != str(unseen)):  # new faces: score again
         per_image = float(stages.finished("teacher")["seconds_per_image"])
         heldout_data = data if unseen is None else simulate_heldout(args, size, unseen)
         heldout = heldout_scores(heldout_data, student_dir, args, device, per_image, stages.budget("heldout"),
@@ -263,11 +275,13 @@ def run_fit(args: argparse.Namespace) -> dict:
     return json.loads((out / "fit.json").read_text())
 
 
-def adopt_student(source: Path, student_dir: Path, ds, kind: str, earlier: dict | None) -> dict:
+def adopt_student(source: Path, student_dir: Path, ds, kind: str, earlier: dict | None,
+                  taper: int) -> dict | None:
     """``--use-student``: ``source`` becomes ``student_dir`` (the fit's student). It must be a ``kind`` student
-    trained for this fit's data: the same PSF (hash), sensor, scene grid and channels. A student already in
-    ``student_dir`` moves aside to ``student_dir.previous-N`` (nothing is overwritten). Returns the distill
-    stage's record."""
+    trained for this fit's data: the same PSF (hash), sensor, scene grid, channels, forward model and objective
+    (a soft edge other than the fit's ``taper`` is said aloud). The copy is made and checked first; then a student
+    already in ``student_dir`` moves aside to ``student_dir.previous-N`` (nothing is overwritten). Returns the
+    distill stage's record, or None when ``source`` is already this fit's student (a rerun of the same command)."""
     import shutil
 
     from nsdd_edge.bundle import file_sha256
@@ -279,32 +293,46 @@ def adopt_student(source: Path, student_dir: Path, ds, kind: str, earlier: dict 
     except StudentError as exc:
         raise FitError(f"--use-student {exc}") from None
     physics = ds.physics()
-    wanted = {"kind": kind, "psf_sha256": physics.psf_hash, "channels": int(ds.meta.get("channels", 3)),
+    wanted = {"kind": kind, "objective": "nullspace", "psf_sha256": physics.psf_hash,
+              "channels": int(ds.meta.get("channels", 3)), "model": physics.model,
               "sensor_shape": list(physics.sensor_shape), "scene_shape": list(physics.scene_shape)}
-    theirs = {"kind": cfg.get("kind"), "psf_sha256": cfg.get("psf_sha256"), "channels": cfg.get("channels"),
-              "sensor_shape": cfg.get("sensor_shape"), "scene_shape": cfg.get("scene_shape")}
+    theirs = {**{k: cfg.get(k) for k in wanted}, "model": (cfg.get("geometry") or {}).get("model")}
     wrong = [f"{k} {theirs[k]} (this fit: {wanted[k]})" for k in wanted if theirs[k] != wanted[k]]
     if wrong:
         raise FitError(f"--use-student {source}: not a student of this fit's data: " + "; ".join(wrong))
-    if source.resolve() == student_dir.resolve():
-        raise FitError(f"--use-student {source} is this fit's own student directory")
+    if int(cfg.get("support_taper") or 0) != taper:
+        print(f"[fit] distill: note: --use-student {source} has a {cfg.get('support_taper') or 0} px soft edge, this "
+              f"fit's profile asks for {taper} px (distill --support-taper)", flush=True)
+    digest = file_sha256(weights)
+    if earlier is not None and earlier.get("adopted_from") == str(source.resolve()) \
+            and earlier.get("weights_sha256") == digest and (student_dir / weights.name).exists() \
+            and file_sha256(student_dir / weights.name) == digest:
+        print(f"[fit] distill: the student of {source} is already this fit's", flush=True)
+        return None
+    staging = student_dir.with_name(student_dir.name + ".incoming")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        for f in sorted(source.iterdir()):  # the student's files (config, weights, loss curve), not its checkpoint
+            if f.is_file() and f.name != "checkpoint.pt":
+                shutil.copy2(f, staging / f.name)
+        if file_sha256(staging / weights.name) != digest:
+            raise FitError(f"--use-student {source}: its weights changed while they were copied")
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise FitError(f"--use-student {source}: copying it failed ({exc}); {student_dir} is untouched") from None
     if student_dir.exists():
         n = 1
         while student_dir.with_name(f"{student_dir.name}.previous-{n}").exists():
             n += 1
         student_dir.rename(student_dir.with_name(f"{student_dir.name}.previous-{n}"))
-    staging = student_dir.with_name(student_dir.name + ".incoming")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for f in sorted(source.iterdir()):  # the student's files (config, weights, loss curve), not its checkpoint
-        if f.is_file() and f.name != "checkpoint.pt":
-            shutil.copy2(f, staging / f.name)
     staging.rename(student_dir)
     print(f"[fit] distill: the student of {source} ({cfg.get('step')} steps) replaces this fit's", flush=True)
     record = {"steps": int(cfg.get("step") or 0), "parameters": int(cfg.get("weights", {}).get("parameters") or 0),
-              "adopted_from": str(source.resolve()), "weights_sha256": file_sha256(weights)}
+              "adopted_from": str(source.resolve()), "weights_sha256": digest}
     if earlier is not None:
-        record["replaced"] = {k: earlier[k] for k in ("steps", "seconds", "adopted_from") if earlier.get(k) is not None}
+        kept = earlier.get("replaced") if earlier.get("adopted_from") else None  # the trained one's record
+        record["replaced"] = kept or {k: earlier[k] for k in ("steps", "seconds") if earlier.get(k) is not None}
     return record
 
 
@@ -343,6 +371,14 @@ def check_starts(args: argparse.Namespace, channels: int, prior) -> None:
             raise FitError(f"--use-student {exc}") from None
         if kind != args.student:
             raise FitError(f"--use-student {args.use_student}: a {kind} student, this fit's is --student {args.student}")
+        out, source = args.out.resolve(), args.use_student.resolve()
+        if source == out / "student" or out / "student" in source.parents:
+            raise FitError(f"--use-student {args.use_student} lies inside this fit's own student directory")
+        record = out / "fit.json"
+        done = json.loads(record.read_text()).get("stages", {}) if record.exists() else {}
+        if not {"simulate", "teacher"} <= set(done):
+            raise FitError(f"--use-student needs a fit whose data and labels exist: {args.out} has not finished "
+                           "simulate and teacher (run the fit first, then train the student longer)")
     if args.init_student is not None:
         try:
             init = check_init_student(str(args.init_student), args.student, channels,
