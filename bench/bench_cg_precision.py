@@ -1,7 +1,8 @@
 """How exact is the ``cg`` pseudo-inverse in float32? (docs/real-cameras.md, issue 12)
 
-The real cameras' A† is 20 conjugate-gradient steps on ``(AᵀA + λI) x = Aᵀy`` at λ ≈ 1e-7, where ``AᵀA + λI``
-has a condition number of ~1e7: float32 rounding (~6e-8) is then amplified in the weakly measured directions.
+The real cameras' A† is 20 conjugate-gradient steps on ``(AᵀA + λI) x = Aᵀy`` at λ ≈ 2e-7. The PSF sums to 1, so
+``‖AᵀA‖ ≤ 1`` and the condition number of ``AᵀA + λI`` can reach ``1/λ`` ≈ 4–6·10⁶: float32 rounding (~6e-8) is
+then amplified in the weakly measured directions.
 For every capture this prints, per method and step count, the consistency ‖A x − y‖/‖y‖ (under the float64
 forward model) and the distance ‖x − x₆₄‖/‖x₆₄‖ to the same number of steps in float64:
 
@@ -51,6 +52,8 @@ def main() -> int:
         lam, scene, conv = float(cfg["lam"]), tuple(cfg["scene_shape"]), tuple(cfg["geometry"]["conv_shape"])
     geometry = LenslessGeometry.make("crop", g.sensor_shape, profile.psf.shape[-2:], scene, conv)
     A64, A32 = ForwardModel(profile.psf, geometry, np.float64), ForwardModel(profile.psf, geometry)
+    op = LenslessOperator(profile.psf, g.sensor_shape, "crop", lam=lam, scene_shape=scene, conv_shape=conv,
+                          projector="cg")  # the thread count changes how it sums, not what it holds
 
     print(f"# cg precision: {profile.name}, λ {lam:.3g}, scene {scene[0]}x{scene[1]}, conv {conv[0]}x{conv[1]}\n")
     print("| capture | method | steps | ‖Ax − y‖/‖y‖ | ‖x − x₆₄‖/‖x₆₄‖ |")
@@ -62,8 +65,6 @@ def main() -> int:
             runs = {"numpy float64": x64, "numpy float32": cg_tikhonov(A32, y, lam, iters).astype(np.float64)}
             for n in args.threads:
                 torch.set_num_threads(n)
-                op = LenslessOperator(profile.psf, g.sensor_shape, "crop", lam=lam, scene_shape=scene,
-                                      conv_shape=conv, projector="cg")
                 with torch.no_grad():
                     x = op.normal_cg(op.A_adjoint(torch.from_numpy(y.astype(np.float32))[None]), lam, iters)
                 runs[f"torch float32, {n} thread{'s' if n > 1 else ''}"] = x[0].double().numpy()

@@ -131,7 +131,8 @@ def check_support_taper(value: Any, support: tuple[int, int] | None, where: str 
     if value and support is None:
         raise BundleError(f"{where}: {value} px needs a support window (support_shape)")
     if value and 2 * int(value) >= min(support):  # type: ignore[arg-type]
-        raise BundleError(f"{where}: {value} px leaves no scene inside the {support[0]}x{support[1]} window")
+        raise BundleError(f"{where}: {value} px does not fit the {support[0]}x{support[1]} support window (at most "
+                          f"{min(support) // 2 - 1}: the scenes lie inside its edge)")  # type: ignore[index]
     return int(value)
 
 
@@ -168,7 +169,9 @@ class Bundle:
 
     @property
     def scene_support(self) -> tuple[int, int] | None:
-        """The scenes' centred window: the support less its soft edge on every side (``None``: the whole grid)."""
+        """The scenes' centred window: the support less its soft edge on every side (``None``: the whole grid).
+        ``distill --support auto`` may have rounded the window up to its network's multiple: the scenes then were
+        up to that much smaller, never larger."""
         if self.support_shape is None:
             return None
         t = 2 * int(self.support_taper)

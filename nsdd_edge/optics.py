@@ -507,8 +507,8 @@ def cg_tikhonov(A: ForwardModel, y: np.ndarray, lam: float, iters: int = CG_ITER
     model itself. Homogeneous: ``A†(s y) = s A†y``; not linear in ``y`` (the step sizes depend on it).
 
     Computes in ``A.dtype`` (float32, like training and the exported graph). At the small λ of the real cameras
-    (~1e-7) float32 rounding makes 20 steps differ from exact arithmetic by a few percent, and by ~1% between
-    summation orders (thread counts): ``bench/bench_cg_precision.py`` measures it."""
+    (~2e-7) float32 rounding puts 20 steps 4–7% from float64 ones, and summation orders (torch thread counts) 1–2%
+    apart: ``bench/bench_cg_precision.py`` measures it."""
     dtype = getattr(A, "dtype", np.dtype(np.float32))
     y = np.asarray(y, dtype=dtype)
     b = A.adjoint(y)

@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nsdd_edge.atomic import atomic_write_bytes, atomic_write_json
-from nsdd_edge.bundle import BundleError, parse_support
+from nsdd_edge.bundle import BundleError, check_support_taper, parse_support
 from train.physics import LenslessOperator, center_crop, center_pad, fit_to_grid
 from train.solvers.base import Solver, register
 
@@ -219,15 +219,12 @@ def count_parameters(net: nn.Module) -> int:
 
 
 def check_taper(taper: Any, support: Sequence[int] | None) -> int:
-    """``support_taper``: an integer ≥ 0, below half the support window's shorter side; 0 without a window."""
-    if isinstance(taper, bool) or not isinstance(taper, (int, np.integer)) or taper < 0:
-        raise StudentError(f"support_taper must be an integer ≥ 0 (pixels), got {taper!r}")
-    if taper and support is None:
-        raise StudentError("support_taper needs a support window (support_shape)")
-    if taper and 2 * int(taper) >= min(support):  # type: ignore[arg-type]
-        raise StudentError(f"support_taper {taper} px does not fit the {support[0]}x{support[1]} support window "
-                           f"(at most {min(support) // 2 - 1})")  # type: ignore[index]
-    return int(taper)
+    """``support_taper``: an integer ≥ 0, below half the support window's shorter side; 0 without a window. The
+    bundle's rule (:func:`nsdd_edge.bundle.check_support_taper`), its error as :class:`StudentError`."""
+    try:
+        return check_support_taper(taper, None if support is None else (int(support[0]), int(support[-1])))
+    except BundleError as exc:
+        raise StudentError(str(exc)) from None
 
 
 def support_window(support: Sequence[int] | None, taper: int) -> np.ndarray | None:
