@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Model folders that left the tree so that it fits the device transfer (issue 17: the working tree that travels
-# to the GPU machine is limited to 64 MiB; scripts/gpu_payload.sh checks it). They stay in git history at
-# MODELS_COMMIT; this extracts them into runs/restored/ (ignored by git, so they never travel):
+# to the GPU machine is limited to 64 MiB; scripts/gpu_payload.sh checks it). They stay in git history at the
+# MODELS_COMMITS below; this extracts them into runs/restored/ (ignored by git, so they never travel):
 #
 #   scripts/restore_models.sh models/gpu-h200-faces64/student_paper models/cpu-demo-faces64/prior64
 #   → runs/restored/models/gpu-h200-faces64/student_paper, runs/restored/models/cpu-demo-faces64/prior64
@@ -9,28 +9,40 @@
 # Without arguments it lists what can be restored. OUT=DIR extracts elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODELS_COMMIT=791dad7693cbaf3857b2661465cce6d794d7f8d1  # the last commit that holds every dropped model folder
+# the last commit that holds each group of dropped model folders, newest first; a folder comes from the first
+# commit that holds it
+MODELS_COMMITS=(
+  791dad7693cbaf3857b2661465cce6d794d7f8d1  # cpu-demo-faces32, cpu-demo-faces64, gpu-h200-faces64/student_paper
+)
 OUT=${OUT:-runs/restored}
-if ! git cat-file -e "$MODELS_COMMIT^{commit}" 2>/dev/null; then
-  echo "restore_models: commit $MODELS_COMMIT is not in this clone (a shallow clone? git fetch --unshallow)" >&2
-  exit 2
-fi
+for commit in "${MODELS_COMMITS[@]}"; do
+  if ! git cat-file -e "$commit^{commit}" 2>/dev/null; then
+    echo "restore_models: commit $commit is not in this clone (a shallow clone? git fetch --unshallow)" >&2
+    exit 2
+  fi
+done
 if [ $# -eq 0 ]; then
-  echo "model folders at $MODELS_COMMIT that are no longer tracked:"
-  git ls-tree -d --name-only "$MODELS_COMMIT" models/ | while read -r top; do
-    git ls-tree -d --name-only "$MODELS_COMMIT" "$top/" | while read -r d; do
-      [ -n "$(git ls-files -- "$d")" ] || echo "  $d"
+  for commit in "${MODELS_COMMITS[@]}"; do
+    echo "model folders at $commit that are no longer tracked:"
+    git ls-tree -d --name-only "$commit" models/ | while read -r top; do
+      git ls-tree -d --name-only "$commit" "$top/" | while read -r d; do
+        [ -n "$(git ls-files -- "$d")" ] || echo "  $d"
+      done
     done
   done
   exit 0
 fi
+mkdir -p "$OUT"
 for path in "$@"; do
   path=${path%/}
-  if ! git cat-file -e "$MODELS_COMMIT:$path" 2>/dev/null; then
-    echo "restore_models: $path is not in commit $MODELS_COMMIT (run without arguments for the list)" >&2
+  found=
+  for commit in "${MODELS_COMMITS[@]}"; do
+    if git cat-file -e "$commit:$path" 2>/dev/null; then found=$commit; break; fi
+  done
+  if [ -z "$found" ]; then
+    echo "restore_models: $path is in none of ${MODELS_COMMITS[*]} (run without arguments for the list)" >&2
     exit 2
   fi
+  git archive "$found" -- "$path" | tar -x -C "$OUT"
+  echo "$OUT/$path"
 done
-mkdir -p "$OUT"
-git archive "$MODELS_COMMIT" -- "$@" | tar -x -C "$OUT"
-for path in "$@"; do echo "$OUT/${path%/}"; done

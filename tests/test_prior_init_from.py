@@ -9,7 +9,7 @@ import torch
 from test_prior import TINY, randomised, write_images
 
 from train.cli import main as train_cli
-from train.prior.init_from import check_compatible, file_sha256, fold_state_dict
+from train.prior.init_from import check_compatible, file_sha256, fold_state_dict, rescaled_attention
 from train.prior.io import PriorError, load_prior, save_prior
 from train.prior.unet import UNet, UNetConfig
 
@@ -67,6 +67,30 @@ def test_mismatched_architectures_are_refused_by_name():
         with pytest.raises(PriorError, match="does not match the source prior"):
             check_compatible(source, UNetConfig(**{**TINY, **change}), "src")
     check_compatible(source, UNetConfig(**{**TINY, "in_channels": 1, "out_channels": 1, "dropout": 0.2}), "src")
+    # another size is compatible only with the attention at the same levels (8 px of 16 → 16 px of 32)
+    check_compatible(source, UNetConfig(**{**TINY, "image_size": 32, "attention_resolutions": [16]}), "src")
+    with pytest.raises(PriorError, match="the attention must stay at the same levels"):
+        check_compatible(source, UNetConfig(**{**TINY, "image_size": 32, "attention_resolutions": [32]}), "src")
+    assert rescaled_attention([16], 64, 128, "src") == [32]
+    with pytest.raises(PriorError, match="between levels"):
+        rescaled_attention([16], 64, 66, "src")
+
+
+def test_a_prior_starts_a_prior_of_twice_its_size_with_the_attention_at_the_same_levels(tmp_path, rgb_prior_dir):
+    write_images(tmp_path / "imgs", 4, size=(40, 40))
+    out = tmp_path / "big"
+    assert train_cli(["prior", "--images", str(tmp_path / "imgs"), "--out", str(out), "--size", "32", "--init-from",
+                      str(rgb_prior_dir), "--steps", "1", "--batch", "2", "--warmup", "1", "--lr", "0",
+                      "--checkpoint-every", "100", "--sample-count", "0", "--threads", "1", "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"]["image_size"] == 32 and config["architecture"]["attention_resolutions"] == [16]
+    assert config["training"]["init_from"]["image_size"] == 16
+    small, big = load_prior(rgb_prior_dir).net.eval(), load_prior(out).net.eval()
+    assert all(torch.equal(big.state_dict()[k].float(), v.float()) for k, v in small.state_dict().items())
+    # the same weights, convolutional: on a 32 px input both networks compute the same ε
+    x, t = torch.randn(1, 3, 32, 32), torch.tensor([400])
+    with torch.no_grad():
+        assert torch.allclose(big(x, t), small(x, t), atol=1e-4)
 
 
 @pytest.fixture()
@@ -100,7 +124,7 @@ def test_train_command_starts_from_the_folded_source_records_it_and_resumes(tmp_
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert not torch.equal(a["model"]["conv_in.weight"], start["model"]["conv_in.weight"])  # it trained
     record = {"path": str(rgb_prior_dir.resolve()), "sha256": file_sha256(rgb_prior_dir / "model.safetensors"),
-              "channels": 3}
+              "channels": 3, "image_size": 16}
     for run in ("straight", "split"):
         config = json.loads((tmp_path / run / "config.json").read_text())
         assert config["training"]["init_from"] == record and config["channels"] == 1

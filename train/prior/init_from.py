@@ -11,8 +11,12 @@ becomes the start of a grayscale one). Where the channels differ the first and l
   group of ``C_src`` channels, the mean over the group (RGB → gray: ``ε_gray = mean(ε_R, ε_G, ε_B)``);
   gray → RGB repeats the channel. Weights and biases alike, so the folded output is exactly that mean.
 
-Every other tensor is copied. The source is recorded as ``{"path", "sha256", "channels"}`` (sha256 of its
-``model.safetensors``) in the new prior's ``config.json`` (``training.init_from``) and in its checkpoint.
+The new prior may also have another ``--size`` (the UNet is convolutional: a 64 px face prior starts a 128 px
+one). Its self-attention then stays at the same levels of the network (attention at 16 px of a 64 px network is at
+32 px of a 128 px one), so every tensor keeps its shape.
+
+Every other tensor is copied. The source is recorded as ``{"path", "sha256", "channels", "image_size"}`` (sha256
+of its ``model.safetensors``) in the new prior's ``config.json`` (``training.init_from``) and in its checkpoint.
 """
 
 from __future__ import annotations
@@ -33,8 +37,24 @@ ARCHITECTURE_SETTINGS = ("size", "pad_to", "base_channels", "channel_mults", "nu
                          "attention_resolutions", "num_heads", "dropout")
 SCHEDULE_SETTINGS = {"num_train_timesteps": "num_train_timesteps", "beta_start": "beta_start",
                      "beta_end": "beta_end"}
-# architecture fields that may differ between the source and the new prior (dropout holds no weights)
-FOLDABLE_FIELDS = ("in_channels", "out_channels", "dropout")
+# architecture fields that may differ between the source and the new prior (dropout holds no weights; the
+# image size may change when the attention stays at the same levels, see attention_levels)
+FOLDABLE_FIELDS = ("in_channels", "out_channels", "dropout", "image_size", "attention_resolutions")
+
+
+def attention_levels(image_size: int, attention_resolutions: list[int]) -> list[int]:
+    """The network levels with self-attention, as downsampling factors ``image_size / r`` (sorted)."""
+    return sorted(image_size // r for r in attention_resolutions)
+
+
+def rescaled_attention(attention_resolutions: list[int], source_size: int, size: int,
+                       source_path: str | Path) -> list[int]:
+    """The source's attention feature-map sizes for a ``size`` px network: the same levels, ``r · size / source``."""
+    if any(r * size % source_size for r in attention_resolutions):
+        raise PriorError(f"--init-from {source_path}: --size {size} puts the source's attention at "
+                         f"{attention_resolutions} px of {source_size} px between levels; choose a size for "
+                         f"which r × size / {source_size} is a whole number of pixels")
+    return [r * size // source_size for r in attention_resolutions]
 
 
 def file_sha256(path: Path) -> str:
@@ -80,14 +100,21 @@ def read_init_source(path: str | Path) -> tuple[UNetConfig, dict, dict]:
                 "num_res_blocks": arch.num_res_blocks, "attention_resolutions": list(arch.attention_resolutions),
                 "num_heads": arch.num_heads, "dropout": arch.dropout}
     settings.update({ours: schedule[theirs] for ours, theirs in SCHEDULE_SETTINGS.items() if theirs in schedule})
-    provenance = {"path": str(path), "sha256": file_sha256(path / WEIGHTS_NAME), "channels": arch.in_channels}
+    provenance = {"path": str(path), "sha256": file_sha256(path / WEIGHTS_NAME), "channels": arch.in_channels,
+                  "image_size": arch.image_size}
     return arch, settings, provenance
 
 
 def check_compatible(source: UNetConfig, target: UNetConfig, source_path: str | Path) -> None:
-    """PriorError unless ``target`` is ``source`` up to :data:`FOLDABLE_FIELDS` and foldable channel counts."""
+    """PriorError unless ``target`` is ``source`` up to :data:`FOLDABLE_FIELDS`, foldable channel counts and an
+    image size whose attention sits at the source's levels."""
     a, b = source.to_dict(), target.to_dict()
     differ = [f"{k} {b[k]!r} (source: {a[k]!r})" for k in a if k not in FOLDABLE_FIELDS and a[k] != b[k]]
+    if attention_levels(a["image_size"], a["attention_resolutions"]) != attention_levels(
+            b["image_size"], b["attention_resolutions"]):
+        differ.append(f"attention_resolutions {b['attention_resolutions']!r} at image_size {b['image_size']} "
+                      f"(source: {a['attention_resolutions']!r} at {a['image_size']}; the attention must stay at "
+                      "the same levels)")
     for name, src, dst in (("in_channels", source.in_channels, target.in_channels),
                            ("out_channels", source.out_channels, target.out_channels)):
         if src % dst and dst % src:
@@ -97,7 +124,7 @@ def check_compatible(source: UNetConfig, target: UNetConfig, source_path: str | 
                       f"{source.out_channels}/{source.in_channels})")
     if differ:
         raise PriorError(f"--init-from {source_path}: the architecture does not match the source prior's: "
-                         + "; ".join(differ) + " (only channel counts may differ; drop those flags)")
+                         + "; ".join(differ) + " (only the channel counts and --size may differ; drop those flags)")
 
 
 def fold_input_weight(weight: torch.Tensor, channels: int) -> torch.Tensor:
@@ -151,10 +178,17 @@ def load_folded_weights(path: str | Path, source: UNetConfig, target: UNetConfig
 
 def settings_with_source(given: dict, source_settings: dict, source_path: str | Path) -> dict:
     """``source_settings`` overridden by the explicit flags ``given``; an explicit architecture or schedule
-    flag that differs from the source's is a PriorError (``--channels`` and ``--dropout`` may differ)."""
+    flag that differs from the source's is a PriorError (``--channels`` and ``--dropout`` may differ, and
+    ``--size`` when neither pads: the attention then moves with it to the same levels)."""
+    source_settings = dict(source_settings)
+    size = given.get("size", source_settings["size"])
+    if size != source_settings["size"] and source_settings.get("pad_to") is None and given.get("pad_to") is None:
+        source_settings["attention_resolutions"] = rescaled_attention(
+            source_settings["attention_resolutions"], source_settings["size"], size, source_path)
+        source_settings["size"] = size
     clashes = [f"--{k.replace('_', '-')} {given[k]!r} (source: {v!r})" for k, v in source_settings.items()
                if k in given and k != "dropout" and given[k] != v]
     if clashes:
         raise PriorError(f"--init-from {source_path}: the architecture does not match the source prior's: "
-                         + "; ".join(clashes) + " (only channel counts may differ; drop those flags)")
+                         + "; ".join(clashes) + " (only the channel counts and --size may differ; drop those flags)")
     return {**source_settings, **given}

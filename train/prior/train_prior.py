@@ -120,9 +120,11 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-heads", type=int, default=S, help=f"heads of each self-attention (default: {d['num_heads']})")
     g.add_argument("--dropout", type=float, default=S, help=f"dropout in the residual blocks (default: {d['dropout']})")
     g.add_argument("--init-from", type=Path, default=None, metavar="PRIOR_DIR",
-                   help="start from this prior's weights (its architecture and schedule; only --channels may differ: "
-                        "RGB→gray sums the input conv over R, G, B and averages the output conv); recorded in "
-                        "config.json as training.init_from (path, sha256). A resume takes the checkpoint's weights")
+                   help="start from this prior's weights (its architecture and schedule; only --channels and --size may "
+                        "differ: RGB→gray sums the input conv over R, G, B and averages the output conv; another "
+                        "size keeps the attention at the same network levels, e.g. 16 px of 64 → 32 px of 128); "
+                        "recorded in config.json as training.init_from (path, sha256, channels, image_size). A "
+                        "resume takes the checkpoint's weights")
     g = p.add_argument_group("diffusion schedule (linear β)")
     g.add_argument("--num-train-timesteps", type=int, default=S, help="diffusion steps T (default: 1000)")
     g.add_argument("--beta-start", type=float, default=S, help="β of the first step (default: 1e-4)")
