@@ -18,6 +18,10 @@ capture thread).
 
     python bench/bench_loop.py [--sizes 128 256] [--frames 40] [--repeats 3] [--threads 1]
     python bench/bench_loop.py --sizes 256 --support 128 --arch '{"width": 32, "depth": 3, "max_width": 128, "unshuffle": 2}'
+
+``--bundle DIR`` measures a real bundle instead (its trained ONNX graph, its geometry; ``--sizes``, ``--arch`` and
+``--support`` do not apply), on frames from ``--source`` (default ``sim://?realtime=0``; ``&images=FOLDER`` renders
+real faces through the bundle's optics).
 """
 
 from __future__ import annotations
@@ -79,6 +83,9 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=json.loads, default=None,
                     help="EdgeUNet settings as JSON over the default edge student's (e.g. bench/bench_lean.py's choice)")
     ap.add_argument("--support", type=int, default=None, help="side of the scenes' window the network fills")
+    ap.add_argument("--bundle", type=Path, default=None,
+                    help="measure this bundle's FP32 ONNX graph (trained weights) instead of a seeded one")
+    ap.add_argument("--source", default="sim://?realtime=0", help="frame source URI (default: %(default)s)")
     ap.add_argument("--max-overhead", type=float, default=5.0, help="the loop overhead target, in %% of engine time")
     args = ap.parse_args(argv)
 
@@ -89,11 +96,18 @@ def main(argv=None) -> int:
     from nsdd_edge.commands.run import make_preprocessor, open_camera
     from nsdd_edge.engines import NumpyWienerEngine, OnnxRuntimeEngine
 
+    from nsdd_edge.bundle import load_bundle
+
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for size in args.sizes:
-            bundle = build_bundle(Path(tmp) / f"b{size}", size, student=True, arch=args.arch, support=args.support)
-            frames = capture_frames(open_camera("sim://?realtime=0", bundle), args.frames)
+        for size in [None] if args.bundle else args.sizes:
+            if args.bundle:
+                bundle = load_bundle(args.bundle)
+                size = bundle.input_shape[-1]
+            else:
+                bundle = build_bundle(Path(tmp) / f"b{size}", size, student=True, arch=args.arch,
+                                      support=args.support)
+            frames = capture_frames(open_camera(args.source, bundle), args.frames)
             preprocess = make_preprocessor(bundle)
             engines = {
                 f"{size}² ONNX Runtime CPU, NSDD edge student": OnnxRuntimeEngine(
@@ -115,11 +129,15 @@ def main(argv=None) -> int:
                 print(f"  done: {label}: engine {med['engine_fps']:.1f} fps, loop {med['loop_fps']:.1f} fps",
                       file=sys.stderr, flush=True)
                 engine.close()
-    student = f"EdgeUNet {json.dumps(args.arch)}" if args.arch else "the default edge student"
-    window = f", network on the centred {args.support}² window" if args.support else ""
+    if args.bundle:
+        student, window = f"the bundle {args.bundle} (trained weights)", ""
+    else:
+        student = f"EdgeUNet {json.dumps(args.arch)}" if args.arch else "the default edge student"
+        window = f", network on the centred {args.support}² window with untrained weights" if args.support else \
+            " with untrained weights"
     load = os.getloadavg()
     print(f"\nloop vs engine-only, {args.frames} frames, median of {args.repeats} interleaved runs, "
-          f"ONNX Runtime threads={args.threads}, exported graph of {student}{window} with untrained weights; "
+          f"ONNX Runtime threads={args.threads}, frames from {args.source}, exported graph of {student}{window}; "
           f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
     print(format_table(rows))
     worst = max((r["overhead_pct"] for label, r in rows if "ONNX" in label), default=float("nan"))
