@@ -70,8 +70,40 @@ EOF
       --names "Wiener,DDNM+ teacher" --prior "$PRIOR" --set ddnm.steps=50 --lpips-weights "$LPIPS" --threads 1 \
       --out "$G/eval_teacher"
     ;;
+  student)  # on the first N labelled training measurements (N: the labels' contiguous prefix, or $2)
+    n=${2:-$(python3 -c "import sys; from pathlib import Path; d = Path(sys.argv[1]); n = 0
+while (d / f'{n:06d}.npy').exists(): n += 1
+print(n)" "$G/teacher_train")}
+    echo "student: $n labels"
+    nsdd-train distill --data "$G/train128" --targets "$G/teacher_train" --out "$G/student_lean256" --student edge \
+      --width 32 --depth 3 --max-width 128 --blocks 2 --unshuffle 2 --lr 5e-4 --warmup 100 --lpips-weight 0.1 \
+      --lpips-weights "$LPIPS" --lam discrepancy --batch 8 --limit "$n" --steps "${STEPS:-1600}" --fp16 --preload \
+      --threads "${THREADS:-2}" --time-budget "${MINUTES:-36}"
+    ;;
+  score)
+    nsdd-train evaluate --data "$G/test128" --split test --limit 30 \
+      --recon "$G/eval_teacher/recon/Wiener,$G/eval_teacher/recon/DDNM+_teacher" \
+      --methods "student:$G/student_lean256" --names "Wiener,DDNM+ teacher (50 steps),LEAN256 student" \
+      --lpips-weights "$LPIPS" --threads 1 --out "$G/eval_final" --report "$G/report.md"
+    ;;
+  export)  # the student and the matmul-DFT pseudo-inverse as one graph, FP16, checked, bundled, run live on test faces
+    E=$G/export
+    mkdir -p "$E"
+    nsdd-export onnx --student "$G/student_lean256" --psf "$G/train128/psf.npy" --psf-normalization none \
+      --size 256 256 --out "$E/lean256.onnx"
+    nsdd-export quantize "$E/lean256.onnx" --precision fp16 --out "$E/lean256_fp16.onnx"
+    nsdd-export verify "$E/lean256.onnx" --data "$G/test128" --student "$G/student_lean256" \
+      --psf "$G/train128/psf.npy" --psf-normalization none --fp16 "$E/lean256_fp16.onnx" --limit 4 \
+      --json "$E/verify.json"
+    nsdd-export bundle --onnx "$E/lean256.onnx,$E/lean256_fp16.onnx" --psf "$G/train128/psf.npy" \
+      --psf-normalization none --out "$G/bundle" \
+      --preprocess '{"black_level": 256, "white_level": 4095, "normalization": "fixed", "scale": 3800}'
+    nsdd-edge run --model "$G/bundle" --frames 60 --threads 1 \
+      --source "sim://?realtime=0&images=$G/test_faces&hold=0.25&motion=static"
+    ;;
   *)
-    echo "usage: scripts/g256_quality.sh folders|simulate|prior [MIN]|heldout [PRIOR…]|labels [WORKER]|teacher" >&2
+    echo "usage: scripts/g256_quality.sh folders|simulate|prior [MIN]|heldout [PRIOR…]|labels [WORKER]|teacher|" \
+      "student [N]|score|export" >&2
     exit 2
     ;;
 esac
