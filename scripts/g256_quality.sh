@@ -13,6 +13,10 @@
 #   labels    DDNM+ (50 steps, η 0.85) labels of the training measurements
 #   teacher   Wiener and the teacher on the 30 scored faces (nsdd-train evaluate)
 #   student   LEAN256 (train/gpu_oneshot.py): null-space L1 + 0.1 LPIPS, λ by the discrepancy principle
+#   score     Wiener, the teacher and the student on the 30 scored faces; export: ONNX, verify, bundle, live
+#
+# The kept prior is in git history: PRIOR=runs/restored/models/cpu-faces128/prior128 after
+# `scripts/restore_models.sh models/cpu-faces128/prior128` reuses it instead of the run's snapshot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 G=${G:-runs/g256}

@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 # the last commit that holds each group of dropped model folders, newest first; a folder comes from the first
 # commit that holds it
 MODELS_COMMITS=(
+  5182d9f2200d814d4756aa6318927d7ac93026d7  # cascade-faces64, cpu-faces128/prior128
   791dad7693cbaf3857b2661465cce6d794d7f8d1  # cpu-demo-faces32, cpu-demo-faces64, gpu-h200-faces64/student_paper
 )
 OUT=${OUT:-runs/restored}
