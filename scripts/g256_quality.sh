@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Quality at the paper's geometry on the 2-core CPU (issue 17): 128 px faces through the radial PSF at full size
 # (256² sensor), a teacher whose prior is the GPU 64 px face prior fine-tuned at 128 px, and the LEAN256 student
-# distilled from its labels. Every stage resumes; run one stage at a time (`STAGE=labels scripts/g256_quality.sh 2`
+# distilled from its labels. Every stage resumes; run one stage at a time (`scripts/g256_quality.sh labels 2`
 # starts a second labelling worker). docs/results.md ("Quality at 256² on the CPU") has what each stage gave.
 #
-#   folders   link faces of the canonical split (runs/r64/radial64: UTKFace, seed 0): test ids 0–29 (scored),
-#             test ids 30–93 (the prior's held-out check), train ids 0–1999 (prior), train ids 0–599 (labels)
+#   folders   link faces of the canonical split (runs/r64/radial64: UTKFace, seed 0), by position in its sorted
+#             id lists: test 0–29 (scored), test 30–93 (the prior's held-out check), train 0–1999 (prior),
+#             train 0–599 (labels)
 #   simulate  crop model, 128² scenes, 256² sensor, σ = 0.005
 #   prior     nsdd-train prior --init-from the 64 px prior at --size 128 (the attention moves to 32 px, the same
 #             level); stop when time is up, keep the snapshot with the lowest held-out denoising loss
+#   snapshot  copy the fine-tune's current weights to $G/priors/prior128_ft_sSTEP (run after each checkpoint)
 #   heldout   scripts/prior_heldout.py on the 64 held-out faces (t = 50, 250, 500): no reconstruction, no ground truth
+#   zeroshot  a look at the 64 px prior as it is, as the teacher's prior, on the first two scored faces (ground
+#             truth: a picture of the scale problem, not a choice)
 #   labels    DDNM+ (50 steps, η 0.85) labels of the training measurements
 #   teacher   Wiener and the teacher on the 30 scored faces (nsdd-train evaluate)
 #   student   LEAN256 (train/gpu_oneshot.py): null-space L1 + 0.1 LPIPS, λ by the discrepancy principle
@@ -22,7 +26,8 @@ cd "$(dirname "$0")/.."
 G=${G:-runs/g256}
 PRIOR=${PRIOR:-$G/priors/prior128_ft_s50}
 LPIPS=${LPIPS:-../shared/weights/lpips/lpips_alex_full_v0.1.pth}
-STAGE=${STAGE:-${1:-}}
+STAGE=${1:-}
+[ $# -gt 0 ] && shift
 mkdir -p "$G"
 case "$STAGE" in
   folders)
@@ -50,38 +55,53 @@ EOF
     nsdd-train simulate --images "$G/val_faces" "${common[@]}" --test-fraction 1 --out "$G/val128"
     nsdd-train simulate --images "$G/label_faces" "${common[@]}" --n-test 0 --out "$G/train128"
     ;;
-  prior)  # ${2:-65} minutes; snapshot $G/priors/prior128_ft/ at each checkpoint (every 25 steps) for the check
+  prior)  # ${1:-65} minutes; `snapshot` after each checkpoint (every 25 steps) for the held-out check
     nsdd-train prior --images "$G/train_faces" --out "$G/priors/prior128_ft" --size 128 \
       --init-from models/gpu-h200-faces64/prior64 --steps 100000 --batch 8 --lr 5e-5 --warmup 20 --ema 0.99 \
-      --checkpoint-every 25 --log-every 5 --sample-count 0 --save-dtype float16 --threads 1 --time-limit "${2:-65}"
+      --checkpoint-every 25 --log-every 5 --sample-count 0 --save-dtype float16 --threads 1 --time-limit "${1:-65}"
     ;;
-  heldout)  # the start (--steps 0 of the same command) and every snapshot given as arguments
-    shift
+  snapshot)
+    step=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['training']['step'])" \
+      "$G/priors/prior128_ft/config.json")
+    mkdir -p "$G/priors/prior128_ft_s$step"
+    cp "$G/priors/prior128_ft/"{config.json,model.safetensors,scheduler_config.json} "$G/priors/prior128_ft_s$step/"
+    echo "$G/priors/prior128_ft_s$step"
+    ;;
+  heldout)  # the start (--steps 0 of the same command; beside it the 64 px prior at its own size) and every
+            # snapshot given as arguments: heldout_zeroshot.json, heldout_sSTEP.json
     [ -d "$G/priors/prior128_zeroshot" ] || nsdd-train prior --images "$G/train_faces" \
       --out "$G/priors/prior128_zeroshot" --size 128 --init-from models/gpu-h200-faces64/prior64 --steps 0 \
       --batch 8 --sample-count 0 --save-dtype float16 --threads 1 --no-progress
-    for p in "$G/priors/prior128_zeroshot" "$@"; do
+    python3 scripts/prior_heldout.py --images "$G/val_faces" --channels 3 --prior "$G/priors/prior128_zeroshot" \
+      --prior models/gpu-h200-faces64/prior64 --out "$G/heldout_zeroshot.json" --threads 1
+    for p in "$@"; do
       python3 scripts/prior_heldout.py --images "$G/val_faces" --channels 3 --prior "$p" \
-        --out "$G/heldout_$(basename "$p").json" --threads 1
+        --out "$G/heldout_s${p##*_s}.json" --threads 1
     done
+    ;;
+  zeroshot)
+    nsdd-train evaluate --data "$G/test128" --split test --limit 2 --methods wiener,ddnm \
+      --prior "$G/priors/prior128_zeroshot" --set ddnm.steps=50 --lpips-weights "$LPIPS" --threads 1 \
+      --out "$G/sanity_zeroshot"
     ;;
   labels)
     nsdd-train teacher --data "$G/train128" --prior "$PRIOR" --out "$G/teacher_train" --steps 50 --batch 1 \
-      --shard-size 8 --threads 1 --no-png --worker "w${2:-1}"
+      --shard-size 8 --threads 1 --no-png --worker "w${1:-1}"
     ;;
   teacher)
     nsdd-train evaluate --data "$G/test128" --split test --limit 30 --methods wiener,ddnm \
       --names "Wiener,DDNM+ teacher" --prior "$PRIOR" --set ddnm.steps=50 --lpips-weights "$LPIPS" --threads 1 \
       --out "$G/eval_teacher"
     ;;
-  student)  # on the first N labelled training measurements (N: the labels' contiguous prefix, or $2)
-    n=${2:-$(python3 -c "import sys; from pathlib import Path; d = Path(sys.argv[1]); n = 0
+  student)  # on the first N labelled training measurements (N: the labels' contiguous prefix, or $1)
+    n=${1:-$(python3 -c "import sys; from pathlib import Path; d = Path(sys.argv[1]); n = 0
 while (d / f'{n:06d}.npy').exists(): n += 1
 print(n)" "$G/teacher_train")}
+    if [ "$n" -lt 1 ]; then echo "student: no labels in $G/teacher_train (run the labels stage)" >&2; exit 2; fi
     echo "student: $n labels"
     nsdd-train distill --data "$G/train128" --targets "$G/teacher_train" --out "$G/student_lean256" --student edge \
       --width 32 --depth 3 --max-width 128 --blocks 2 --unshuffle 2 --lr 5e-4 --warmup 100 --lpips-weight 0.1 \
-      --lpips-weights "$LPIPS" --lam discrepancy --batch 8 --limit "$n" --steps "${STEPS:-1600}" --fp16 --preload \
+      --lpips-weights "$LPIPS" --lam discrepancy --batch 8 --limit "$n" --steps "${STEPS:-1800}" --fp16 --preload \
       --threads "${THREADS:-2}" --time-budget "${MINUTES:-36}"
     ;;
   score)
@@ -106,8 +126,8 @@ print(n)" "$G/teacher_train")}
       --source "sim://?realtime=0&images=$G/test_faces&hold=0.25&motion=static"
     ;;
   *)
-    echo "usage: scripts/g256_quality.sh folders|simulate|prior [MIN]|heldout [PRIOR…]|labels [WORKER]|teacher|" \
-      "student [N]|score|export" >&2
+    echo "usage: scripts/g256_quality.sh folders|simulate|prior [MIN]|snapshot|heldout [SNAPSHOT…]|zeroshot|" \
+      "labels [WORKER]|teacher|student [N]|score|export" >&2
     exit 2
     ;;
 esac

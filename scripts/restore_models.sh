@@ -9,8 +9,8 @@
 # Without arguments it lists what can be restored. OUT=DIR extracts elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# the last commit that holds each group of dropped model folders, newest first; a folder comes from the first
-# commit that holds it
+# the last commit that holds each group of dropped model folders, newest first; a folder is put together from
+# every commit that holds it, oldest first
 MODELS_COMMITS=(
   5182d9f2200d814d4756aa6318927d7ac93026d7  # cascade-faces64, cpu-faces128/prior128
   791dad7693cbaf3857b2661465cce6d794d7f8d1  # cpu-demo-faces32, cpu-demo-faces64, gpu-h200-faces64/student_paper
@@ -36,14 +36,16 @@ fi
 mkdir -p "$OUT"
 for path in "$@"; do
   path=${path%/}
-  found=
+  found=()
   for commit in "${MODELS_COMMITS[@]}"; do
-    if git cat-file -e "$commit:$path" 2>/dev/null; then found=$commit; break; fi
+    if git cat-file -e "$commit:$path" 2>/dev/null; then found=("$commit" "${found[@]}"); fi
   done
-  if [ -z "$found" ]; then
+  if [ ${#found[@]} -eq 0 ]; then
     echo "restore_models: $path is in none of ${MODELS_COMMITS[*]} (run without arguments for the list)" >&2
     exit 2
   fi
-  git archive "$found" -- "$path" | tar -x -C "$OUT"
+  for commit in "${found[@]}"; do  # oldest first: a newer commit's files win, none of an older one's are lost
+    git archive "$commit" -- "$path" | tar -x -C "$OUT"
+  done
   echo "$OUT/$path"
 done

@@ -38,13 +38,8 @@ ARCHITECTURE_SETTINGS = ("size", "pad_to", "base_channels", "channel_mults", "nu
 SCHEDULE_SETTINGS = {"num_train_timesteps": "num_train_timesteps", "beta_start": "beta_start",
                      "beta_end": "beta_end"}
 # architecture fields that may differ between the source and the new prior (dropout holds no weights; the
-# image size may change when the attention stays at the same levels, see attention_levels)
+# image size may change when the attention stays at the same levels, see check_compatible)
 FOLDABLE_FIELDS = ("in_channels", "out_channels", "dropout", "image_size", "attention_resolutions")
-
-
-def attention_levels(image_size: int, attention_resolutions: list[int]) -> list[int]:
-    """The network levels with self-attention, as downsampling factors ``image_size / r`` (sorted)."""
-    return sorted(image_size // r for r in attention_resolutions)
 
 
 def rescaled_attention(attention_resolutions: list[int], source_size: int, size: int,
@@ -110,8 +105,8 @@ def check_compatible(source: UNetConfig, target: UNetConfig, source_path: str | 
     image size whose attention sits at the source's levels."""
     a, b = source.to_dict(), target.to_dict()
     differ = [f"{k} {b[k]!r} (source: {a[k]!r})" for k in a if k not in FOLDABLE_FIELDS and a[k] != b[k]]
-    if attention_levels(a["image_size"], a["attention_resolutions"]) != attention_levels(
-            b["image_size"], b["attention_resolutions"]):
+    if sorted(r * b["image_size"] for r in a["attention_resolutions"]) != sorted(
+            r * a["image_size"] for r in b["attention_resolutions"]):  # r_a / size_a = r_b / size_b, level by level
         differ.append(f"attention_resolutions {b['attention_resolutions']!r} at image_size {b['image_size']} "
                       f"(source: {a['attention_resolutions']!r} at {a['image_size']}; the attention must stay at "
                       "the same levels)")
