@@ -99,7 +99,10 @@ while (d / f'{n:06d}.npy').exists(): n += 1
 print(n)" "$G/teacher_train")}
     if [ "$n" -lt 1 ]; then echo "student: no labels in $G/teacher_train (run the labels stage)" >&2; exit 2; fi
     echo "student: $n labels"
-    nsdd-train distill --data "$G/train128" --targets "$G/teacher_train" --out "$G/student_lean256" --student edge \
+    objective=${OBJECTIVE:-nullspace}  # OBJECTIVE=full: the ablation, in student_lean256_full
+    out=$G/student_lean256$([ "$objective" = full ] && echo _full || true)
+    nsdd-train distill --data "$G/train128" --targets "$G/teacher_train" --out "$out" --student edge \
+      --objective "$objective" \
       --width 32 --depth 3 --max-width 128 --blocks 2 --unshuffle 2 --lr 5e-4 --warmup 100 --lpips-weight 0.1 \
       --lpips-weights "$LPIPS" --lam discrepancy --batch 8 --limit "$n" --steps "${STEPS:-1800}" --fp16 --preload \
       --threads "${THREADS:-2}" --time-budget "${MINUTES:-36}"
