@@ -107,6 +107,17 @@ print(n)" "$G/teacher_train")}
       --lpips-weights "$LPIPS" --lam discrepancy --batch 8 --limit "$n" --steps "${STEPS:-1800}" --fp16 --preload \
       --threads "${THREADS:-2}" --time-budget "${MINUTES:-36}"
     ;;
+  select)  # null-space against full on held-out teacher labels (ids after the students' $1 = 142; no ground truth)
+    skip=${1:-142}
+    k=$(python3 -c "import sys; from pathlib import Path; d, n = Path(sys.argv[1]), int(sys.argv[2]); k = 0
+while (d / f'{n + k:06d}.npy').exists(): k += 1
+print(k)" "$G/teacher_train" "$skip")
+    if [ "$k" -lt 1 ]; then echo "select: no labels after id $skip in $G/teacher_train" >&2; exit 2; fi
+    echo "select: $k held-out labels"
+    nsdd-train evaluate --data "$G/train128" --split train --skip "$skip" --limit "$k" --against "$G/teacher_train" \
+      --methods "student:$G/student_lean256,student:$G/student_lean256_full" --names "null-space,full" \
+      --lpips-weights "$LPIPS" --threads 1 --out "$G/select"
+    ;;
   score)
     nsdd-train evaluate --data "$G/test128" --split test --limit 30 \
       --recon "$G/eval_teacher/recon/Wiener,$G/eval_teacher/recon/DDNM+_teacher" \
@@ -130,7 +141,7 @@ print(n)" "$G/teacher_train")}
     ;;
   *)
     echo "usage: scripts/g256_quality.sh folders|simulate|prior [MIN]|snapshot|heldout [SNAPSHOT…]|zeroshot|" \
-      "labels [WORKER]|teacher|student [N]|score|export" >&2
+      "labels [WORKER]|teacher|student [N]|select [N]|score|export" >&2
     exit 2
     ;;
 esac
