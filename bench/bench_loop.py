@@ -98,22 +98,22 @@ def main(argv=None) -> int:
 
     from nsdd_edge.bundle import load_bundle
 
-    if args.bundle:
+    given_bundle = load_bundle(args.bundle) if args.bundle else None
+    if given_bundle is not None:
         ignored = [f for f, given in (("--sizes", args.sizes != [128, 256]), ("--arch", args.arch),
                                       ("--support", args.support)) if given]
         if ignored:
             print(f"bench_loop: --bundle sets the model and geometry; {', '.join(ignored)} ignored", file=sys.stderr)
-        if load_bundle(args.bundle).model_path("onnx_fp32") is None:
+        if given_bundle.model_path("onnx_fp32") is None:
             print(f"bench_loop: {args.bundle} has no FP32 ONNX model (nsdd-export bundle --onnx FP32_FILE,…)",
                   file=sys.stderr)
             return 2
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for size in [None] if args.bundle else args.sizes:
-            if args.bundle:
-                bundle = load_bundle(args.bundle)
-                size = bundle.input_shape[-1]
+        for size in [None] if given_bundle else args.sizes:
+            if given_bundle is not None:
+                bundle, size = given_bundle, given_bundle.input_shape[-1]
             else:
                 bundle = build_bundle(Path(tmp) / f"b{size}", size, student=True, arch=args.arch,
                                       support=args.support)

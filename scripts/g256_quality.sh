@@ -28,6 +28,12 @@ PRIOR=${PRIOR:-$G/priors/prior128_ft_s50}
 LPIPS=${LPIPS:-../shared/weights/lpips/lpips_alex_full_v0.1.pth}
 STAGE=${1:-}
 [ $# -gt 0 ] && shift
+
+labelled_run() {  # how many teacher labels ID.npy follow one another from id $1 without a gap
+  local k=0
+  while [ -f "$G/teacher_train/$(printf '%06d' $(($1 + k))).npy" ]; do k=$((k + 1)); done
+  echo "$k"
+}
 mkdir -p "$G"
 case "$STAGE" in
   folders)
@@ -94,9 +100,7 @@ EOF
       --out "$G/eval_teacher"
     ;;
   student)  # on the first N labelled training measurements (N: the labels' contiguous prefix, or $1)
-    n=${1:-$(python3 -c "import sys; from pathlib import Path; d = Path(sys.argv[1]); n = 0
-while (d / f'{n:06d}.npy').exists(): n += 1
-print(n)" "$G/teacher_train")}
+    n=${1:-$(labelled_run 0)}
     if [ "$n" -lt 1 ]; then echo "student: no labels in $G/teacher_train (run the labels stage)" >&2; exit 2; fi
     echo "student: $n labels"
     objective=${OBJECTIVE:-nullspace}  # OBJECTIVE=full: the ablation, in student_lean256_full
@@ -109,9 +113,7 @@ print(n)" "$G/teacher_train")}
     ;;
   select)  # null-space against full on held-out teacher labels (ids after the students' $1 = 142; no ground truth)
     skip=${1:-142}
-    k=$(python3 -c "import sys; from pathlib import Path; d, n = Path(sys.argv[1]), int(sys.argv[2]); k = 0
-while (d / f'{n + k:06d}.npy').exists(): k += 1
-print(k)" "$G/teacher_train" "$skip")
+    k=$(labelled_run "$skip")
     if [ "$k" -lt 1 ]; then echo "select: no labels after id $skip in $G/teacher_train" >&2; exit 2; fi
     echo "select: $k held-out labels"
     nsdd-train evaluate --data "$G/train128" --split train --skip "$skip" --limit "$k" --against "$G/teacher_train" \
