@@ -100,25 +100,33 @@ EOF
       --out "$G/eval_teacher"
     ;;
   student)  # on the first N labelled training measurements (N: the labels' contiguous prefix, or $1)
+    # env: OBJECTIVE=full (the ablation), LPIPS_WEIGHT (0.1), INIT=DIR (warm start), LR, TAG (folder suffix)
     n=${1:-$(labelled_run 0)}
     if [ "$n" -lt 1 ]; then echo "student: no labels in $G/teacher_train (run the labels stage)" >&2; exit 2; fi
     echo "student: $n labels"
-    objective=${OBJECTIVE:-nullspace}  # OBJECTIVE=full: the ablation, in student_lean256_full
-    out=$G/student_lean256$([ "$objective" = full ] && echo _full || true)
-    nsdd-train distill --data "$G/train128" --targets "$G/teacher_train" --out "$out" --student edge \
-      --objective "$objective" \
-      --width 32 --depth 3 --max-width 128 --blocks 2 --unshuffle 2 --lr 5e-4 --warmup 100 --lpips-weight 0.1 \
+    objective=${OBJECTIVE:-nullspace}
+    out=$G/student_lean256$([ "$objective" = full ] && echo _full || true)${TAG:+_$TAG}
+    exec nsdd-train distill --data "$G/train128" --targets "$G/teacher_train" --out "$out" --student edge \
+      --objective "$objective" ${INIT:+--init-student "$INIT"} \
+      --width 32 --depth 3 --max-width 128 --blocks 2 --unshuffle 2 --lr "${LR:-5e-4}" --warmup 100 \
+      --lpips-weight "${LPIPS_WEIGHT:-0.1}" \
       --lpips-weights "$LPIPS" --lam discrepancy --batch 8 --limit "$n" --steps "${STEPS:-1800}" --fp16 --preload \
       --threads "${THREADS:-2}" --time-budget "${MINUTES:-36}"
     ;;
-  select)  # null-space against full on held-out teacher labels (ids after the students' $1 = 142; no ground truth)
+  select)  # students against held-out teacher labels (ids from $1 = 142 on, which no student trained on; no
+            # ground truth); further arguments: the student folders (default: the null-space and full students)
     skip=${1:-142}
+    [ $# -gt 0 ] && shift
+    students=("$@")
+    [ ${#students[@]} -gt 0 ] || students=("$G/student_lean256" "$G/student_lean256_full")
     k=$(labelled_run "$skip")
+    [ -n "${HELDOUT:-}" ] && [ "$HELDOUT" -lt "$k" ] && k=$HELDOUT  # a fixed block while a worker adds labels
     if [ "$k" -lt 1 ]; then echo "select: no labels after id $skip in $G/teacher_train" >&2; exit 2; fi
     echo "select: $k held-out labels"
-    nsdd-train evaluate --data "$G/train128" --split train --skip "$skip" --limit "$k" --against "$G/teacher_train" \
-      --methods "student:$G/student_lean256,student:$G/student_lean256_full" --names "null-space,full" \
-      --lpips-weights "$LPIPS" --threads 1 --out "$G/select"
+    methods=$(printf 'student:%s,' "${students[@]}")
+    names=$(for d in "${students[@]}"; do basename "$d"; done | paste -sd,)
+    exec nsdd-train evaluate --data "$G/train128" --split train --skip "$skip" --limit "$k" --against "$G/teacher_train" \
+      --methods "${methods%,}" --names "$names" --lpips-weights "$LPIPS" --threads 1 --out "${OUT:-$G/select}"
     ;;
   score)
     nsdd-train evaluate --data "$G/test128" --split test --limit 30 \
@@ -143,7 +151,7 @@ EOF
     ;;
   *)
     echo "usage: scripts/g256_quality.sh folders|simulate|prior [MIN]|snapshot|heldout [SNAPSHOT…]|zeroshot|" \
-      "labels [WORKER]|teacher|student [N]|select [N]|score|export" >&2
+      "labels [WORKER]|teacher|student [N]|select [SKIP [STUDENT…]]|score|export" >&2
     exit 2
     ;;
 esac

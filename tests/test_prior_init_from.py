@@ -9,7 +9,8 @@ import torch
 from test_prior import TINY, randomised, write_images
 
 from train.cli import main as train_cli
-from train.prior.init_from import check_compatible, file_sha256, fold_state_dict, rescaled_attention
+from train.prior.init_from import (check_compatible, file_sha256, fold_state_dict, rescaled_attention,
+                                   settings_with_source)
 from train.prior.io import PriorError, load_prior, save_prior
 from train.prior.unet import UNet, UNetConfig
 
@@ -74,6 +75,16 @@ def test_mismatched_architectures_are_refused_by_name():
     assert rescaled_attention([16], 64, 128, "src") == [32]
     with pytest.raises(PriorError, match="between levels"):
         rescaled_attention([16], 64, 66, "src")
+
+
+def test_a_size_change_refused_because_of_padding_says_so():
+    source = {"size": 16, "pad_to": 32, "attention_resolutions": [8], "base_channels": 4}
+    with pytest.raises(PriorError, match="neither the source prior nor this run pads with --pad-to"):
+        settings_with_source({"size": 24}, source, "src")
+    with pytest.raises(PriorError, match="only the channel counts and --size may differ"):
+        settings_with_source({"base_channels": 8}, source, "src")
+    unpadded = {**source, "pad_to": None}
+    assert settings_with_source({"size": 32}, unpadded, "src")["attention_resolutions"] == [16]
 
 
 def test_a_prior_starts_a_prior_of_twice_its_size_with_the_attention_at_the_same_levels(tmp_path, rgb_prior_dir):

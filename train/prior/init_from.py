@@ -184,6 +184,10 @@ def settings_with_source(given: dict, source_settings: dict, source_path: str | 
     clashes = [f"--{k.replace('_', '-')} {given[k]!r} (source: {v!r})" for k, v in source_settings.items()
                if k in given and k != "dropout" and given[k] != v]
     if clashes:
+        padded = source_settings.get("pad_to") is not None or given.get("pad_to") is not None
+        why = (" (--size may differ only when neither the source prior nor this run pads with --pad-to: a padded "
+               "frame keeps the network's size; drop those flags)" if padded and size != source_settings["size"]
+               else " (only the channel counts and --size may differ; drop those flags)")
         raise PriorError(f"--init-from {source_path}: the architecture does not match the source prior's: "
-                         + "; ".join(clashes) + " (only the channel counts and --size may differ; drop those flags)")
+                         + "; ".join(clashes) + why)
     return {**source_settings, **given}
