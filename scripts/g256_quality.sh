@@ -100,7 +100,8 @@ EOF
       --out "$G/eval_teacher"
     ;;
   student)  # on the first N labelled training measurements (N: the labels' contiguous prefix, or $1)
-    # env: OBJECTIVE=full (the ablation), LPIPS_WEIGHT (0.1), INIT=DIR (warm start), LR, TAG (folder suffix)
+    # env: OBJECTIVE=full (the ablation), LPIPS_WEIGHT (0.1), LAM (discrepancy), INIT=DIR (warm start), LR,
+    # TAG (folder suffix), HOLDOUT=K (the last K of the N are not trained on; their loss is logged: no ground truth)
     n=${1:-$(labelled_run 0)}
     if [ "$n" -lt 1 ]; then echo "student: no labels in $G/teacher_train (run the labels stage)" >&2; exit 2; fi
     echo "student: $n labels"
@@ -109,9 +110,8 @@ EOF
     exec nsdd-train distill --data "$G/train128" --targets "$G/teacher_train" --out "$out" --student edge \
       --objective "$objective" ${INIT:+--init-student "$INIT"} \
       --width 32 --depth 3 --max-width 128 --blocks 2 --unshuffle 2 --lr "${LR:-5e-4}" --warmup 100 \
-      --lpips-weight "${LPIPS_WEIGHT:-0.1}" \
-      --lpips-weights "$LPIPS" --lam discrepancy --batch 8 --limit "$n" --steps "${STEPS:-1800}" --fp16 --preload \
-      --threads "${THREADS:-2}" --time-budget "${MINUTES:-36}"
+      --lpips-weight "${LPIPS_WEIGHT:-0.1}" --lpips-weights "$LPIPS" --lam "${LAM:-discrepancy}" --batch 8 \
+      --limit "$n" --holdout "${HOLDOUT:-0}" --steps "${STEPS:-1800}" --fp16 --preload --threads "${THREADS:-2}" --time-budget "${MINUTES:-36}"
     ;;
   select)  # students against held-out teacher labels (ids from $1 = 142 on, which no student trained on; no
             # ground truth); further arguments: the student folders (default: the null-space and full students)

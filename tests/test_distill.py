@@ -146,6 +146,35 @@ def test_resume_after_kill_gives_the_same_weights(tmp_path):
     assert again["step"] == 6
 
 
+def test_holdout_labels_are_not_trained_on_and_their_loss_is_logged_and_resumed(tmp_path):
+    data, targets = make_problem(tmp_path)
+    full = train_student(settings(data, targets, tmp_path / "a", holdout=3))
+    cfg = json.loads((tmp_path / "a/config.json").read_text())
+    held = [f"s{k:03d}" for k in range(7, 10)]  # the last 3 of the 10 training ids
+    assert cfg["training"]["num_samples"] == 7
+    assert (cfg["training"]["holdout"]["count"], cfg["training"]["holdout"]["first"]) == (3, "s007")
+    record = json.loads((tmp_path / "a/loss.json").read_text())["holdout"]
+    assert record["step"] == [2, 4, 6] and record["count"] == 3 and record["lpips"] == [None] * 3
+    # the logged figure is the saved EMA student's null-space L1 on the held-out labels, recomputed here
+    solver = load_student(tmp_path / "a")
+    y = torch.from_numpy(np.stack([np.load(data / "measurements" / f"{i}.npy") for i in held]))
+    t = torch.from_numpy(np.stack([np.load(targets / f"{i}.npy") for i in held]))
+    phys = LenslessOperator(np.load(data / "psf.npy"), (SIZE, SIZE), "circular", lam=1e-4)
+    with torch.no_grad():
+        want = phys.null_project(solver(y, phys) - t).abs().mean().item()
+    assert record["loss"][-1] == pytest.approx(want, rel=1e-4)
+    # a resumed run logs the same held-out history; holding out all ids or a negative count is refused
+    with pytest.raises(RuntimeError):
+        train_student(settings(data, targets, tmp_path / "b", holdout=3),
+                      callback=lambda step, loss: (_ for _ in ()).throw(RuntimeError) if step == 5 else None)
+    resumed = train_student(settings(data, targets, tmp_path / "b", holdout=3))
+    assert resumed["holdout"] == full["holdout"]
+    for bad in (10, -1):
+        with pytest.raises(DistillError, match="--holdout"):
+            train_student(settings(data, targets, tmp_path / f"bad{bad}", holdout=bad))
+    assert not (tmp_path / "bad10").exists()
+
+
 def test_sigint_or_sigterm_finishes_the_step_and_writes_a_checkpoint(tmp_path):
     import os
     import signal
@@ -261,6 +290,11 @@ def test_lpips_term(tmp_path, shared):
     with_lpips = train_student(settings(data, targets, tmp_path / "b", steps=1, lpips_weight=0.5,
                                         lpips_weights=str(weights)))
     assert with_lpips["history"][0][1] > plain["history"][0][1]
+    held = train_student(settings(data, targets, tmp_path / "c", steps=1, lpips_weight=0.5, holdout=2,
+                                  lpips_weights=str(weights)))["holdout"]
+    plain_held = train_student(settings(data, targets, tmp_path / "d", steps=1, holdout=2))["holdout"]
+    assert held[0][2] > 0 and plain_held[0][2] is None  # the held-out loss carries the same LPIPS term
+    assert held[0][1] == pytest.approx(plain_held[0][1] + 0.5 * held[0][2], rel=1e-3)
 
 
 def test_batch_order_and_learning_rate():

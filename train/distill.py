@@ -46,6 +46,7 @@ from nsdd_edge.optics import PROJECTORS
 from train.data import DatasetError, LenslessDataset
 from train.distill_data import BatchOrder, DistillError, TargetSet, choose_ids
 from train.distill_figures import measurement_view, write_loss_curve, write_sample_grid
+from train.distill_holdout import held_out_loss, split_holdout
 from train.distributed import DistContext, init_distributed
 from train.physics import LenslessOperator, center_crop
 from train.progress import TimeEstimate
@@ -113,6 +114,7 @@ class DistillSettings:
     psf_scale_range: list[float] | None = None  # [lo, hi]: y simulated from the targets, PSF scaled per sample
     init_student: str | None = None  # a student directory whose weights start the run (transfer to a new camera)
     loss_window: str = "grid"  # grid: the loss on the whole scene grid; support: on the student's support window
+    holdout: int = 0  # the last N chosen ids are not trained on; their loss is logged at each checkpoint
 
     def validate(self) -> None:
         if self.student not in KINDS:
@@ -156,6 +158,8 @@ class DistillSettings:
             out["support_taper"] = int(self.support_taper)
         if self.loss_window != "grid":  # likewise
             out["loss_window"] = self.loss_window
+        if self.holdout:  # likewise
+            out["holdout"] = int(self.holdout)
         if self.init_student is not None:  # likewise (a resume takes its weights from the checkpoint)
             out["init_student"] = str(Path(self.init_student).resolve())  # its weights' hash is in the config
         return out
@@ -385,6 +389,7 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
         if s.limit < 1:
             raise DistillError(f"--limit must be at least 1, got {s.limit}")
         ids = ids[: s.limit]  # the first N ids of the split, as `nsdd-train teacher --limit N` labels them
+    ids, held_ids = split_holdout(ids, s.holdout)
     lam_rule = "given" if s.lam is not None else "dataset recon.lam"
     if s.lam == "discrepancy":  # no ground truth: the λ whose Wiener residual matches the noise level
         try:
@@ -400,6 +405,7 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
         raise DistillError(f"--projector {s.projector}: {exc}") from None
     s.projector = physics.projector  # resolved (the data set's by default): resume signatures name the kind
     data = TargetSet(dataset, s.targets, ids, physics.scene_shape)
+    held = TargetSet(dataset, s.targets, held_ids, physics.scene_shape) if held_ids else None
     if physics.channels not in (1, data.channels):
         raise DistillError(f"{s.data}: PSF has {physics.channels} channels, measurements {data.channels}")
 
@@ -412,6 +418,9 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
         "batch": s.batch, "lr": s.lr, "ema": s.ema, "seed": s.seed, "weights_from": "ema", "lam_rule": lam_rule}}
     if ctx.enabled:
         extra["training"]["data_parallel"] = ctx.describe()
+    if held is not None:
+        extra["training"]["holdout"] = {"count": len(held.ids), "first": held.ids[0], "last": held.ids[-1],
+                                        "ids_sha256": hashlib.sha256("\n".join(held.ids).encode()).hexdigest()}
     init_cfg = None
     if s.init_student is not None:
         init_cfg = check_init_student(s.init_student, s.student, data.channels, arch, s.objective)
@@ -471,6 +480,7 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
     ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
     order = BatchOrder(len(data.ids), s.batch, s.seed)
     history: list[list[float]] = []
+    holdout_history: list[list] = []  # [step, loss, lpips or None] of the EMA student on the held-out labels
     step = 0
 
     signature = s.signature() | {"ids_sha256": ids_hash, "psf_sha256": physics.psf_hash}
@@ -488,6 +498,7 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
         step = int(ckpt["step"])
         order = BatchOrder(len(data.ids), s.batch, s.seed, **ckpt["data"])
         history = [list(h) for h in ckpt["history"]]
+        holdout_history = [list(h) for h in ckpt.get("holdout_history", [])]
         _set_rng_state(ckpt["rng"])
         if s.progress:
             print(f"resuming {out} at step {step}/{s.steps}", file=sys.stderr)
@@ -518,16 +529,29 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
     def checkpoint() -> None:
         if not ctx.is_main:  # one checkpoint, written by rank 0 (every rank holds the same state)
             return
+        ema_net = _ema_copy()
+        if held is not None and (not holdout_history or holdout_history[-1][0] != step):
+            got = held_out_loss(lambda y: wrap_student(ema_net, config)(y, physics), held, physics,
+                                lambda x_hat, t: distill_loss(x_hat, t, physics, s.objective, s.loss, window),
+                                lpips_net=lpips_net, lpips_weight=s.lpips_weight, window=window, batch=s.batch,
+                                device=device)
+            holdout_history.append([step, got["loss"], got.get("lpips")])
+            if s.progress:
+                print(f"\nheld-out labels ({len(held.ids)}) at step {step}: loss {got['loss']:.4g}"
+                      + (f", LPIPS {got['lpips']:.4f}" if "lpips" in got else ""), file=sys.stderr)
         _atomic_torch_save({"signature": signature, "step": step, "net": net.state_dict(), "ema": ema,
                             "optimizer": optimizer.state_dict(), "rng": _rng_state(), "data": order.state(),
-                            "history": history}, ckpt_path)
-        ema_net = _ema_copy()
+                            "history": history, "holdout_history": holdout_history}, ckpt_path)
         save_student(out, ema_net, {**config, "step": step}, fp16=s.fp16)
         if history:
-            atomic_write_text(out / "loss.json", json.dumps({"step": [h[0] for h in history],
-                                                               "loss": [h[1] for h in history],
-                                                               "lr": [h[2] for h in history]}) + "\n")
-            write_loss_curve(history, out / "loss_curve.png")
+            record = {"step": [h[0] for h in history], "loss": [h[1] for h in history],
+                      "lr": [h[2] for h in history]}
+            if holdout_history:
+                record["holdout"] = {"count": len(held.ids), "step": [h[0] for h in holdout_history],
+                                     "loss": [h[1] for h in holdout_history],
+                                     "lpips": [h[2] for h in holdout_history]}
+            atomic_write_text(out / "loss.json", json.dumps(record) + "\n")
+            write_loss_curve(history, out / "loss_curve.png", holdout=holdout_history)
         if sample_ids:
             if scale_data is not None:  # the same draw every time (a key no training step uses)
                 y, t, sample_physics = scale_data.batch(sample_ids, SAMPLE_KEY)
@@ -660,4 +684,5 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
                         or json.loads((out / "config.json").read_text()).get("step") != step):
         checkpoint()
     return {"out": str(out), "step": step, "parameters": count_parameters(net), "rank": ctx.rank,
-            "final_loss": history[-1][1] if history else None, "history": history}
+            "final_loss": history[-1][1] if history else None, "history": history,
+            "holdout": holdout_history}

@@ -45,6 +45,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default=None, help="dataset split to train on (default: train if present, else all)")
     p.add_argument("--limit", type=int, default=None,
                    help="train on the first N ids of the split only (those `nsdd-train teacher --limit N` labelled)")
+    p.add_argument("--holdout", type=int, default=0, metavar="N",
+                   help="hold the last N of those out of training and log the EMA student's loss on their teacher "
+                        "labels at every checkpoint (loss.json, loss_curve.png): memorising shows, no ground truth")
     p.add_argument("--model", choices=("circular", "crop"), default=None,
                    help="reconstruction operator model (default: dataset.json recon)")
     p.add_argument("--lam", type=lam_value, default=None,
@@ -123,8 +126,9 @@ def settings_from_args(args: argparse.Namespace) -> DistillSettings:
         loss=args.loss, lpips_weight=args.lpips_weight, lpips_weights=args.lpips_weights, steps=args.steps,
         batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, ema=args.ema,
         grad_clip=args.grad_clip, checkpoint_every=args.checkpoint_every, samples=args.samples, split=args.split,
-        limit=args.limit, model=args.model, lam=args.lam, projector=args.projector, prior=args.prior,
-        support=args.support, support_taper=args.support_taper, architecture=arch, seed=args.seed, device=args.device,
+        limit=args.limit, holdout=args.holdout, model=args.model, lam=args.lam, projector=args.projector,
+        prior=args.prior, support=args.support, support_taper=args.support_taper, architecture=arch, seed=args.seed,
+        device=args.device,
         amp=args.amp, fp16=args.fp16, progress=not args.quiet,
         time_budget=None if args.time_budget is None else 60.0 * args.time_budget, preload=args.preload,
         psf_scale_range=list(args.psf_scale_range) if args.psf_scale_range is not None else None,

@@ -13,8 +13,9 @@ from nsdd_edge.atomic import atomic_write_bytes
 from train.physics import fit_to_grid
 
 
-def write_loss_curve(history: list[list[float]], path: Path) -> None:
-    """Loss against step (log scale) with a moving average, as a PNG (matplotlib, Agg backend)."""
+def write_loss_curve(history: list[list[float]], path: Path, holdout: list[list] | None = None) -> None:
+    """Loss against step (log scale) with a moving average, as a PNG (matplotlib, Agg backend); ``holdout``:
+    ``[step, loss, …]`` of the held-out labels, drawn as points on the same axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,7 +29,10 @@ def write_loss_curve(history: list[list[float]], path: Path) -> None:
         k = max(len(loss) // 50, 5)
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
         ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
-    if np.all(loss > 0):
+    if holdout:
+        ax.plot([h[0] for h in holdout], [h[1] for h in holdout], "o-", ms=4, lw=1.2,
+                label="held-out labels (EMA weights)")
+    if np.all(loss > 0) and all(h[1] > 0 for h in holdout or []):
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
