@@ -46,7 +46,7 @@ from nsdd_edge.optics import PROJECTORS
 from train.data import DatasetError, LenslessDataset
 from train.distill_data import BatchOrder, DistillError, TargetSet, choose_ids
 from train.distill_figures import measurement_view, write_loss_curve, write_sample_grid
-from train.distill_holdout import held_out_loss, split_holdout
+from train.distill_holdout import held_out_loss, split_holdout, windowed_lpips
 from train.distributed import DistContext, init_distributed
 from train.physics import LenslessOperator, center_crop
 from train.progress import TimeEstimate
@@ -641,9 +641,7 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
                 x_hat = student(y, step_physics, x_dagger=x_dagger)
             loss = distill_loss(x_hat, target, step_physics, s.objective, s.loss, window)
             if lpips_net is not None:
-                seen, wanted = (x_hat, target) if window is None else (center_crop(x_hat, window),
-                                                                       center_crop(target, window))
-                loss = loss + s.lpips_weight * lpips_net(seen.float(), wanted.float()).mean()
+                loss = loss + s.lpips_weight * windowed_lpips(lpips_net, x_hat, target, window).mean()
             mean_loss = ctx.mean(loss.detach())  # the global batch's loss (the same on every process)
             if not torch.isfinite(mean_loss):
                 raise DistillError(f"loss became {mean_loss.item()} at step {step + 1}; lower --lr (checkpoint at "

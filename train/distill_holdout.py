@@ -16,6 +16,14 @@ from train.distill_data import DistillError, TargetSet
 from train.physics import LenslessOperator, center_crop
 
 
+def windowed_lpips(lpips_net: torch.nn.Module, x_hat: torch.Tensor, target: torch.Tensor,
+                   window: tuple[int, int] | None) -> torch.Tensor:
+    """LPIPS(x̂, T) per image, on the centred loss ``window`` (None: the whole grid): the objective's LPIPS term."""
+    if window is not None:
+        x_hat, target = center_crop(x_hat, window), center_crop(target, window)
+    return lpips_net(x_hat.float(), target.float())
+
+
 def split_holdout(ids: Sequence[str], holdout: int) -> tuple[list[str], list[str]]:
     """``(train, held)``: the last ``holdout`` ids are held out (teacher labels are written in id order, so a later
     block is the one a growing label set adds to last)."""
@@ -43,9 +51,7 @@ def held_out_loss(reconstruct: Callable[[torch.Tensor], torch.Tensor], held: Tar
         x_hat = reconstruct(y)
         sums["distance"] += float(distance(x_hat, target)) * len(ids)
         if lpips_net is not None:
-            seen, wanted = (x_hat, target) if window is None else (center_crop(x_hat, window),
-                                                                   center_crop(target, window))
-            sums["lpips"] += float(lpips_net(seen.float(), wanted.float()).sum())
+            sums["lpips"] += float(windowed_lpips(lpips_net, x_hat, target, window).sum())
     n = len(held.ids)
     out = {k: v / n for k, v in sums.items()}
     out["loss"] = out["distance"] + (lpips_weight * out["lpips"] if lpips_net is not None else 0.0)
