@@ -120,7 +120,7 @@ EOF
     students=("$@")
     [ ${#students[@]} -gt 0 ] || students=("$G/student_lean256" "$G/student_lean256_full")
     k=$(labelled_run "$skip")
-    [ -n "${HELDOUT:-}" ] && [ "$HELDOUT" -lt "$k" ] && k=$HELDOUT  # a fixed block while a worker adds labels
+    [ -n "${SELECT_N:-}" ] && [ "$SELECT_N" -lt "$k" ] && k=$SELECT_N  # a fixed block while a worker adds labels
     if [ "$k" -lt 1 ]; then echo "select: no labels after id $skip in $G/teacher_train" >&2; exit 2; fi
     echo "select: $k held-out labels"
     methods=$(printf 'student:%s,' "${students[@]}")

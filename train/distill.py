@@ -142,6 +142,9 @@ class DistillSettings:
             raise DistillError(f"--amp must be auto, bf16 or off, got {self.amp!r}")
         if self.psf_scale_range is not None:
             self.psf_scale_range = list(check_scale_range(self.psf_scale_range))
+            if self.holdout:  # its training y are simulated through scaled PSFs: the held-out loss would not match
+                raise DistillError("--holdout cannot be used with --psf-scale-range (the training measurements are "
+                                   "simulated there, the held-out ones would be the data set's)")
         if self.loss_window not in LOSS_WINDOWS:
             raise DistillError(f"--loss-window must be one of {', '.join(LOSS_WINDOWS)}, got {self.loss_window!r}")
         parse_support(self.support)
@@ -404,6 +407,8 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
     except ValueError as exc:
         raise DistillError(f"--projector {s.projector}: {exc}") from None
     s.projector = physics.projector  # resolved (the data set's by default): resume signatures name the kind
+    if held_ids:  # every label present first, so a missing one is named against the whole list
+        TargetSet(dataset, s.targets, ids + held_ids, physics.scene_shape)
     data = TargetSet(dataset, s.targets, ids, physics.scene_shape)
     held = TargetSet(dataset, s.targets, held_ids, physics.scene_shape) if held_ids else None
     if physics.channels not in (1, data.channels):
@@ -535,9 +540,11 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
                                 lambda x_hat, t: distill_loss(x_hat, t, physics, s.objective, s.loss, window),
                                 lpips_net=lpips_net, lpips_weight=s.lpips_weight, window=window, batch=s.batch,
                                 device=device)
-            holdout_history.append([step, got["loss"], got.get("lpips")])
+            holdout_history.append([step] + [v if v is not None and math.isfinite(v) else None
+                                             for v in (got["loss"], got.get("lpips"))])
             if s.progress:
-                print(f"\nheld-out labels ({len(held.ids)}) at step {step}: loss {got['loss']:.4g}"
+                print(f"\nheld-out labels ({len(held.ids)}, fp32 EMA weights) at step {step}: "
+                      f"loss {got['loss']:.4g}"
                       + (f", LPIPS {got['lpips']:.4f}" if "lpips" in got else ""), file=sys.stderr)
         _atomic_torch_save({"signature": signature, "step": step, "net": net.state_dict(), "ema": ema,
                             "optimizer": optimizer.state_dict(), "rng": _rng_state(), "data": order.state(),

@@ -29,10 +29,11 @@ def write_loss_curve(history: list[list[float]], path: Path, holdout: list[list]
         k = max(len(loss) // 50, 5)
         smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
         ax.plot(steps[k - 1 :], smooth, lw=1.5, label=f"mean of {k}")
-    if holdout:
-        ax.plot([h[0] for h in holdout], [h[1] for h in holdout], "o-", ms=4, lw=1.2,
-                label="held-out labels (EMA weights)")
-    if np.all(loss > 0) and all(h[1] > 0 for h in holdout or []):
+    held = [h[:2] for h in holdout or [] if h[1] is not None]  # a non-finite held-out loss is logged as None
+    if held:
+        ax.plot([h[0] for h in held], [h[1] for h in held], "o-", ms=4, lw=1.2,
+                label="held-out labels (fp32 EMA weights)")
+    if np.all(loss > 0) and all(h[1] > 0 for h in held):
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
