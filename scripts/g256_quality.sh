@@ -114,7 +114,8 @@ EOF
       --limit "$n" --holdout "${HOLDOUT:-0}" --steps "${STEPS:-1800}" --fp16 --preload --threads "${THREADS:-2}" --time-budget "${MINUTES:-36}"
     ;;
   select)  # students against held-out teacher labels (ids from $1 = 142 on, which no student trained on; no
-            # ground truth); further arguments: the student folders (default: the null-space and full students)
+            # ground truth); further arguments: the student folders (default: the null-space and full students);
+            # env SELECT_N: at most that many labels, OUT: the output folder ($G/select)
     skip=${1:-142}
     [ $# -gt 0 ] && shift
     students=("$@")
