@@ -113,6 +113,45 @@ EOF
       --lpips-weight "${LPIPS_WEIGHT:-0.1}" --lpips-weights "$LPIPS" --lam "${LAM:-discrepancy}" --batch 8 \
       --limit "$n" --holdout "${HOLDOUT:-0}" --steps "${STEPS:-1800}" --fp16 --preload --threads "${THREADS:-2}" --time-budget "${MINUTES:-36}"
     ;;
+  paper)  # the cascade's labeller: the NSDD paper student (g_φ + the teacher's prior UNet at t* = 50, fine-tuned)
+          # on the first N teacher labels ($1: the contiguous prefix); env HOLDOUT (the last K held out), STEPS,
+          # MINUTES, THREADS. It starts from the prior, so it needs few labels (64 px: 384 gave LPIPS 0.0016 from
+          # the teacher); then it labels many measurements cheaply for the lean student (`cascade`)
+    n=${1:-$(labelled_run 0)}
+    echo "paper: $n labels, the last ${HOLDOUT:-0} held out"
+    exec nsdd-train distill --data "$G/train128" --targets "$G/teacher_train" --out "$G/student_paper" \
+      --student paper --prior "$PRIOR" --lam discrepancy --lpips-weight 0.1 --lpips-weights "$LPIPS" --batch 8 \
+      --warmup 50 --lr 2e-4 --checkpoint-every 50 --limit "$n" --holdout "${HOLDOUT:-0}" --steps "${STEPS:-600}" \
+      --fp16 --preload --threads "${THREADS:-2}" --time-budget "${MINUTES:-45}"
+    ;;
+  cascade-data)  # the cascade's measurements: the 2,000 prior faces less the label faces from training id $1 = 204
+                 # on (the teacher labels there stay held out: `select $1` scores on faces no student saw)
+    python3 - "$G" "${1:-204}" <<'EOF2'
+import json, sys
+from pathlib import Path
+g, start = Path(sys.argv[1]), int(sys.argv[2])
+held = {n for i, n in json.loads((g / "train128/dataset.json").read_text())["sources"].items() if int(i) >= start}
+out = g / "cascade_faces"
+out.mkdir(exist_ok=True)
+kept = [f for f in sorted((g / "train_faces").iterdir()) if f.name not in held]
+for f in kept:
+    if not (out / f.name).exists():
+        (out / f.name).symlink_to(f.resolve())
+print(f"{out}: {len(kept)} faces ({len(held)} held out)")
+EOF2
+    exec nsdd-train simulate --images "$G/cascade_faces" --psf ../shared/data/psf/radial_6per_256.npy \
+      --psf-downsample 1 --size 128 --noise-std 0.005 --seed 1 --threads 1 --n-test 0 --out "$G/cascade128"
+    ;;
+  cascade)  # the paper student labels the cascade measurements; LEAN256 learns from those labels (env as the
+            # student stage: INIT, LR, STEPS, MINUTES, THREADS)
+    [ -f "$G/cascade128/dataset.json" ] || { echo "cascade: run the cascade-data stage first" >&2; exit 2; }
+    nsdd-train solve --method "student:$G/student_paper" --data "$G/cascade128" --split train --batch-size 8 \
+      --threads "${THREADS:-2}" --out "$G/cascade_labels"
+    exec nsdd-train distill --data "$G/cascade128" --targets "$G/cascade_labels" --out "$G/student_lean256_cascade" \
+      --student edge ${INIT:+--init-student "$INIT"} --width 32 --depth 3 --max-width 128 --blocks 2 --unshuffle 2 \
+      --lr "${LR:-5e-4}" --warmup 100 --lpips-weight 0.1 --lpips-weights "$LPIPS" --lam discrepancy --batch 8 \
+      --steps "${STEPS:-2400}" --fp16 --preload --threads "${THREADS:-2}" --time-budget "${MINUTES:-36}"
+    ;;
   select)  # students against held-out teacher labels (ids from $1 = 142 on, which no student trained on; no
             # ground truth); further arguments: the student folders (default: the null-space and full students);
             # env SELECT_N: at most that many labels, OUT: the output folder ($G/select)
@@ -152,7 +191,7 @@ EOF
     ;;
   *)
     echo "usage: scripts/g256_quality.sh folders|simulate|prior [MIN]|snapshot|heldout [SNAPSHOT…]|zeroshot|" \
-      "labels [WORKER]|teacher|student [N]|select [SKIP [STUDENT…]]|score|export" >&2
+      "labels [WORKER]|teacher|student [N]|paper [N]|cascade-data [FROM]|cascade|select [SKIP [STUDENT…]]|score|export" >&2
     exit 2
     ;;
 esac
