@@ -143,14 +143,15 @@ EOF2
       --psf-downsample 1 --size 128 --noise-std 0.005 --seed 1 --threads 1 --n-test 0 --out "$G/cascade128"
     ;;
   cascade)  # the paper student labels the cascade measurements; LEAN256 learns from those labels (env as the
-            # student stage: INIT, LR, STEPS, MINUTES, THREADS)
+            # student stage: INIT, LR, STEPS, MINUTES, THREADS; CASCADE_N: the first N measurements only)
     [ -f "$G/cascade128/dataset.json" ] || { echo "cascade: run the cascade-data stage first" >&2; exit 2; }
     nsdd-train solve --method "student:$G/student_paper" --data "$G/cascade128" --split train --batch-size 8 \
-      --threads "${THREADS:-2}" --out "$G/cascade_labels"
+      ${CASCADE_N:+--limit "$CASCADE_N"} --threads "${THREADS:-2}" --out "$G/cascade_labels"
     exec nsdd-train distill --data "$G/cascade128" --targets "$G/cascade_labels" --out "$G/student_lean256_cascade" \
       --student edge ${INIT:+--init-student "$INIT"} --width 32 --depth 3 --max-width 128 --blocks 2 --unshuffle 2 \
       --lr "${LR:-5e-4}" --warmup 100 --lpips-weight 0.1 --lpips-weights "$LPIPS" --lam discrepancy --batch 8 \
-      --steps "${STEPS:-2400}" --fp16 --preload --threads "${THREADS:-2}" --time-budget "${MINUTES:-36}"
+      ${CASCADE_N:+--limit "$CASCADE_N"} --steps "${STEPS:-2400}" --fp16 --preload --threads "${THREADS:-2}" \
+      --time-budget "${MINUTES:-36}"
     ;;
   select)  # students against held-out teacher labels (ids from $1 = 142 on, which no student trained on; no
             # ground truth); further arguments: the student folders (default: the null-space and full students);
