@@ -169,19 +169,28 @@ EOF2
     exec nsdd-train evaluate --data "$G/train128" --split train --skip "$skip" --limit "$k" --against "$G/teacher_train" \
       --methods "${methods%,}" --names "$names" --lpips-weights "$LPIPS" --threads 1 --out "${OUT:-$G/select}"
     ;;
-  score)
-    nsdd-train evaluate --data "$G/test128" --split test --limit 30 \
+  score)  # on the 30 scored faces: Wiener and the teacher (their saved reconstructions) and each student folder
+           # that exists: the cascade's LEAN256, its labeller (the paper student) and the first LEAN256 (142 labels)
+    methods=() names=()
+    for pair in "student_lean256_cascade:LEAN256 student (cascade)" "student_paper:paper student (cascade labeller)" \
+                "student_lean256:LEAN256 student (142 teacher labels)"; do
+      if [ -f "$G/${pair%%:*}/model.safetensors" ]; then methods+=("student:$G/${pair%%:*}"); names+=("${pair#*:}"); fi
+    done
+    exec nsdd-train evaluate --data "$G/test128" --split test --limit 30 \
       --recon "$G/eval_teacher/recon/Wiener,$G/eval_teacher/recon/DDNM+_teacher" \
-      --methods "student:$G/student_lean256" --names "Wiener,DDNM+ teacher (50 steps),LEAN256 student" \
+      --methods "$(IFS=,; echo "${methods[*]}")" \
+      --names "Wiener,DDNM+ teacher (50 steps),$(IFS=,; echo "${names[*]}")" \
       --lpips-weights "$LPIPS" --threads 1 --out "$G/eval_final" --report "$G/report.md"
     ;;
   export)  # the student and the matmul-DFT pseudo-inverse as one graph, FP16, checked, bundled, run live on test faces
+           # (env STUDENT: the student folder, $G/student_lean256 by default)
     E=$G/export
+    S=${STUDENT:-$G/student_lean256}
     mkdir -p "$E"
-    nsdd-export onnx --student "$G/student_lean256" --psf "$G/train128/psf.npy" --psf-normalization none \
+    nsdd-export onnx --student "$S" --psf "$G/train128/psf.npy" --psf-normalization none \
       --size 256 256 --out "$E/lean256.onnx"
     nsdd-export quantize "$E/lean256.onnx" --precision fp16 --out "$E/lean256_fp16.onnx"
-    nsdd-export verify "$E/lean256.onnx" --data "$G/test128" --student "$G/student_lean256" \
+    nsdd-export verify "$E/lean256.onnx" --data "$G/test128" --student "$S" \
       --psf "$G/train128/psf.npy" --psf-normalization none --fp16 "$E/lean256_fp16.onnx" --limit 4 \
       --json "$E/verify.json"
     nsdd-export bundle --onnx "$E/lean256.onnx,$E/lean256_fp16.onnx" --psf "$G/train128/psf.npy" \
