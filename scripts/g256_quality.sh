@@ -172,8 +172,8 @@ EOF2
   score)  # on the 30 scored faces: Wiener and the teacher (their saved reconstructions) and each student folder
            # that exists: the cascade's LEAN256, its labeller (the paper student) and the first LEAN256 (142 labels)
     methods=() names=()
-    for pair in "student_lean256_cascade:LEAN256 student (cascade)" "student_paper:paper student (cascade labeller)" \
-                "student_lean256:LEAN256 student (142 teacher labels)"; do
+    for pair in "student_lean256_cascade:LEAN256 (cascade)" "student_paper:paper student" \
+                "student_lean256:LEAN256 (142 labels)"; do
       if [ -f "$G/${pair%%:*}/model.safetensors" ]; then methods+=("student:$G/${pair%%:*}"); names+=("${pair#*:}"); fi
     done
     exec nsdd-train evaluate --data "$G/test128" --split test --limit 30 \

@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 # the last commit that holds each group of dropped model folders, newest first; a folder is put together from
 # every commit that holds it, oldest first
 MODELS_COMMITS=(
+  e16f201ab65a7758eaf6cbdc76f601473c7509f9  # cpu-faces128/student_paper, cpu-faces128/student_lean256 (142 labels)
   5182d9f2200d814d4756aa6318927d7ac93026d7  # cascade-faces64, cpu-faces128/prior128
   791dad7693cbaf3857b2661465cce6d794d7f8d1  # cpu-demo-faces32, cpu-demo-faces64, gpu-h200-faces64/student_paper
 )
