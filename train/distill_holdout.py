@@ -13,15 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from train.distill_data import DistillError, TargetSet
-from train.physics import LenslessOperator, center_crop
-
-
-def windowed_lpips(lpips_net: torch.nn.Module, x_hat: torch.Tensor, target: torch.Tensor,
-                   window: tuple[int, int] | None) -> torch.Tensor:
-    """LPIPS(x̂, T) per image, on the centred loss ``window`` (None: the whole grid): the objective's LPIPS term."""
-    if window is not None:
-        x_hat, target = center_crop(x_hat, window), center_crop(target, window)
-    return lpips_net(x_hat.float(), target.float())
+from train.distill_objective import windowed_lpips
+from train.physics import LenslessOperator
 
 
 def split_holdout(ids: Sequence[str], holdout: int) -> tuple[list[str], list[str]]:
