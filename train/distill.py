@@ -485,7 +485,8 @@ def _train(s: DistillSettings, ctx: DistContext, *, prior: object | None,
             return
         ema_net = _ema_copy()
         if held is not None and (not holdout_history or holdout_history[-1][0] != step):
-            got = held_out_loss(lambda y: wrap_student(ema_net, config)(y, physics), held, physics,
+            solver = wrap_student(ema_net, config)
+            got = held_out_loss(lambda y: solver(y, physics), held,
                                 lambda x_hat, t: distill_loss(x_hat, t, physics, s.objective, s.loss, window),
                                 lpips_net=lpips_net, lpips_weight=s.lpips_weight, window=window, batch=s.batch,
                                 device=device)

@@ -14,7 +14,6 @@ import torch
 
 from train.distill_data import DistillError, TargetSet
 from train.distill_objective import windowed_lpips
-from train.physics import LenslessOperator
 
 
 def split_holdout(ids: Sequence[str], holdout: int) -> tuple[list[str], list[str]]:
@@ -30,7 +29,7 @@ def split_holdout(ids: Sequence[str], holdout: int) -> tuple[list[str], list[str
 
 
 @torch.no_grad()
-def held_out_loss(reconstruct: Callable[[torch.Tensor], torch.Tensor], held: TargetSet, physics: LenslessOperator,
+def held_out_loss(reconstruct: Callable[[torch.Tensor], torch.Tensor], held: TargetSet,
                   distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
                   lpips_net: torch.nn.Module | None, lpips_weight: float, window: tuple[int, int] | None,
                   batch: int, device: torch.device) -> dict[str, float]:
